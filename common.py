@@ -1,0 +1,227 @@
+"""Plumbing shared by every LightGPT script: argument checks, one-line errors, devices and precision,
+atomic files, checkpoints, interrupt handling, and the rank-aware spots (printing, writing files)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from typing import Callable
+
+import torch
+
+CHECKPOINT_VERSION = 1
+
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a file, the network): shown as one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the work in progress was saved. Carries the exit status to use."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, name, check):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if kind is float and not (value == value and abs(value) != float("inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, "a positive integer", lambda v: v > 0)
+non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = _number(float, "a positive number", lambda v: v > 0)
+non_negative_float = _number(float, "a number >= 0", lambda v: v >= 0)
+probability = _number(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+unit_interval = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
+any_float = _number(float, "a number", lambda v: True)
+
+
+def run_main(main: Callable, parse_args: Callable, argv=None) -> None:
+    """Entry point for every script: user errors and interrupts end with one line, never a traceback."""
+    try:
+        main(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- devices and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn --device into a torch.device, or explain in one line why it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast where the device runs it natively (CUDA with bf16 support); full fp32 elsewhere,
+    where bf16 would be emulated and slower."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def precision_name(device: torch.device) -> str:
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- rank-aware spots
+# Single process for now; the distributed launcher fills these in, so every script prints and
+# writes files through them.
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path beside `path`; on success it is renamed over `path`, on any failure it
+    is removed, so `path` only ever holds a complete file (the old one or the new one)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write a checkpoint atomically (rank 0 only), so an interrupted save never corrupts the last one."""
+    if not is_main_process():
+        return
+    state = {"version": CHECKPOINT_VERSION, **state}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> dict:
+    """Load a checkpoint onto the CPU (weights only) and check it is a LightGPT checkpoint of `kind`."""
+    if not os.path.exists(path):
+        raise UserError(f"{flag}: no checkpoint at {path}")
+    if os.path.isdir(path):
+        raise UserError(f"{flag}: {path} is a directory, not a checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag}: {path} is not a readable checkpoint ({reason[:160]})") from None
+    if not isinstance(state, dict) or "kind" not in state or "version" not in state:
+        raise UserError(f"{flag}: {path} is not a LightGPT checkpoint")
+    if state["kind"] != kind:
+        raise UserError(f"{flag}: {path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
+    if state["version"] > CHECKPOINT_VERSION:
+        raise UserError(f"{flag}: {path} was written by a newer LightGPT (format {state['version']})")
+    return state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks between optimizer steps, so that
+    it can save a checkpoint and leave cleanly instead of dying mid-write."""
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.signal_number = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    def exit_code(self) -> int:
+        return 128 + (self.signal_number or signal.SIGINT)
+
+    def name(self) -> str:
+        return signal.Signals(self.signal_number or signal.SIGINT).name

@@ -1,0 +1,231 @@
+import base64
+import json
+import os
+
+import numpy as np
+import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken.registry
+import torch
+
+import data
+from common import UserError
+from data import (
+    BatchPrefetcher,
+    WindowSampler,
+    builtin_documents,
+    eval_windows,
+    load_encoding,
+    open_tokens,
+    prepare_token_files,
+    token_dtype,
+    window_batch,
+    write_token_files,
+)
+
+DOCS = [f"Document number {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(25)]
+
+
+def expected_splits(encoding, docs, test_every=10):
+    eot = data.eot_id(encoding)
+    train, test = [], []
+    for i, d in enumerate(docs):
+        (test if i % test_every == 0 else train).extend(encoding.encode_ordinary(d) + [eot])
+    return train, test
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_bytes_encoding_round_trips_and_has_end_of_text():
+    enc = load_encoding("bytes")
+    text = "héllo wörld ✓\n"
+    ids = enc.encode_ordinary(text)
+    assert ids == list(text.encode("utf-8"))
+    assert enc.decode(ids) == text
+    assert data.eot_id(enc) == 256 and enc.n_vocab == 257
+
+
+def test_local_tiktoken_file(tmp_path):
+    path = tmp_path / "tiny.tiktoken"
+    ranks = {bytes([i]): i for i in range(256)} | {b"th": 256, b"the": 257}
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    enc = load_encoding(str(path))
+    assert enc.encode_ordinary("the") == [257]
+    assert data.eot_id(enc) == 258
+    assert data.encoding_slug(str(path)).startswith("tiktoken-tiny-")
+
+
+def test_unreachable_named_encoding_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache: tiktoken must download
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    with pytest.raises(UserError) as e:
+        load_encoding("cl100k_base")
+    message = str(e.value)
+    assert "cl100k_base" in message and "TIKTOKEN_CACHE_DIR" in message and "bytes" in message and ".tiktoken" in message
+    assert "\n" not in message
+
+
+def test_unknown_encoding_and_missing_file():
+    with pytest.raises(UserError, match="unknown"):
+        load_encoding("gpt5_base")
+    with pytest.raises(UserError, match="no .tiktoken file"):
+        load_encoding("/nowhere/x.tiktoken")
+
+
+# ----------------------------------------------------------------------------- token files
+
+
+def test_dtype_is_uint16_only_while_every_id_fits():
+    assert token_dtype(257) == np.uint16
+    assert token_dtype(50_257) == np.uint16
+    assert token_dtype(65_536) == np.uint16  # ids 0..65535
+    assert token_dtype(65_537) == np.uint32
+    assert token_dtype(200_019) == np.uint32
+
+
+def test_ids_above_65535_are_stored_without_overflow(tmp_path):
+    enc = tiktoken.Encoding(
+        name="wide", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={"<|endoftext|>": 100_000},
+    )
+    train_path, test_path = str(tmp_path / "train.bin"), str(tmp_path / "test.bin")
+    counts = write_token_files(iter([DOCS]), enc, train_path, test_path, test_every=10, num_threads=2)
+    train = np.fromfile(train_path, dtype=np.uint32)
+    expected_train, expected_test = expected_splits(enc, DOCS)
+    assert train.tolist() == expected_train
+    assert np.fromfile(test_path, dtype=np.uint32).tolist() == expected_test
+    assert (train == 100_000).sum() == counts["train"]["documents"] == 22
+    assert counts["test"]["documents"] == 3  # documents 0, 10 and 20
+
+
+def test_interrupted_tokenizing_leaves_no_file_behind(tmp_path):
+    enc = load_encoding("bytes")
+    train_path, test_path = str(tmp_path / "train.bin"), str(tmp_path / "test.bin")
+
+    def batches():
+        yield DOCS[:5]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_token_files(batches(), enc, train_path, test_path, test_every=10, num_threads=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_rebuild_keeps_no_stale_metadata(tmp_path, monkeypatch):
+    path = str(tmp_path)
+    files = prepare_token_files("builtin", None, "bytes", path, 2)
+    os.truncate(files.train, 10)  # the token file no longer matches its metadata: it is rebuilt
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "write_token_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_token_files("builtin", None, "bytes", path, 2)
+    assert not os.path.exists(files.train.replace(".train.bin", ".json"))
+    assert not any(name.endswith(".tmp") for name in os.listdir(path))
+
+
+def test_builtin_corpus_is_large_enough_and_reused(builtin_data, monkeypatch):
+    assert sum(len(d) for d in builtin_documents()) >= 400_000
+    monkeypatch.setattr(data, "write_token_files", lambda *a, **k: pytest.fail("token files were rebuilt"))
+    files = prepare_token_files("builtin", None, "bytes", builtin_data, 2)
+    meta = files.meta
+    assert meta["dtype"] == "uint16" and meta["token_encoding"] == "bytes" and meta["vocabulary_size"] == 257
+    train = open_tokens(files.train, meta)
+    assert len(train) == meta["splits"]["train"]["tokens"] > 400_000
+    assert meta["splits"]["test"]["documents"] >= 5
+    assert (np.asarray(train) == 256).sum() == meta["splits"]["train"]["documents"]
+
+
+def write_local(tmp_path, kind):
+    if kind == "txt":
+        path = tmp_path / "corpus.txt"
+        path.write_text("\n\n".join(DOCS))
+    elif kind == "jsonl":
+        path = tmp_path / "corpus.jsonl"
+        path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "corpus.parquet"
+        pq.write_table(pa.table({"text": DOCS, "id": list(range(len(DOCS)))}), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_local_corpora_through_datasets(tmp_path, kind):
+    source = write_local(tmp_path, kind)
+    files = prepare_token_files(source, None, "bytes", str(tmp_path / "tokens"), 1)
+    enc = load_encoding("bytes")
+    expected_train, expected_test = expected_splits(enc, DOCS)
+    assert open_tokens(files.train, files.meta).tolist() == expected_train
+    assert open_tokens(files.test, files.meta).tolist() == expected_test
+    assert files.meta["splits"]["train"]["documents"] == 22
+
+
+def test_local_corpus_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file or folder"):
+        prepare_token_files(str(tmp_path / "missing.jsonl"), None, "bytes", str(tmp_path), 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no"):
+        prepare_token_files(str(tmp_path / "empty"), None, "bytes", str(tmp_path), 1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"content": "no text column"}\n')
+    with pytest.raises(UserError, match="no 'text' column"):
+        prepare_token_files(str(bad), None, "bytes", str(tmp_path / "tokens"), 1)
+
+
+def test_fineweb_subset_is_checked(tmp_path):
+    with pytest.raises(UserError, match="not a FineWeb subset"):
+        prepare_token_files("HuggingFaceFW/fineweb", "sample-1BT", "bytes", str(tmp_path), 1)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_targets_are_inputs_shifted_by_one():
+    tokens = np.arange(1000, dtype=np.uint16)
+    sampler = WindowSampler(tokens, tokens_per_sample=16, batch_size=4, seed=0)
+    x, y = sampler.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(y - x, torch.ones_like(x))
+    xs, ys = window_batch(tokens, [0, 100], 8)
+    assert xs[1].tolist() == list(range(100, 108)) and ys[1].tolist() == list(range(101, 109))
+
+
+def test_sampler_state_restores_the_same_batches():
+    tokens = np.arange(5000, dtype=np.uint16)
+    prefetch = BatchPrefetcher(WindowSampler(tokens, 8, 2, seed=3), torch.device("cpu"))
+    prefetch.next()
+    state = prefetch.state_dict()
+    expected = [prefetch.next() for _ in range(3)]
+    restored = BatchPrefetcher(WindowSampler(tokens, 8, 2, seed=99), torch.device("cpu"))
+    restored.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, [restored.next() for _ in range(3)]):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_eval_windows_are_fixed_and_disjoint():
+    tokens = np.zeros(10_001, dtype=np.uint16)
+    starts = eval_windows(tokens, 100, 30)
+    assert starts == eval_windows(tokens, 100, 30)
+    assert len(starts) == 30 and all(b - a >= 100 for a, b in zip(starts, starts[1:]))
+    assert starts[-1] + 101 <= len(tokens)
+    assert len(eval_windows(tokens, 100, 10_000)) == 100  # capped by what the split holds
+    with pytest.raises(UserError, match="test split holds only"):
+        eval_windows(tokens[:50], 100, 4)
+
+
+def test_too_short_train_split_is_a_clear_error():
+    with pytest.raises(UserError, match="--tokens_per_sample 64"):
+        WindowSampler(np.zeros(10, dtype=np.uint16), 64, 1, seed=0)

@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, IGNORE_INDEX, GPTConfig
+
+
+def test_logits_shape_is_the_real_vocabulary(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocabulary_size, (3, 11))
+    logits = tiny_model(idx)
+    assert logits.shape == (3, 11, tiny_config.vocabulary_size)
+    assert tiny_model.token_embeddings.weight.shape[0] == 320  # 300 padded up to a multiple of 64
+    assert tiny_config.padded_vocabulary_size % 64 == 0
+
+
+def test_causal_changing_a_token_leaves_earlier_logits_unchanged(tiny_model, tiny_config):
+    tiny_model.eval()
+    idx = torch.randint(0, tiny_config.vocabulary_size, (2, 16))
+    t = 9
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % tiny_config.vocabulary_size
+    a, b = tiny_model(idx), tiny_model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+def test_embeddings_are_tied_to_the_output_layer(tiny_model, tiny_config):
+    C, V, P = tiny_config.embedding_dimensions, tiny_config.vocabulary_size, tiny_config.padded_vocabulary_size
+    vocab_sized = [n for n, p in tiny_model.named_parameters() if P in p.shape]
+    assert vocab_sized == ["token_embeddings.weight"]
+    # Changing an embedding row changes the logit of that token even at positions that never read it.
+    tiny_model.eval()
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    before = tiny_model(idx)
+    with torch.no_grad():
+        tiny_model.token_embeddings.weight[5] += 1.0
+    after = tiny_model(idx)
+    assert not torch.allclose(before[..., 5], after[..., 5])
+    torch.testing.assert_close(before[..., 6], after[..., 6])
+    # Parameter count: embedding once, 12 C^2 per block at ratio 4, three norms' weights.
+    L = tiny_config.num_hidden_layers
+    assert tiny_model.num_parameters() == V * C + L * (12 * C * C + 2 * C) + C
+
+
+def test_loss_equals_reference_cross_entropy_and_ignores_padding(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocabulary_size, (2, 8))
+    targets = torch.randint(0, tiny_config.vocabulary_size, (2, 8))
+    targets[0, :3] = IGNORE_INDEX
+    loss = tiny_model(idx, targets)
+    logits = tiny_model(idx)
+    keep = targets != IGNORE_INDEX
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(loss, expected)
+    # The padded rows of the table can never win a prediction: they are cut before softmax.
+    assert logits.argmax(-1).max() < tiny_config.vocabulary_size
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_config, dropout):
+    config = GPTConfig(**{**tiny_config.to_dict(), "dropout": dropout})
+    idx = torch.randint(0, config.vocabulary_size, (2, 12))
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config)
+        model.set_activation_checkpointing(enabled)
+        torch.manual_seed(1)  # same dropout masks in both runs
+        loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def test_residual_projections_start_smaller(tiny_model, tiny_config):
+    L = tiny_config.num_hidden_layers
+    proj = torch.cat([b.attn.proj.weight.flatten() for b in tiny_model.blocks])
+    qkv = torch.cat([b.attn.qkv.weight.flatten() for b in tiny_model.blocks])
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.15)
+    assert qkv.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_runs_at_contexts_longer_than_any_seen(tiny_model, tiny_config):
+    # No positional embeddings: nothing in the model ties it to a context length.
+    logits = tiny_model(torch.randint(0, tiny_config.vocabulary_size, (1, 300)))
+    assert logits.shape == (1, 300, tiny_config.vocabulary_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_small_default_has_353m_parameters():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    assert 353_000_000 <= model.num_parameters() < 354_000_000  # the model card's 353M
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("feed_forward_ratio", 3, "feed_forward_ratio must be 1, 2 or 4"),
+        ("num_attention_heads", 5, "divisible by num_attention_heads"),
+        ("dropout", 1.0, "dropout must be in [0, 1)"),
+        ("num_hidden_layers", 0, "num_hidden_layers must be positive"),
+    ],
+)
+def test_config_rejects_bad_values(tiny_config, field, value, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        GPTConfig(**{**tiny_config.to_dict(), field: value})
+
+
+def test_config_round_trips_through_a_dict(tiny_config):
+    assert GPTConfig.from_dict(tiny_config.to_dict()) == tiny_config

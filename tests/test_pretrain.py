@@ -1,0 +1,174 @@
+import glob
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain
+from common import load_checkpoint, run_main
+from conftest import ROOT, tiny_pretrain_args
+
+
+def run(argv):
+    return pretrain.main(pretrain.parse_args(argv))
+
+
+def final_weights(path):
+    return load_checkpoint(path, "pretrain")["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_learning_rate_schedule():
+    lr = lambda step, schedule="cosine": pretrain.learning_rate_at(step, 100, 1.0, 10, schedule, 0.1)
+    assert [lr(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])  # linear warmup
+    assert lr(9) == pytest.approx(1.0) and lr(10) == pytest.approx(1.0)  # peak
+    assert lr(99) == pytest.approx(0.1)  # decayed to min_lr_ratio at the last step
+    assert lr(55) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-2)  # cosine midpoint
+    decay = [lr(s) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert lr(55, "linear") == pytest.approx(0.1 + 0.9 * (1 - 45 / 89))
+    assert lr(80, "constant") == 1.0
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_loss_falls_and_run_leaves_checkpoint_and_events(builtin_data, tmp_path):
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "20", "--eval_interval", "10",
+                              "--gradient_accumulation_steps", "1", "--learning_rate", "3e-2")
+    history = run(argv)
+    assert [s for s, _ in history] == [0, 40, 80]  # before training, then every 10 epochs of 4 steps
+    assert history[-1][1] < history[0][1] / 3
+    state = load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")
+    assert state["step"] == 80 and state["token_encoding"] == "bytes" and state["seed"] == 7
+    assert state["config"]["embedding_dimensions"] == 32 and state["config"]["vocabulary_size"] == 257
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
+    assert glob.glob(str(tmp_path / "runs" / "events.out.tfevents.*"))
+
+
+def test_resume_continues_exactly(builtin_data, tmp_path):
+    common = ("--dropout", "0.1", "--lr_schedule", "constant")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(tiny_pretrain_args(builtin_data, str(straight), *common, "--num_epochs", "4"))
+    run(tiny_pretrain_args(builtin_data, str(split), *common, "--num_epochs", "2"))
+    run(tiny_pretrain_args(builtin_data, str(split), *common, "--num_epochs", "4", "--resume"))
+    assert_same_weights(final_weights(straight / "checkpoint.pt"), final_weights(split / "checkpoint.pt"))
+    resumed = load_checkpoint(str(split / "checkpoint.pt"), "pretrain")
+    assert resumed["step"] == 8
+    straight_opt = load_checkpoint(str(straight / "checkpoint.pt"), "pretrain")["optimizer"]["state"]
+    for key, value in straight_opt[0].items():
+        torch.testing.assert_close(resumed["optimizer"]["state"][0][key], value)
+
+
+def test_interrupt_saves_a_checkpoint_that_resumes_exactly(builtin_data, tmp_path, monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(tiny_pretrain_args(builtin_data, str(straight), "--dropout", "0.1"))
+
+    real = pretrain.learning_rate_at
+
+    def signal_at_step_3(step, *args):
+        if step == 3:  # mid-epoch: the run must finish this step, save and stop
+            signal.raise_signal(signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(pretrain, "learning_rate_at", signal_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        run_main(pretrain.main, pretrain.parse_args, tiny_pretrain_args(builtin_data, str(stopped), "--dropout", "0.1"))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert load_checkpoint(str(stopped / "checkpoint.pt"), "pretrain")["step"] == 4
+    monkeypatch.setattr(pretrain, "learning_rate_at", real)
+    run(tiny_pretrain_args(builtin_data, str(stopped), "--dropout", "0.1", "--resume"))
+    assert_same_weights(final_weights(straight / "checkpoint.pt"), final_weights(stopped / "checkpoint.pt"))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def fails_with(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as e:
+        run_main(pretrain.main, pretrain.parse_args, argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "flag, value, fragment",
+    [
+        ("--batch_size", "0", "positive integer"),
+        ("--gradient_accumulation_steps", "-3", "positive integer"),
+        ("--tokens_per_sample", "ten", "positive integer"),
+        ("--learning_rate", "nan", "finite number"),
+        ("--learning_rate", "0", "positive number"),
+        ("--dropout", "1.5", "[0, 1)"),
+        ("--feed_forward_ratio", "3", "invalid choice"),
+        ("--ddp_sharding_level", "1", "invalid choice"),
+        ("--lr_schedule", "step", "invalid choice"),
+        ("--compile", "maybe", "invalid choice"),
+        ("--max_gradient_norm", "-1", "positive number"),
+        ("--seed", "-5", "integer >= 0"),
+        ("--num_dataset_processes", "0", "positive integer"),
+        ("--min_lr_ratio", "1", "[0, 1)"),
+        ("--eval_samples", "0", "positive integer"),
+    ],
+)
+def test_bad_flag_values_are_one_line(capsys, tmp_path, flag, value, fragment):
+    argv = tiny_pretrain_args(str(tmp_path), str(tmp_path))
+    fails_with(capsys, argv + [flag, value], flag, fragment)
+
+
+def test_user_errors_are_one_line(capsys, builtin_data, tmp_path):
+    base = tiny_pretrain_args(builtin_data, str(tmp_path))
+    fails_with(capsys, base + ["--num_attention_heads", "5"], "divisible by num_attention_heads")
+    fails_with(capsys, base + ["--samples_per_epoch", "4"], "--samples_per_epoch 4")
+    fails_with(capsys, base + ["--dataset", str(tmp_path / "missing.txt")], "no such file or folder")
+    fails_with(capsys, base + ["--token_encoding", "nope"], "--token_encoding 'nope' is unknown")
+    fails_with(capsys, base + ["--tokens_per_sample", "100000"], "--tokens_per_sample 100000")
+    if not torch.cuda.is_available():
+        fails_with(capsys, base + ["--device", "cuda"], "CUDA is not available")
+    fails_with(capsys, base + ["--device", "tpu9"], "--device")
+
+
+def test_checkpoint_errors_with_resume(capsys, builtin_data, tmp_path):
+    base = tiny_pretrain_args(builtin_data, str(tmp_path))
+    fails_with(capsys, base + ["--resume"], "no checkpoint at")
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"this is not a checkpoint")
+    fails_with(capsys, base + ["--resume"], "not a readable checkpoint")
+    fails_with(capsys, base, "exists; pass --resume")  # never overwritten by a fresh run
+    assert checkpoint.read_bytes() == b"this is not a checkpoint"
+    torch.save({"kind": "lora", "version": 1}, checkpoint)
+    fails_with(capsys, base + ["--resume"], "'lora' checkpoint")
+    torch.save({"weights": torch.zeros(2)}, checkpoint)
+    fails_with(capsys, base + ["--resume"], "not a LightGPT checkpoint")
+
+
+def test_resume_with_another_encoding_is_refused(capsys, builtin_data, tmp_path):
+    run(tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "1"))
+    fails_with(capsys, tiny_pretrain_args(builtin_data, str(tmp_path), "--resume", "--token_encoding", "r50k_base"), "differs from the checkpoint")
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "pretrain.py", "--dataset", str(tmp_path / "nothing.jsonl"), "--device", "cpu",
+         "--token_encoding", "bytes", "--dataset_path", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --dataset: no such file or folder: {tmp_path / 'nothing.jsonl'}"
+    assert "Traceback" not in result.stdout + result.stderr
