@@ -60,7 +60,7 @@ positive_float = _number(float, "a positive number", lambda v: v > 0)
 non_negative_float = _number(float, "a number >= 0", lambda v: v >= 0)
 probability = _number(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 unit_interval = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
-any_float = _number(float, "a number", lambda v: True)
+non_positive_float = _number(float, "a number <= 0", lambda v: v <= 0)
 
 
 def run_main(main: Callable, parse_args: Callable, argv=None) -> None:

@@ -39,7 +39,7 @@ from common import (
     save_checkpoint,
     set_rng_state,
     synchronize,
-    any_float,
+    non_positive_float,
 )
 from data import (
     FINEWEB,
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Pretrain LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=FINEWEB, help="HF hub dataset with a 'text' column, a local .txt/.jsonl/.json/.parquet file, folder or glob, or 'builtin' (no download)")
-    g.add_argument("--dataset_subset", default=None, help="HF dataset subset; for FineWeb sample-10BT (the default), sample-100BT, sample-350BT or all")
+    g.add_argument("--dataset_subset", default=None, help="subset of a hub dataset; FineWeb: sample-10BT, sample-100BT, sample-350BT or all (default: sample-10BT for FineWeb, the dataset's default configuration otherwise)%(default).0s")
     g.add_argument("--token_encoding", default="r50k_base", help="r50k_base, p50k_base, cl100k_base, o200k_base, bytes, or a path to a .tiktoken file")
     g.add_argument("--dataset_path", default="./datasets", help="folder for the token files")
     g.add_argument("--num_dataset_processes", type=positive_int, default=8, help="workers for loading and tokenizing the corpus")
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup_steps", type=non_negative_int, default=100, help="optimizer steps of linear learning-rate warmup")
     g.add_argument("--lr_schedule", choices=("cosine", "linear", "constant"), default="cosine", help="learning-rate decay after warmup")
     g.add_argument("--min_lr_ratio", type=probability, default=0.1, help="final learning rate as a fraction of the peak (cosine/linear)")
-    g.add_argument("--rms_decay", type=any_float, default=-0.8, help="Adafactor's beta2 decay exponent (negative)")
+    g.add_argument("--rms_decay", type=non_positive_float, default=-0.8, help="Adafactor's beta2 decay exponent (negative)")
     g.add_argument("--low_memory_optimizer", action="store_true", help="single-tensor Adafactor updates: less memory, a little slower")
     g.add_argument("--max_gradient_norm", type=positive_float, default=1.0, help="clip the global gradient norm to this value")
     g.add_argument("--eval_interval", type=positive_int, default=10, help="evaluate test perplexity every this many epochs")
@@ -134,6 +134,8 @@ def evaluate(model, tokens, starts: list[int], tokens_per_sample: int, batch_siz
 
 
 def main(args) -> list[tuple[int, float]]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("multi-process (torchrun) training is not available yet; run a single process")
     device = resolve_device(args.device)
     samples_per_step = args.batch_size * args.gradient_accumulation_steps
     steps_per_epoch = args.samples_per_epoch // samples_per_step

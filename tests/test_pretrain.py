@@ -125,6 +125,7 @@ def fails_with(capsys, argv, *fragments):
         ("--num_dataset_processes", "0", "positive integer"),
         ("--min_lr_ratio", "1", "[0, 1)"),
         ("--eval_samples", "0", "positive integer"),
+        ("--rms_decay", "0.5", "number <= 0"),
     ],
 )
 def test_bad_flag_values_are_one_line(capsys, tmp_path, flag, value, fragment):
