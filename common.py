@@ -9,15 +9,22 @@ import os
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 CHECKPOINT_VERSION = 1
 
 
 class UserError(Exception):
-    """A problem the user can fix (a flag, a file, the network): shown as one line, exit status 2."""
+    """A problem the user can fix (a flag, a file, the network): shown as one line, exit status 2.
+    `everywhere` marks an error every rank raised together, which only rank 0 prints."""
+
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere
 
 
 class Interrupted(Exception):
@@ -68,10 +75,12 @@ def run_main(main: Callable, parse_args: Callable, argv=None) -> None:
     try:
         main(parse_args(argv))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not e.everywhere or is_main_process():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
+    except Interrupted as e:  # raised by every rank at the same step
+        if is_main_process():
+            print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -117,9 +126,53 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# ----------------------------------------------------------------------------- rank-aware spots
-# Single process for now; the distributed launcher fills these in, so every script prints and
-# writes files through them.
+# ----------------------------------------------------------------------------- distributed
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything runs as one process and
+# these helpers are no-ops. Printing and file writing go through rank 0.
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    control_group: object = None  # a gloo group for small CPU messages (stop flags, errors)
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun prepared (NCCL on CUDA, gloo on the CPU), one device per local
+    rank. Returns the rank layout and this process's device."""
+    device = resolve_device(device_name)
+    if not launched_by_torchrun():
+        return Distributed(), device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
+                            f"lower --nproc-per-node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        control = dist.new_group(backend="gloo")
+    elif device.type == "cpu":
+        dist.init_process_group("gloo")
+        control = dist.group.WORLD
+    else:
+        raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
+    return Distributed(rank, local_rank, world, control), device
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
@@ -129,6 +182,31 @@ def is_main_process() -> bool:
 def print0(*args, **kwargs) -> None:
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+def agree(ctx: Distributed, work: Callable, who: str = "all"):
+    """Run `work` on the ranks named by `who` ("all", "rank0" or "local0"), and make a UserError on any
+    of them a UserError on every rank, so all ranks stop together with the same one-line message
+    instead of some waiting forever. With who="rank0" the result is broadcast to every rank."""
+    if not ctx.enabled:
+        return work()
+    runs_here = who == "all" or (who == "rank0" and ctx.rank == 0) or (who == "local0" and ctx.local_rank == 0)
+    result, error = None, None
+    if runs_here:
+        try:
+            result = work()
+        except UserError as e:
+            error = str(e)
+    errors = [None] * ctx.world_size
+    dist.all_gather_object(errors, error, group=ctx.control_group)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise UserError(first, everywhere=True)
+    if who == "rank0":
+        box = [result]
+        dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+        result = box[0]
+    return result
 
 
 # ----------------------------------------------------------------------------- files

@@ -381,7 +381,8 @@ class WindowSampler:
     """Draws batches of random windows (tokens_per_sample + 1 tokens: inputs and targets shifted by one)
     from a token array with its own seeded generator, so its state can be saved and restored."""
 
-    def __init__(self, tokens: np.ndarray, tokens_per_sample: int, batch_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, tokens_per_sample: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
         if len(tokens) < tokens_per_sample + 1:
             raise UserError(
                 f"--tokens_per_sample {tokens_per_sample}: the train split holds only {len(tokens)} tokens; "
@@ -390,15 +391,18 @@ class WindowSampler:
         self.tokens = tokens
         self.tokens_per_sample = tokens_per_sample
         self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.samples_drawn = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.tokens_per_sample
-        starts = torch.randint(0, len(self.tokens) - T, (self.batch_size,), generator=self.generator)
-        windows = np.stack([self.tokens[s : s + T + 1] for s in starts.tolist()]).astype(np.int64)
-        windows = torch.from_numpy(windows)  # (B, T + 1)
-        self.samples_drawn += self.batch_size
+        """This rank's batch: every rank draws the same world_size x batch_size starts from the shared
+        generator and keeps its own slice, so the global batch is the same for any world size."""
+        T, B = self.tokens_per_sample, self.batch_size
+        starts = torch.randint(0, len(self.tokens) - T, (self.world_size * B,), generator=self.generator)
+        mine = starts[self.rank * B : (self.rank + 1) * B].tolist()
+        windows = torch.from_numpy(np.stack([self.tokens[s : s + T + 1] for s in mine]).astype(np.int64))  # (B, T + 1)
+        self.samples_drawn += self.world_size * B
         return windows[:, :-1], windows[:, 1:]
 
     def state_dict(self) -> dict:

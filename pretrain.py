@@ -20,8 +20,14 @@ import time
 
 import torch
 
+import torch.distributed as dist
+
 from common import (
     ArgumentParser,
+    Distributed,
+    agree,
+    setup_distributed,
+    teardown_distributed,
     Interrupted,
     StopFlag,
     UserError,
@@ -33,7 +39,6 @@ from common import (
     precision_name,
     print0,
     probability,
-    resolve_device,
     rng_state,
     run_main,
     save_checkpoint,
@@ -52,6 +57,7 @@ from data import (
     window_batch,
 )
 from model import GPT, GPTConfig
+from parallel import Parallel
 
 CHECKPOINT_KIND = "pretrain"
 ARCHITECTURE_FLAGS = ("embedding_dimensions", "num_attention_heads", "num_hidden_layers", "feed_forward_ratio", "dropout")
@@ -117,138 +123,205 @@ def learning_rate_at(step: int, total_steps: int, peak: float, warmup_steps: int
 
 
 @torch.no_grad()
-def evaluate(model, tokens, starts: list[int], tokens_per_sample: int, batch_size: int, device) -> float:
-    """Test perplexity: exp of the mean cross-entropy over a fixed set of test windows."""
-    was_training = model.training
-    model.eval()
+def evaluate(module, ctx, tokens, starts: list[int], tokens_per_sample: int, batch_size: int, device) -> float:
+    """Test perplexity: exp of the mean cross-entropy over a fixed set of test windows. Each rank scores
+    its share (the same number of windows on every rank) and the sums are all-reduced."""
+    was_training = module.training
+    module.eval()
+    mine = starts[ctx.rank :: ctx.world_size]
     total = torch.zeros((), device=device)
-    for i in range(0, len(starts), batch_size):
-        x, y = to_device(window_batch(tokens, starts[i : i + batch_size], tokens_per_sample), device)
+    for i in range(0, len(mine), batch_size):
+        x, y = to_device(window_batch(tokens, mine[i : i + batch_size], tokens_per_sample), device)
         with autocast(device):
-            total += model(x, y).float() * len(x)
-    model.train(was_training)
-    return math.exp(total.item() / len(starts))
+            total += module(x, y).float() * len(x)
+    if ctx.enabled:
+        dist.all_reduce(total)
+    module.train(was_training)
+    return math.exp(total.item() / (len(mine) * ctx.world_size))
+
+
+# ----------------------------------------------------------------------------- batch arithmetic
+
+
+def batch_layout(args, world_size: int) -> tuple[int, int]:
+    """Per-rank gradient accumulation and optimizer steps per epoch: gradient_accumulation_steps and
+    samples_per_epoch are global and are divided among the ranks."""
+    if world_size > args.gradient_accumulation_steps:
+        raise UserError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is smaller than the "
+                        f"world size {world_size}: every rank needs at least one micro-batch per step")
+    if world_size > args.samples_per_epoch:
+        raise UserError(f"--samples_per_epoch {args.samples_per_epoch} is smaller than the world size {world_size}")
+    accumulation = args.gradient_accumulation_steps // world_size
+    if args.gradient_accumulation_steps % world_size:
+        print0(f"warning: --gradient_accumulation_steps {args.gradient_accumulation_steps} does not divide among "
+               f"{world_size} processes; each does {accumulation} ({accumulation * world_size} in all)")
+    if args.samples_per_epoch % world_size:
+        print0(f"warning: --samples_per_epoch {args.samples_per_epoch} does not divide among {world_size} processes")
+    samples_per_step = args.batch_size * accumulation * world_size
+    steps_per_epoch = args.samples_per_epoch // samples_per_step
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"--samples_per_epoch {args.samples_per_epoch} is smaller than one optimizer step "
+            f"(batch_size x gradient_accumulation_steps = {samples_per_step} samples)"
+        )
+    if args.samples_per_epoch % samples_per_step:
+        print0(f"warning: --samples_per_epoch {args.samples_per_epoch} is not a multiple of {samples_per_step}; "
+               f"each epoch takes {steps_per_epoch * samples_per_step} samples")
+    return accumulation, steps_per_epoch
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def main(args) -> list[tuple[int, float]]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("multi-process (torchrun) training is not available yet; run a single process")
-    device = resolve_device(args.device)
-    samples_per_step = args.batch_size * args.gradient_accumulation_steps
-    steps_per_epoch = args.samples_per_epoch // samples_per_step
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"--samples_per_epoch {args.samples_per_epoch} is smaller than one optimizer step "
-            f"(batch_size x gradient_accumulation_steps = {samples_per_step})"
-        )
-    if args.samples_per_epoch % samples_per_step:
-        print0(f"warning: --samples_per_epoch {args.samples_per_epoch} is not a multiple of {samples_per_step}; "
-               f"each epoch takes {steps_per_epoch * samples_per_step} samples")
+    ctx, device = setup_distributed(args.device)
+    try:
+        return train(args, ctx, device)
+    finally:
+        teardown_distributed()
+
+
+def train(args, ctx: Distributed, device: torch.device) -> list[tuple[int, float]]:
+    accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(args, ctx.world_size))
     total_steps = steps_per_epoch * args.num_epochs
 
     # Never overwrite a run by accident: an existing checkpoint is continued or moved aside by the user.
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.checkpoint_path, CHECKPOINT_KIND)
-        if checkpoint["token_encoding"] != args.token_encoding:
-            raise UserError(f"--token_encoding {args.token_encoding} differs from the checkpoint's {checkpoint['token_encoding']}")
-    elif os.path.exists(args.checkpoint_path):
-        raise UserError(f"{args.checkpoint_path} exists; pass --resume to continue it, or choose another --checkpoint_path")
+    def read_checkpoint():
+        if not args.resume:
+            if os.path.exists(args.checkpoint_path):
+                raise UserError(f"{args.checkpoint_path} exists; pass --resume to continue it, or choose another --checkpoint_path")
+            return None
+        state = load_checkpoint(args.checkpoint_path, CHECKPOINT_KIND)
+        if state["token_encoding"] != args.token_encoding:
+            raise UserError(f"--token_encoding {args.token_encoding} differs from the checkpoint's {state['token_encoding']}")
+        return state
 
+    checkpoint = agree(ctx, read_checkpoint, who="rank0")  # rank 0 reads it; every rank gets it
     seed = checkpoint["seed"] if checkpoint else args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    if ctx.enabled and not checkpoint:
+        seed = agree(ctx, lambda: seed, who="rank0")  # one seed for all ranks: identical initial weights
     torch.manual_seed(seed)
 
+    # One process per node tokenizes (nodes need not share a disk); the others then reuse its files.
     subset = args.dataset_subset or ("sample-10BT" if args.dataset == FINEWEB else None)
-    files = prepare_token_files(args.dataset, subset, args.token_encoding, args.dataset_path, args.num_dataset_processes)
+    prepare = lambda: prepare_token_files(args.dataset, subset, args.token_encoding, args.dataset_path, args.num_dataset_processes)
+    files = agree(ctx, prepare, who="local0")
+    files = agree(ctx, lambda: files if ctx.local_rank == 0 else prepare())
     train_tokens = open_tokens(files.train, files.meta)
     test_tokens = open_tokens(files.test, files.meta)
 
-    if checkpoint:
-        config = GPTConfig.from_dict(checkpoint["config"])
-        changed = [f"--{k}" for k in ARCHITECTURE_FLAGS if getattr(args, k) != getattr(config, k)]
-        if changed:
-            print0(f"note: resuming with the checkpoint's architecture; ignoring {', '.join(changed)}")
-        if config.vocabulary_size != files.meta["vocabulary_size"]:
-            raise UserError(f"the checkpoint's vocabulary ({config.vocabulary_size}) differs from the token files' ({files.meta['vocabulary_size']})")
-    else:
+    def make_config():
+        if checkpoint:
+            config = GPTConfig.from_dict(checkpoint["config"])
+            changed = [f"--{k}" for k in ARCHITECTURE_FLAGS if getattr(args, k) != getattr(config, k)]
+            if changed:
+                print0(f"note: resuming with the checkpoint's architecture; ignoring {', '.join(changed)}")
+            if config.vocabulary_size != files.meta["vocabulary_size"]:
+                raise UserError(f"the checkpoint's vocabulary ({config.vocabulary_size}) differs from the token files' ({files.meta['vocabulary_size']})")
+            return config
         try:
-            config = GPTConfig(
-                vocabulary_size=files.meta["vocabulary_size"],
-                **{k: getattr(args, k) for k in ARCHITECTURE_FLAGS},
-            )
+            return GPTConfig(vocabulary_size=files.meta["vocabulary_size"], **{k: getattr(args, k) for k in ARCHITECTURE_FLAGS})
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    model = GPT(config).to(device)
+    config = make_config()
+    # Every sample is drawn by one generator shared by all ranks; rank r takes the r-th of each round of
+    # draws, so ranks see different samples and the global batch does not depend on the world size.
+    sampler = WindowSampler(train_tokens, args.tokens_per_sample, args.batch_size, seed, ctx.rank, ctx.world_size)
+    eval_starts = agree(ctx, lambda: eval_windows(test_tokens, args.tokens_per_sample, args.eval_samples))
+    eval_starts = eval_starts[: len(eval_starts) // ctx.world_size * ctx.world_size]  # equal shares
+    if not eval_starts:
+        raise UserError(f"the test split has fewer --tokens_per_sample windows than the {ctx.world_size} processes")
+
+    model = GPT(config).to(device)  # the same seed on every rank: identical weights before sharding
     model.set_activation_checkpointing(args.activation_checkpointing)
-    optimizer = torch.optim.Adafactor(
-        model.parameters(), lr=args.learning_rate, beta2_decay=args.rms_decay, foreach=not args.low_memory_optimizer
-    )
-    sampler = WindowSampler(train_tokens, args.tokens_per_sample, args.batch_size, seed)
     step = 0
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
-        print0(f"resumed {args.checkpoint_path} at step {step:,} (epoch {step // steps_per_epoch})")
-        del checkpoint
-    batches = BatchPrefetcher(sampler, device)
-
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    train_model = torch.compile(model) if use_compile else model
-    eval_starts = eval_windows(test_tokens, args.tokens_per_sample, args.eval_samples)
-    if len(eval_starts) >= args.batch_size:  # whole batches only: one shape for the compiled model
-        eval_starts = eval_starts[: len(eval_starts) // args.batch_size * args.batch_size]
+    parallel = Parallel(model, ctx, device, args.ddp_sharding_level, use_compile)
+    optimizer = parallel.optimizer(lr=args.learning_rate, beta2_decay=args.rms_decay, foreach=not args.low_memory_optimizer)
+    if checkpoint:
+        parallel.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        rng = checkpoint["rng"]
+        if len(rng) == ctx.world_size:
+            set_rng_state(rng[ctx.rank])
+        else:  # another world size: dropout streams cannot continue, so start fresh ones
+            torch.manual_seed(seed + step * 1_000 + ctx.rank)
+        print0(f"resumed {args.checkpoint_path} at step {step:,} (epoch {step // steps_per_epoch})"
+               + (f", written by {len(rng)} process(es), now {ctx.world_size}" if len(rng) != ctx.world_size else ""))
+        del checkpoint
+    elif ctx.enabled:
+        torch.manual_seed(seed + ctx.rank)  # weights are set: from here each rank draws its own dropout masks
+    batches = BatchPrefetcher(sampler, device)
+    module = parallel.module
 
     print0(
         f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without embeddings), "
         f"{config.num_hidden_layers} layers, width {config.embedding_dimensions}, vocabulary {config.vocabulary_size:,}; "
-        f"{device} {precision_name(device)}{', compiled' if use_compile else ''}"
+        f"{device.type} {precision_name(device)}{', compiled' if use_compile else ''}"
+        + (f"; {ctx.world_size} processes, {parallel.kind}" + (f" level {args.ddp_sharding_level}" if parallel.kind == "fsdp" else "") if ctx.enabled else "")
     )
-    print0(f"training: {args.num_epochs} epochs x {steps_per_epoch} steps x {samples_per_step} samples x {args.tokens_per_sample} tokens")
+    print0(f"training: {args.num_epochs} epochs x {steps_per_epoch} steps x {args.batch_size * accumulation * ctx.world_size} "
+           f"samples x {args.tokens_per_sample} tokens")
 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    writer = SummaryWriter(args.run_dir_path)
+    writer = SummaryWriter(args.run_dir_path) if ctx.rank == 0 else None
+    history = []  # (step, test perplexity), returned for callers and tests
 
-    def checkpoint_state() -> dict:
-        return {
+    def save() -> None:
+        """Every rank helps build the whole state; rank 0 writes it."""
+        rngs = [None] * ctx.world_size
+        if ctx.enabled:
+            dist.all_gather_object(rngs, rng_state(), group=ctx.control_group)
+        else:
+            rngs = [rng_state()]
+        state = {
             "kind": CHECKPOINT_KIND,
             "config": config.to_dict(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": parallel.model_state_dict(),
+            "optimizer": parallel.optimizer_state_dict(optimizer),
             "step": step,
             "sampler": batches.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs,
             "seed": seed,
+            "world_size": ctx.world_size,
             "token_encoding": args.token_encoding,
             "eot_id": files.meta["eot_id"],
             "dataset": files.meta["source"],
             "args": vars(args),
         }
-
-    history = []  # (step, test perplexity), returned for callers and tests
+        save_checkpoint(state, args.checkpoint_path)
+        if ctx.enabled:
+            dist.barrier(group=ctx.control_group)  # nobody runs ahead (or exits) before the file is whole
 
     def log_eval() -> None:
-        perplexity = evaluate(train_model, test_tokens, eval_starts, args.tokens_per_sample, args.batch_size, device)
-        writer.add_scalar("test/perplexity", perplexity, step)
+        perplexity = evaluate(module, ctx, test_tokens, eval_starts, args.tokens_per_sample, args.batch_size, device)
+        if writer:
+            writer.add_scalar("test/perplexity", perplexity, step)
         history.append((step, perplexity))
         print0(f"step {step:,}: test perplexity {perplexity:.3f}")
 
+    def stop_requested(stop: StopFlag) -> bool:
+        """Whether any rank was signalled: a CPU all-reduce on the control group, no GPU sync."""
+        if not ctx.enabled:
+            return stop.requested
+        flag = torch.tensor([int(stop.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.control_group)
+        return bool(flag.item())
+
     if step == 0:
         log_eval()
-    model.train()
-    tokens_per_step = samples_per_step * args.tokens_per_sample
-    progress = tqdm(total=total_steps, initial=step, unit="step", desc="pretraining", disable=None)
+    module.train()
+    tokens_per_step = args.batch_size * accumulation * ctx.world_size * args.tokens_per_sample
+    progress = tqdm(total=total_steps, initial=step, unit="step", desc="pretraining", disable=None if ctx.rank == 0 else True)
     with StopFlag() as stop:
         while step < total_steps:
             epoch_start_step, started = step, time.perf_counter()
@@ -258,46 +331,52 @@ def main(args) -> list[tuple[int, float]]:
                 lr = learning_rate_at(step, total_steps, args.learning_rate, args.warmup_steps, args.lr_schedule, args.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                for _ in range(args.gradient_accumulation_steps):
+                for micro in range(accumulation):
                     x, y = batches.next()
-                    with autocast(device):
-                        loss = train_model(x, y) / args.gradient_accumulation_steps
-                    loss.backward()
+                    with parallel.gradient_sync(micro == accumulation - 1):
+                        with autocast(device):
+                            loss = module(x, y) / accumulation
+                        loss.backward()
                     loss_sum += loss.detach()
-                norm_sum += torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_gradient_norm)
+                norm_sum += parallel.clip_grad_norm_(args.max_gradient_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 progress.update()
-                if stop.requested:
+                if stop_requested(stop):  # every rank sees the same answer at the same step
                     progress.close()
-                    save_checkpoint(checkpoint_state(), args.checkpoint_path)
-                    writer.close()
+                    save()
+                    if writer:
+                        writer.close()
+                    name = stop.name() if stop.requested else "a signal on another rank"
                     raise Interrupted(
-                        f"stopped by {stop.name()}: checkpoint at step {step:,} saved to {args.checkpoint_path}; "
+                        f"stopped by {name}: checkpoint at step {step:,} saved to {args.checkpoint_path}; "
                         f"continue with --resume", stop.exit_code()
                     )
 
-            # End of an epoch: one host sync for its metrics.
+            # End of an epoch: one host sync for its metrics, averaged over the ranks.
             steps = step - epoch_start_step
-            loss, norm = loss_sum.item() / steps, norm_sum.item() / steps
+            loss = parallel.all_reduce_mean(loss_sum).item() / steps
+            norm = norm_sum.item() / steps  # the global norm: already the same on every rank
             synchronize(device)
             tokens_per_s = steps * tokens_per_step / (time.perf_counter() - started)
             epoch = step // steps_per_epoch
-            writer.add_scalar("train/cross_entropy", loss, step)
-            writer.add_scalar("train/gradient_norm", norm, step)
-            writer.add_scalar("train/learning_rate", lr, step)
-            writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
+            if writer:
+                writer.add_scalar("train/cross_entropy", loss, step)
+                writer.add_scalar("train/gradient_norm", norm, step)
+                writer.add_scalar("train/learning_rate", lr, step)
+                writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
             progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
             print0(f"epoch {epoch}/{args.num_epochs}: cross-entropy {loss:.4f}, gradient norm {norm:.3f}, "
                    f"lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
             if epoch % args.eval_interval == 0 or step == total_steps:
                 log_eval()
             if epoch % args.checkpoint_interval == 0 or step == total_steps:
-                save_checkpoint(checkpoint_state(), args.checkpoint_path)
+                save()
                 print0(f"saved checkpoint to {args.checkpoint_path}")
     progress.close()
-    writer.close()
+    if writer:
+        writer.close()
     return history
 
 

@@ -1,0 +1,104 @@
+"""Data parallelism for the training scripts: one process, DDP, or FSDP2 at sharding level 2 or 3.
+
+- level 0: DistributedDataParallel; every rank keeps whole weights, gradients and optimizer state.
+- level 2: FSDP2 with parameters kept whole between forward and backward (reshard_after_forward=False):
+  gradients and optimizer state are sharded, parameters are gathered once per step.
+- level 3: FSDP2 resharding parameters after each block's forward: parameters, gradients and optimizer
+  state are all sharded, at the cost of gathering parameters again in the backward pass.
+
+FSDP2 is applied per Transformer block, then to the root (the tied embedding and final norm), with bf16
+parameters and fp32 gradient reduction on CUDA. With torch.compile each block is compiled before it is
+sharded, as PyTorch's FSDP2 guidance has it; without FSDP the whole model is compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from adafactor import ShardedAdafactor
+from common import Distributed
+
+
+class Parallel:
+    """The model as the training loop drives it: the module to call, gradient-sync control for
+    accumulation, global-norm clipping, and whole (consolidated) state for checkpoints."""
+
+    def __init__(self, model: nn.Module, ctx: Distributed, device: torch.device, level: int, use_compile: bool):
+        self.model, self.ctx = model, ctx
+        self.kind = "single" if not ctx.enabled else "ddp" if level == 0 else "fsdp"
+        if self.kind == "single":
+            self.module = torch.compile(model) if use_compile else model
+        elif self.kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.module = torch.compile(self.ddp) if use_compile else self.ddp
+        else:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+            for block in model.blocks:
+                if use_compile:
+                    block.compile()
+                fully_shard(block, reshard_after_forward=level == 3, mp_policy=policy)
+            # The root's tied embedding is needed again first thing in backward: keep it gathered.
+            fully_shard(model, reshard_after_forward=False, mp_policy=policy)
+            self.module = model
+
+    def optimizer(self, **kwargs) -> torch.optim.Optimizer:
+        if self.kind == "fsdp":
+            return ShardedAdafactor(self.model.parameters(), **kwargs)
+        return torch.optim.Adafactor(self.model.parameters(), **kwargs)
+
+    def gradient_sync(self, enabled: bool):
+        """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps that do not step."""
+        if self.kind == "ddp":
+            return contextlib.nullcontext() if enabled else self.ddp.no_sync()
+        if self.kind == "fsdp":
+            self.model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip to a global gradient norm (across shards) and return that norm (no host sync)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.kind != "fsdp":
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return norm
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.ctx.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.ctx.world_size
+        return t
+
+    # ------------------------------------------------------------------------- consolidated state
+
+    def model_state_dict(self) -> dict:
+        """Whole weights on the CPU on rank 0 (every rank must call it)."""
+        if self.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def optimizer_state_dict(self, optimizer) -> dict:
+        """torch.optim.Adafactor's state format with whole tensors (every rank must call it)."""
+        if isinstance(optimizer, ShardedAdafactor):
+            return optimizer.consolidated_state_dict()
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer, state: dict) -> None:
+        if isinstance(optimizer, ShardedAdafactor):
+            optimizer.load_consolidated_state_dict(state)
+        else:
+            optimizer.load_state_dict(state)
