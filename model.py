@@ -10,7 +10,11 @@ Design, bottom-up in this file:
 - Token embeddings tied to the output layer; the table is padded to a multiple of 64 rows for
   faster matrix products, and the padded ids are cut off the logits so they are never targets and
   never sampled.
-- One forward for training, evaluation and (with a cache, in a later step) decoding.
+- One forward for training, evaluation and decoding. Decoding uses a preallocated key/value cache
+  written at an index: a ring of `length` slots per layer. With NoPE one query's attention over a set
+  of keys does not depend on their order, so when the ring is full the next token simply overwrites
+  the oldest slot: the window slides with no shifting, no position bookkeeping and fixed shapes.
+  This equals recomputing the whole sequence with sliding-window causal attention of that width.
 """
 
 from __future__ import annotations
@@ -81,9 +85,16 @@ class GPTConfig:
 # ----------------------------------------------------------------------------- blocks
 
 
+def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
+    """(T, T) boolean mask: query i sees keys i - window < j <= i."""
+    i = torch.arange(T, device=device)
+    return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
         C = config.embedding_dimensions
         self.n_head = config.num_attention_heads
         self.head_dim = config.head_dimensions
@@ -92,13 +103,22 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, slots=None, mask=None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, n_head, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, n_head, T, head_dim)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, n_head, T, head_dim)
+        if cache is not None:
+            cache_k, cache_v = cache.k[self.layer_index], cache.v[self.layer_index]  # (B, n_head, length, head_dim)
+            n = slots.numel()  # decode: this token; prefill: the last `length` tokens of the prompt
+            cache_k.index_copy_(2, slots, k[:, :, -n:].to(cache_k.dtype))
+            cache_v.index_copy_(2, slots, v[:, :, -n:].to(cache_v.dtype))
+            if T == 1:  # decode: attend over the whole ring (the mask hides empty slots)
+                k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -119,15 +139,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.embedding_dimensions)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_index)
         self.mlp_norm = nn.RMSNorm(config.embedding_dimensions)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache=None, slots=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, slots, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -139,9 +159,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_embeddings = nn.Embedding(config.padded_vocabulary_size, config.embedding_dimensions)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.output_norm = nn.RMSNorm(config.embedding_dimensions)
         self.activation_checkpointing = False
+        self.kv_cache: KVCache | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -161,15 +182,51 @@ class GPT(nn.Module):
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.activation_checkpointing = enabled
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def setup_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> "KVCache":
+        """Preallocate a key/value cache of `length` tokens for decoding with forward(..., input_pos=...)."""
+        weight = self.token_embeddings.weight
+        self.kv_cache = KVCache(self.config, batch_size, length, weight.device, dtype or weight.dtype)
+        return self.kv_cache
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        window: int | None = None,
+    ) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T): the mean cross-entropy over the targets that are
-        not IGNORE_INDEX. Without: logits (B, T, vocabulary_size), padded ids cut off."""
+        not IGNORE_INDEX. Without: logits (B, T, vocabulary_size), padded ids cut off.
+
+        input_pos (T,) absolute positions switch on the KV cache (setup_cache first): T > 1 is a prefill
+        that starts a new sequence, T = 1 decodes one token. window limits attention to the last
+        `window` keys (sliding-window causal attention; a cache of length L implies window L)."""
+        B, T = idx.shape
+        cache, slots, mask = None, None, None
+        if input_pos is not None:
+            cache = self.kv_cache
+            if cache is None:
+                raise RuntimeError("call setup_cache() before decoding with input_pos")
+            L = cache.length
+            if T == 1:
+                slots = input_pos % L  # the ring slot of this token: the oldest one once the ring is full
+                cache.slot_pos.index_copy_(0, slots, input_pos)
+                mask = (cache.slot_pos >= 0).view(1, 1, 1, L)
+            else:
+                cache.slot_pos.fill_(-1)  # a prefill starts a new sequence
+                kept = input_pos[-L:]
+                slots = kept % L
+                cache.slot_pos.index_copy_(0, slots, kept)
+                window = L if window is None else min(window, L)
+        if mask is None and window is not None and T > window:
+            mask = sliding_window_mask(T, window, idx.device)
+
         x = self.token_embeddings(idx)  # (B, T, C)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, cache, slots, mask, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache, slots, mask)
         x = self.output_norm(x)
         logits = F.linear(x, self.token_embeddings.weight)  # (B, T, padded_vocab), tied weights
         logits = logits[..., : self.config.vocabulary_size]  # padded ids are never predicted
@@ -199,3 +256,30 @@ class GPT(nn.Module):
         ) + c.padded_vocabulary_size * c.embedding_dimensions
         attention = 2 * 2 * c.num_hidden_layers * c.embedding_dimensions * context_length / 2  # causal half
         return 6 * matmul_weights + 3 * attention
+
+    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """Bytes of KV cache one token takes: a key and a value of the model width in every layer."""
+        return 2 * self.config.num_hidden_layers * self.config.embedding_dimensions * bytes_per_value
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class KVCache(nn.Module):
+    """Keys and values of the last `length` tokens of every layer, preallocated as module buffers (so
+    a compiled decode step can run as a CUDA graph): (layers, batch, n_head, length, head_dim).
+    The token at absolute position p lives in slot p % length; slot_pos records which position each
+    slot holds (-1: empty). Not part of the model's state dict."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, length: int, device, dtype: torch.dtype):
+        super().__init__()
+        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, length, config.head_dimensions)
+        self.length = length
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("slot_pos", torch.full((length,), -1, device=device, dtype=torch.long), persistent=False)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (e.g. the beams that survive a beam-search step), in place."""
+        self.k.copy_(self.k.index_select(1, rows))
+        self.v.copy_(self.v.index_select(1, rows))

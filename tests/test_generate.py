@@ -1,0 +1,231 @@
+import io
+import itertools
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import beam_search
+import generate
+import pretrain
+from beam_search import beam_search as search
+from common import run_main
+from conftest import ROOT, tiny_pretrain_args
+from generate import Decoder, Sampler, sample
+from model import GPT, GPTConfig
+
+
+def random_model(vocabulary_size=300, layers=2, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocabulary_size=vocabulary_size, embedding_dimensions=32, num_attention_heads=4,
+                          num_hidden_layers=layers, dropout=0.0)).eval()
+    with torch.no_grad():
+        model.token_embeddings.weight.mul_(scale)  # sharper distributions for tiny vocabularies
+    return model
+
+
+def greedy_by_recomputation(model, prompt, steps, window):
+    """Reference: every token from a full forward over the whole sequence with sliding-window attention."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([tokens]), window=window)[0, -1]
+            tokens.append(int(logits.argmax()))
+    return tokens[len(prompt):]
+
+
+def greedy_with_cache(model, prompt, steps, context_length, use_compile=False):
+    decoder = Decoder(model, context_length, 1, torch.device("cpu"), 0.0, 500, 1.0, use_compile=use_compile)
+    with torch.inference_mode():
+        token = decoder.prefill(torch.tensor([prompt])).argmax(-1)
+        out = [int(token)]
+        for i in range(steps - 1):
+            token = decoder.step(token.view(1, 1), len(prompt) + i, None)
+            out.append(int(token))
+    return out
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("prompt_length, context_length", [(5, 8), (3, 64), (20, 8)])
+def test_cached_greedy_equals_recomputation_past_the_window(prompt_length, context_length):
+    model = random_model(layers=3)
+    prompt = torch.randint(0, 300, (prompt_length,), generator=torch.Generator().manual_seed(1)).tolist()
+    steps = 30  # well past the 8-token window: the ring wraps several times
+    assert greedy_with_cache(model, prompt, steps, context_length) == greedy_by_recomputation(model, prompt, steps, context_length)
+
+
+def test_compiled_decode_step_equals_recomputation():
+    """The decode step torch.compile turns into a CUDA graph on GPUs, compiled here for the CPU."""
+    model = random_model()
+    prompt = [5, 6, 7]
+    compiled = greedy_with_cache(model, prompt, 20, 8, use_compile=True)
+    assert compiled == greedy_by_recomputation(model, prompt, 20, 8)
+
+
+def test_cached_logits_equal_recomputed_logits():
+    model = random_model()
+    seq = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(2))
+    model.setup_cache(1, 6)
+    with torch.no_grad():
+        model(seq[:, :4], input_pos=torch.arange(4))
+        for t in range(4, 20):
+            cached = model(seq[:, t : t + 1], input_pos=torch.tensor([t]))[0, -1]
+            full = model(seq[:, : t + 1], window=6)[0, -1]
+            torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+
+
+def test_window_equal_to_length_is_plain_causal_attention():
+    model = random_model()
+    seq = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(seq, window=12), model(seq))
+        assert not torch.allclose(model(seq, window=4), model(seq))
+
+
+def test_cache_reorder_follows_rows():
+    model = random_model()
+    cache = model.setup_cache(3, 4)
+    cache.k.normal_()
+    before = cache.k.clone()
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert torch.equal(cache.k[:, 0], before[:, 2]) and torch.equal(cache.k[:, 2], before[:, 0])
+    assert "kv_cache.k" not in model.state_dict()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
+    noise = lambda seed: torch.empty(1, 5).exponential_(generator=torch.Generator().manual_seed(seed))
+    assert sample(logits, 0.0, 5, 1.0, None).item() == 4  # temperature 0 is greedy
+    assert {sample(logits, 1.0, 1, 1.0, noise(s)).item() for s in range(50)} == {4}  # top-k 1
+    assert {sample(logits, 1.0, 2, 1.0, noise(s)).item() for s in range(200)} == {0, 4}  # only the top 2
+    assert {sample(logits, 1.0, 5, 0.01, noise(s)).item() for s in range(50)} == {4}  # top-p keeps at least one
+    p = torch.softmax(logits[0], -1)
+    # top-p 0.9: the smallest prefix of sorted tokens reaching 0.9 is {4, 0, 1} (0.63 + 0.23 + 0.09)
+    assert p[[4, 0]].sum() < 0.9 <= p[[4, 0, 1]].sum()
+    assert {sample(logits, 1.0, 5, 0.9, noise(s)).item() for s in range(300)} == {4, 0, 1}
+
+
+def test_sampling_matches_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    g = torch.Generator().manual_seed(0)
+    draws = [sample(logits, 1.0, 3, 1.0, torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
+    freq = [draws.count(i) / len(draws) for i in range(3)]
+    assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+def test_beam_search_finds_the_exhaustive_optimum():
+    V, eot, horizon, prompt = 5, 4, 3, [4, 1]
+    model = random_model(vocabulary_size=V, scale=20.0, seed=3)
+    for penalty in (0.0, 1.0):
+        best = None
+        for length in range(1, horizon + 1):
+            for seq in itertools.product(range(V), repeat=length):
+                if eot in seq[:-1] or (length < horizon and seq[-1] != eot):
+                    continue  # sequences end at end-of-text, or are cut at the horizon
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(torch.tensor([prompt + list(seq)]))[0].float(), -1)
+                total = sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq))
+                score = total / length**penalty
+                if best is None or score > best[0]:
+                    best = (score, list(seq))
+        found = search(model, prompt, eot, beam_width=V ** (horizon - 1), num_candidates=1, max_tokens=horizon,
+                       context_length=16, length_penalty=penalty)[0]
+        assert found.tokens == best[1]
+        assert found.score == pytest.approx(best[0], abs=1e-4)
+
+
+def test_beam_width_one_is_greedy():
+    model = random_model()
+    prompt = [1, 2, 3]
+    found = search(model, prompt, eot=299, beam_width=1, num_candidates=1, max_tokens=25, context_length=8)[0]
+    assert found.tokens == greedy_by_recomputation(model, prompt, 25, window=8)
+
+
+# ----------------------------------------------------------------------------- scripts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(builtin_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("gen")
+    pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(run), "--num_epochs", "6", "--learning_rate", "3e-2")))
+    return str(run / "checkpoint.pt")
+
+
+def gen(checkpoint, *extra):
+    return generate.main(generate.parse_args(["--checkpoint_path", checkpoint, "--device", "cpu", *extra]))
+
+
+def test_same_seed_same_text_other_seed_other_text(checkpoint, capsys):
+    runs = []
+    for seed in ("1", "1", "2"):
+        tokens = gen(checkpoint, "--prompt", "The ", "--max_tokens", "40", "--seed", seed)
+        runs.append((tokens, capsys.readouterr().out))
+    (a, text_a), (b, text_b), (c, text_c) = runs
+    assert a == b and a != c and len(a[0]) > 0
+    assert text_a == text_b != text_c
+
+
+def test_prompts_from_standard_input(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond prompt\n"))
+    outputs = gen(checkpoint, "--max_tokens", "5", "--temperature", "0")
+    assert len(outputs) == 2 and all(1 <= len(o) <= 5 for o in outputs)
+    assert ">" not in capsys.readouterr().out  # no prompt marker when input is piped
+
+
+def test_scripts_run_piped_from_the_command_line(checkpoint):
+    for script, extra in (("generate.py", ["--max_tokens", "8"]), ("beam_search.py", ["--max_tokens", "6", "--beam_width", "4"])):
+        result = subprocess.run([sys.executable, script, "--checkpoint_path", checkpoint, "--device", "cpu", "--seed", "0", *extra],
+                                input="Hello\nWorld\n", cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip()
+
+
+def test_beam_search_script_prints_ranked_candidates(checkpoint, capsys):
+    args = beam_search.parse_args(["--checkpoint_path", checkpoint, "--device", "cpu", "--prompt", "def ",
+                                   "--max_tokens", "6", "--beam_width", "4", "--num_candidates", "2"])
+    found = beam_search.main(args)[0]
+    assert len(found) == 2 and found[0].score >= found[1].score
+    out = capsys.readouterr().out
+    assert out.count("normalised") == 2 and "[1] log-probability" in out
+
+
+def fails_with(capsys, module, argv, *fragments):
+    with pytest.raises(SystemExit) as e:
+        run_main(module.main, module.parse_args, argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.mark.parametrize("module", [generate, beam_search])
+def test_inference_errors_are_one_line(module, checkpoint, capsys, tmp_path):
+    base = ["--device", "cpu", "--prompt", "x"]
+    fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "none.pt")], "no checkpoint at")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "bad.pt")], "not a readable checkpoint")
+    torch.save({"kind": "lora", "version": 1}, tmp_path / "lora.pt")
+    fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "lora.pt")], "'lora' checkpoint")
+    ok = base + ["--checkpoint_path", checkpoint]
+    fails_with(capsys, module, ok + ["--lora_path", "x.pt"], "--lora_path", "not supported yet")
+    fails_with(capsys, module, ok + ["--max_tokens", "0"], "--max_tokens", "positive integer")
+    fails_with(capsys, module, ok + ["--context_length", "-4"], "--context_length")
+
+
+def test_sampling_flag_errors(capsys):
+    fails_with(capsys, generate, ["--top_p", "0"], "--top_p", "(0, 1]")
+    fails_with(capsys, generate, ["--top_p", "1.5"], "--top_p")
+    fails_with(capsys, generate, ["--top_k", "0"], "--top_k", "positive integer")
+    fails_with(capsys, generate, ["--temperature", "-1"], "--temperature", ">= 0")
+    fails_with(capsys, beam_search, ["--num_candidates", "5", "--beam_width", "4"], "--num_candidates 5 is larger than --beam_width 4")
