@@ -1,18 +1,20 @@
-"""Adafactor on FSDP2-sharded parameters, making the same updates as torch.optim.Adafactor does on
-whole tensors.
+"""Adafactor: torch.optim.Adafactor's algorithm, without host syncs, on whole or FSDP2-sharded parameters.
 
-Why not torch.optim.Adafactor itself: on FSDP2's DTensor parameters it fails (an in-place op on a
-Partial placement), and run on the raw local shards it would compute its statistics per shard, not per
-tensor. Adafactor's update for a (R, C) matrix needs four whole-tensor quantities:
-  - RMS(param), which scales the step size,
-  - the column means of grad^2 (over all R rows) for the factored second moment,
-  - the mean of the row statistics, which normalises the factored estimate,
-  - RMS(update), which clips the update.
-FSDP2 shards dim 0 (rows), so each rank holds whole rows: row statistics are local, and the four
-whole-tensor quantities are sums over rows. This optimizer computes the local sums of every parameter,
-all-reduces them in one flat buffer (two collectives per step in all), and applies the same algorithm
-as torch.optim.Adafactor. Its state has torch's names and shapes per shard, and
-consolidated_state_dict() gathers it into exactly the format torch.optim.Adafactor loads.
+Why not torch.optim.Adafactor itself:
+- On FSDP2's DTensor parameters it fails (an in-place op on a Partial placement), and run on the raw
+  local shards it would compute its statistics per shard, not per tensor.
+- It reads two numbers back to the host for every parameter at every step (the parameter's RMS and the
+  update's RMS, via .item()), which stalls the GPU about 2 x (number of parameters) times per step.
+
+Adafactor's update for a (R, C) matrix needs four whole-tensor quantities: RMS(param), which scales the
+step size; the column means of grad^2 over all R rows, for the factored second moment; the mean of the
+row statistics, which normalises the factored estimate; and RMS(update), which clips the update.
+FSDP2 shards dim 0 (rows), so each rank holds whole rows: row statistics are local and the four
+quantities are sums over rows. This optimizer computes the local sums of every parameter, all-reduces
+them in one flat buffer when the parameters are sharded (two collectives per step in all), keeps every
+step-size factor on the device, and applies the same algorithm as torch.optim.Adafactor. Its state has
+torch's names and shapes (per shard), and consolidated_state_dict() gathers it into exactly the format
+torch.optim.Adafactor loads.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ def _full(local: torch.Tensor, like: torch.Tensor, full_shape) -> torch.Tensor:
     return dt.full_tensor()
 
 
-class ShardedAdafactor(torch.optim.Optimizer):
-    """torch.optim.Adafactor's algorithm and defaults, for parameters sharded on dim 0 (or whole)."""
+class Adafactor(torch.optim.Optimizer):
+    """torch.optim.Adafactor's algorithm and defaults, for whole parameters or parameters sharded on
+    dim 0. foreach=False (--low_memory_optimizer) works one parameter at a time and recomputes each
+    update instead of holding all of them."""
 
     def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, eps=(None, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, *, foreach: bool | None = None, maximize: bool = False, group=None):
@@ -62,8 +66,8 @@ class ShardedAdafactor(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.process_group = group  # the group the parameters are sharded over (None: the default group)
 
-    def _all_reduce(self, t: torch.Tensor) -> None:
-        if dist.is_available() and dist.is_initialized():
+    def _all_reduce(self, t: torch.Tensor, sharded: bool) -> None:
+        if sharded and dist.is_available() and dist.is_initialized():
             dist.all_reduce(t, group=self.process_group)
 
     @torch.no_grad()
@@ -80,19 +84,21 @@ class ShardedAdafactor(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        lr, d, weight_decay = group["lr"], group["d"], group["weight_decay"]
-        eps1, eps2 = group["eps"]
+        lr, d, weight_decay, eps2 = group["lr"], group["d"], group["weight_decay"], group["eps"][1]
+        foreach = group["foreach"] is not False
+        sharded = any(isinstance(p, DTensor) for p in params)
         device = _local(params[0]).device
+        local_params = [_local(p) for p in params]
+        grads = [_local(p.grad) for p in params]
+        if group["maximize"]:
+            grads = [-g for g in grads]
 
-        # Phase 1, local: step counts, second-moment updates of whole rows, and the local sums that
-        # the whole-tensor statistics need.
-        entries, sums = [], []
-        for p in params:
-            grad = _local(p.grad)
-            if group["maximize"]:
-                grad = -grad
+        # Phase 1, local: step counts (on the CPU, so reading them syncs nothing), second moments of
+        # whole rows, and the local sums behind the whole-tensor statistics.
+        states, betas, rhos, eps1s = [], [], [], []
+        for p, lp, grad in zip(params, local_params, grads):
             if grad.dim() > 2:
-                raise ValueError("ShardedAdafactor handles parameters of at most 2 dimensions")
+                raise ValueError("this Adafactor handles parameters of at most 2 dimensions")
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
@@ -102,57 +108,63 @@ class ShardedAdafactor(torch.optim.Optimizer):
                 else:
                     state["variance"] = torch.zeros_like(grad)
             state["step"] += 1
-            one_minus_beta2 = state["step"].item() ** group["beta2_decay"]
-            local_param = _local(p)
-            entry = {"p": p, "param": local_param, "grad": grad, "state": state, "beta": one_minus_beta2,
-                     "eps1": torch.finfo(local_param.dtype).eps if eps1 is None else eps1}
-            sums.append(local_param.float().square().sum().reshape(1))
-            if grad.dim() > 1:
-                rows = p.shape[0]  # whole-tensor row count (the DTensor's global shape)
-                row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
-                state["row_var"].lerp_(row_mean, one_minus_beta2)
-                sums.append(grad.float().square().sum(dim=0))  # column sums of grad^2 over local rows
-                sums.append(state["row_var"].float().sum().reshape(1))
-                entry["rows"] = rows
-            else:
-                state["variance"].lerp_(grad * grad, one_minus_beta2)
-            entries.append(entry)
-        totals = torch.cat([s.to(device) for s in sums])
-        self._all_reduce(totals)
-
-        # Phase 2: whole-tensor statistics -> updates, and the local sums of update^2.
-        offset, update_sums = 0, []
-        for e in entries:
-            p, state, grad, eps1_ = e["p"], e["state"], e["grad"], e["eps1"]
-            param_rms = (totals[offset] / p.numel()).sqrt()
-            offset += 1
             step = state["step"].item()
-            rho = min(lr, 1 / step**0.5)
-            e["alpha"] = torch.clamp(param_rms, min=eps2) * rho
-            if weight_decay != 0:
-                e["param"].mul_(1 - lr * weight_decay)
+            states.append(state)
+            betas.append(step ** group["beta2_decay"])  # 1 - beta2_t
+            rhos.append(min(lr, 1 / step**0.5))
+            eps1s.append(torch.finfo(lp.dtype).eps if group["eps"][0] is None else group["eps"][0])
+
+        param_sq = torch.stack(torch._foreach_norm(local_params) if foreach else [lp.norm() for lp in local_params]).float().square()
+        sums = [param_sq]
+        for grad, state, beta in zip(grads, states, betas):
             if grad.dim() > 1:
-                C = grad.shape[-1]
-                col_mean = totals[offset : offset + C].reshape(1, C) / e["rows"]
-                offset += C
-                row_var_mean = totals[offset] / e["rows"]
-                offset += 1
-                state["col_var"].lerp_(col_mean.to(state["col_var"].dtype), e["beta"])
-                var_estimate = state["row_var"] @ state["col_var"]
-                var_estimate.div_(row_var_mean.clamp(min=eps1_))
+                row_mean = torch.linalg.vector_norm(grad, dim=-1, keepdim=True).square_().div_(grad.size(-1))
+                state["row_var"].lerp_(row_mean, beta)
+                sums.append(torch.linalg.vector_norm(grad.float(), dim=-2).square_().flatten())  # column sums of grad^2
+                sums.append(state["row_var"].float().sum().reshape(1))
+            else:
+                state["variance"].lerp_(grad * grad, beta)
+        totals = torch.cat([s.to(device) for s in sums])
+        self._all_reduce(totals, sharded)
+
+        # Phase 2: whole-tensor statistics -> step sizes (device tensors) and column second moments.
+        numels = torch.tensor([float(p.numel()) for p in params], device=device)
+        alphas = (totals[: len(params)] / numels).sqrt().clamp(min=eps2) * torch.tensor(rhos, device=device)
+        offset = len(params)
+        row_var_means = []
+        for p, grad, state, beta in zip(params, grads, states, betas):
+            if grad.dim() > 1:
+                rows, C = p.shape[0], grad.shape[-1]  # whole-tensor row count (a DTensor's global shape)
+                state["col_var"].lerp_((totals[offset : offset + C] / rows).view(1, C).to(state["col_var"].dtype), beta)
+                row_var_means.append(totals[offset + C] / rows)
+                offset += C + 1
+            else:
+                row_var_means.append(None)
+        if weight_decay != 0:
+            torch._foreach_mul_(local_params, 1 - lr * weight_decay)
+
+        def update(i: int) -> torch.Tensor:
+            state, eps1 = states[i], eps1s[i]
+            if "row_var" in state:
+                var_estimate = (state["row_var"] @ state["col_var"]).div_(row_var_means[i].clamp(min=eps1))
             else:
                 var_estimate = state["variance"].clone()
-            update = var_estimate.clamp_(min=eps1_ * eps1_).rsqrt_().mul_(grad)
-            e["update"] = update
-            update_sums.append(update.float().square().sum().reshape(1))
-        update_totals = torch.cat(update_sums)
-        self._all_reduce(update_totals)
+            return var_estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grads[i])
 
-        # Phase 3: clip each update by its whole-tensor RMS and apply it.
-        for e, total in zip(entries, update_totals):
-            update_rms = (total / e["p"].numel()).sqrt()
-            denom = torch.clamp(update_rms / d, min=1.0)
-            e["param"].add_(e["update"] * (-e["alpha"] / denom).to(e["update"].dtype))
+        # Phase 3: clip each update by its whole-tensor RMS, then apply it.
+        if foreach:
+            updates = [update(i) for i in range(len(params))]
+            update_sq = torch.stack(torch._foreach_norm(updates)).float().square()
+        else:
+            update_sq = torch.stack([update(i).float().square().sum() for i in range(len(params))])
+        self._all_reduce(update_sq, sharded)
+        scales = -alphas / ((update_sq / numels).sqrt() / d).clamp(min=1.0)
+        if foreach:
+            torch._foreach_mul_(updates, list(scales.to(updates[0].dtype).unbind()))
+            torch._foreach_add_(local_params, updates)
+        else:
+            for i, lp in enumerate(local_params):
+                lp.add_(update(i).mul_(scales[i].to(lp.dtype)))
 
     # ------------------------------------------------------------------------- consolidated state
 
@@ -182,10 +194,10 @@ class ShardedAdafactor(torch.optim.Optimizer):
             p = params[index]
             device = _local(p).device
             piece = {"step": state["step"].clone().cpu()}
-            if "row_var" in state:
-                piece["row_var"] = local_shard(state["row_var"], p).to(device)
-                piece["col_var"] = state["col_var"].to(device)
+            if "row_var" in state:  # copies: the optimizer must never share tensors with the caller's dict
+                piece["row_var"] = local_shard(state["row_var"], p).to(device, copy=True)
+                piece["col_var"] = state["col_var"].to(device, copy=True)
             else:
-                piece["variance"] = local_shard(state["variance"], p).to(device)
+                piece["variance"] = local_shard(state["variance"], p).to(device, copy=True)
             local["state"][index] = piece
         self.load_state_dict(local)

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, masked prompts)
 VOCAB_MULTIPLE = 64  # the embedding table is padded up to a multiple of this many rows
+LOGITS_CHUNK_BYTES = 2**29  # the loss computes fp32 logits for at most this many bytes at a time
 
 
 # ----------------------------------------------------------------------------- config
@@ -151,6 +152,76 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+# ----------------------------------------------------------------------------- loss
+
+
+def _chunk_rows(N: int, padded_vocab: int) -> int:
+    return max(1, min(N, LOGITS_CHUNK_BYTES // (4 * padded_vocab)))
+
+
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor, vocabulary_size: int) -> torch.Tensor:
+    """fp32 logits of a chunk of rows over the padded vocabulary, padded columns at -inf (so they
+    take no probability and get no gradient); the product itself runs in the autocast dtype."""
+    logits = x @ weight.t()  # (n, padded_vocab): aligned shapes for the matrix unit
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits[:, vocabulary_size:] = float("-inf")
+    return logits
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Output layer + cross-entropy, chunk by chunk, with the gradients computed in the forward pass:
+    the full (tokens x vocabulary) fp32 logits never exist, only one chunk's at a time."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocabulary_size):
+        device = x.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        valid = targets != IGNORE_INDEX
+        count = valid.sum().clamp(min=1)
+        accumulate = torch.promote_types(compute_dtype, torch.float32)
+        loss = torch.zeros((), device=x.device, dtype=accumulate)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=accumulate)
+        w = weight.to(compute_dtype)
+        rows = _chunk_rows(x.size(0), weight.size(0))
+        for start in range(0, x.size(0), rows):
+            xs = x[start : start + rows].to(compute_dtype)
+            t, keep = targets[start : start + rows], valid[start : start + rows]
+            logits = _chunk_logits(xs, w, vocabulary_size)  # (n, padded_vocab) fp32
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            safe_t = t.clamp(min=0)
+            loss += torch.where(keep, lse - logits.gather(1, safe_t[:, None]).squeeze(1), 0.0).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot(target), zero for ignored rows; in place
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
+            dlogits = (dlogits * keep[:, None]).to(compute_dtype)
+            grad_x[start : start + rows] = (dlogits @ w).to(x.dtype)
+            grad_w += dlogits.t() @ xs
+        ctx.save_for_backward(grad_x, grad_w, count)
+        ctx.weight_dtype = weight.dtype
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocabulary_size: int) -> torch.Tensor:
+    """Mean cross-entropy of logits x @ weight.T (padded columns excluded) over the targets that are
+    not IGNORE_INDEX, without materialising the whole logits tensor. x (N, C), targets (N,)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(x, weight, targets, vocabulary_size)
+    valid = targets != IGNORE_INDEX
+    loss = torch.zeros((), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    rows = _chunk_rows(x.size(0), weight.size(0))
+    for start in range(0, x.size(0), rows):
+        logits = _chunk_logits(x[start : start + rows], weight, vocabulary_size)
+        loss += F.cross_entropy(logits, targets[start : start + rows], ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / valid.sum().clamp(min=1)
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -228,13 +299,11 @@ class GPT(nn.Module):
             else:
                 x = block(x, cache, slots, mask)
         x = self.output_norm(x)
-        logits = F.linear(x, self.token_embeddings.weight)  # (B, T, padded_vocab), tied weights
-        logits = logits[..., : self.config.vocabulary_size]  # padded ids are never predicted
         if targets is None:
-            return logits
-        return F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+            logits = F.linear(x, self.token_embeddings.weight)  # (B, T, padded_vocab), tied weights
+            return logits[..., : self.config.vocabulary_size]  # padded ids are never predicted
+        return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.token_embeddings.weight, targets.reshape(-1),
+                                    self.config.vocabulary_size)
 
     # ------------------------------------------------------------------------- accounting
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from adafactor import ShardedAdafactor
+from adafactor import Adafactor
 from common import Distributed
 
 
@@ -51,10 +51,9 @@ class Parallel:
             fully_shard(model, reshard_after_forward=False, mp_policy=policy)
             self.module = model
 
-    def optimizer(self, **kwargs) -> torch.optim.Optimizer:
-        if self.kind == "fsdp":
-            return ShardedAdafactor(self.model.parameters(), **kwargs)
-        return torch.optim.Adafactor(self.model.parameters(), **kwargs)
+    def optimizer(self, **kwargs) -> Adafactor:
+        """Adafactor (adafactor.py): torch.optim.Adafactor's updates, sharded or not, with no host syncs."""
+        return Adafactor(self.model.parameters(), **kwargs)
 
     def gradient_sync(self, enabled: bool):
         """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps that do not step."""
@@ -91,14 +90,9 @@ class Parallel:
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
-    def optimizer_state_dict(self, optimizer) -> dict:
+    def optimizer_state_dict(self, optimizer: Adafactor) -> dict:
         """torch.optim.Adafactor's state format with whole tensors (every rank must call it)."""
-        if isinstance(optimizer, ShardedAdafactor):
-            return optimizer.consolidated_state_dict()
-        return optimizer.state_dict()
+        return optimizer.consolidated_state_dict()
 
-    def load_optimizer_state_dict(self, optimizer, state: dict) -> None:
-        if isinstance(optimizer, ShardedAdafactor):
-            optimizer.load_consolidated_state_dict(state)
-        else:
-            optimizer.load_state_dict(state)
+    def load_optimizer_state_dict(self, optimizer: Adafactor, state: dict) -> None:
+        optimizer.load_consolidated_state_dict(state)

@@ -113,3 +113,49 @@ def test_config_rejects_bad_values(tiny_config, field, value, message):
 
 def test_config_round_trips_through_a_dict(tiny_config):
     assert GPTConfig.from_dict(tiny_config.to_dict()) == tiny_config
+
+
+@pytest.mark.parametrize("chunk_bytes", [2**29, 4 * 64 * 7])  # one chunk; chunks of 7 rows (uneven)
+def test_chunked_loss_and_gradients_equal_the_plain_computation(tiny_config, monkeypatch, chunk_bytes):
+    import model as model_module
+
+    monkeypatch.setattr(model_module, "LOGITS_CHUNK_BYTES", chunk_bytes)
+    x = torch.randn(40, tiny_config.embedding_dimensions, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(tiny_config.padded_vocabulary_size, tiny_config.embedding_dimensions, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, tiny_config.vocabulary_size, (40,))
+    targets[::5] = IGNORE_INDEX
+    loss = model_module.linear_cross_entropy(x, weight, targets, tiny_config.vocabulary_size)
+    (loss * 3).backward()
+    gx, gw = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    # Plain reference: full logits over the real vocabulary only.
+    reference = F.cross_entropy(x @ weight[: tiny_config.vocabulary_size].t(), targets, ignore_index=IGNORE_INDEX)
+    (reference * 3).backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, weight.grad)
+    assert gw[tiny_config.vocabulary_size :].abs().max() == 0  # padded rows get no gradient
+    with torch.no_grad():  # the evaluation path
+        torch.testing.assert_close(model_module.linear_cross_entropy(x, weight, targets, tiny_config.vocabulary_size), reference)
+
+
+def test_model_loss_and_gradients_equal_a_reference_on_full_logits(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocabulary_size, (2, 9))
+    targets = torch.randint(0, tiny_config.vocabulary_size, (2, 9))
+    loss = tiny_model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    reference = F.cross_entropy(tiny_model(idx).reshape(-1, tiny_config.vocabulary_size), targets.reshape(-1))
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    for n, p in tiny_model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+def test_all_targets_ignored_gives_zero_loss(tiny_model, tiny_config):
+    idx = torch.randint(0, tiny_config.vocabulary_size, (1, 5))
+    loss = tiny_model(idx, torch.full((1, 5), IGNORE_INDEX))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters())

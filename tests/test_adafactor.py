@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from adafactor import Adafactor
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(7, 5, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_(),
+            torch.randn(3, 9, generator=g).requires_grad_()]
+
+
+def run(optimizer_class, steps, params, **kwargs):
+    optimizer = optimizer_class(params, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * (step + 1)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 / (step + 1)  # the training loop changes lr every step
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1, "beta2_decay": -0.5, "d": 2.0}, {"maximize": True}])
+def test_same_updates_and_state_as_torch_adafactor(foreach, options):
+    ours, theirs = make_params(), make_params()
+    mine = run(Adafactor, 6, ours, foreach=foreach, **options)
+    reference = run(torch.optim.Adafactor, 6, theirs, foreach=foreach, **options)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    mine_state, ref_state = mine.state_dict(), reference.state_dict()
+    assert mine_state["param_groups"] == ref_state["param_groups"]
+    for i, state in ref_state["state"].items():
+        assert state.keys() == mine_state["state"][i].keys()
+        for key in state:
+            torch.testing.assert_close(mine_state["state"][i][key], state[key], rtol=1e-5, atol=1e-7)
+
+
+def test_state_moves_between_torch_adafactor_and_ours():
+    ours, theirs = make_params(), make_params()
+    reference = run(torch.optim.Adafactor, 3, theirs)
+    mine = Adafactor(ours)
+    for a, b in zip(ours, theirs):
+        a.data.copy_(b.data)
+    mine.load_consolidated_state_dict(reference.state_dict())
+    run_more = lambda opt, params: [setattr(p, "grad", torch.ones_like(p)) for p in params] and opt.step()
+    run_more(mine, ours)
+    run_more(reference, theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    back = torch.optim.Adafactor(make_params())
+    back.load_state_dict(mine.consolidated_state_dict())  # and torch's optimizer loads ours
+    assert back.state_dict()["state"][0]["step"].item() == 4
+
+
+def test_rejects_tensors_of_more_than_two_dimensions():
+    p = torch.zeros(2, 2, 2, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="at most 2 dimensions"):
+        Adafactor([p]).step()
