@@ -38,7 +38,8 @@ NAMED_ENCODINGS = ("r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 ENDOFTEXT = "<|endoftext|>"
 LOCAL_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKEN_FILE_FORMAT = 1
-DOCUMENTS_PER_BATCH = 1024
+DOCUMENTS_PER_BATCH = 1024  # documents read from a corpus at a time
+DOCUMENTS_PER_TASK = 64  # documents one tokenizer thread takes at a time
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -255,18 +256,17 @@ def token_file_paths(dataset_path: str, corpus: Corpus, encoding_spec: str) -> t
 
 
 def _tokenize_batch(encoding, eot: int, dtype, first_index: int, test_every: int, texts: list[str]):
-    """Tokenize one batch of documents (tiktoken releases the GIL, so batches run in parallel threads)
-    and return the train and test token arrays with their document counts."""
+    """Tokenize one batch of documents and return the train and test token arrays with their document
+    counts. Runs in worker threads: tiktoken releases the GIL while it encodes, and encode_to_numpy
+    hands back its buffer without building Python ints. Special-token text in a document is encoded
+    as ordinary text (disallowed_special=()), as encode_ordinary does."""
+    end = np.array([eot], dtype=np.uint32)
     train, test = [], []
-    n_test = 0
-    for i, ids in enumerate(encoding.encode_ordinary_batch(texts, num_threads=1)):
-        ids.append(eot)
-        if (first_index + i) % test_every == 0:
-            test.extend(ids)
-            n_test += 1
-        else:
-            train.extend(ids)
-    return np.array(train, dtype=dtype), np.array(test, dtype=dtype), len(texts) - n_test, n_test
+    for i, text in enumerate(texts):
+        ids = encoding.encode_to_numpy(text, disallowed_special=())
+        (test if (first_index + i) % test_every == 0 else train).extend((ids, end))
+    join = lambda parts: np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
+    return join(train), join(test), len(train) // 2, len(test) // 2
 
 
 def write_token_files(
@@ -304,10 +304,12 @@ def write_token_files(
                 counts["test"]["documents"] += n_test
                 progress.update(n_train + n_test)
 
-        for texts in batches:
-            pending.append(pool.submit(_tokenize_batch, encoding, eot, dtype, first, test_every, texts))
-            first += len(texts)
-            drain(2 * num_threads)  # bounded look-ahead keeps memory flat and the order fixed
+        for batch in batches:
+            for i in range(0, len(batch), DOCUMENTS_PER_TASK):  # small tasks keep every thread busy
+                texts = batch[i : i + DOCUMENTS_PER_TASK]
+                pending.append(pool.submit(_tokenize_batch, encoding, eot, dtype, first, test_every, texts))
+                first += len(texts)
+                drain(4 * num_threads)  # bounded look-ahead keeps memory flat and the order fixed
         drain(0)
     return counts
 

@@ -108,21 +108,18 @@ class TokenPrinter:
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, noise: torch.Tensor | None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V): temperature, then top-k, then top-p (the smallest set of
-    tokens whose probability reaches top_p, at least one); temperature 0 is greedy. `noise` (B, V) holds
-    Exp(1) draws: argmax(p / noise) samples from p (exponential race) without a host sync."""
+    tokens whose probability reaches top_p, at least one); temperature 0 is greedy. `noise` (B, K),
+    K = min(top_k, V), holds Exp(1) draws: argmax(p / noise) samples from p (the exponential race)
+    without a host sync. Only the k best tokens are sorted, never the whole vocabulary."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    top_logits, top_ids = torch.topk(logits.float() / temperature, min(top_k, logits.size(-1)), dim=-1)  # (B, K), sorted
+    probs = torch.softmax(top_logits, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return (probs / noise).argmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    choice = (probs / noise).argmax(dim=-1, keepdim=True)  # (B, 1)
+    return top_ids.gather(-1, choice).squeeze(-1)
 
 
 class Sampler:
@@ -172,11 +169,10 @@ class Decoder:
 def generate(model: GPT, prompt_ids: list[int], eot: int, args, sampler: Sampler, decoder: Decoder, on_token=None) -> list[int]:
     """Sample up to args.max_tokens tokens after the prompt, stopping at end-of-text."""
     device = decoder.device
-    V = model.config.vocabulary_size
-    temperature, top_k, top_p = decoder.settings
+    temperature, top_k, top_p = decoder.settings  # top_k already clamped to the vocabulary
     idx = torch.tensor([prompt_ids], device=device)
     logits = decoder.prefill(idx)
-    token = sample(logits, temperature, top_k, top_p, sampler.noise((1, V), device))
+    token = sample(logits, temperature, top_k, top_p, sampler.noise((1, top_k), device))
     out = []
     position = len(prompt_ids)
     while True:
@@ -188,7 +184,7 @@ def generate(model: GPT, prompt_ids: list[int], eot: int, args, sampler: Sampler
             on_token(t)
         if len(out) == args.max_tokens:
             break
-        token = decoder.step(token.view(1, 1), position, sampler.noise((1, V), device))
+        token = decoder.step(token.view(1, 1), position, sampler.noise((1, top_k), device))
         position += 1
     return out
 

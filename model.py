@@ -188,13 +188,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             xs = x[start : start + rows].to(compute_dtype)
             t, keep = targets[start : start + rows], valid[start : start + rows]
             logits = _chunk_logits(xs, w, vocabulary_size)  # (n, padded_vocab) fp32
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            safe_t = t.clamp(min=0)
-            loss += torch.where(keep, lse - logits.gather(1, safe_t[:, None]).squeeze(1), 0.0).sum()
-            # d(sum of losses)/d(logits) = softmax - one_hot(target), zero for ignored rows; in place
-            dlogits = logits.sub_(lse[:, None]).exp_()
-            dlogits.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
-            dlogits = (dlogits * keep[:, None]).to(compute_dtype)
+            safe_t = t.clamp(min=0)[:, None]
+            target_logit = logits.gather(1, safe_t)  # (n, 1)
+            # One pass over the chunk, in place: exp(logits - max), its sum, then the softmax.
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            lse = top + total.log()  # (n, 1)
+            loss += torch.where(keep[:, None], lse - target_logit, 0.0).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot(target), zero for ignored rows
+            dlogits = probs.div_(total)
+            dlogits.scatter_add_(1, safe_t, torch.full_like(total, -1.0))
+            dlogits = dlogits.mul_(keep[:, None]).to(compute_dtype)
             grad_x[start : start + rows] = (dlogits @ w).to(x.dtype)
             grad_w += dlogits.t() @ xs
         ctx.save_for_backward(grad_x, grad_w, count)
@@ -317,14 +322,13 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, context_length: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 per weight in the matrix products
-        (the tied output layer counted once as a product) plus the attention scores and values."""
+        """Training FLOPs per token (forward + backward), the PaLM-paper convention that MFU figures use:
+        6 per weight of every matrix product (the tied output layer once, the real vocabulary only),
+        plus 12 x layers x width x context for attention scores and values (no causal discount)."""
         c = self.config
-        matmul_weights = self.num_parameters(include_embeddings=False) - sum(
-            p.numel() for p in self.parameters() if p.dim() == 1
-        ) + c.padded_vocabulary_size * c.embedding_dimensions
-        attention = 2 * 2 * c.num_hidden_layers * c.embedding_dimensions * context_length / 2  # causal half
-        return 6 * matmul_weights + 3 * attention
+        matmul_weights = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)
+        matmul_weights += c.vocabulary_size * c.embedding_dimensions  # the output layer
+        return 6 * matmul_weights + 12 * c.num_hidden_layers * c.embedding_dimensions * context_length
 
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Bytes of KV cache one token takes: a key and a value of the model width in every layer."""

@@ -101,15 +101,18 @@ def test_cache_reorder_follows_rows():
 
 def test_sampling_rules():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
-    noise = lambda seed: torch.empty(1, 5).exponential_(generator=torch.Generator().manual_seed(seed))
+    noise = lambda k, seed: torch.empty(1, k).exponential_(generator=torch.Generator().manual_seed(seed))
     assert sample(logits, 0.0, 5, 1.0, None).item() == 4  # temperature 0 is greedy
-    assert {sample(logits, 1.0, 1, 1.0, noise(s)).item() for s in range(50)} == {4}  # top-k 1
-    assert {sample(logits, 1.0, 2, 1.0, noise(s)).item() for s in range(200)} == {0, 4}  # only the top 2
-    assert {sample(logits, 1.0, 5, 0.01, noise(s)).item() for s in range(50)} == {4}  # top-p keeps at least one
+    assert {sample(logits, 1.0, 1, 1.0, noise(1, s)).item() for s in range(50)} == {4}  # top-k 1
+    assert {sample(logits, 1.0, 2, 1.0, noise(2, s)).item() for s in range(200)} == {0, 4}  # only the top 2
+    assert {sample(logits, 1.0, 5, 0.01, noise(5, s)).item() for s in range(50)} == {4}  # top-p keeps at least one
+    assert {sample(logits, 1.0, 999, 0.01, noise(5, s)).item() for s in range(50)} == {4}  # top-k above V is clamped
     p = torch.softmax(logits[0], -1)
     # top-p 0.9: the smallest prefix of sorted tokens reaching 0.9 is {4, 0, 1} (0.63 + 0.23 + 0.09)
     assert p[[4, 0]].sum() < 0.9 <= p[[4, 0, 1]].sum()
-    assert {sample(logits, 1.0, 5, 0.9, noise(s)).item() for s in range(300)} == {4, 0, 1}
+    assert {sample(logits, 1.0, 5, 0.9, noise(5, s)).item() for s in range(300)} == {4, 0, 1}
+    # top-k first, then top-p over the survivors' renormalised probabilities: of {4, 0}, 4 alone has 0.73 < 0.75
+    assert {sample(logits, 1.0, 2, 0.75, noise(2, s)).item() for s in range(300)} == {4, 0}
 
 
 def test_sampling_matches_the_distribution():
@@ -118,6 +121,11 @@ def test_sampling_matches_the_distribution():
     draws = [sample(logits, 1.0, 3, 1.0, torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
     freq = [draws.count(i) / len(draws) for i in range(3)]
     assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
+    # temperature 2 flattens: p ~ sqrt(0.5, 0.3, 0.2)
+    draws = [sample(logits, 2.0, 3, 1.0, torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
+    expected = torch.tensor([0.5, 0.3, 0.2]).sqrt()
+    expected = (expected / expected.sum()).tolist()
+    assert [draws.count(i) / len(draws) for i in range(3)] == pytest.approx(expected, abs=0.03)
 
 
 # ----------------------------------------------------------------------------- beam search

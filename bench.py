@@ -1,0 +1,341 @@
+"""Benchmark LightGPT: training steps, decoding and tokenization.
+
+    python bench.py train                         # the Small shape, batch 16 x 1024 tokens, on CUDA
+    python bench.py decode                        # 256 tokens after a 16-token prompt, batch 1 and 8
+    python bench.py tokenize --token_encoding r50k_base --dataset ./corpus.jsonl
+    python bench.py train --device cpu --embedding_dimensions 128 --num_attention_heads 4 \\
+        --num_hidden_layers 2 --batch_size 4 --tokens_per_sample 128 --compare_hf   # tiny, on a CPU
+
+Each measurement prints one JSON object on its own line of standard output (mode, system,
+tokens_per_s, peak_memory_gib, and where they apply mfu, model_tflops, ms_per_step, ms_per_token),
+then a table. Model inputs are random tokens, so no tokenizer or corpus is needed except for
+`tokenize`. Flags share pretrain.py's and generate.py's names. `--compare_hf` times Hugging Face
+transformers' GPT-2 of the same shape beside ours (transformers is needed only for that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from adafactor import Adafactor
+from common import (
+    ArgumentParser,
+    UserError,
+    autocast,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    precision_name,
+    probability,
+    resolve_device,
+    run_main,
+    synchronize,
+    unit_interval,
+)
+from generate import Decoder, Sampler
+from model import GPT, GPTConfig
+
+# Dense bf16 matrix-product peaks from the vendors' data sheets (TFLOP/s), matched against the
+# device name; --peak_tflops overrides (e.g. with a measured peak).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0,
+               "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Benchmark LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("mode", choices=("train", "decode", "tokenize"), help="what to measure")
+    g = p.add_argument_group("model")
+    g.add_argument("--vocabulary_size", type=positive_int, default=50_257, help="vocabulary of the random model")
+    g.add_argument("--embedding_dimensions", type=positive_int, default=1024, help="model width")
+    g.add_argument("--num_attention_heads", type=positive_int, default=16, help="attention heads per block")
+    g.add_argument("--num_hidden_layers", type=positive_int, default=24, help="Transformer blocks")
+    g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4, help="MLP hidden width / model width")
+    g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability (train)")
+    g = p.add_argument_group("train")
+    g.add_argument("--batch_size", type=positive_int, default=16, help="samples per forward pass")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="forward passes per optimizer step")
+    g.add_argument("--tokens_per_sample", type=positive_int, default=1024, help="tokens per sample")
+    g.add_argument("--learning_rate", type=positive_float, default=1e-2, help="Adafactor learning rate")
+    g.add_argument("--low_memory_optimizer", action="store_true", help="single-tensor Adafactor updates")
+    g.add_argument("--optimizer", choices=("lightgpt", "torch"), default="lightgpt", help="adafactor.py, or torch.optim.Adafactor for comparison")
+    g.add_argument("--activation_checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--iterations", type=positive_int, default=10, help="timed steps (train) or generations (decode)")
+    g.add_argument("--warmup_iterations", type=non_negative_int, default=3, help="untimed steps first (compilation, allocator)")
+    g.add_argument("--peak_tflops", type=positive_float, default=None, help="the device's peak for MFU (default: a table of known GPUs)")
+    g = p.add_argument_group("decode")
+    g.add_argument("--max_tokens", type=positive_int, default=256, help="tokens generated per sequence")
+    g.add_argument("--prompt_tokens", type=positive_int, default=16, help="random prompt length")
+    g.add_argument("--context_length", type=positive_int, default=1024, help="KV cache length")
+    g.add_argument("--decode_batch_size", type=positive_int, default=8, help="the larger batch measured beside batch 1")
+    g.add_argument("--temperature", type=non_negative_float, default=1.0, help="softmax temperature; 0 is greedy")
+    g.add_argument("--top_k", type=positive_int, default=500, help="top-k sampling")
+    g.add_argument("--top_p", type=unit_interval, default=0.9, help="top-p sampling")
+    g = p.add_argument_group("tokenize")
+    g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
+    g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")
+    g.add_argument("--num_dataset_processes", type=positive_int, default=8, help="tokenizer threads")
+    g = p.add_argument_group("system")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile (auto: on for CUDA)")
+    g.add_argument("--compare_hf", action="store_true", help="also time transformers' GPT-2 of the same shape")
+    g.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def peak_tflops(args, device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def reset_peak_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def report(rows: list[dict], record: dict) -> None:
+    rows.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def timed(fn, iterations: int, warmup: int, device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def model_config(args) -> GPTConfig:
+    try:
+        return GPTConfig(args.vocabulary_size, args.embedding_dimensions, args.num_attention_heads,
+                         args.num_hidden_layers, args.feed_forward_ratio, args.dropout)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def use_compile(args, device) -> bool:
+    return args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+
+
+def hf_gpt2(args, device, positions: int):
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise UserError("--compare_hf needs the transformers package: pip install transformers") from None
+    config = GPT2Config(vocab_size=args.vocabulary_size, n_positions=positions, n_embd=args.embedding_dimensions,
+                        n_layer=args.num_hidden_layers, n_head=args.num_attention_heads,
+                        n_inner=args.feed_forward_ratio * args.embedding_dimensions, resid_pdrop=args.dropout,
+                        embd_pdrop=args.dropout, attn_pdrop=args.dropout)
+    config._attn_implementation = "sdpa"  # PyTorch's fused attention, as ours
+    return GPT2LMHeadModel(config).to(device)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def bench_train(args, device, rows) -> None:
+    torch.manual_seed(args.seed)
+    B, T, A = args.batch_size, args.tokens_per_sample, args.gradient_accumulation_steps
+    x = torch.randint(0, args.vocabulary_size, (B, T), device=device)
+    y = torch.randint(0, args.vocabulary_size, (B, T), device=device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak = peak_tflops(args, device)
+    for system in ("lightgpt", "hf-gpt2") if args.compare_hf else ("lightgpt",):
+        reset_peak_memory(device)
+        if system == "lightgpt":
+            model = GPT(model_config(args)).to(device)
+            model.set_activation_checkpointing(args.activation_checkpointing)
+            forward = lambda: module(x, y)
+            flops_per_token = model.flops_per_token(T)
+        else:
+            model = hf_gpt2(args, device, T)
+            if args.activation_checkpointing:
+                model.gradient_checkpointing_enable()
+            forward = lambda: module(input_ids=x, labels=x).loss
+            flops_per_token = None
+        model.train()
+        module = torch.compile(model) if use_compile(args, device) else model
+        optimizer_class = Adafactor if args.optimizer == "lightgpt" else torch.optim.Adafactor
+        optimizer = optimizer_class(model.parameters(), lr=args.learning_rate, foreach=not args.low_memory_optimizer)
+
+        def step():
+            for _ in range(A):
+                with autocast(device):
+                    loss = forward() / A
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        times = timed(step, args.iterations, args.warmup_iterations, device)
+        seconds = statistics.median(times)
+        tokens_per_s = B * T * A / seconds
+        record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
+                  "compiled": use_compile(args, device), "activation_checkpointing": args.activation_checkpointing,
+                  "optimizer": args.optimizer, "batch_size": B, "tokens_per_sample": T, "gradient_accumulation_steps": A,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(seconds * 1e3, 2),
+                  "peak_memory_gib": round(peak_memory_gib(device), 3)}
+        if flops_per_token:
+            tflops = tokens_per_s * flops_per_token / 1e12
+            record["model_tflops"] = float(f"{tflops:.4g}")
+            record["mfu"] = float(f"{tflops / peak:.4g}") if peak else None
+        report(rows, record)
+        del model, module, optimizer
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def bench_decode(args, device, rows) -> None:
+    torch.manual_seed(args.seed)
+    compiled = use_compile(args, device)
+    config = model_config(args)
+    for batch in dict.fromkeys((1, args.decode_batch_size)):
+        prompt = torch.randint(0, args.vocabulary_size, (batch, args.prompt_tokens), device=device)
+        for system in ("lightgpt", "hf-gpt2") if args.compare_hf else ("lightgpt",):
+            reset_peak_memory(device)
+            if system == "lightgpt":
+                model = GPT(config)
+                if device.type == "cuda" and torch.cuda.is_bf16_supported():
+                    model = model.to(torch.bfloat16)
+                model = model.to(device).eval()
+                decoder = Decoder(model, args.context_length, batch, device, args.temperature, args.top_k, args.top_p, compiled)
+                sampler = Sampler(device, args.seed)
+                K = decoder.settings[1]  # top_k, clamped to the vocabulary
+
+                @torch.inference_mode()
+                def run():
+                    logits = decoder.prefill(prompt)
+                    token = logits.argmax(-1)
+                    for i in range(args.max_tokens - 1):  # no host sync until the end
+                        token = decoder.step(token.view(batch, 1), args.prompt_tokens + i, sampler.noise((batch, K), device))
+                    return token
+            else:
+                model = hf_gpt2(args, device, args.prompt_tokens + args.max_tokens).eval()
+                sample = args.temperature > 0
+                settings = dict(do_sample=sample, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
+                                use_cache=True, pad_token_id=0)
+                if sample:
+                    settings.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+                @torch.inference_mode()
+                def run():
+                    return model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+
+            times = timed(run, args.iterations, max(1, args.warmup_iterations), device)
+            seconds = statistics.median(times)
+            report(rows, {"mode": "decode", "system": system, "device": device_name(device), "precision": precision_name(device),
+                          "compiled": compiled and system == "lightgpt", "batch_size": batch, "prompt_tokens": args.prompt_tokens,
+                          "new_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                          "tokens_per_s": round(batch * args.max_tokens / seconds, 1),
+                          "ms_per_token": round(seconds / args.max_tokens * 1e3, 3),
+                          "peak_memory_gib": round(peak_memory_gib(device), 3)})
+            del model
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+
+def bench_tokenize(args, device, rows) -> None:
+    from data import load_encoding, resolve_corpus, write_token_files
+
+    corpus = resolve_corpus(args.dataset, None)
+    encoding = load_encoding(args.token_encoding)
+    _, batches = corpus.load(args.num_dataset_processes)
+    documents = [text for batch in batches for text in batch]
+    if not documents:
+        raise UserError(f"--dataset {args.dataset} holds no documents")
+    characters = sum(len(d) for d in documents)
+    repeats = max(1, -(-4_000_000 // characters))  # at least 4M characters: long enough to time
+    documents = documents * repeats
+    batch = 1024
+    threads = args.num_dataset_processes
+
+    def raw():
+        return sum(len(ids) for ids in encoding.encode_ordinary_batch(documents, num_threads=threads))
+
+    def pipeline():
+        with tempfile.TemporaryDirectory() as folder:
+            counts = write_token_files(iter(documents[i : i + batch] for i in range(0, len(documents), batch)), encoding,
+                                       os.path.join(folder, "train.bin"), os.path.join(folder, "test.bin"),
+                                       corpus.test_every, threads)
+        return counts["train"]["tokens"] + counts["test"]["tokens"] - len(documents)  # without end-of-text
+
+    tokens = raw()
+    assert pipeline() == tokens, "the pipeline and tiktoken disagree on the token count"
+    results = {}
+    for system, fn in (("tiktoken-batch", raw), ("lightgpt-pipeline", pipeline)):
+        seconds = statistics.median(timed(fn, max(1, args.iterations // 3), 1, torch.device("cpu")))
+        results[system] = tokens / seconds
+        record = {"mode": "tokenize", "system": system, "device": f"cpu ({os.cpu_count()} cores)", "threads": threads,
+                  "encoding": args.token_encoding, "documents": len(documents), "characters": characters * repeats,
+                  "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1), "peak_memory_gib": round(peak_memory_gib(torch.device("cpu")), 3)}
+        if system == "lightgpt-pipeline":
+            record["fraction_of_raw"] = round(results[system] / results["tiktoken-batch"], 3)
+        report(rows, record)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = ["mode", "system", "batch_size", "tokens_per_s", "ms_per_step", "ms_per_token", "model_tflops", "mfu",
+               "peak_memory_gib", "fraction_of_raw"]
+    columns = [c for c in columns if any(c in r and r[c] is not None for r in rows)]
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print(file=sys.stdout)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    if rows:
+        print(f"device: {rows[0]['device']}")
+
+
+def main(args) -> list[dict]:
+    device = resolve_device(args.device) if args.mode != "tokenize" else torch.device("cpu")
+    rows: list[dict] = []
+    {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize}[args.mode](args, device, rows)
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)

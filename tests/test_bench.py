@@ -1,0 +1,50 @@
+import json
+
+import pytest
+
+import bench
+from model import GPT, GPTConfig
+
+TINY = ["--device", "cpu", "--vocabulary_size", "300", "--embedding_dimensions", "32", "--num_attention_heads", "4",
+        "--num_hidden_layers", "2", "--iterations", "2", "--warmup_iterations", "1"]
+
+
+def run(capsys, *argv):
+    rows = bench.main(bench.parse_args(list(argv)))
+    out = capsys.readouterr().out.splitlines()
+    printed = [json.loads(line) for line in out if line.startswith("{")]
+    assert printed == rows  # one JSON object per measurement, on its own line
+    assert any(line.startswith("mode") for line in out)  # then the table
+    return rows
+
+
+def test_train_reports_throughput_memory_and_mfu(capsys):
+    rows = run(capsys, "train", *TINY, "--batch_size", "2", "--tokens_per_sample", "16", "--peak_tflops", "1")
+    (row,) = rows
+    assert row["mode"] == "train" and row["system"] == "lightgpt"
+    assert row["tokens_per_s"] > 0 and row["peak_memory_gib"] > 0 and row["ms_per_step"] > 0
+    flops = GPT(GPTConfig(300, 32, 4, 2, 4, 0.1)).flops_per_token(16)
+    assert row["model_tflops"] == pytest.approx(row["tokens_per_s"] * flops / 1e12, rel=1e-3)
+    assert row["mfu"] == pytest.approx(row["model_tflops"] / 1.0, rel=1e-3)
+
+
+def test_decode_reports_batch_one_and_a_larger_batch(capsys):
+    rows = run(capsys, "decode", *TINY, "--max_tokens", "6", "--prompt_tokens", "3", "--decode_batch_size", "3",
+               "--context_length", "8")
+    assert [r["batch_size"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["new_tokens"] == 6
+
+
+def test_tokenize_compares_the_pipeline_with_raw_tiktoken(capsys):
+    rows = run(capsys, "tokenize", "--token_encoding", "bytes", "--num_dataset_processes", "2", "--iterations", "1")
+    raw, pipeline = rows
+    assert (raw["system"], pipeline["system"]) == ("tiktoken-batch", "lightgpt-pipeline")
+    assert raw["tokens"] == pipeline["tokens"] >= 4_000_000  # the same text, repeated to 4M characters
+    assert pipeline["fraction_of_raw"] == pytest.approx(pipeline["tokens_per_s"] / raw["tokens_per_s"], rel=0.01)
+
+
+def test_flops_per_token_follows_the_palm_convention():
+    config = GPTConfig(300, 32, 4, 2, 4, 0.0)
+    C, L, T = 32, 2, 16
+    assert GPT(config).flops_per_token(T) == 6 * (L * 12 * C * C + 300 * C) + 12 * L * C * T
