@@ -170,54 +170,56 @@ def hf_gpt2(args, device, positions: int):
 
 def bench_train(args, device, rows) -> None:
     torch.manual_seed(args.seed)
-    B, T, A = args.batch_size, args.tokens_per_sample, args.gradient_accumulation_steps
+    B, T = args.batch_size, args.tokens_per_sample
     x = torch.randint(0, args.vocabulary_size, (B, T), device=device)
     y = torch.randint(0, args.vocabulary_size, (B, T), device=device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    peak = peak_tflops(args, device)
     for system in ("lightgpt", "hf-gpt2") if args.compare_hf else ("lightgpt",):
-        reset_peak_memory(device)
-        if system == "lightgpt":
-            model = GPT(model_config(args)).to(device)
-            model.set_activation_checkpointing(args.activation_checkpointing)
-            forward = lambda: module(x, y)
-            flops_per_token = model.flops_per_token(T)
-        else:
-            model = hf_gpt2(args, device, T)
-            if args.activation_checkpointing:
-                model.gradient_checkpointing_enable()
-            forward = lambda: module(input_ids=x, labels=x).loss
-            flops_per_token = None
-        model.train()
-        module = torch.compile(model) if use_compile(args, device) else model
-        optimizer_class = Adafactor if args.optimizer == "lightgpt" else torch.optim.Adafactor
-        optimizer = optimizer_class(model.parameters(), lr=args.learning_rate, foreach=not args.low_memory_optimizer)
+        report(rows, train_one(args, device, system, x, y))
 
-        def step():
-            for _ in range(A):
-                with autocast(device):
-                    loss = forward() / A
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
-        times = timed(step, args.iterations, args.warmup_iterations, device)
-        seconds = statistics.median(times)
-        tokens_per_s = B * T * A / seconds
-        record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
-                  "compiled": use_compile(args, device), "activation_checkpointing": args.activation_checkpointing,
-                  "optimizer": args.optimizer, "batch_size": B, "tokens_per_sample": T, "gradient_accumulation_steps": A,
-                  "parameters": sum(p.numel() for p in model.parameters()),
-                  "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(seconds * 1e3, 2),
-                  "peak_memory_gib": round(peak_memory_gib(device), 3)}
-        if flops_per_token:
-            tflops = tokens_per_s * flops_per_token / 1e12
-            record["model_tflops"] = float(f"{tflops:.4g}")
-            record["mfu"] = float(f"{tflops / peak:.4g}") if peak else None
-        report(rows, record)
-        del model, module, optimizer
+def train_one(args, device, system: str, x, y) -> dict:
+    """Median time of whole optimizer steps of one system on the batch (x, y)."""
+    B, T, A = args.batch_size, args.tokens_per_sample, args.gradient_accumulation_steps
+    reset_peak_memory(device)
+    if system == "lightgpt":
+        model = GPT(model_config(args)).to(device)
+        model.set_activation_checkpointing(args.activation_checkpointing)
+        flops_per_token = model.flops_per_token(T)
+    else:
+        model = hf_gpt2(args, device, T)
+        if args.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        flops_per_token = None
+    model.train()
+    module = torch.compile(model) if use_compile(args, device) else model
+    optimizer_class = Adafactor if args.optimizer == "lightgpt" else torch.optim.Adafactor
+    optimizer = optimizer_class(model.parameters(), lr=args.learning_rate, foreach=not args.low_memory_optimizer)
+
+    def step():
+        for _ in range(A):
+            with autocast(device):
+                loss = module(x, y) if system == "lightgpt" else module(input_ids=x, labels=x).loss
+            (loss / A).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = statistics.median(timed(step, args.iterations, args.warmup_iterations, device))
+    tokens_per_s = B * T * A / seconds
+    record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
+              "compiled": use_compile(args, device), "activation_checkpointing": args.activation_checkpointing,
+              "optimizer": args.optimizer, "batch_size": B, "tokens_per_sample": T, "gradient_accumulation_steps": A,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(seconds * 1e3, 2),
+              "peak_memory_gib": round(peak_memory_gib(device), 3)}
+    if flops_per_token:
+        tflops = tokens_per_s * flops_per_token / 1e12
+        peak = peak_tflops(args, device)
+        record["model_tflops"] = float(f"{tflops:.4g}")
+        record["mfu"] = float(f"{tflops / peak:.4g}") if peak else None
+    return record
 
 
 # ----------------------------------------------------------------------------- decode
@@ -225,49 +227,50 @@ def bench_train(args, device, rows) -> None:
 
 def bench_decode(args, device, rows) -> None:
     torch.manual_seed(args.seed)
-    compiled = use_compile(args, device)
-    config = model_config(args)
     for batch in dict.fromkeys((1, args.decode_batch_size)):
         prompt = torch.randint(0, args.vocabulary_size, (batch, args.prompt_tokens), device=device)
         for system in ("lightgpt", "hf-gpt2") if args.compare_hf else ("lightgpt",):
-            reset_peak_memory(device)
-            if system == "lightgpt":
-                model = GPT(config)
-                if device.type == "cuda" and torch.cuda.is_bf16_supported():
-                    model = model.to(torch.bfloat16)
-                model = model.to(device).eval()
-                decoder = Decoder(model, args.context_length, batch, device, args.temperature, args.top_k, args.top_p, compiled)
-                sampler = Sampler(device, args.seed)
-                K = decoder.settings[1]  # top_k, clamped to the vocabulary
+            report(rows, decode_one(args, device, system, prompt))
 
-                @torch.inference_mode()
-                def run():
-                    logits = decoder.prefill(prompt)
-                    token = logits.argmax(-1)
-                    for i in range(args.max_tokens - 1):  # no host sync until the end
-                        token = decoder.step(token.view(batch, 1), args.prompt_tokens + i, sampler.noise((batch, K), device))
-                    return token
-            else:
-                model = hf_gpt2(args, device, args.prompt_tokens + args.max_tokens).eval()
-                sample = args.temperature > 0
-                settings = dict(do_sample=sample, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
-                                use_cache=True, pad_token_id=0)
-                if sample:
-                    settings.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
-                @torch.inference_mode()
-                def run():
-                    return model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+def decode_one(args, device, system: str, prompt) -> dict:
+    """Median time to generate args.max_tokens tokens after `prompt` (B, P) with one system."""
+    batch, P = prompt.shape
+    compiled = use_compile(args, device) and system == "lightgpt"
+    reset_peak_memory(device)
+    if system == "lightgpt":
+        model = GPT(model_config(args))
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            model = model.to(torch.bfloat16)
+        model = model.to(device).eval()
+        decoder = Decoder(model, args.context_length, batch, device, args.temperature, args.top_k, args.top_p, compiled)
+        sampler = Sampler(device, args.seed)
+        K = decoder.settings[1]  # top_k, clamped to the vocabulary
 
-            times = timed(run, args.iterations, max(1, args.warmup_iterations), device)
-            seconds = statistics.median(times)
-            report(rows, {"mode": "decode", "system": system, "device": device_name(device), "precision": precision_name(device),
-                          "compiled": compiled and system == "lightgpt", "batch_size": batch, "prompt_tokens": args.prompt_tokens,
-                          "new_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                          "tokens_per_s": round(batch * args.max_tokens / seconds, 1),
-                          "ms_per_token": round(seconds / args.max_tokens * 1e3, 3),
-                          "peak_memory_gib": round(peak_memory_gib(device), 3)})
-            del model
+        @torch.inference_mode()
+        def run():
+            token = decoder.prefill(prompt).argmax(-1)
+            for i in range(args.max_tokens - 1):  # no host sync until the end
+                token = decoder.step(token.view(batch, 1), P + i, sampler.noise((batch, K), device))
+            return token
+    else:
+        model = hf_gpt2(args, device, P + args.max_tokens).eval()
+        settings = dict(do_sample=args.temperature > 0, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
+                        use_cache=True, pad_token_id=0)
+        if args.temperature > 0:
+            settings.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+        @torch.inference_mode()
+        def run():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+
+    seconds = statistics.median(timed(run, args.iterations, max(1, args.warmup_iterations), device))
+    return {"mode": "decode", "system": system, "device": device_name(device), "precision": precision_name(device),
+            "compiled": compiled, "batch_size": batch, "prompt_tokens": P, "new_tokens": args.max_tokens,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "tokens_per_s": round(batch * args.max_tokens / seconds, 1),
+            "ms_per_token": round(seconds / args.max_tokens * 1e3, 3),
+            "peak_memory_gib": round(peak_memory_gib(device), 3)}
 
 
 # ----------------------------------------------------------------------------- tokenize

@@ -1,6 +1,5 @@
 import io
 import itertools
-import math
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pretrain
 from beam_search import beam_search as search
 from common import run_main
 from conftest import ROOT, tiny_pretrain_args
-from generate import Decoder, Sampler, sample
+from generate import Decoder, sample
 from model import GPT, GPTConfig
 
 
