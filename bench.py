@@ -16,6 +16,7 @@ transformers' GPT-2 of the same shape beside ours (transformers is needed only f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -47,8 +48,9 @@ from model import GPT, GPTConfig
 
 # Dense bf16 matrix-product peaks from the vendors' data sheets (TFLOP/s), matched against the
 # device name; --peak_tflops overrides (e.g. with a measured peak).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0,
-               "RTX 4090": 165.0, "RTX 3090": 71.0}
+# The first name contained in the device's name wins, so the specific variants come first.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+               "L40": 181.0, "L4": 121.0, "A10G": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
 def parse_args(argv=None):
@@ -111,7 +113,10 @@ def device_name(device) -> str:
 
 
 def reset_peak_memory(device) -> None:
+    """Free what earlier measurements left (reference cycles included), then restart the peak."""
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -250,11 +255,13 @@ def decode_one(args, device, system: str, prompt) -> dict:
         @torch.inference_mode()
         def run():
             token = decoder.prefill(prompt).argmax(-1)
-            for i in range(args.max_tokens - 1):  # no host sync until the end
+            for i in range(args.max_tokens - 1):  # no host sync until the end (tokens stay on the device)
                 token = decoder.step(token.view(batch, 1), P + i, sampler.noise((batch, K), device))
             return token
     else:
         model = hf_gpt2(args, device, P + args.max_tokens).eval()
+        if precision_name(device) == "bf16":
+            model = model.to(torch.bfloat16)  # the same weight precision as ours
         settings = dict(do_sample=args.temperature > 0, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
                         use_cache=True, pad_token_id=0)
         if args.temperature > 0:

@@ -118,7 +118,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, n
     if top_p < 1.0:
         before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
         probs = probs.masked_fill(before >= top_p, 0.0)
-    choice = (probs / noise).argmax(dim=-1, keepdim=True)  # (B, 1)
+    choice = (probs / noise.clamp_min(1e-30)).argmax(dim=-1, keepdim=True)  # (B, 1); 0 / 0 would be NaN
     return top_ids.gather(-1, choice).squeeze(-1)
 
 
@@ -148,11 +148,13 @@ class Decoder:
                  temperature: float, top_k: int, top_p: float, use_compile: bool):
         self.model, self.device = model, device
         self.settings = (temperature, min(top_k, model.config.vocabulary_size), top_p)
-        model.setup_cache(batch_size, context_length)
+        self.cache = model.setup_cache(batch_size, context_length)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # advanced in place: no host copy per step
         self._step = torch.compile(self._decode_and_sample, mode="reduce-overhead", fullgraph=True) if use_compile else self._decode_and_sample
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, P) -> logits of the last position (B, V)."""
+        """idx (B, P) -> logits of the last position (B, V). Starts a new sequence, whatever P is."""
+        self.cache.reset()
         positions = torch.arange(idx.size(1), device=self.device)
         return self.model(idx, input_pos=positions)[:, -1]
 
@@ -161,8 +163,10 @@ class Decoder:
         return sample(logits, *self.settings, noise)
 
     def step(self, token: torch.Tensor, position: int, noise: torch.Tensor) -> torch.Tensor:
-        """token (B, 1) at absolute `position` -> the next token (B,)."""
-        return self._step(token, torch.tensor([position], device=self.device), noise)
+        """token (B, 1) at absolute `position` -> the next token (B,). The result is cloned: a CUDA
+        graph's output is overwritten by its next replay, and it is fed back as the next input."""
+        self.position.fill_(position)
+        return self._step(token, self.position, noise).clone()
 
 
 @torch.inference_mode()

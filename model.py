@@ -284,16 +284,18 @@ class GPT(nn.Module):
             if cache is None:
                 raise RuntimeError("call setup_cache() before decoding with input_pos")
             L = cache.length
+            if window is not None and window != L:
+                raise ValueError(f"with a KV cache the attention window is the cache length ({L}), not {window}")
             if T == 1:
                 slots = input_pos % L  # the ring slot of this token: the oldest one once the ring is full
                 cache.slot_pos.index_copy_(0, slots, input_pos)
                 mask = (cache.slot_pos >= 0).view(1, 1, 1, L)
             else:
-                cache.slot_pos.fill_(-1)  # a prefill starts a new sequence
+                cache.reset()  # a prefill starts a new sequence
                 kept = input_pos[-L:]
                 slots = kept % L
                 cache.slot_pos.index_copy_(0, slots, kept)
-                window = L if window is None else min(window, L)
+                window = L
         if mask is None and window is not None and T > window:
             mask = sliding_window_mask(T, window, idx.device)
 
@@ -351,6 +353,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("slot_pos", torch.full((length,), -1, device=device, dtype=torch.long), persistent=False)
+
+    def reset(self) -> None:
+        """Forget every slot: the next tokens start a new sequence."""
+        self.slot_pos.fill_(-1)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (e.g. the beams that survive a beam-search step), in place."""

@@ -77,6 +77,22 @@ def test_cached_logits_equal_recomputed_logits():
             torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
 
 
+def test_a_one_token_prompt_after_a_longer_one_starts_fresh():
+    model = random_model()
+    decoder = Decoder(model, 16, 1, torch.device("cpu"), 0.0, 500, 1.0, use_compile=False)
+    with torch.inference_mode():
+        decoder.prefill(torch.tensor([[1, 2, 3, 4, 5, 6]]))
+        after = decoder.prefill(torch.tensor([[7]]))
+        torch.testing.assert_close(after, model(torch.tensor([[7]]))[:, -1])
+
+
+def test_a_cache_fixes_the_window():
+    model = random_model()
+    model.setup_cache(1, 8)
+    with pytest.raises(ValueError, match="cache length"):
+        model(torch.tensor([[1, 2]]), input_pos=torch.arange(2), window=4)
+
+
 def test_window_equal_to_length_is_plain_causal_attention():
     model = random_model()
     seq = torch.randint(0, 300, (2, 12))
