@@ -65,6 +65,7 @@ class Adafactor(torch.optim.Optimizer):
                         foreach=foreach, maximize=maximize)
         super().__init__(params, defaults)
         self.process_group = group  # the group the parameters are sharded over (None: the default group)
+        self._numels: dict[tuple, torch.Tensor] = {}  # whole-tensor sizes on the device, per parameter list
 
     def _all_reduce(self, t: torch.Tensor, sharded: bool) -> None:
         if sharded and dist.is_available() and dist.is_initialized():
@@ -128,8 +129,14 @@ class Adafactor(torch.optim.Optimizer):
         self._all_reduce(totals, sharded)
 
         # Phase 2: whole-tensor statistics -> step sizes (device tensors) and column second moments.
-        numels = torch.tensor([float(p.numel()) for p in params], device=device)
-        alphas = (totals[: len(params)] / numels).sqrt().clamp(min=eps2) * torch.tensor(rhos, device=device)
+        key = tuple(id(p) for p in params)
+        if key not in self._numels:  # made once: a host-to-device copy from pageable memory synchronises
+            self._numels[key] = torch.tensor([float(p.numel()) for p in params], device=device)
+        numels = self._numels[key]
+        rhos = torch.tensor(rhos)
+        if device.type == "cuda":
+            rhos = rhos.pin_memory()
+        alphas = (totals[: len(params)] / numels).sqrt().clamp(min=eps2) * rhos.to(device, non_blocking=True)
         offset = len(params)
         row_var_means = []
         for p, grad, state, beta in zip(params, grads, states, betas):
@@ -187,7 +194,9 @@ class Adafactor(torch.optim.Optimizer):
         return state_dict
 
     def load_consolidated_state_dict(self, state_dict: dict) -> None:
-        """Load a torch.optim.Adafactor state (from any world size), keeping this rank's shards."""
+        """Load a torch.optim.Adafactor state (from any world size), keeping this rank's shards. The
+        hyperparameters stay those this optimizer was made with (e.g. a resumed run's new flags)."""
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         params = [p for group in self.param_groups for p in group["params"]]
         local = {"state": {}, "param_groups": state_dict["param_groups"]}
         for index, state in state_dict["state"].items():
@@ -201,3 +210,5 @@ class Adafactor(torch.optim.Optimizer):
                 piece["variance"] = local_shard(state["variance"], p).to(device, copy=True)
             local["state"][index] = piece
         self.load_state_dict(local)
+        for group, kept in zip(self.param_groups, settings):
+            group.update(kept)

@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -143,6 +144,11 @@ class Distributed:
         return dist.is_available() and dist.is_initialized()
 
 
+# The other ranks wait on the gloo control group while each node's first process downloads and
+# tokenizes the corpus, which can take far longer than gloo's 30-minute default.
+CONTROL_TIMEOUT = timedelta(hours=6)
+
+
 def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
@@ -161,9 +167,9 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
-        control = dist.new_group(backend="gloo")
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     elif device.type == "cpu":
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
         control = dist.group.WORLD
     else:
         raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
@@ -259,16 +265,18 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> di
 
 
 def rng_state() -> dict:
+    """This process's RNG state: the CPU generator and its own GPU's (not every visible GPU's, so a
+    checkpoint resumes on machines with another number of GPUs)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------- interrupts

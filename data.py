@@ -463,6 +463,6 @@ def window_batch(tokens: np.ndarray, starts: list[int], tokens_per_sample: int) 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Pinned, non-blocking copies on CUDA so the copy overlaps the work already queued."""
-    if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    if device.type == "cuda":  # contiguous first: pinning keeps strides, and a strided copy is not async
+        return tuple(t.contiguous().pin_memory().to(device, non_blocking=True) for t in batch)
     return tuple(t.to(device) for t in batch)

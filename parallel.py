@@ -39,16 +39,20 @@ class Parallel:
             self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
             self.module = torch.compile(self.ddp) if use_compile else self.ddp
         else:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            # An explicit mesh on our device type: FSDP's default follows the machine's accelerator,
+            # which would put a --device cpu run on a GPU.
+            mesh = init_device_mesh(device.type, (ctx.world_size,))
             bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
             for block in model.blocks:
                 if use_compile:
                     block.compile()
-                fully_shard(block, reshard_after_forward=level == 3, mp_policy=policy)
+                fully_shard(block, mesh=mesh, reshard_after_forward=level == 3, mp_policy=policy)
             # The root's tied embedding is needed again first thing in backward: keep it gathered.
-            fully_shard(model, reshard_after_forward=False, mp_policy=policy)
+            fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
             self.module = model
 
     def optimizer(self, **kwargs) -> Adafactor:

@@ -45,9 +45,11 @@ def test_state_moves_between_torch_adafactor_and_ours():
     for a, b in zip(ours, theirs):
         a.data.copy_(b.data)
     mine.load_consolidated_state_dict(reference.state_dict())
-    run_more = lambda opt, params: [setattr(p, "grad", torch.ones_like(p)) for p in params] and opt.step()
-    run_more(mine, ours)
-    run_more(reference, theirs)
+    for opt, params in ((mine, ours), (reference, theirs)):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.param_groups[0]["lr"] = 1e-3  # the training loop sets the rate at every step
+        opt.step()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
     back = torch.optim.Adafactor(make_params())
@@ -60,3 +62,12 @@ def test_rejects_tensors_of_more_than_two_dimensions():
     p.grad = torch.ones_like(p)
     with pytest.raises(ValueError, match="at most 2 dimensions"):
         Adafactor([p]).step()
+
+
+def test_loading_state_keeps_the_new_settings():
+    """A resumed run may change --low_memory_optimizer or --rms_decay: the flags win over the file."""
+    saved = run(Adafactor, 2, make_params(), foreach=True, beta2_decay=-0.8)
+    resumed = Adafactor(make_params(), foreach=False, beta2_decay=-0.5)
+    resumed.load_consolidated_state_dict(saved.consolidated_state_dict())
+    assert resumed.param_groups[0]["foreach"] is False and resumed.param_groups[0]["beta2_decay"] == -0.5
+    assert resumed.state_dict()["state"][0]["step"].item() == 2
