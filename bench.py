@@ -121,7 +121,8 @@ def reset_peak_memory(device) -> None:
 
 
 def peak_memory_gib(device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident memory on the CPU."""
+    """Peak allocated GPU memory since the last reset, or on the CPU the process's peak resident
+    memory so far (it cannot be reset, so it covers every earlier measurement of the run too)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
