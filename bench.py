@@ -29,21 +29,19 @@ import torch
 
 from adafactor import Adafactor
 from common import (
+    add_model_args,
     ArgumentParser,
     UserError,
     autocast,
-    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     precision_name,
-    probability,
     resolve_device,
     run_main,
     synchronize,
-    unit_interval,
 )
-from generate import Decoder, Sampler
+from generate import Decoder, Sampler, add_sampling_args
 from model import GPT, GPTConfig
 
 # Dense bf16 matrix-product peaks from the vendors' data sheets (TFLOP/s), matched against the
@@ -58,11 +56,7 @@ def parse_args(argv=None):
     p.add_argument("mode", choices=("train", "decode", "tokenize"), help="what to measure")
     g = p.add_argument_group("model")
     g.add_argument("--vocabulary_size", type=positive_int, default=50_257, help="vocabulary of the random model")
-    g.add_argument("--embedding_dimensions", type=positive_int, default=1024, help="model width")
-    g.add_argument("--num_attention_heads", type=positive_int, default=16, help="attention heads per block")
-    g.add_argument("--num_hidden_layers", type=positive_int, default=24, help="Transformer blocks")
-    g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4, help="MLP hidden width / model width")
-    g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability (train)")
+    add_model_args(g)
     g = p.add_argument_group("train")
     g.add_argument("--batch_size", type=positive_int, default=16, help="samples per forward pass")
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="forward passes per optimizer step")
@@ -79,9 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--prompt_tokens", type=positive_int, default=16, help="random prompt length")
     g.add_argument("--context_length", type=positive_int, default=1024, help="KV cache length")
     g.add_argument("--decode_batch_size", type=positive_int, default=8, help="the larger batch measured beside batch 1")
-    g.add_argument("--temperature", type=non_negative_float, default=1.0, help="softmax temperature; 0 is greedy")
-    g.add_argument("--top_k", type=positive_int, default=500, help="top-k sampling")
-    g.add_argument("--top_p", type=unit_interval, default=0.9, help="top-p sampling")
+    add_sampling_args(g)
     g = p.add_argument_group("tokenize")
     g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
     g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")

@@ -71,6 +71,15 @@ unit_interval = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 non_positive_float = _number(float, "a number <= 0", lambda v: v <= 0)
 
 
+def add_model_args(g) -> None:
+    """The architecture flags pretrain.py and bench.py share (the Small shape by default)."""
+    g.add_argument("--embedding_dimensions", type=positive_int, default=1024, help="model width")
+    g.add_argument("--num_attention_heads", type=positive_int, default=16, help="attention heads per block")
+    g.add_argument("--num_hidden_layers", type=positive_int, default=24, help="Transformer blocks")
+    g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4, help="MLP hidden width / model width")
+    g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
+
+
 def run_main(main: Callable, parse_args: Callable, argv=None) -> None:
     """Entry point for every script: user errors and interrupts end with one line, never a traceback."""
     try:

@@ -49,6 +49,13 @@ def add_inference_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=non_negative_int, default=None, help="random seed for reproducible output")
 
 
+def add_sampling_args(p) -> None:
+    """The sampling flags generate.py and bench.py share."""
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="softmax temperature; 0 is greedy")
+    p.add_argument("--top_k", type=positive_int, default=500, help="sample only from the k most likely tokens")
+    p.add_argument("--top_p", type=unit_interval, default=0.9, help="then only from the smallest set whose probability reaches p")
+
+
 def load_for_inference(args) -> tuple[GPT, object, int, torch.device]:
     """The model (eval mode, bf16 weights on CUDA), its tokenizer and end-of-text id, and the device."""
     if args.lora_path is not None:
@@ -199,9 +206,7 @@ def generate(model: GPT, prompt_ids: list[int], eot: int, args, sampler: Sampler
 def parse_args(argv=None):
     p = ArgumentParser(description="Generate text with LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_inference_args(p, max_tokens=1000)
-    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="softmax temperature; 0 is greedy")
-    p.add_argument("--top_k", type=positive_int, default=500, help="sample only from the k most likely tokens")
-    p.add_argument("--top_p", type=unit_interval, default=0.9, help="then only from the smallest set whose probability reaches p")
+    add_sampling_args(p)
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile the decode step into a CUDA graph (auto: on for CUDA)")
     return p.parse_args(argv)
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from common import (
+    add_model_args,
     ArgumentParser,
     Distributed,
     agree,
@@ -87,11 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--eval_interval", type=positive_int, default=10, help="evaluate test perplexity every this many epochs")
     g.add_argument("--eval_samples", type=positive_int, default=256, help="test windows per evaluation (fixed, spread over the test split)")
     g = p.add_argument_group("model")
-    g.add_argument("--embedding_dimensions", type=positive_int, default=1024, help="model width")
-    g.add_argument("--num_attention_heads", type=positive_int, default=16, help="attention heads per block")
-    g.add_argument("--num_hidden_layers", type=positive_int, default=24, help="Transformer blocks")
-    g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4, help="MLP hidden width / model width")
-    g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
+    add_model_args(g)
     g.add_argument("--activation_checkpointing", action="store_true", help="recompute block activations in backward to save memory")
     g = p.add_argument_group("system")
     g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2, help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")

@@ -56,3 +56,18 @@ def tiny_pretrain_args(data_path, run_path, *extra):
         "--checkpoint_path", os.path.join(run_path, "checkpoint.pt"),
         "--run_dir_path", os.path.join(run_path, "runs"), "--seed", "7", *extra,
     ]
+
+
+def fails_with_one_line(capsys, module, argv, *fragments) -> str:
+    """Run a script's main as the command line would; it must exit non-zero with one line on stderr
+    that holds every fragment."""
+    from common import run_main
+
+    with pytest.raises(SystemExit) as e:
+        run_main(module.main, module.parse_args, argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

@@ -10,8 +10,7 @@ import beam_search
 import generate
 import pretrain
 from beam_search import beam_search as search
-from common import run_main
-from conftest import ROOT, tiny_pretrain_args
+from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
 from generate import Decoder, sample
 from model import GPT, GPTConfig
 
@@ -222,14 +221,7 @@ def test_beam_search_script_prints_ranked_candidates(checkpoint, capsys):
     assert out.count("normalised") == 2 and "[1] log-probability" in out
 
 
-def fails_with(capsys, module, argv, *fragments):
-    with pytest.raises(SystemExit) as e:
-        run_main(module.main, module.parse_args, argv)
-    assert e.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for f in fragments:
-        assert f in err, err
+fails_with = fails_with_one_line
 
 
 @pytest.mark.parametrize("module", [generate, beam_search])

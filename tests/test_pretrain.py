@@ -9,7 +9,7 @@ import torch
 
 import pretrain
 from common import load_checkpoint, run_main
-from conftest import ROOT, tiny_pretrain_args
+from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
 
 
 def run(argv):
@@ -96,14 +96,7 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(builtin_data, tmp_pat
 
 
 def fails_with(capsys, argv, *fragments):
-    with pytest.raises(SystemExit) as e:
-        run_main(pretrain.main, pretrain.parse_args, argv)
-    assert e.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
+    return fails_with_one_line(capsys, pretrain, argv, *fragments)
 
 
 @pytest.mark.parametrize(
