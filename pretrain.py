@@ -262,7 +262,7 @@ def train(args, ctx: Distributed, device: torch.device) -> list[tuple[int, float
         f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without embeddings), "
         f"{config.num_hidden_layers} layers, width {config.embedding_dimensions}, vocabulary {config.vocabulary_size:,}; "
         f"{device.type} {precision_name(device)}{', compiled' if use_compile else ''}"
-        + (f"; {ctx.world_size} processes, {parallel.kind}" + (f" level {args.ddp_sharding_level}" if parallel.kind == "fsdp" else "") if ctx.enabled else "")
+        + (f"; {ctx.world_size} process{'es' if ctx.world_size > 1 else ''}, {parallel.kind}" + (f" level {args.ddp_sharding_level}" if parallel.kind == "fsdp" else "") if ctx.enabled else "")
     )
     print0(f"training: {args.num_epochs} epochs x {steps_per_epoch} steps x {args.batch_size * accumulation * ctx.world_size} "
            f"samples x {args.tokens_per_sample} tokens")

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU checks of the pretraining, scale-out, generation and speed work, in one call: about 6 to 8
+# minutes on one H100/H200. Prints a table per step and writes every log under $OUT (or ./gpu_check).
+#   bash tests/gpu_check.sh                 # on the GPU machine
+#   DEVICE=cpu TINY=1 PYTHON=.venv/bin/python bash tests/gpu_check.sh   # dry run on a CPU, tiny shapes
+# Needs torch, tiktoken, numpy, tqdm, tensorboard (not datasets: it uses the builtin corpus).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-./gpu_check}
+device=${DEVICE:-cuda}
+py=${PYTHON:-python3}  # on the GPU machine, python3 is the one with torch
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME COMMAND...: run, keep the log, remember failures, go on
+    local name=$1; shift
+    echo "== $name: $*"
+    if ! "$@" > "$out/$name.log" 2>&1; then echo "   FAILED (see $out/$name.log)"; tail -n 5 "$out/$name.log"; status=1; fi
+    grep -E '^(mode|train|decode|tokenize|step|epoch|model:|device:)' "$out/$name.log" | tail -n 12
+}
+
+if [ "${TINY:-0}" = 1 ]; then
+    shape=(--embedding_dimensions 64 --num_attention_heads 4 --num_hidden_layers 2)
+    train_batch=(--batch_size 2 --tokens_per_sample 64)
+    iters=(--iterations 2 --warmup_iterations 1)
+    decode=(--max_tokens 16)
+    compile=off
+else
+    shape=()  # the Small shape: width 1024, 16 heads, 24 layers, vocabulary 50,257
+    train_batch=()  # batch 16 x 1024 tokens
+    iters=(--iterations 10 --warmup_iterations 3)
+    decode=()  # 256 tokens after 16
+    compile=on
+fi
+"$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$out/versions.txt"
+
+# Speed and memory (bench.py): training, with activation checkpointing, with torch's Adafactor; decoding.
+step bench_train "$py" bench.py train --device "$device" --compile "$compile" "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
+step bench_train_ac "$py" bench.py train --device "$device" --compile "$compile" --activation_checkpointing "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
+step bench_train_torch_adafactor "$py" bench.py train --device "$device" --compile "$compile" --optimizer torch "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
+step bench_decode "$py" bench.py decode --device "$device" --compile "$compile" "${shape[@]}" "${decode[@]}" --iterations 3 --warmup_iterations 1
+
+# A short pretraining of the model shape on the builtin corpus (bf16, compile), then generation from it.
+run=(--dataset builtin --token_encoding bytes --dataset_path "$out/datasets" --device "$device" "${shape[@]}"
+     --batch_size 8 --gradient_accumulation_steps 2 --tokens_per_sample 256 --samples_per_epoch 64 --num_epochs 2
+     --eval_interval 2 --eval_samples 16 --warmup_steps 2 --seed 0 --compile "$compile")
+rm -rf "$out/single"
+step pretrain "$py" pretrain.py "${run[@]}" --checkpoint_path "$out/single/checkpoint.pt" --run_dir_path "$out/single/runs"
+step generate "$py" generate.py --checkpoint_path "$out/single/checkpoint.pt" --device "$device" --compile "$compile" \
+    --prompt "The class statement" --max_tokens 64 --seed 0
+step beam_search "$py" beam_search.py --checkpoint_path "$out/single/checkpoint.pt" --device "$device" \
+    --prompt "The class statement" --max_tokens 16 --beam_width 4
+
+# torchrun with one process at every sharding level.
+for level in 0 2 3; do
+    rm -rf "$out/level$level"
+    step "torchrun_level$level" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 pretrain.py "${run[@]}" \
+        --ddp_sharding_level "$level" --checkpoint_path "$out/level$level/checkpoint.pt" --run_dir_path "$out/level$level/runs"
+done
+echo "gpu_check: $([ $status = 0 ] && echo all steps passed || echo some steps FAILED)"
+exit $status
