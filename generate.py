@@ -33,7 +33,6 @@ from common import (
 from data import load_encoding
 from model import GPT, GPTConfig
 
-MODEL_KINDS = ("pretrain",)
 
 
 # ----------------------------------------------------------------------------- shared with beam_search.py
