@@ -29,6 +29,7 @@ import torch
 
 from adafactor import Adafactor
 from common import (
+    compile_enabled,
     add_model_args,
     ArgumentParser,
     UserError,
@@ -146,10 +147,6 @@ def model_config(args) -> GPTConfig:
         raise UserError(str(e)) from None
 
 
-def use_compile(args, device) -> bool:
-    return args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-
-
 def hf_gpt2(args, device, positions: int):
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -191,7 +188,7 @@ def train_one(args, device, system: str, x, y) -> dict:
             model.gradient_checkpointing_enable()
         flops_per_token = None
     model.train()
-    module = torch.compile(model) if use_compile(args, device) else model
+    module = torch.compile(model) if compile_enabled(args.compile, device) else model
     optimizer_class = Adafactor if args.optimizer == "lightgpt" else torch.optim.Adafactor
     optimizer = optimizer_class(model.parameters(), lr=args.learning_rate, foreach=not args.low_memory_optimizer)
 
@@ -207,7 +204,7 @@ def train_one(args, device, system: str, x, y) -> dict:
     seconds = statistics.median(timed(step, args.iterations, args.warmup_iterations, device))
     tokens_per_s = B * T * A / seconds
     record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
-              "compiled": use_compile(args, device), "activation_checkpointing": args.activation_checkpointing,
+              "compiled": compile_enabled(args.compile, device), "activation_checkpointing": args.activation_checkpointing,
               "optimizer": args.optimizer, "batch_size": B, "tokens_per_sample": T, "gradient_accumulation_steps": A,
               "parameters": sum(p.numel() for p in model.parameters()),
               "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(seconds * 1e3, 2),
@@ -234,7 +231,7 @@ def bench_decode(args, device, rows) -> None:
 def decode_one(args, device, system: str, prompt) -> dict:
     """Median time to generate args.max_tokens tokens after `prompt` (B, P) with one system."""
     batch, P = prompt.shape
-    compiled = use_compile(args, device) and system == "lightgpt"
+    compiled = compile_enabled(args.compile, device) and system == "lightgpt"
     reset_peak_memory(device)
     if system == "lightgpt":
         model = GPT(model_config(args))

@@ -127,6 +127,11 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def compile_enabled(choice: str, device: torch.device) -> bool:
+    """--compile on/off, or auto: compile on CUDA, where it pays; eager elsewhere."""
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
 def precision_name(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 

@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from common import (
+    compile_enabled,
     ArgumentParser,
     UserError,
     load_checkpoint,
@@ -212,7 +213,7 @@ def parse_args(argv=None):
 
 def main(args) -> list[list[int]]:
     model, encoding, eot, device = load_for_inference(args)
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_compile = compile_enabled(args.compile, device)
     decoder = Decoder(model, args.context_length, 1, device, args.temperature, args.top_k, args.top_p, use_compile)
     sampler = Sampler(device, args.seed)
     outputs = []

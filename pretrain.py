@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from common import (
+    compile_enabled,
     add_model_args,
     ArgumentParser,
     Distributed,
@@ -236,7 +237,7 @@ def train(args, ctx: Distributed, device: torch.device) -> list[tuple[int, float
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         step = checkpoint["step"]
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_compile = compile_enabled(args.compile, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -275,11 +276,10 @@ def train(args, ctx: Distributed, device: torch.device) -> list[tuple[int, float
 
     def save() -> None:
         """Every rank helps build the whole state; rank 0 writes it."""
-        rngs = [None] * ctx.world_size
+        rngs = [rng_state()]  # one per rank
         if ctx.enabled:
+            rngs = [None] * ctx.world_size
             dist.all_gather_object(rngs, rng_state(), group=ctx.control_group)
-        else:
-            rngs = [rng_state()]
         state = {
             "kind": CHECKPOINT_KIND,
             "config": config.to_dict(),
