@@ -174,7 +174,10 @@ def batch_layout(args, world_size: int) -> tuple[int, int]:
 def main(args) -> list[tuple[int, float]]:
     ctx, device = setup_distributed(args.device)
     try:
-        return train(args, ctx, device)
+        history = train(args, ctx, device)
+        if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
+            dist.barrier(group=ctx.control_group)
+        return history
     finally:
         teardown_distributed()
 
