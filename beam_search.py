@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import ArgumentParser, UserError, non_negative_float, positive_int, run_main
+from common import ArgumentParser, UserError, non_negative_float, positive_int, resolve_device, run_main
 from generate import add_inference_args, encode_prompt, load_for_inference, prompts
 from model import GPT
 
@@ -96,11 +96,9 @@ def parse_args(argv=None):
 def main(args) -> list[list[Candidate]]:
     if args.num_candidates > args.beam_width:
         raise UserError(f"--num_candidates {args.num_candidates} is larger than --beam_width {args.beam_width}")
-    model, encoding, eot, _ = load_for_inference(args)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)  # beam search is deterministic; the seed is accepted for symmetry
+    model, encoding, eot = load_for_inference(args.checkpoint_path, resolve_device(args.device), args.lora_path)
     results = []
-    for text in prompts(args):
+    for text in prompts(args.prompt):
         found = beam_search(model, encode_prompt(encoding, eot, text), eot, args.beam_width, args.num_candidates,
                             args.max_tokens, args.context_length, args.length_penalty)
         for rank, c in enumerate(found, 1):

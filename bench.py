@@ -42,15 +42,8 @@ from common import (
     run_main,
     synchronize,
 )
-from generate import Decoder, Sampler, add_sampling_args
-from model import GPT, GPTConfig
-
-# Dense bf16 matrix-product peaks from the vendors' data sheets (TFLOP/s), matched against the
-# device name; --peak_tflops overrides (e.g. with a measured peak).
-# The first name contained in the device's name wins, so the specific variants come first.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-               "L40": 181.0, "L4": 121.0, "A10G": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
-
+from generate import Decoder, Sampler, Sampling, add_sampling_args
+from model import GPT, GPTConfig, peak_tflops
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Benchmark LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,6 +75,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile (auto: on for CUDA)")
     g.add_argument("--compare_hf", action="store_true", help="also time transformers' GPT-2 of the same shape")
+    g.add_argument("--profile_path", default=None, help="also profile LightGPT's timed work: print the top ops, write a Chrome trace here")
     g.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
     g.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     return p.parse_args(argv)
@@ -90,13 +84,10 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- helpers
 
 
-def peak_tflops(args, device) -> float | None:
+def device_peak_tflops(args, device) -> float | None:
     if args.peak_tflops:
         return args.peak_tflops
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def device_name(device) -> str:
@@ -137,6 +128,24 @@ def timed(fn, iterations: int, warmup: int, device) -> list[float]:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def profile(fn, path: str, steps: int, device, label: str) -> None:
+    """Run fn `steps` more times under torch.profiler; print the ops that took the most device time (CPU
+    time on the CPU) and write a Chrome trace (chrome://tracing, ui.perfetto.dev) to `path`."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {steps} {label} ({sort}):", flush=True)
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    prof.export_chrome_trace(path)
+    print(f"trace written to {path}", flush=True)
 
 
 def model_config(args) -> GPTConfig:
@@ -181,12 +190,12 @@ def train_one(args, device, system: str, x, y) -> dict:
     if system == "lightgpt":
         model = GPT(model_config(args)).to(device)
         model.set_activation_checkpointing(args.activation_checkpointing)
-        flops_per_token = model.flops_per_token(T)
+        mfu_model = model
     else:
         model = hf_gpt2(args, device, T)
         if args.activation_checkpointing:
             model.gradient_checkpointing_enable()
-        flops_per_token = None
+        mfu_model = None
     model.train()
     module = torch.compile(model) if compile_enabled(args.compile, device) else model
     optimizer_class = Adafactor if args.optimizer == "lightgpt" else torch.optim.Adafactor
@@ -202,6 +211,8 @@ def train_one(args, device, system: str, x, y) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     seconds = statistics.median(timed(step, args.iterations, args.warmup_iterations, device))
+    if args.profile_path and system == "lightgpt":
+        profile(step, args.profile_path, 2, device, "training steps")
     tokens_per_s = B * T * A / seconds
     record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
               "compiled": compile_enabled(args.compile, device), "activation_checkpointing": args.activation_checkpointing,
@@ -209,11 +220,10 @@ def train_one(args, device, system: str, x, y) -> dict:
               "parameters": sum(p.numel() for p in model.parameters()),
               "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(seconds * 1e3, 2),
               "peak_memory_gib": round(peak_memory_gib(device), 3)}
-    if flops_per_token:
-        tflops = tokens_per_s * flops_per_token / 1e12
-        peak = peak_tflops(args, device)
-        record["model_tflops"] = float(f"{tflops:.4g}")
-        record["mfu"] = float(f"{tflops / peak:.4g}") if peak else None
+    if mfu_model is not None:
+        record["model_tflops"] = float(f"{tokens_per_s * mfu_model.flops_per_token(T) / 1e12:.4g}")
+        peak = device_peak_tflops(args, device)
+        record["mfu"] = float(f"{mfu_model.mfu(tokens_per_s, T, peak):.4g}") if peak else None
     return record
 
 
@@ -238,15 +248,14 @@ def decode_one(args, device, system: str, prompt) -> dict:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             model = model.to(torch.bfloat16)
         model = model.to(device).eval()
-        decoder = Decoder(model, args.context_length, batch, device, args.temperature, args.top_k, args.top_p, compiled)
-        sampler = Sampler(device, args.seed)
-        K = decoder.settings[1]  # top_k, clamped to the vocabulary
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled)
 
         @torch.inference_mode()
         def run():
-            token = decoder.prefill(prompt).argmax(-1)
-            for i in range(args.max_tokens - 1):  # no host sync until the end (tokens stay on the device)
-                token = decoder.step(token.view(batch, 1), P + i, sampler.noise((batch, K), device))
+            token = decoder.first_token(decoder.prefill(prompt))
+            for _ in range(args.max_tokens - 1):  # no host sync until the end (tokens stay on the device)
+                token = decoder.step(token)
             return token
     else:
         model = hf_gpt2(args, device, P + args.max_tokens).eval()
@@ -262,6 +271,9 @@ def decode_one(args, device, system: str, prompt) -> dict:
             return model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
 
     seconds = statistics.median(timed(run, args.iterations, max(1, args.warmup_iterations), device))
+    if args.profile_path and system == "lightgpt":
+        root, ext = os.path.splitext(args.profile_path)
+        profile(run, f"{root}-batch{batch}{ext or '.json'}", 1, device, f"generations of {args.max_tokens} tokens")
     return {"mode": "decode", "system": system, "device": device_name(device), "precision": precision_name(device),
             "compiled": compiled, "batch_size": batch, "prompt_tokens": P, "new_tokens": args.max_tokens,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
@@ -299,7 +311,8 @@ def bench_tokenize(args, device, rows) -> None:
         return counts["train"]["tokens"] + counts["test"]["tokens"] - len(documents)  # without end-of-text
 
     tokens = raw()
-    assert pipeline() == tokens, "the pipeline and tiktoken disagree on the token count"
+    if pipeline() != tokens:
+        raise RuntimeError("the pipeline and tiktoken disagree on the token count: a bug in data.py")
     results = {}
     for system, fn in (("tiktoken-batch", raw), ("lightgpt-pipeline", pipeline)):
         seconds = statistics.median(timed(fn, max(1, args.iterations // 3), 1, torch.device("cpu")))

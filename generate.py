@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from common import (
     compile_enabled,
@@ -46,7 +48,6 @@ def add_inference_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--context_length", type=positive_int, default=1024, help="tokens the model sees (its KV cache length)")
     p.add_argument("--prompt", default=None, help="generate for this prompt and exit (default: read prompts from standard input)")
     p.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
-    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed for reproducible output")
 
 
 def add_sampling_args(p) -> None:
@@ -56,28 +57,27 @@ def add_sampling_args(p) -> None:
     p.add_argument("--top_p", type=unit_interval, default=0.9, help="then only from the smallest set whose probability reaches p")
 
 
-def load_for_inference(args) -> tuple[GPT, object, int, torch.device]:
-    """The model (eval mode, bf16 weights on CUDA), its tokenizer and end-of-text id, and the device."""
-    if args.lora_path is not None:
+def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: str | None = None) -> tuple[GPT, object, int]:
+    """The model (eval mode, bf16 weights where bf16 is native), its tokenizer and end-of-text id."""
+    if lora_path is not None:
         raise UserError("--lora_path: LoRA adapters are not supported yet (they arrive with instruction tuning)")
-    device = resolve_device(args.device)
-    state = load_checkpoint(args.checkpoint_path, "pretrain")
+    state = load_checkpoint(checkpoint_path, "pretrain")
     try:
         model = GPT(GPTConfig.from_dict(state["config"]))
         model.load_state_dict(state["model"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"--checkpoint_path: {args.checkpoint_path} holds no usable model ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"--checkpoint_path: {checkpoint_path} holds no usable model ({str(e).splitlines()[0][:120]})") from None
     encoding = load_encoding(state["token_encoding"])
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         model = model.to(torch.bfloat16)
     model.to(device).eval()
-    return model, encoding, state["eot_id"], device
+    return model, encoding, state["eot_id"]
 
 
-def prompts(args) -> Iterator[str]:
+def prompts(prompt: str | None) -> Iterator[str]:
     """--prompt once, or every line of standard input (with a '> ' prompt when typed at a terminal)."""
-    if args.prompt is not None:
-        yield args.prompt
+    if prompt is not None:
+        yield prompt
         return
     interactive = sys.stdin.isatty()
     while True:
@@ -112,19 +112,41 @@ class TokenPrinter:
 
 # ----------------------------------------------------------------------------- sampling
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy: dividing logits by them would overflow to NaN
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, noise: torch.Tensor | None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V): temperature, then top-k, then top-p (the smallest set of
-    tokens whose probability reaches top_p, at least one); temperature 0 is greedy. `noise` (B, K),
-    K = min(top_k, V), holds Exp(1) draws: argmax(p / noise) samples from p (the exponential race)
-    without a host sync. Only the k best tokens are sorted, never the whole vocabulary."""
-    if temperature == 0:
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings: temperature first, then top-k, then top-p; a temperature of 0 is greedy."""
+
+    temperature: float = 1.0
+    top_k: int = 500
+    top_p: float = 0.9
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    def clamped(self, vocabulary_size: int) -> "Sampling":
+        """The same settings with top_k no larger than the vocabulary."""
+        return replace(self, top_k=min(self.top_k, vocabulary_size))
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, noise: torch.Tensor | None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V). `noise` (B, K), K = min(top_k, V), holds Exp(1) draws:
+    argmax(p / noise) samples from p (the exponential race) without a host sync. Top-p keeps the
+    smallest set of most likely tokens whose probability reaches top_p (at least one). Only the k best
+    tokens are sorted, never the whole vocabulary."""
+    if sampling.greedy:
         return logits.argmax(dim=-1)
-    top_logits, top_ids = torch.topk(logits.float() / temperature, min(top_k, logits.size(-1)), dim=-1)  # (B, K), sorted
+    k = min(sampling.top_k, logits.size(-1))
+    top_logits, top_ids = torch.topk(logits.float() / sampling.temperature, k, dim=-1)  # (B, K), sorted
     probs = torch.softmax(top_logits, dim=-1)
-    if top_p < 1.0:
-        before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
-        probs = probs.masked_fill(before >= top_p, 0.0)
+    if sampling.top_p < 1.0:
+        # The mass of the tokens ranked above each one: a shifted cumulative sum, not cumsum - p, which
+        # can round a mass of exactly top_p down and keep one token too many.
+        above = F.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))
+        probs = probs.masked_fill(above >= sampling.top_p, 0.0)
     choice = (probs / noise.clamp_min(1e-30)).argmax(dim=-1, keepdim=True)  # (B, 1); 0 / 0 would be NaN
     return top_ids.gather(-1, choice).squeeze(-1)
 
@@ -139,53 +161,99 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
 
+    def fill(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise.exponential_(generator=self.generator)
+
     def noise(self, shape, device) -> torch.Tensor:
-        return torch.empty(shape, device=device).exponential_(generator=self.generator)
+        return self.fill(torch.empty(shape, device=device))
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
 class Decoder:
-    """Prefill a prompt into the KV cache, then decode one token per call. The decode step has fixed
-    shapes (the cache is a ring), so on CUDA it is compiled with mode="reduce-overhead": a CUDA graph,
-    with the sampling inside it."""
+    """Prefill a prompt into the KV cache, then decode one token per call.
 
-    def __init__(self, model: GPT, context_length: int, batch_size: int, device: torch.device,
-                 temperature: float, top_k: int, top_p: float, use_compile: bool):
-        self.model, self.device = model, device
-        self.settings = (temperature, min(top_k, model.config.vocabulary_size), top_p)
+    Each step attends over the filled part of the cache rounded up to a span (KVCache.spans), so its
+    shapes are fixed within a span. With use_compile the step (model and sampling) is compiled once per
+    shape family (the span is a dynamic size after the second one), and on CUDA each span's step is
+    captured as a CUDA graph that a decode step replays with one launch: no Python, no guards, no
+    per-kernel launches. The step reads its token, position and noise from static buffers, writes
+    the cache in place and advances the position on the device."""
+
+    def __init__(self, model: GPT, context_length: int, batch_size: int, sampling: Sampling, sampler: Sampler,
+                 use_compile: bool):
+        device = model.token_embeddings.weight.device
+        self.model, self.device, self.sampler = model, device, sampler
+        self.sampling = sampling.clamped(model.config.vocabulary_size)
         self.cache = model.setup_cache(batch_size, context_length)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # advanced in place: no host copy per step
-        self._step = torch.compile(self._decode_and_sample, mode="reduce-overhead", fullgraph=True) if use_compile else self._decode_and_sample
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.noise = torch.ones(batch_size, self.sampling.top_k, device=device)
+        self.next_position = 0  # host copy of the position, to choose the span
+        self._step = torch.compile(self._decode_and_sample, fullgraph=True) if use_compile else self._decode_and_sample
+        self.graphs = {} if use_compile and device.type == "cuda" else None  # span -> (CUDAGraph, output)
+        self._pool = None
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, P) -> logits of the last position (B, V). Starts a new sequence, whatever P is."""
-        self.cache.reset()
-        positions = torch.arange(idx.size(1), device=self.device)
-        return self.model(idx, input_pos=positions)[:, -1]
+        logits = self.model(idx, input_pos=torch.arange(idx.size(1), device=self.device))[:, -1]
+        self.next_position = idx.size(1)
+        self.position.fill_(idx.size(1))
+        return logits
 
-    def _decode_and_sample(self, token: torch.Tensor, position: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def first_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sample the token after the prompt from prefill's logits."""
+        noise = None if self.sampling.greedy else self.sampler.fill(self.noise)
+        return sample(logits, self.sampling, noise)
+
+    def _decode_and_sample(self, token: torch.Tensor, position: torch.Tensor, noise: torch.Tensor, span: int):
+        self.cache.span = span
         logits = self.model(token, input_pos=position)[:, -1]  # (B, V)
-        return sample(logits, *self.settings, noise)
+        self.cache.span = None
+        position.add_(1)
+        return sample(logits, self.sampling, noise)
 
-    def step(self, token: torch.Tensor, position: int, noise: torch.Tensor) -> torch.Tensor:
-        """token (B, 1) at absolute `position` -> the next token (B,). The result is cloned: a CUDA
-        graph's output is overwritten by its next replay, and it is fed back as the next input."""
-        self.position.fill_(position)
-        return self._step(token, self.position, noise).clone()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B,) at the next position -> the token after it (B,), a fresh tensor."""
+        self.token.copy_(token.view_as(self.token))
+        if not self.sampling.greedy:
+            self.sampler.fill(self.noise)
+        span = self.cache.span_for(self.next_position)
+        self.next_position += 1
+        if self.graphs is None:
+            return self._step(self.token, self.position, self.noise, span)
+        if span not in self.graphs:
+            self.graphs[span] = self._capture(span)
+        graph, output = self.graphs[span]
+        graph.replay()
+        return output.clone()  # the next replay overwrites the graph's output
+
+    def _capture(self, span: int):
+        """Compile and warm up the step for this span on a side stream, then record it as a CUDA graph.
+        The warm-up runs repeat the coming step exactly (same token, position and slots), and the
+        position they advance is put back, so the sequence is unchanged."""
+        position = self.position.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(self.token, self.position, self.noise, span)
+                self.position.copy_(position)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:  # one memory pool for every span's graph: they never run at once
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self._step(self.token, self.position, self.noise, span)
+        return graph, output
 
 
 @torch.inference_mode()
-def generate(model: GPT, prompt_ids: list[int], eot: int, args, sampler: Sampler, decoder: Decoder, on_token=None) -> list[int]:
-    """Sample up to args.max_tokens tokens after the prompt, stopping at end-of-text."""
-    device = decoder.device
-    temperature, top_k, top_p = decoder.settings  # top_k already clamped to the vocabulary
-    idx = torch.tensor([prompt_ids], device=device)
-    logits = decoder.prefill(idx)
-    token = sample(logits, temperature, top_k, top_p, sampler.noise((1, top_k), device))
+def generate(decoder: Decoder, prompt_ids: list[int], eot: int, max_tokens: int, on_token=None) -> list[int]:
+    """Sample up to max_tokens tokens after the prompt, stopping at end-of-text."""
+    token = decoder.first_token(decoder.prefill(torch.tensor([prompt_ids], device=decoder.device)))
     out = []
-    position = len(prompt_ids)
     while True:
         t = token.item()  # the one host sync per token: it must be printed and checked
         if t == eot:
@@ -193,10 +261,9 @@ def generate(model: GPT, prompt_ids: list[int], eot: int, args, sampler: Sampler
         out.append(t)
         if on_token:
             on_token(t)
-        if len(out) == args.max_tokens:
+        if len(out) == max_tokens:
             break
-        token = decoder.step(token.view(1, 1), position, sampler.noise((1, top_k), device))
-        position += 1
+        token = decoder.step(token)
     return out
 
 
@@ -207,19 +274,21 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Generate text with LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_inference_args(p, max_tokens=1000)
     add_sampling_args(p)
+    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed for reproducible output")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile the decode step into a CUDA graph (auto: on for CUDA)")
     return p.parse_args(argv)
 
 
 def main(args) -> list[list[int]]:
-    model, encoding, eot, device = load_for_inference(args)
-    use_compile = compile_enabled(args.compile, device)
-    decoder = Decoder(model, args.context_length, 1, device, args.temperature, args.top_k, args.top_p, use_compile)
-    sampler = Sampler(device, args.seed)
+    device = resolve_device(args.device)
+    model, encoding, eot = load_for_inference(args.checkpoint_path, device, args.lora_path)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    decoder = Decoder(model, args.context_length, 1, sampling, Sampler(device, args.seed),
+                      compile_enabled(args.compile, device))
     outputs = []
-    for text in prompts(args):
+    for text in prompts(args.prompt):
         printer = TokenPrinter(encoding)
-        outputs.append(generate(model, encode_prompt(encoding, eot, text), eot, args, sampler, decoder, printer.write))
+        outputs.append(generate(decoder, encode_prompt(encoding, eot, text), eot, args.max_tokens, printer.write))
         printer.close()
     return outputs
 

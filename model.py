@@ -15,6 +15,9 @@ Design, bottom-up in this file:
   of keys does not depend on their order, so when the ring is full the next token simply overwrites
   the oldest slot: the window slides with no shifting, no position bookkeeping and fixed shapes.
   This equals recomputing the whole sequence with sliding-window causal attention of that width.
+  Until the ring is full a decode step attends only over its filled prefix, rounded up to one of a
+  few power-of-two spans so that a compiled decoder needs only a few shapes.
+- Accounting: parameters, training FLOPs per token, MFU, KV-cache bytes per token.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, masked prompts)
 VOCAB_MULTIPLE = 64  # the embedding table is padded up to a multiple of this many rows
 LOGITS_CHUNK_BYTES = 2**29  # the loss computes fp32 logits for at most this many bytes at a time
+
+# Dense bf16 matrix-product peaks from the vendors' data sheets (TFLOP/s), for MFU. The first name
+# contained in a device's name wins, so the specific variants come first.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+               "L40": 181.0, "L4": 121.0, "A10G": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
 # ----------------------------------------------------------------------------- config
@@ -104,17 +112,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, slots=None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, mask=None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, n_head, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, n_head, T, head_dim)
         if cache is not None:
-            cache_k, cache_v = cache.k[self.layer_index], cache.v[self.layer_index]  # (B, n_head, length, head_dim)
-            n = slots.numel()  # decode: this token; prefill: the last `length` tokens of the prompt
-            cache_k.index_copy_(2, slots, k[:, :, -n:].to(cache_k.dtype))
-            cache_v.index_copy_(2, slots, v[:, :, -n:].to(cache_v.dtype))
-            if T == 1:  # decode: attend over the whole ring (the mask hides empty slots)
-                k, v = cache_k.to(q.dtype), cache_v.to(q.dtype)
+            k, v = cache.update(self.layer_index, k, v)  # decode: the cached keys and values, this one included
         dropout = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
@@ -147,8 +150,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.embedding_dimensions)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache=None, slots=None, mask=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, slots, mask)
+    def forward(self, x: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -213,9 +216,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x * scale.to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
 
 
+def check_targets(targets: torch.Tensor, vocabulary_size: int) -> None:
+    """Targets are token ids or IGNORE_INDEX: a -1 would otherwise be scored as token 0 and a padded id
+    as an infinite loss. An assert on the device, so it costs no host sync (on CUDA it fails as a
+    device-side assert, as PyTorch's own cross_entropy does)."""
+    ok = ((targets >= 0) & (targets < vocabulary_size)) | (targets == IGNORE_INDEX)
+    torch._assert_async(ok.all(), f"targets must be token ids in [0, {vocabulary_size}) or {IGNORE_INDEX} (ignored)")
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocabulary_size: int) -> torch.Tensor:
     """Mean cross-entropy of logits x @ weight.T (padded columns excluded) over the targets that are
     not IGNORE_INDEX, without materialising the whole logits tensor. x (N, C), targets (N,)."""
+    check_targets(targets, vocabulary_size)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(x, weight, targets, vocabulary_size)
     valid = targets != IGNORE_INDEX
@@ -264,47 +276,33 @@ class GPT(nn.Module):
         self.kv_cache = KVCache(self.config, batch_size, length, weight.device, dtype or weight.dtype)
         return self.kv_cache
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        window: int | None = None,
-    ) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                window: int | None = None) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T): the mean cross-entropy over the targets that are
         not IGNORE_INDEX. Without: logits (B, T, vocabulary_size), padded ids cut off.
 
         input_pos (T,) absolute positions switch on the KV cache (setup_cache first): T > 1 is a prefill
-        that starts a new sequence, T = 1 decodes one token. window limits attention to the last
-        `window` keys (sliding-window causal attention; a cache of length L implies window L)."""
+        that starts a new sequence, T = 1 decodes one token (position 0 starts a new sequence too).
+        window limits attention to the last `window` keys (sliding-window causal attention; a cache of
+        length L implies window L)."""
         B, T = idx.shape
-        cache, slots, mask = None, None, None
+        cache, mask = None, None
         if input_pos is not None:
             cache = self.kv_cache
             if cache is None:
                 raise RuntimeError("call setup_cache() before decoding with input_pos")
-            L = cache.length
-            if window is not None and window != L:
-                raise ValueError(f"with a KV cache the attention window is the cache length ({L}), not {window}")
-            if T == 1:
-                slots = input_pos % L  # the ring slot of this token: the oldest one once the ring is full
-                cache.slot_pos.index_copy_(0, slots, input_pos)
-                mask = (cache.slot_pos >= 0).view(1, 1, 1, L)
-            else:
-                cache.reset()  # a prefill starts a new sequence
-                kept = input_pos[-L:]
-                slots = kept % L
-                cache.slot_pos.index_copy_(0, slots, kept)
-                window = L
-        if mask is None and window is not None and T > window:
+            if window is not None and window != cache.length:
+                raise ValueError(f"with a KV cache the attention window is the cache length ({cache.length}), not {window}")
+            mask = cache.begin(input_pos)
+        elif window is not None and T > window:
             mask = sliding_window_mask(T, window, idx.device)
 
         x = self.token_embeddings(idx)  # (B, T, C)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cache, slots, mask, use_reentrant=False)
+                x = checkpoint(block, x, cache, mask, use_reentrant=False)
             else:
-                x = block(x, cache, slots, mask)
+                x = block(x, cache, mask)
         x = self.output_norm(x)
         if targets is None:
             logits = F.linear(x, self.token_embeddings.weight)  # (B, T, padded_vocab), tied weights
@@ -332,33 +330,100 @@ class GPT(nn.Module):
         matmul_weights += c.vocabulary_size * c.embedding_dimensions  # the output layer
         return 6 * matmul_weights + 12 * c.num_hidden_layers * c.embedding_dimensions * context_length
 
+    def mfu(self, tokens_per_s: float, context_length: int, peak_tflops: float) -> float:
+        """Model FLOPs utilisation: the training FLOPs these tokens took per second, over the peak."""
+        return tokens_per_s * self.flops_per_token(context_length) / (peak_tflops * 1e12)
+
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Bytes of KV cache one token takes: a key and a value of the model width in every layer."""
         return 2 * self.config.num_hidden_layers * self.config.embedding_dimensions * bytes_per_value
 
 
+def peak_tflops(device_name: str) -> float | None:
+    """The data-sheet dense bf16 peak of a known GPU by its name, or None."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
 # ----------------------------------------------------------------------------- cache
+
+
+class LayerKV(nn.Module):
+    """One layer's keys and values, (batch, n_head, length, head_dim) each. A buffer of its own per layer,
+    not a slice of one big tensor: a compiled in-place write into a slice makes torch.compile copy the
+    whole tensor back at every step, while a whole buffer is updated in place, one slot at a time."""
+
+    def __init__(self, shape: tuple, device, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
 
 class KVCache(nn.Module):
     """Keys and values of the last `length` tokens of every layer, preallocated as module buffers (so
-    a compiled decode step can run as a CUDA graph): (layers, batch, n_head, length, head_dim).
-    The token at absolute position p lives in slot p % length; slot_pos records which position each
-    slot holds (-1: empty). Not part of the model's state dict."""
+    a compiled decode step can run as a CUDA graph).
+
+    The cache owns the ring: the token at absolute position p lives in slot p % length, and slot_pos
+    records which position each slot holds (-1: empty). Slots fill from 0 up, so until the ring wraps
+    the filled ones are a prefix: a decode step attends over the first `span` slots only (the empty
+    ones among them masked), not over all `length`. `span` is None (every slot) unless a decoder sets
+    it for one step to a bucket from spans(), so that a compiled decode needs only a few shapes.
+    Not part of the model's state dict."""
 
     def __init__(self, config: GPTConfig, batch_size: int, length: int, device, dtype: torch.dtype):
         super().__init__()
-        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, length, config.head_dimensions)
+        shape = (batch_size, config.num_attention_heads, length, config.head_dimensions)
         self.length = length
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.span: int | None = None
+        self.slots: torch.Tensor | None = None  # where this call's tokens go, set by begin()
+        self.layers = nn.ModuleList(LayerKV(shape, device, dtype) for _ in range(config.num_hidden_layers))
         self.register_buffer("slot_pos", torch.full((length,), -1, device=device, dtype=torch.long), persistent=False)
+
+    def spans(self, smallest: int = 64) -> list[int]:
+        """The decode spans: powers of two from `smallest` below the length, then the length."""
+        out = []
+        while smallest < self.length:
+            out.append(smallest)
+            smallest *= 2
+        return out + [self.length]
+
+    def span_for(self, position: int) -> int:
+        """The smallest span that holds every filled slot once the token at `position` is written."""
+        filled = min(position + 1, self.length)
+        return next(s for s in self.spans() if s >= filled)
 
     def reset(self) -> None:
         """Forget every slot: the next tokens start a new sequence."""
         self.slot_pos.fill_(-1)
 
+    def begin(self, input_pos: torch.Tensor) -> torch.Tensor | None:
+        """Place a call's tokens (absolute positions input_pos, (T,)) in the ring and return the attention
+        mask: None for a prefill that fits (plain causal), a sliding window for a longer one, and for a
+        decode step the filled slots of the span. No host sync, so it runs inside a CUDA graph."""
+        L, T = self.length, input_pos.numel()
+        if T > 1:  # a prefill starts a new sequence; only its last L tokens stay in the ring
+            self.reset()
+            self.slots = input_pos[-L:] % L
+            self.slot_pos.index_copy_(0, self.slots, input_pos[-L:])
+            return sliding_window_mask(T, L, input_pos.device) if T > L else None
+        self.slot_pos.masked_fill_(input_pos == 0, -1)  # position 0 starts a new sequence
+        self.slots = input_pos % L  # the oldest slot once the ring is full
+        self.slot_pos.index_copy_(0, self.slots, input_pos)
+        S = self.span or L
+        return (self.slot_pos[:S] >= 0).view(1, 1, 1, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's new keys and values (B, n_head, T, head_dim) into their slots and return what
+        the queries attend over: a prefill its own keys, a decode step the span of the ring."""
+        n, kv = self.slots.numel(), self.layers[layer]
+        kv.k.index_copy_(2, self.slots, k[:, :, -n:].to(kv.k.dtype))
+        kv.v.index_copy_(2, self.slots, v[:, :, -n:].to(kv.v.dtype))
+        if k.size(2) > 1:
+            return k, v
+        S = self.span or self.length
+        return kv.k[:, :, :S].to(k.dtype), kv.v[:, :, :S].to(v.dtype)
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (e.g. the beams that survive a beam-search step), in place."""
-        self.k.copy_(self.k.index_select(1, rows))
-        self.v.copy_(self.v.index_select(1, rows))
+        for kv in self.layers:
+            kv.k.copy_(kv.k.index_select(0, rows))
+            kv.v.copy_(kv.v.index_select(0, rows))

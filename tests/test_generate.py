@@ -11,7 +11,7 @@ import generate
 import pretrain
 from beam_search import beam_search as search
 from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
-from generate import Decoder, sample
+from generate import Decoder, Sampler, Sampling, sample
 from model import GPT, GPTConfig
 
 
@@ -34,13 +34,18 @@ def greedy_by_recomputation(model, prompt, steps, window):
     return tokens[len(prompt):]
 
 
+def greedy_decoder(model, context_length, use_compile=False, batch_size=1):
+    return Decoder(model, context_length, batch_size, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0),
+                   use_compile=use_compile)
+
+
 def greedy_with_cache(model, prompt, steps, context_length, use_compile=False):
-    decoder = Decoder(model, context_length, 1, torch.device("cpu"), 0.0, 500, 1.0, use_compile=use_compile)
+    decoder = greedy_decoder(model, context_length, use_compile)
     with torch.inference_mode():
-        token = decoder.prefill(torch.tensor([prompt])).argmax(-1)
+        token = decoder.first_token(decoder.prefill(torch.tensor([prompt])))
         out = [int(token)]
-        for i in range(steps - 1):
-            token = decoder.step(token.view(1, 1), len(prompt) + i, None)
+        for _ in range(steps - 1):
+            token = decoder.step(token)
             out.append(int(token))
     return out
 
@@ -48,20 +53,22 @@ def greedy_with_cache(model, prompt, steps, context_length, use_compile=False):
 # ----------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("prompt_length, context_length", [(5, 8), (3, 64), (20, 8)])
-def test_cached_greedy_equals_recomputation_past_the_window(prompt_length, context_length):
+@pytest.mark.parametrize("prompt_length, context_length, steps", [(5, 8, 30), (3, 64, 30), (20, 8, 30), (5, 130, 150)])
+def test_cached_greedy_equals_recomputation_past_the_window(prompt_length, context_length, steps):
+    """Past an 8-token window the ring wraps several times; with 130 slots the decode steps attend over
+    spans of 64, 128 and 130 slots before it wraps."""
     model = random_model(layers=3)
     prompt = torch.randint(0, 300, (prompt_length,), generator=torch.Generator().manual_seed(1)).tolist()
-    steps = 30  # well past the 8-token window: the ring wraps several times
     assert greedy_with_cache(model, prompt, steps, context_length) == greedy_by_recomputation(model, prompt, steps, context_length)
 
 
 def test_compiled_decode_step_equals_recomputation():
-    """The decode step torch.compile turns into a CUDA graph on GPUs, compiled here for the CPU."""
+    """The decode step torch.compile turns into a CUDA graph on GPUs, compiled here for the CPU, through
+    three spans (64, 128, 130: the span becomes a dynamic size) and past the point where the ring wraps."""
     model = random_model()
     prompt = [5, 6, 7]
-    compiled = greedy_with_cache(model, prompt, 20, 8, use_compile=True)
-    assert compiled == greedy_by_recomputation(model, prompt, 20, 8)
+    compiled = greedy_with_cache(model, prompt, 140, 130, use_compile=True)
+    assert compiled == greedy_by_recomputation(model, prompt, 140, 130)
 
 
 def test_cached_logits_equal_recomputed_logits():
@@ -78,11 +85,45 @@ def test_cached_logits_equal_recomputed_logits():
 
 def test_a_one_token_prompt_after_a_longer_one_starts_fresh():
     model = random_model()
-    decoder = Decoder(model, 16, 1, torch.device("cpu"), 0.0, 500, 1.0, use_compile=False)
+    decoder = greedy_decoder(model, 16)
     with torch.inference_mode():
         decoder.prefill(torch.tensor([[1, 2, 3, 4, 5, 6]]))
         after = decoder.prefill(torch.tensor([[7]]))
         torch.testing.assert_close(after, model(torch.tensor([[7]]))[:, -1])
+
+
+def test_a_one_token_call_at_position_zero_starts_a_new_sequence():
+    """The model's own API, not only the decoder, forgets the previous sequence's keys."""
+    model = random_model()
+    model.setup_cache(1, 16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4, 5, 6]]), input_pos=torch.arange(6))
+        model(torch.tensor([[9]]), input_pos=torch.tensor([6]))
+        fresh = model(torch.tensor([[7]]), input_pos=torch.tensor([0]))[:, -1]
+        torch.testing.assert_close(fresh, model(torch.tensor([[7]]))[:, -1])
+        following = model(torch.tensor([[8]]), input_pos=torch.tensor([1]))[:, -1]
+        torch.testing.assert_close(following, model(torch.tensor([[7, 8]]))[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_decode_attends_over_the_filled_span_only():
+    model = random_model()
+    decoder = greedy_decoder(model, 300)
+    cache = decoder.cache
+    assert cache.spans() == [64, 128, 256, 300]
+    assert [cache.span_for(p) for p in (0, 63, 64, 200, 299, 5000)] == [64, 64, 128, 256, 300, 300]
+    seen = []
+    original = cache.update
+
+    def spy(layer, k, v):
+        out = original(layer, k, v)
+        seen.append(out[0].size(2))
+        return out
+
+    cache.update = spy
+    with torch.inference_mode():
+        token = decoder.first_token(decoder.prefill(torch.tensor([[1, 2, 3]])))
+        decoder.step(token)
+    assert seen[-1] == 64  # the step after a 3-token prompt reads 64 slots, not 300
 
 
 def test_a_cache_fixes_the_window():
@@ -103,11 +144,14 @@ def test_window_equal_to_length_is_plain_causal_attention():
 def test_cache_reorder_follows_rows():
     model = random_model()
     cache = model.setup_cache(3, 4)
-    cache.k.normal_()
-    before = cache.k.clone()
+    for kv in cache.layers:
+        kv.k.normal_()
+        kv.v.normal_()
+    before = [(kv.k.clone(), kv.v.clone()) for kv in cache.layers]
     cache.reorder(torch.tensor([2, 2, 0]))
-    assert torch.equal(cache.k[:, 0], before[:, 2]) and torch.equal(cache.k[:, 2], before[:, 0])
-    assert "kv_cache.k" not in model.state_dict()
+    for kv, (k, v) in zip(cache.layers, before):
+        assert torch.equal(kv.k, k[[2, 2, 0]]) and torch.equal(kv.v, v[[2, 2, 0]])
+    assert not any("kv_cache" in name for name in model.state_dict())
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -116,27 +160,43 @@ def test_cache_reorder_follows_rows():
 def test_sampling_rules():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
     noise = lambda k, seed: torch.empty(1, k).exponential_(generator=torch.Generator().manual_seed(seed))
-    assert sample(logits, 0.0, 5, 1.0, None).item() == 4  # temperature 0 is greedy
-    assert {sample(logits, 1.0, 1, 1.0, noise(1, s)).item() for s in range(50)} == {4}  # top-k 1
-    assert {sample(logits, 1.0, 2, 1.0, noise(2, s)).item() for s in range(200)} == {0, 4}  # only the top 2
-    assert {sample(logits, 1.0, 5, 0.01, noise(5, s)).item() for s in range(50)} == {4}  # top-p keeps at least one
-    assert {sample(logits, 1.0, 999, 0.01, noise(5, s)).item() for s in range(50)} == {4}  # top-k above V is clamped
+    assert sample(logits, Sampling(0.0, 5, 1.0), None).item() == 4  # temperature 0 is greedy
+    assert {sample(logits, Sampling(1.0, 1, 1.0), noise(1, s)).item() for s in range(50)} == {4}  # top-k 1
+    assert {sample(logits, Sampling(1.0, 2, 1.0), noise(2, s)).item() for s in range(200)} == {0, 4}  # only the top 2
+    assert {sample(logits, Sampling(1.0, 5, 0.01), noise(5, s)).item() for s in range(50)} == {4}  # top-p keeps at least one
+    assert {sample(logits, Sampling(1.0, 999, 0.01), noise(5, s)).item() for s in range(50)} == {4}  # top-k above V is clamped
     p = torch.softmax(logits[0], -1)
     # top-p 0.9: the smallest prefix of sorted tokens reaching 0.9 is {4, 0, 1} (0.63 + 0.23 + 0.09)
     assert p[[4, 0]].sum() < 0.9 <= p[[4, 0, 1]].sum()
-    assert {sample(logits, 1.0, 5, 0.9, noise(5, s)).item() for s in range(300)} == {4, 0, 1}
+    assert {sample(logits, Sampling(1.0, 5, 0.9), noise(5, s)).item() for s in range(300)} == {4, 0, 1}
     # top-k first, then top-p over the survivors' renormalised probabilities: of {4, 0}, 4 alone has 0.73 < 0.75
-    assert {sample(logits, 1.0, 2, 0.75, noise(2, s)).item() for s in range(300)} == {4, 0}
+    assert {sample(logits, Sampling(1.0, 2, 0.75), noise(2, s)).item() for s in range(300)} == {4, 0}
+
+
+def test_top_p_keeps_no_token_past_an_exact_mass():
+    """Three equal tokens and top_p = 2/3: two of them reach the mass exactly, so the third is never kept."""
+    logits = torch.zeros(1, 3)
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, Sampling(1.0, 3, 2 / 3), torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(300)}
+    assert len(draws) == 2  # which two depends on how topk orders ties
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
+    for temperature in (1e-44, 1e-39, 1e-30, 1e-7):  # logits / 1e-39 overflow float32 to inf, then NaN
+        for seed in range(10):
+            noise = torch.empty(1, 5).exponential_(generator=torch.Generator().manual_seed(seed))
+            assert sample(logits, Sampling(temperature, 5, 0.9), noise).item() == 4
 
 
 def test_sampling_matches_the_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     g = torch.Generator().manual_seed(0)
-    draws = [sample(logits, 1.0, 3, 1.0, torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
+    draws = [sample(logits, Sampling(1.0, 3, 1.0), torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
     freq = [draws.count(i) / len(draws) for i in range(3)]
     assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
     # temperature 2 flattens: p ~ sqrt(0.5, 0.3, 0.2)
-    draws = [sample(logits, 2.0, 3, 1.0, torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
+    draws = [sample(logits, Sampling(2.0, 3, 1.0), torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
     expected = torch.tensor([0.5, 0.3, 0.2]).sqrt()
     expected = (expected / expected.sum()).tolist()
     assert [draws.count(i) / len(draws) for i in range(3)] == pytest.approx(expected, abs=0.03)
@@ -205,8 +265,8 @@ def test_prompts_from_standard_input(checkpoint, monkeypatch, capsys):
 
 
 def test_scripts_run_piped_from_the_command_line(checkpoint):
-    for script, extra in (("generate.py", ["--max_tokens", "8"]), ("beam_search.py", ["--max_tokens", "6", "--beam_width", "4"])):
-        result = subprocess.run([sys.executable, script, "--checkpoint_path", checkpoint, "--device", "cpu", "--seed", "0", *extra],
+    for script, extra in (("generate.py", ["--max_tokens", "8", "--seed", "0"]), ("beam_search.py", ["--max_tokens", "6", "--beam_width", "4"])):
+        result = subprocess.run([sys.executable, script, "--checkpoint_path", checkpoint, "--device", "cpu", *extra],
                                 input="Hello\nWorld\n", cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip()

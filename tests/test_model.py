@@ -159,3 +159,15 @@ def test_all_targets_ignored_gives_zero_loss(tiny_model, tiny_config):
     assert loss.item() == 0.0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters())
+
+
+@pytest.mark.parametrize("bad", [-1, -7, 300, 319])
+def test_out_of_range_targets_are_refused(tiny_model, bad):
+    """-1 would be scored as token 0 and a padded id (300..319 here) as an infinite loss."""
+    x = torch.randint(0, 300, (1, 8))
+    y = x.clone()
+    y[0, 3] = bad
+    with pytest.raises(RuntimeError, match="targets must be token ids"):
+        tiny_model(x, y)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="targets must be token ids"):
+        tiny_model(x, y)
