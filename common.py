@@ -36,6 +36,17 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+def first_line(exc: BaseException, limit: int = 200, with_type: bool = False) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type name when the
+    message is empty; with_type puts the type name first ("OSError: ..."). Library errors can run to
+    pages, and a one-line error must stay one line."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(exc).__name__}: {line}" if with_type else line
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -267,8 +278,7 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> di
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{flag}: {path} is not a readable checkpoint ({reason[:160]})") from None
+        raise UserError(f"{flag}: {path} is not a readable checkpoint ({first_line(e, 160)})") from None
     if not isinstance(state, dict) or "kind" not in state or "version" not in state:
         raise UserError(f"{flag}: {path} is not a LightGPT checkpoint")
     if state["kind"] != kind:
