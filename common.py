@@ -130,10 +130,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether to compute in bf16 on `device`: only on CUDA devices that run it natively. The CPU (and
+    MPS) would emulate it, slower than fp32, so there everything stays fp32. The one place this is decided."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def autocast(device: torch.device):
-    """bf16 autocast where the device runs it natively (CUDA with bf16 support); full fp32 elsewhere,
-    where bf16 would be emulated and slower."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 autocast where bf16_supported(device); full fp32 elsewhere."""
+    if bf16_supported(device):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -144,7 +149,7 @@ def compile_enabled(choice: str, device: torch.device) -> bool:
 
 
 def precision_name(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if bf16_supported(device) else "fp32"
 
 
 def synchronize(device: torch.device) -> None:

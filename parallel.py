@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from adafactor import Adafactor
-from common import Distributed
+from common import Distributed, bf16_supported
 
 
 class Parallel:
@@ -45,8 +45,10 @@ class Parallel:
             # An explicit mesh on our device type: FSDP's default follows the machine's accelerator,
             # which would put a --device cpu run on a GPU.
             mesh = init_device_mesh(device.type, (ctx.world_size,))
-            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+            # Where autocast computes in bf16, gather bf16 weights too; gradients are still reduced in fp32.
+            policy = MixedPrecisionPolicy()
+            if bf16_supported(device):
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for block in model.blocks:
                 if use_compile:
                     block.compile()
