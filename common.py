@@ -9,12 +9,14 @@ import os
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from model import GPTConfig
 
 CHECKPOINT_VERSION = 1
 
@@ -82,13 +84,27 @@ unit_interval = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 non_positive_float = _number(float, "a number <= 0", lambda v: v <= 0)
 
 
+# The flags that set the model's shape: every GPTConfig field but the vocabulary, which the tokenizer sets.
+ARCHITECTURE_FLAGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocabulary_size")
+
+
 def add_model_args(g) -> None:
-    """The architecture flags pretrain.py and bench.py share (the Small shape by default)."""
+    """The architecture flags pretrain.py and bench.py share (the Small shape by default), one per
+    ARCHITECTURE_FLAGS entry."""
     g.add_argument("--embedding_dimensions", type=positive_int, default=1024, help="model width")
     g.add_argument("--num_attention_heads", type=positive_int, default=16, help="attention heads per block")
     g.add_argument("--num_hidden_layers", type=positive_int, default=24, help="Transformer blocks")
-    g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4, help="MLP hidden width / model width")
+    g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4,
+                   help="MLP hidden width / model width")
     g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
+
+
+def model_config(args, vocabulary_size: int) -> GPTConfig:
+    """The GPTConfig the architecture flags describe; a shape GPTConfig rejects is a user error."""
+    try:
+        return GPTConfig(vocabulary_size=vocabulary_size, **{k: getattr(args, k) for k in ARCHITECTURE_FLAGS})
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def run_main(main: Callable, parse_args: Callable, argv=None) -> None:

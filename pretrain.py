@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from common import (
+    ARCHITECTURE_FLAGS,
     compile_enabled,
     add_model_args,
     ArgumentParser,
@@ -35,6 +36,7 @@ from common import (
     UserError,
     autocast,
     load_checkpoint,
+    model_config,
     non_negative_int,
     positive_float,
     positive_int,
@@ -62,7 +64,6 @@ from model import GPT, GPTConfig
 from parallel import Parallel
 
 CHECKPOINT_KIND = "pretrain"
-ARCHITECTURE_FLAGS = ("embedding_dimensions", "num_attention_heads", "num_hidden_layers", "feed_forward_ratio", "dropout")
 
 
 def parse_args(argv=None):
@@ -220,10 +221,7 @@ def train(args, ctx: Distributed, device: torch.device) -> list[tuple[int, float
             if config.vocabulary_size != files.meta["vocabulary_size"]:
                 raise UserError(f"the checkpoint's vocabulary ({config.vocabulary_size}) differs from the token files' ({files.meta['vocabulary_size']})")
             return config
-        try:
-            return GPTConfig(vocabulary_size=files.meta["vocabulary_size"], **{k: getattr(args, k) for k in ARCHITECTURE_FLAGS})
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        return model_config(args, files.meta["vocabulary_size"])
 
     config = make_config()
     # Every sample is drawn by one generator shared by all ranks; rank r takes the r-th of each round of
