@@ -26,6 +26,7 @@ from common import (
     ARCHITECTURE_FLAGS,
     compile_enabled,
     add_model_args,
+    add_system_args,
     ArgumentParser,
     Distributed,
     agree,
@@ -94,13 +95,11 @@ def parse_args(argv=None):
     g.add_argument("--activation_checkpointing", action="store_true", help="recompute block activations in backward to save memory")
     g = p.add_argument_group("system")
     g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2, help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
-    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile the model (auto: on for CUDA)")
     g.add_argument("--checkpoint_interval", type=positive_int, default=20, help="save a checkpoint every this many epochs")
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     g.add_argument("--run_dir_path", default="./runs/pretrain", help="TensorBoard run folder")
-    g.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
-    g.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default: drawn and recorded in the checkpoint)")
+    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)%(default).0s")
     return p.parse_args(argv)
 
 
