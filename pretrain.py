@@ -257,7 +257,7 @@ def train(args, ctx: Distributed, device: torch.device) -> list[tuple[int, float
     elif ctx.enabled:
         torch.manual_seed(seed + ctx.rank)  # weights are set: from here each rank draws its own dropout masks
     batches = BatchPrefetcher(sampler, device)
-    module = parallel.module
+    module = parallel.wrapped
 
     print0(
         f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without embeddings), "
