@@ -1,5 +1,6 @@
-"""Plumbing shared by every LightGPT script: argument checks, one-line errors, devices and precision,
-atomic files, checkpoints, interrupt handling, and the rank-aware spots (printing, writing files)."""
+"""Plumbing shared by every LightGPT script: argument checks and the shared flags, one-line errors,
+devices and precision, atomic files, checkpoints, interrupt handling, and the rank-aware spots
+(printing, writing files)."""
 
 from __future__ import annotations
 
