@@ -32,6 +32,7 @@ from common import (
     compile_enabled,
     add_model_args,
     ArgumentParser,
+    model_config as config_from_flags,
     UserError,
     autocast,
     non_negative_int,
@@ -149,11 +150,7 @@ def profile(fn, path: str, steps: int, device, label: str) -> None:
 
 
 def model_config(args) -> GPTConfig:
-    try:
-        return GPTConfig(args.vocabulary_size, args.embedding_dimensions, args.num_attention_heads,
-                         args.num_hidden_layers, args.feed_forward_ratio, args.dropout)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    return config_from_flags(args, args.vocabulary_size)  # common.model_config; here the vocabulary is a flag
 
 
 def hf_gpt2(args, device, positions: int):

@@ -1,5 +1,6 @@
-"""Plumbing shared by every LightGPT script: argument checks, one-line errors, devices and precision,
-atomic files, checkpoints, interrupt handling, and the rank-aware spots (printing, writing files)."""
+"""Plumbing shared by every LightGPT script: argument checks and the shared flags, one-line errors,
+devices and precision, atomic files, checkpoints, interrupt handling, and the rank-aware spots
+(printing, writing files)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import os
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from model import GPTConfig
 
 CHECKPOINT_VERSION = 1
 
@@ -34,6 +37,17 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(exc: BaseException, limit: int = 200, with_type: bool = False) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type name when the
+    message is empty; with_type puts the type name first ("OSError: ..."). Library errors can run to
+    pages, and a one-line error must stay one line."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(exc).__name__}: {line}" if with_type else line
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -71,13 +85,37 @@ unit_interval = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 non_positive_float = _number(float, "a number <= 0", lambda v: v <= 0)
 
 
+# The flags that set the model's shape: every GPTConfig field but the vocabulary, which the tokenizer sets.
+ARCHITECTURE_FLAGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocabulary_size")
+
+
 def add_model_args(g) -> None:
-    """The architecture flags pretrain.py and bench.py share (the Small shape by default)."""
+    """The architecture flags pretrain.py and bench.py share (the Small shape by default), one per
+    ARCHITECTURE_FLAGS entry."""
     g.add_argument("--embedding_dimensions", type=positive_int, default=1024, help="model width")
     g.add_argument("--num_attention_heads", type=positive_int, default=16, help="attention heads per block")
     g.add_argument("--num_hidden_layers", type=positive_int, default=24, help="Transformer blocks")
-    g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4, help="MLP hidden width / model width")
+    g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4,
+                   help="MLP hidden width / model width")
     g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
+
+
+def add_system_args(g, compile_help: str | None = "torch.compile the model (auto: on for CUDA)",
+                    seed_default: int | None = None, seed_help: str = "random seed") -> None:
+    """--device, --compile and --seed, which every script takes. compile_help=None leaves --compile out
+    (for a script that never compiles); each script says what its seed and compilation cover."""
+    g.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
+    if compile_help is not None:
+        g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=compile_help)
+    g.add_argument("--seed", type=non_negative_int, default=seed_default, help=seed_help)
+
+
+def model_config(args, vocabulary_size: int) -> GPTConfig:
+    """The GPTConfig the architecture flags describe; a shape GPTConfig rejects is a user error."""
+    try:
+        return GPTConfig(vocabulary_size=vocabulary_size, **{k: getattr(args, k) for k in ARCHITECTURE_FLAGS})
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def run_main(main: Callable, parse_args: Callable, argv=None) -> None:
@@ -119,10 +157,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether to compute in bf16 on `device`: only on CUDA devices that run it natively. The CPU (and
+    MPS) would emulate it, slower than fp32, so there everything stays fp32. The one place this is decided."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def autocast(device: torch.device):
-    """bf16 autocast where the device runs it natively (CUDA with bf16 support); full fp32 elsewhere,
-    where bf16 would be emulated and slower."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 autocast where bf16_supported(device); full fp32 elsewhere."""
+    if bf16_supported(device):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -133,7 +176,7 @@ def compile_enabled(choice: str, device: torch.device) -> bool:
 
 
 def precision_name(device: torch.device) -> str:
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if bf16_supported(device) else "fp32"
 
 
 def synchronize(device: torch.device) -> None:
@@ -267,8 +310,7 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> di
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{flag}: {path} is not a readable checkpoint ({reason[:160]})") from None
+        raise UserError(f"{flag}: {path} is not a readable checkpoint ({first_line(e, 160)})") from None
     if not isinstance(state, dict) or "kind" not in state or "version" not in state:
         raise UserError(f"{flag}: {path} is not a LightGPT checkpoint")
     if state["kind"] != kind:

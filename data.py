@@ -30,7 +30,7 @@ import tiktoken.load
 import tiktoken.registry
 import torch
 
-from common import UserError, atomic_path, print0
+from common import UserError, atomic_path, first_line, print0
 
 FINEWEB = "HuggingFaceFW/fineweb"
 FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT", "all")
@@ -157,9 +157,8 @@ def _load_hub(name: str, subset: str | None, processes: int):
     try:
         dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise UserError(
-            f"could not load {what} from the HuggingFace hub ({type(e).__name__}: {reason}); check the name "
+            f"could not load {what} from the HuggingFace hub ({first_line(e, with_type=True)}); check the name "
             f"and your network, or use --dataset builtin or a local file"
         ) from None
     return _hf_batches(dataset, what)
@@ -175,8 +174,8 @@ def _load_local(files: list[str], builder: str, processes: int):
     try:
         dataset = datasets.load_dataset(builder, data_files=files, split="train", num_proc=processes, **options)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"could not read {files[0]}{' and others' if len(files) > 1 else ''} ({type(e).__name__}: {reason})") from None
+        others = " and others" if len(files) > 1 else ""
+        raise UserError(f"could not read {files[0]}{others} ({first_line(e, with_type=True)})") from None
     return _hf_batches(dataset, files[0] if len(files) == 1 else f"the {len(files)} files")
 
 
@@ -237,7 +236,8 @@ def resolve_corpus(dataset: str, subset: str | None) -> Corpus:
     if dataset == FINEWEB and subset == "all":
         config = "default"
     slug = _safe(dataset.split("/")[-1]) + (f"-{_safe(subset)}" if subset else "")
-    return Corpus(slug, f"hub: {dataset}" + (f" ({subset})" if subset else ""), 200, lambda p: _load_hub(dataset, config, p))
+    source = f"hub: {dataset}" + (f" ({subset})" if subset else "")
+    return Corpus(slug, source, 200, lambda p: _load_hub(dataset, config, p))
 
 
 # ----------------------------------------------------------------------------- token files

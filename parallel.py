@@ -21,23 +21,27 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from adafactor import Adafactor
-from common import Distributed
+from common import Distributed, bf16_supported
 
 
 class Parallel:
     """The model as the training loop drives it: the module to call, gradient-sync control for
-    accumulation, global-norm clipping, and whole (consolidated) state for checkpoints."""
+    accumulation, global-norm clipping, and whole (consolidated) state for checkpoints.
+
+    Two views of one network: `model` is the plain GPT whose parameters the optimizer steps and whose
+    state is saved (sharded in place under FSDP, never compiled, so no `_orig_mod.` keys); `wrapped` is
+    what the loop calls: the compiled and/or DDP-wrapped model (under FSDP the model itself)."""
 
     def __init__(self, model: nn.Module, ctx: Distributed, device: torch.device, level: int, use_compile: bool):
         self.model, self.ctx = model, ctx
         self.kind = "single" if not ctx.enabled else "ddp" if level == 0 else "fsdp"
         if self.kind == "single":
-            self.module = torch.compile(model) if use_compile else model
+            self.wrapped = torch.compile(model) if use_compile else model
         elif self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-            self.module = torch.compile(self.ddp) if use_compile else self.ddp
+            self.wrapped = torch.compile(self.ddp) if use_compile else self.ddp
         else:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -45,19 +49,22 @@ class Parallel:
             # An explicit mesh on our device type: FSDP's default follows the machine's accelerator,
             # which would put a --device cpu run on a GPU.
             mesh = init_device_mesh(device.type, (ctx.world_size,))
-            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+            # Where autocast computes in bf16, gather bf16 weights too; gradients are still reduced in fp32.
+            policy = MixedPrecisionPolicy()
+            if bf16_supported(device):
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for block in model.blocks:
                 if use_compile:
                     block.compile()
                 fully_shard(block, mesh=mesh, reshard_after_forward=level == 3, mp_policy=policy)
             # The root's tied embedding is needed again first thing in backward: keep it gathered.
             fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
-            self.module = model
+            self.wrapped = model  # blocks compiled above, before sharding
 
     def optimizer(self, **kwargs) -> Adafactor:
-        """Adafactor (adafactor.py): torch.optim.Adafactor's updates, sharded or not, with no host syncs."""
-        return Adafactor(self.model.parameters(), **kwargs)
+        """Adafactor (adafactor.py): torch.optim.Adafactor's updates, sharded or not, with no host syncs.
+        It steps only the trainable parameters (all of them in pretraining; the adapters in LoRA tuning)."""
+        return Adafactor([p for p in self.model.parameters() if p.requires_grad], **kwargs)
 
     def gradient_sync(self, enabled: bool):
         """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps that do not step."""

@@ -1,0 +1,333 @@
+"""The training loop and its machinery, shared by pretrain.py and instruction-tune.py.
+
+A trainer script sets up its model (wrapped by parallel.Parallel), optimizer and batches, then calls
+train(plan, hooks, ...). What differs between trainers comes in as values (Plan: the run's length
+and rhythm) and callables (Hooks: the next batch, the learning rate, the test batches, what to save):
+
+- Steps: `for micro ...: loss / accumulation ... backward`, then clip, step; the loss and gradient
+  norm stay on the device and are read once per epoch.
+- Epochs: after each one, its metrics (standard output, TensorBoard); every eval_interval epochs the
+  test perplexity, every checkpoint_interval epochs a checkpoint; both at the end too.
+- Stopping: SIGINT/SIGTERM on any rank finishes the step on every rank, saves and raises Interrupted.
+- Distributed: every rank takes part in evaluation and in building the state to save; rank 0 alone
+  writes files. Set-up helpers (checkpoint, seed, RNG streams) keep all ranks in step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from adafactor import Adafactor
+from common import (
+    Distributed,
+    Interrupted,
+    StopFlag,
+    UserError,
+    agree,
+    autocast,
+    load_checkpoint,
+    print0,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    synchronize,
+)
+from parallel import Parallel
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def learning_rate_at(step: int, total_steps: int, peak: float, warmup_steps: int, schedule: str,
+                     min_ratio: float) -> float:
+    """Linear warmup to the peak, then cosine or linear decay to min_ratio x peak at the last step."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return peak * (min_ratio + (1 - min_ratio) * decay)
+
+
+# ----------------------------------------------------------------------------- batch arithmetic
+
+
+def batch_layout(batch_size: int, gradient_accumulation_steps: int, samples_per_epoch: int,
+                 world_size: int) -> tuple[int, int]:
+    """Per-rank gradient accumulation and optimizer steps per epoch: gradient_accumulation_steps and
+    samples_per_epoch are global and are divided among the ranks."""
+    if world_size > gradient_accumulation_steps:
+        raise UserError(f"--gradient_accumulation_steps {gradient_accumulation_steps} is smaller than the "
+                        f"world size {world_size}: every rank needs at least one micro-batch per step")
+    if world_size > samples_per_epoch:
+        raise UserError(f"--samples_per_epoch {samples_per_epoch} is smaller than the world size {world_size}")
+    accumulation = gradient_accumulation_steps // world_size
+    if gradient_accumulation_steps % world_size:
+        print0(f"warning: --gradient_accumulation_steps {gradient_accumulation_steps} does not divide among "
+               f"{world_size} processes; each does {accumulation} ({accumulation * world_size} in all)")
+    if samples_per_epoch % world_size:
+        print0(f"warning: --samples_per_epoch {samples_per_epoch} does not divide among {world_size} processes")
+    samples_per_step = batch_size * accumulation * world_size
+    steps_per_epoch = samples_per_epoch // samples_per_step
+    if steps_per_epoch == 0:
+        raise UserError(f"--samples_per_epoch {samples_per_epoch} is smaller than one optimizer step "
+                        f"(batch_size x gradient_accumulation_steps = {samples_per_step} samples)")
+    if samples_per_epoch % samples_per_step:
+        print0(f"warning: --samples_per_epoch {samples_per_epoch} is not a multiple of {samples_per_step}; "
+               f"each epoch takes {steps_per_epoch * samples_per_step} samples")
+    return accumulation, steps_per_epoch
+
+
+# ----------------------------------------------------------------------------- run set-up
+
+
+def read_checkpoint(path: str, kind: str, resume: bool) -> dict | None:
+    """The checkpoint a resumed run continues, or None for a fresh run. A fresh run never overwrites
+    one by accident: an existing checkpoint is continued with --resume or moved aside by the user."""
+    if not resume:
+        if os.path.exists(path):
+            raise UserError(f"{path} exists; pass --resume to continue it, or choose another --checkpoint_path")
+        return None
+    return load_checkpoint(path, kind)
+
+
+def run_seed(ctx: Distributed, checkpoint: dict | None, seed: int | None) -> int:
+    """The checkpoint's seed, else --seed, else a drawn one (saved, so the run can be repeated). Rank
+    0's goes to every rank: one seed for all, so all build identical initial weights."""
+    if checkpoint:
+        return checkpoint["seed"]
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    return agree(ctx, lambda: seed, who="rank0")
+
+
+def start_rng_streams(ctx: Distributed, seed: int, checkpoint: dict | None, step: int) -> None:
+    """Call once the weights are set: from here each rank draws its own dropout masks, continuing the
+    stream it saved, or starting its own where there is none to continue."""
+    if checkpoint is None:
+        if ctx.enabled:
+            torch.manual_seed(seed + ctx.rank)
+    elif len(checkpoint["rng"]) == ctx.world_size:
+        set_rng_state(checkpoint["rng"][ctx.rank])
+    else:  # written by another world size: its streams cannot continue, so start fresh ones
+        torch.manual_seed(seed + step * 1_000 + ctx.rank)
+
+
+def allow_tf32(device: torch.device) -> None:
+    """TF32 for the fp32 matrix products on CUDA (those autocast leaves in fp32): tensor-core speed at a
+    precision training does not notice."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def rng_states(ctx: Distributed) -> list[dict]:
+    """Every rank's RNG state, one per rank (a collective), so a resume continues each dropout stream."""
+    if not ctx.enabled:
+        return [rng_state()]
+    states = [None] * ctx.world_size
+    dist.all_gather_object(states, rng_state(), group=ctx.control_group)
+    return states
+
+
+def write_checkpoint(ctx: Distributed, state: dict, path: str) -> None:
+    """Rank 0 writes the state every rank helped to build; the others wait for the whole file, so none
+    runs ahead (or exits) while it is written."""
+    save_checkpoint(state, path)
+    if ctx.enabled:
+        dist.barrier(group=ctx.control_group)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(module: torch.nn.Module, ctx: Distributed, batches: Iterable[tuple], device: torch.device) -> float:
+    """Test perplexity: exp of the mean loss over the test batches, each weighted by its sample count.
+    Each rank scores its own share, as many batches of the same sizes on every rank (FSDP gathers the
+    weights in every forward), and the sums are all-reduced."""
+    was_training = module.training
+    module.eval()
+    total = torch.zeros((), device=device)
+    samples = 0
+    for batch in batches:
+        with autocast(device):
+            total += module(*batch).float() * len(batch[0])
+        samples += len(batch[0])
+    if ctx.enabled:
+        dist.all_reduce(total)
+    module.train(was_training)
+    return math.exp(total.item() / (samples * ctx.world_size))
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """Where a run reports: a progress bar and lines on standard output (rank 0), TensorBoard scalars
+    (rank 0 writes them) and the history of test perplexities that train() returns."""
+
+    def __init__(self, run_dir: str, ctx: Distributed):
+        from torch.utils.tensorboard import SummaryWriter  # slow to import, and only training needs it
+
+        self.rank = ctx.rank
+        self.writer = SummaryWriter(run_dir) if ctx.rank == 0 else None
+        self.progress = None
+        self.history: list[tuple[int, float]] = []  # (step, test perplexity)
+
+    def start_progress(self, total: int, initial: int, description: str) -> None:
+        from tqdm import tqdm
+
+        self.progress = tqdm(total=total, initial=initial, unit="step", desc=description,
+                             disable=None if self.rank == 0 else True)
+
+    def scalars(self, step: int, prefix: str, **values: float) -> None:
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def perplexity(self, step: int, value: float) -> None:
+        self.scalars(step, "test", perplexity=value)
+        self.history.append((step, value))
+        print0(f"step {step:,}: test perplexity {value:.3f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.writer:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Plan:
+    """The run's length and rhythm, counted in optimizer steps and epochs, and where it writes."""
+    start_step: int  # 0 for a new run, the checkpoint's step for a resumed one
+    total_steps: int
+    steps_per_epoch: int
+    num_epochs: int
+    accumulation: int  # micro-batches per optimizer step on each rank
+    max_gradient_norm: float
+    eval_interval: int  # evaluate every this many epochs, and at the end
+    checkpoint_interval: int  # save every this many epochs, and at the end
+    checkpoint_path: str
+    run_dir: str  # TensorBoard events
+    description: str = "training"  # the progress bar's label
+
+
+@dataclass
+class Hooks:
+    """What the loop asks its script for. Every rank calls each of them at the same points."""
+    # This rank's next micro-batch: the forward's arguments, (B, T) inputs first (they count the tokens/s),
+    # then targets (IGNORE_INDEX where nothing is learned) and whatever else the forward takes.
+    next_batch: Callable[[], tuple]
+    learning_rate: Callable[[int], float]  # step -> learning rate, a pure function of the step
+    eval_batches: Callable[[], Iterable[tuple]]  # this rank's share of the test set, afresh for each evaluation
+    state_to_save: Callable[[int], dict]  # step -> the whole checkpoint (a collective: weights are gathered)
+
+
+@dataclass
+class EpochTotals:
+    """Sums over the optimizer steps of one epoch, kept on the device until the epoch ends."""
+    loss: torch.Tensor
+    norm: torch.Tensor
+    steps: int = 0
+    tokens: int = 0  # this rank's input tokens
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, device: torch.device) -> "EpochTotals":
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+
+def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ctx: Distributed,
+          device: torch.device) -> list[tuple[int, float]]:
+    """Train from plan.start_step to plan.total_steps; returns (step, test perplexity) of every evaluation."""
+    log = RunLog(plan.run_dir, ctx)
+    step, A = plan.start_step, plan.accumulation
+    if step == 0:  # the untrained baseline
+        log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
+    parallel.wrapped.train()
+    log.start_progress(plan.total_steps, step, plan.description)
+    totals = EpochTotals.start(device)
+    with StopFlag() as stop:
+        while step < plan.total_steps:
+            lr = hooks.learning_rate(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(A):
+                batch = hooks.next_batch()
+                with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
+                    with autocast(device):
+                        loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
+                    loss.backward()
+                totals.loss += loss.detach()
+                totals.tokens += batch[0].numel()
+            totals.norm += parallel.clip_grad_norm_(plan.max_gradient_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            totals.steps += 1
+            log.progress.update()
+            if stop_requested(ctx, stop):  # every rank sees the same answer at the same step
+                interrupt(step, stop, plan, hooks, log, ctx)
+            if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
+                end_epoch(step, lr, totals, plan, hooks, parallel, log, ctx, device)
+                totals = EpochTotals.start(device)  # its clock starts after the evaluation and the save
+    log.close()
+    return log.history
+
+
+def end_epoch(step: int, lr: float, totals: EpochTotals, plan: Plan, hooks: Hooks, parallel: Parallel,
+              log: RunLog, ctx: Distributed, device: torch.device) -> None:
+    """The epoch's metrics, averaged over the ranks (its one host sync); then evaluation and a
+    checkpoint when they are due."""
+    loss = parallel.all_reduce_mean(totals.loss).item() / totals.steps
+    norm = totals.norm.item() / totals.steps  # the global norm: already the same on every rank
+    synchronize(device)
+    tokens_per_s = totals.tokens * ctx.world_size / (time.perf_counter() - totals.started)
+    epoch = step // plan.steps_per_epoch
+    log.scalars(step, "train", cross_entropy=loss, gradient_norm=norm, learning_rate=lr, tokens_per_s=tokens_per_s)
+    log.progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    print0(f"epoch {epoch}/{plan.num_epochs}: cross-entropy {loss:.4f}, gradient norm {norm:.3f}, "
+           f"lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
+    last = step == plan.total_steps
+    if epoch % plan.eval_interval == 0 or last:
+        log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
+    if epoch % plan.checkpoint_interval == 0 or last:
+        write_checkpoint(ctx, hooks.state_to_save(step), plan.checkpoint_path)
+        print0(f"saved checkpoint to {plan.checkpoint_path}")
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+def stop_requested(ctx: Distributed, stop: StopFlag) -> bool:
+    """Whether any rank was signalled: a CPU all-reduce on the control group, no GPU sync."""
+    if not ctx.enabled:
+        return stop.requested
+    flag = torch.tensor([int(stop.requested)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.control_group)
+    return bool(flag.item())
+
+
+def interrupt(step: int, stop: StopFlag, plan: Plan, hooks: Hooks, log: RunLog, ctx: Distributed) -> None:
+    """Save where every rank stopped, then leave with the signal's exit status (run_main prints why)."""
+    log.progress.close()  # before the save, so its line does not interleave with the message
+    write_checkpoint(ctx, hooks.state_to_save(step), plan.checkpoint_path)
+    log.close()
+    name = stop.name() if stop.requested else "a signal on another rank"
+    raise Interrupted(f"stopped by {name}: checkpoint at step {step:,} saved to {plan.checkpoint_path}; "
+                      f"continue with --resume", stop.exit_code())
