@@ -56,6 +56,7 @@ def test_cached_greedy_equals_recomputation_past_the_window(prompt_length, conte
     assert greedy_with_cache(model, prompt, steps, context_length) == greedy_by_recomputation(model, prompt, steps, context_length)
 
 
+@pytest.mark.slow  # torch.compile of the decode step: inductor builds C++ kernels
 def test_compiled_decode_step_equals_recomputation():
     """The decode step torch.compile turns into a CUDA graph on GPUs, compiled here for the CPU."""
     model = random_model()
