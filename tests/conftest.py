@@ -24,6 +24,26 @@ from model import GPT, GPTConfig  # noqa: E402
 TINY = dict(vocabulary_size=300, embedding_dimensions=32, num_attention_heads=4, num_hidden_layers=2, feed_forward_ratio=4)
 
 
+@pytest.fixture(autouse=True)
+def offline_tiktoken(tmp_path_factory, monkeypatch):
+    """Every test sees tiktoken as on a machine with no network where no named encoding was ever
+    cached: an empty cache of its own, downloads that fail, and no encoding loaded earlier in this
+    process. Local files still read. Tests about the offline error name it to say they rely on it."""
+    import tiktoken.load
+    import tiktoken.registry
+
+    real_read_file = tiktoken.load.read_file
+
+    def read_file(blobpath):
+        if "://" in blobpath:
+            raise ConnectionError(f"no network in the tests: {blobpath}")
+        return real_read_file(blobpath)
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken-cache")))  # subprocesses too
+    monkeypatch.setattr(tiktoken.load, "read_file", read_file)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+
+
 @pytest.fixture
 def tiny_config():
     return GPTConfig(**TINY, dropout=0.0)

@@ -5,8 +5,6 @@ import os
 import numpy as np
 import pytest
 import tiktoken
-import tiktoken.load
-import tiktoken.registry
 import torch
 
 import data
@@ -57,14 +55,7 @@ def test_local_tiktoken_file(tmp_path):
     assert data.encoding_slug(str(path)).startswith("tiktoken-tiny-")
 
 
-def test_unreachable_named_encoding_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache: tiktoken must download
-
-    def no_network(*args, **kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+def test_unreachable_named_encoding_is_one_clear_error(offline_tiktoken):
     with pytest.raises(UserError) as e:
         load_encoding("cl100k_base")
     message = str(e.value)
