@@ -11,6 +11,7 @@ import generate
 import pretrain
 from beam_search import beam_search as search
 from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
+from data import load_encoding
 from generate import Decoder, sample
 from model import GPT, GPTConfig
 
@@ -199,10 +200,20 @@ def test_same_seed_same_text_other_seed_other_text(checkpoint, capsys):
 
 
 def test_prompts_from_standard_input(checkpoint, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond prompt\n"))
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    lines = "first\nsecond prompt\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     outputs = gen(checkpoint, "--max_tokens", "5", "--temperature", "0")
     assert len(outputs) == 2 and all(1 <= len(o) <= 5 for o in outputs)
-    assert ">" not in capsys.readouterr().out  # no prompt marker when input is piped
+    # Exactly each continuation on its own line (the model may well write a ">" itself).
+    texts = [load_encoding("bytes").decode_bytes(o).decode("utf-8", errors="replace") for o in outputs]
+    assert capsys.readouterr().out == "".join(f"{t}\n" for t in texts)  # piped: no "> " prompt marker
+    monkeypatch.setattr(sys, "stdin", Terminal(lines))
+    assert gen(checkpoint, "--max_tokens", "5", "--temperature", "0") == outputs
+    assert capsys.readouterr().out == "".join(f"> {t}\n" for t in texts) + "> "  # typed: one before each prompt
 
 
 def test_scripts_run_piped_from_the_command_line(checkpoint):
