@@ -1,5 +1,6 @@
 """The README's numbers agree with the code: vocabularies with tiktoken, parameter counts with the model."""
 
+import functools
 import os
 import re
 
@@ -13,7 +14,6 @@ with open(os.path.join(ROOT, "README.md")) as f:
     README = f.read()
 
 
-
 def section(heading: str) -> str:
     """From the heading that starts with `heading` to the next heading."""
     start = re.search(rf"^{re.escape(heading)}.*\n", README, re.MULTILINE)
@@ -25,8 +25,8 @@ def quick_start_config() -> GPTConfig:
     """The shape the quick start's command trains (byte tokens: 257 ids)."""
     text = section("## Quick start")
     assert "--token_encoding bytes" in text
-    flag = lambda name: int(re.search(rf"--{name} (\d+)", text).group(1))
-    return GPTConfig(vocabulary_size=257, **{k: flag(k) for k in ("embedding_dimensions", "num_attention_heads", "num_hidden_layers")})
+    flags = ("embedding_dimensions", "num_attention_heads", "num_hidden_layers")
+    return GPTConfig(vocabulary_size=257, **{f: int(re.search(rf"--{f} (\d+)", text).group(1)) for f in flags})
 
 
 def table(text: str) -> list[list[str]]:
@@ -40,8 +40,9 @@ def rounded(parameters: int) -> str:
     return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
 
 
+@functools.cache
 def num_parameters(config: GPTConfig) -> int:
-    with torch.device("meta"):  # shapes only: even the 105B model allocates nothing
+    with torch.device("meta"):  # shapes only: even the 104.7B model allocates nothing
         return GPT(config).num_parameters()
 
 
