@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import base64
 import glob
 import hashlib
 import json
@@ -26,8 +27,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import tiktoken
-import tiktoken.load
-import tiktoken.registry
 import torch
 
 from common import UserError, atomic_path, first_line, print0
@@ -54,17 +53,34 @@ def byte_encoding() -> tiktoken.Encoding:
     )
 
 
+def _file_slug(path: str, contents: bytes) -> str:
+    """tiktoken-<file stem>-<content hash>: a local encoding's name and the name of its token files."""
+    return f"tiktoken-{_safe(os.path.splitext(os.path.basename(path))[0])}-{hashlib.sha256(contents).hexdigest()[:10]}"
+
+
 def _file_encoding(path: str) -> tiktoken.Encoding:
+    """A local .tiktoken file ("<base64 token> <rank>" per line), read and parsed here: tiktoken's own
+    loader caches a file under a hash of its path, so a file edited in place kept its old vocabulary."""
     try:
-        ranks = tiktoken.load.load_tiktoken_bpe(path)
-    except Exception as e:
-        raise UserError(f"--token_encoding: {path} is not a readable .tiktoken file ({type(e).__name__})") from None
+        with open(path, "rb") as f:
+            contents = f.read()
+    except OSError as e:
+        raise UserError(f"--token_encoding: cannot read {path} ({e.strerror})") from None
+    ranks = {}
+    for number, line in enumerate(contents.splitlines(), 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # a wrong field count, bad base64 (binascii.Error) or a rank that is no integer
+            raise UserError(f"--token_encoding: line {number} of {path} is not '<base64 token> <rank>'") from None
     if not ranks:
         raise UserError(f"--token_encoding: {path} holds no tokens")
     from tiktoken_ext.openai_public import r50k_pat_str
 
     return tiktoken.Encoding(
-        name=f"file:{os.path.basename(path)}",
+        name=_file_slug(path, contents),
         pat_str=r50k_pat_str,
         mergeable_ranks=ranks,
         special_tokens={ENDOFTEXT: max(ranks.values()) + 1},
@@ -99,8 +115,7 @@ def encoding_slug(spec: str) -> str:
     if spec in NAMED_ENCODINGS or spec == "bytes":
         return spec
     with open(spec, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:10]
-    return f"tiktoken-{_safe(os.path.splitext(os.path.basename(spec))[0])}-{digest}"
+        return _file_slug(spec, f.read())
 
 
 def eot_id(encoding: tiktoken.Encoding) -> int:

@@ -5,8 +5,6 @@ import os
 import numpy as np
 import pytest
 import tiktoken
-import tiktoken.load
-import tiktoken.registry
 import torch
 
 import data
@@ -47,24 +45,48 @@ def test_bytes_encoding_round_trips_and_has_end_of_text():
     assert data.eot_id(enc) == 256 and enc.n_vocab == 257
 
 
+def write_tiktoken(path, merges):
+    """A .tiktoken file: the 256 bytes, then `merges` ranked in order."""
+    ranks = [bytes([i]) for i in range(256)] + merges
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+
+
 def test_local_tiktoken_file(tmp_path):
     path = tmp_path / "tiny.tiktoken"
-    ranks = {bytes([i]): i for i in range(256)} | {b"th": 256, b"the": 257}
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    write_tiktoken(path, [b"th", b"the"])
     enc = load_encoding(str(path))
     assert enc.encode_ordinary("the") == [257]
     assert data.eot_id(enc) == 258
     assert data.encoding_slug(str(path)).startswith("tiktoken-tiny-")
 
 
-def test_unreachable_named_encoding_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache: tiktoken must download
+def test_a_tiktoken_file_edited_in_place_loads_its_new_vocabulary(tmp_path):
+    """tiktoken's own loader caches a local file under a hash of its path, so an edit went unseen."""
+    path = tmp_path / "tiny.tiktoken"
+    write_tiktoken(path, [b"th", b"the"])
+    before = load_encoding(str(path))
+    assert before.encode_ordinary("then") == [257, ord("n")] and before.n_vocab == 259
+    slug = data.encoding_slug(str(path))
+    write_tiktoken(path, [b"he", b"en", b"hen", b"then"])
+    after = load_encoding(str(path))
+    assert after.encode_ordinary("then") == [259] and after.n_vocab == 261 and data.eot_id(after) == 260
+    assert data.encoding_slug(str(path)) != slug  # new token files, not the old vocabulary's
+    # The loaded encoding is named like the token files it writes, from the same contents.
+    assert (before.name, after.name) == (slug, data.encoding_slug(str(path)))
 
-    def no_network(*args, **kwargs):
-        raise ConnectionError("no network")
 
-    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+def test_a_malformed_tiktoken_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "bad.tiktoken"
+    write_tiktoken(path, [b"th"])
+    path.write_text(path.read_text() + "dGhl\n")  # a token without its rank
+    with pytest.raises(UserError, match=r"line 258 of .*bad.tiktoken is not '<base64 token> <rank>'"):
+        load_encoding(str(path))
+    path.write_text("")
+    with pytest.raises(UserError, match="holds no tokens"):
+        load_encoding(str(path))
+
+
+def test_unreachable_named_encoding_is_one_clear_error(offline_tiktoken):
     with pytest.raises(UserError) as e:
         load_encoding("cl100k_base")
     message = str(e.value)

@@ -11,6 +11,8 @@ import torch
 from common import load_checkpoint
 from conftest import ROOT, tiny_pretrain_args
 
+pytestmark = pytest.mark.slow  # every test launches torchrun processes
+
 # Width 27 with 3 heads: every weight has an odd row count, so FSDP's shards are uneven.
 # A constant learning rate lets a run of 2 epochs resumed to 4 match a run of 4 straight.
 SHAPE = ["--embedding_dimensions", "27", "--num_attention_heads", "3", "--dropout", "0", "--lr_schedule", "constant"]

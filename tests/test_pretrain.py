@@ -167,13 +167,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_unreachable_tokenizer_stops_pretraining_with_one_line(capsys, tmp_path, monkeypatch):
-    import tiktoken.load
-    import tiktoken.registry
-
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(tiktoken.load, "read_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+def test_unreachable_tokenizer_stops_pretraining_with_one_line(offline_tiktoken, capsys, tmp_path):
     argv = tiny_pretrain_args(str(tmp_path), str(tmp_path))
     argv[argv.index("--token_encoding") + 1] = "r50k_base"
     fails_with(capsys, argv, "cannot load the tiktoken encoding 'r50k_base'", "TIKTOKEN_CACHE_DIR", "--token_encoding bytes")
