@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import ArgumentParser, UserError, non_negative_float, positive_int, resolve_device, run_main
+from common import (ArgumentParser, UserError, add_system_args, non_negative_float, positive_int, resolve_device,
+                    run_main)
 from generate import add_inference_args, encode_prompt, load_for_inference, prompts
 from model import GPT
 
@@ -87,6 +88,7 @@ def beam_search(model: GPT, prompt_ids: list[int], eot: int, beam_width: int, nu
 def parse_args(argv=None):
     p = ArgumentParser(description="Beam search with LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_inference_args(p, max_tokens=100)
+    add_system_args(p, compile_help=None, seed_help=None)  # beam search is deterministic and runs eagerly
     p.add_argument("--num_candidates", type=positive_int, default=3, help="best sequences to print")
     p.add_argument("--beam_width", type=positive_int, default=16, help="sequences kept alive at each step")
     p.add_argument("--length_penalty", type=non_negative_float, default=1.0, help="rank by total / length ** this")
@@ -104,7 +106,8 @@ def main(args) -> list[list[Candidate]]:
         for rank, c in enumerate(found, 1):
             body = encoding.decode([t for t in c.tokens if t != eot])
             ending = "" if c.finished else " (cut at --max_tokens)"
-            print(f"[{rank}] log-probability {c.total:.3f} total, {c.score:.3f} normalised, {len(c.tokens)} tokens{ending}")
+            print(f"[{rank}] log-probability {c.total:.3f} total, {c.score:.3f} normalised, "
+                  f"{len(c.tokens)} tokens{ending}")
             print(body)
         print(flush=True)
         results.append(found)

@@ -29,12 +29,14 @@ import torch
 
 from adafactor import Adafactor
 from common import (
-    compile_enabled,
-    add_model_args,
     ArgumentParser,
-    model_config as config_from_flags,
     UserError,
+    add_model_args,
+    add_system_args,
     autocast,
+    bf16_supported,
+    compile_enabled,
+    model_config,
     non_negative_int,
     positive_float,
     positive_int,
@@ -54,15 +56,20 @@ def parse_args(argv=None):
     add_model_args(g)
     g = p.add_argument_group("train")
     g.add_argument("--batch_size", type=positive_int, default=16, help="samples per forward pass")
-    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="forward passes per optimizer step")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                   help="forward passes per optimizer step")
     g.add_argument("--tokens_per_sample", type=positive_int, default=1024, help="tokens per sample")
     g.add_argument("--learning_rate", type=positive_float, default=1e-2, help="Adafactor learning rate")
     g.add_argument("--low_memory_optimizer", action="store_true", help="single-tensor Adafactor updates")
-    g.add_argument("--optimizer", choices=("lightgpt", "torch"), default="lightgpt", help="adafactor.py, or torch.optim.Adafactor for comparison")
-    g.add_argument("--activation_checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--optimizer", choices=("lightgpt", "torch"), default="lightgpt",
+                   help="adafactor.py, or torch.optim.Adafactor for comparison")
+    g.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute block activations in backward")
     g.add_argument("--iterations", type=positive_int, default=10, help="timed steps (train) or generations (decode)")
-    g.add_argument("--warmup_iterations", type=non_negative_int, default=3, help="untimed steps first (compilation, allocator)")
-    g.add_argument("--peak_tflops", type=positive_float, default=None, help="the device's peak for MFU (default: a table of known GPUs)")
+    g.add_argument("--warmup_iterations", type=non_negative_int, default=3,
+                   help="untimed steps first (compilation, allocator)")
+    g.add_argument("--peak_tflops", type=positive_float, default=None,
+                   help="the device's peak for MFU (default: a table of known GPUs)")
     g = p.add_argument_group("decode")
     g.add_argument("--max_tokens", type=positive_int, default=256, help="tokens generated per sequence")
     g.add_argument("--prompt_tokens", type=positive_int, default=16, help="random prompt length")
@@ -74,11 +81,10 @@ def parse_args(argv=None):
     g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")
     g.add_argument("--num_dataset_processes", type=positive_int, default=8, help="tokenizer threads")
     g = p.add_argument_group("system")
-    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile (auto: on for CUDA)")
     g.add_argument("--compare_hf", action="store_true", help="also time transformers' GPT-2 of the same shape")
-    g.add_argument("--profile_path", default=None, help="also profile LightGPT's timed work: print the top ops, write a Chrome trace here")
-    g.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
-    g.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    g.add_argument("--profile_path", default=None,
+                   help="also profile LightGPT's timed work: print the top ops, write a Chrome trace here")
+    add_system_args(g, compile_help="torch.compile (auto: on for CUDA)", seed_default=0)
     return p.parse_args(argv)
 
 
@@ -149,10 +155,6 @@ def profile(fn, path: str, steps: int, device, label: str) -> None:
     print(f"trace written to {path}", flush=True)
 
 
-def model_config(args) -> GPTConfig:
-    return config_from_flags(args, args.vocabulary_size)  # common.model_config; here the vocabulary is a flag
-
-
 def hf_gpt2(args, device, positions: int):
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -185,7 +187,7 @@ def train_one(args, device, system: str, x, y) -> dict:
     B, T, A = args.batch_size, args.tokens_per_sample, args.gradient_accumulation_steps
     reset_peak_memory(device)
     if system == "lightgpt":
-        model = GPT(model_config(args)).to(device)
+        model = GPT(model_config(args, args.vocabulary_size)).to(device)
         model.set_activation_checkpointing(args.activation_checkpointing)
         mfu_model = model
     else:
@@ -212,7 +214,8 @@ def train_one(args, device, system: str, x, y) -> dict:
         profile(step, args.profile_path, 2, device, "training steps")
     tokens_per_s = B * T * A / seconds
     record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
-              "compiled": compile_enabled(args.compile, device), "activation_checkpointing": args.activation_checkpointing,
+              "compiled": compile_enabled(args.compile, device),
+              "activation_checkpointing": args.activation_checkpointing,
               "optimizer": args.optimizer, "batch_size": B, "tokens_per_sample": T, "gradient_accumulation_steps": A,
               "parameters": sum(p.numel() for p in model.parameters()),
               "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(seconds * 1e3, 2),
@@ -241,8 +244,8 @@ def decode_one(args, device, system: str, prompt) -> dict:
     compiled = compile_enabled(args.compile, device) and system == "lightgpt"
     reset_peak_memory(device)
     if system == "lightgpt":
-        model = GPT(model_config(args))
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        model = GPT(model_config(args, args.vocabulary_size))
+        if bf16_supported(device):
             model = model.to(torch.bfloat16)
         model = model.to(device).eval()
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -256,7 +259,7 @@ def decode_one(args, device, system: str, prompt) -> dict:
             return token
     else:
         model = hf_gpt2(args, device, P + args.max_tokens).eval()
-        if precision_name(device) == "bf16":
+        if bf16_supported(device):
             model = model.to(torch.bfloat16)  # the same weight precision as ours
         settings = dict(do_sample=args.temperature > 0, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
                         use_cache=True, pad_token_id=0)
@@ -302,7 +305,8 @@ def bench_tokenize(args, device, rows) -> None:
 
     def pipeline():
         with tempfile.TemporaryDirectory() as folder:
-            counts = write_token_files(iter(documents[i : i + batch] for i in range(0, len(documents), batch)), encoding,
+            batches = iter(documents[i : i + batch] for i in range(0, len(documents), batch))
+            counts = write_token_files(batches, encoding,
                                        os.path.join(folder, "train.bin"), os.path.join(folder, "test.bin"),
                                        corpus.test_every, threads)
         return counts["train"]["tokens"] + counts["test"]["tokens"] - len(documents)  # without end-of-text
@@ -316,7 +320,8 @@ def bench_tokenize(args, device, rows) -> None:
         results[system] = tokens / seconds
         record = {"mode": "tokenize", "system": system, "device": f"cpu ({os.cpu_count()} cores)", "threads": threads,
                   "encoding": args.token_encoding, "documents": len(documents), "characters": characters * repeats,
-                  "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1), "peak_memory_gib": round(peak_memory_gib(torch.device("cpu")), 3)}
+                  "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+                  "peak_memory_gib": round(peak_memory_gib(torch.device("cpu")), 3)}
         if system == "lightgpt-pipeline":
             record["fraction_of_raw"] = round(results[system] / results["tiktoken-batch"], 3)
         report(rows, record)

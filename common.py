@@ -101,13 +101,15 @@ def add_model_args(g) -> None:
 
 
 def add_system_args(g, compile_help: str | None = "torch.compile the model (auto: on for CUDA)",
-                    seed_default: int | None = None, seed_help: str = "random seed") -> None:
-    """--device, --compile and --seed, which every script takes. compile_help=None leaves --compile out
-    (for a script that never compiles); each script says what its seed and compilation cover."""
+                    seed_default: int | None = None, seed_help: str | None = "random seed") -> None:
+    """--device, --compile and --seed, which the scripts share. compile_help=None leaves --compile out
+    (a script that never compiles), seed_help=None leaves --seed out (a deterministic one); each
+    script says what its seed and compilation cover."""
     g.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
     if compile_help is not None:
         g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=compile_help)
-    g.add_argument("--seed", type=non_negative_int, default=seed_default, help=seed_help)
+    if seed_help is not None:
+        g.add_argument("--seed", type=non_negative_int, default=seed_default, help=seed_help)
 
 
 def model_config(args, vocabulary_size: int) -> GPTConfig:

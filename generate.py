@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    compile_enabled,
     ArgumentParser,
     UserError,
+    add_system_args,
+    bf16_supported,
+    compile_enabled,
+    first_line,
     load_checkpoint,
     non_negative_float,
-    non_negative_int,
     positive_int,
     resolve_device,
     run_main,
@@ -42,22 +44,27 @@ from model import GPT, GPTConfig
 
 
 def add_inference_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The flags generate.py and beam_search.py share (each adds its own --device/--compile/--seed)."""
     p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="the model checkpoint")
     p.add_argument("--lora_path", default=None, help="a LoRA adapter checkpoint (not supported yet)")
     p.add_argument("--max_tokens", type=positive_int, default=max_tokens, help="most tokens to generate per prompt")
-    p.add_argument("--context_length", type=positive_int, default=1024, help="tokens the model sees (its KV cache length)")
-    p.add_argument("--prompt", default=None, help="generate for this prompt and exit (default: read prompts from standard input)")
-    p.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--context_length", type=positive_int, default=1024,
+                   help="tokens the model sees (its KV cache length)")
+    p.add_argument("--prompt", default=None,
+                   help="generate for this prompt and exit (default: read prompts from standard input)")
 
 
 def add_sampling_args(p) -> None:
     """The sampling flags generate.py and bench.py share."""
-    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="softmax temperature; 0 is greedy")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0,
+                   help=f"softmax temperature; 0 (or below {GREEDY_BELOW:g}) is greedy")
     p.add_argument("--top_k", type=positive_int, default=500, help="sample only from the k most likely tokens")
-    p.add_argument("--top_p", type=unit_interval, default=0.9, help="then only from the smallest set whose probability reaches p")
+    p.add_argument("--top_p", type=unit_interval, default=0.9,
+                   help="then only from the smallest set whose probability reaches p")
 
 
-def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: str | None = None) -> tuple[GPT, object, int]:
+def load_for_inference(checkpoint_path: str, device: torch.device,
+                       lora_path: str | None = None) -> tuple[GPT, object, int]:
     """The model (eval mode, bf16 weights where bf16 is native), its tokenizer and end-of-text id."""
     if lora_path is not None:
         raise UserError("--lora_path: LoRA adapters are not supported yet (they arrive with instruction tuning)")
@@ -66,9 +73,9 @@ def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: st
         model = GPT(GPTConfig.from_dict(state["config"]))
         model.load_state_dict(state["model"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"--checkpoint_path: {checkpoint_path} holds no usable model ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"--checkpoint_path: {checkpoint_path} holds no usable model ({first_line(e, 120)})") from None
     encoding = load_encoding(state["token_encoding"])
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if bf16_supported(device):
         model = model.to(torch.bfloat16)
     model.to(device).eval()
     return model, encoding, state["eot_id"]
@@ -271,11 +278,12 @@ def generate(decoder: Decoder, prompt_ids: list[int], eot: int, max_tokens: int,
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Generate text with LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Generate text with LightGPT.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_inference_args(p, max_tokens=1000)
     add_sampling_args(p)
-    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed for reproducible output")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile the decode step into a CUDA graph (auto: on for CUDA)")
+    add_system_args(p, compile_help="compile the decode step into CUDA graphs (auto: on for CUDA)",
+                    seed_help="random seed for reproducible output")
     return p.parse_args(argv)
 
 

@@ -224,7 +224,8 @@ def check_targets(targets: torch.Tensor, vocabulary_size: int) -> None:
     torch._assert_async(ok.all(), f"targets must be token ids in [0, {vocabulary_size}) or {IGNORE_INDEX} (ignored)")
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocabulary_size: int) -> torch.Tensor:
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         vocabulary_size: int) -> torch.Tensor:
     """Mean cross-entropy of logits x @ weight.T (padded columns excluded) over the targets that are
     not IGNORE_INDEX, without materialising the whole logits tensor. x (N, C), targets (N,)."""
     check_targets(targets, vocabulary_size)
@@ -292,7 +293,7 @@ class GPT(nn.Module):
             if cache is None:
                 raise RuntimeError("call setup_cache() before decoding with input_pos")
             if window is not None and window != cache.length:
-                raise ValueError(f"with a KV cache the attention window is the cache length ({cache.length}), not {window}")
+                raise ValueError(f"a KV cache fixes the window at the cache length ({cache.length}), not {window}")
             mask = cache.begin(input_pos)
         elif window is not None and T > window:
             mask = sliding_window_mask(T, window, idx.device)
