@@ -147,8 +147,8 @@ def sample(logits: torch.Tensor, sampling: Sampling, noise: torch.Tensor | None)
     if sampling.greedy:
         return logits.argmax(dim=-1)
     k = min(sampling.top_k, logits.size(-1))
-    top_logits, top_ids = torch.topk(logits.float() / sampling.temperature, k, dim=-1)  # (B, K), sorted
-    probs = torch.softmax(top_logits, dim=-1)
+    top_logits, top_ids = torch.topk(logits, k, dim=-1)  # (B, K), sorted; dividing by T > 0 keeps the order
+    probs = torch.softmax(top_logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         # The mass of the tokens ranked above each one: a shifted cumulative sum, not cumsum - p, which
         # can round a mass of exactly top_p down and keep one token too many.
@@ -223,13 +223,13 @@ class Decoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (B,) at the next position -> the token after it (B,), a fresh tensor."""
-        self.token.copy_(token.view_as(self.token))
         if not self.sampling.greedy:
             self.sampler.fill(self.noise)
         span = self.cache.span_for(self.next_position)
         self.next_position += 1
         if self.graphs is None:
-            return self._step(self.token, self.position, self.noise, span)
+            return self._step(token.view_as(self.token), self.position, self.noise, span)
+        self.token.copy_(token.view_as(self.token))
         if span not in self.graphs:
             self.graphs[span] = self._capture(span)
         graph, output = self.graphs[span]

@@ -275,6 +275,8 @@ class GPT(nn.Module):
         """Preallocate a key/value cache of `length` tokens for decoding with forward(..., input_pos=...)."""
         weight = self.token_embeddings.weight
         self.kv_cache = KVCache(self.config, batch_size, length, weight.device, dtype or weight.dtype)
+        if weight.device.type == "cpu":  # the CPU's BLAS multiplies one row by a transposed table 3x slower
+            self.kv_cache.output_weight = weight.detach().t().contiguous().t()  # the same values, column-major
         return self.kv_cache
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
@@ -306,7 +308,8 @@ class GPT(nn.Module):
                 x = block(x, cache, mask)
         x = self.output_norm(x)
         if targets is None:
-            logits = F.linear(x, self.token_embeddings.weight)  # (B, T, padded_vocab), tied weights
+            faster = None if cache is None else cache.output_weight  # a CPU decoder's column-major copy
+            logits = F.linear(x, self.token_embeddings.weight if faster is None else faster)  # (B, T, padded_vocab)
             return logits[..., : self.config.vocabulary_size]  # padded ids are never predicted
         return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.token_embeddings.weight, targets.reshape(-1),
                                     self.config.vocabulary_size)
@@ -376,7 +379,10 @@ class KVCache(nn.Module):
         self.length = length
         self.span: int | None = None
         self.slots: torch.Tensor | None = None  # where this call's tokens go, set by begin()
+        self.output_weight: torch.Tensor | None = None  # a faster layout of the output layer, if any
         self.layers = nn.ModuleList(LayerKV(shape, device, dtype) for _ in range(config.num_hidden_layers))
+        self._buffers_by_layer = [(kv.k, kv.v) for kv in self.layers]  # plain tuples: cheaper per step than
+        # ModuleList indexing and module attribute lookups (the cache never moves; setup_cache makes it in place)
         self.register_buffer("slot_pos", torch.full((length,), -1, device=device, dtype=torch.long), persistent=False)
 
     def spans(self, smallest: int = 64) -> list[int]:
@@ -415,13 +421,14 @@ class KVCache(nn.Module):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys and values (B, n_head, T, head_dim) into their slots and return what
         the queries attend over: a prefill its own keys, a decode step the span of the ring."""
-        n, kv = self.slots.numel(), self.layers[layer]
-        kv.k.index_copy_(2, self.slots, k[:, :, -n:].to(kv.k.dtype))
-        kv.v.index_copy_(2, self.slots, v[:, :, -n:].to(kv.v.dtype))
+        cache_k, cache_v = self._buffers_by_layer[layer]
+        n = self.slots.numel()
+        cache_k.index_copy_(2, self.slots, k[:, :, -n:].to(cache_k.dtype))
+        cache_v.index_copy_(2, self.slots, v[:, :, -n:].to(cache_v.dtype))
         if k.size(2) > 1:
             return k, v
         S = self.span or self.length
-        return kv.k[:, :, :S].to(k.dtype), kv.v[:, :, :S].to(v.dtype)
+        return cache_k[:, :, :S].to(k.dtype), cache_v[:, :, :S].to(v.dtype)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (e.g. the beams that survive a beam-search step), in place."""
