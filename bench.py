@@ -197,8 +197,11 @@ def train_one(args, device, system: str, x, y) -> dict:
         mfu_model = None
     model.train()
     module = torch.compile(model) if compile_enabled(args.compile, device) else model
-    optimizer_class = Adafactor if args.optimizer == "lightgpt" else torch.optim.Adafactor
-    optimizer = optimizer_class(model.parameters(), lr=args.learning_rate, foreach=not args.low_memory_optimizer)
+    settings = dict(lr=args.learning_rate, foreach=not args.low_memory_optimizer)
+    if args.optimizer == "lightgpt":
+        optimizer = Adafactor(model.parameters(), compile=compile_enabled(args.compile, device), **settings)
+    else:
+        optimizer = torch.optim.Adafactor(model.parameters(), **settings)
 
     def step():
         for _ in range(A):

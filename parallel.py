@@ -33,7 +33,7 @@ class Parallel:
     what the loop calls: the compiled and/or DDP-wrapped model (under FSDP the model itself)."""
 
     def __init__(self, model: nn.Module, ctx: Distributed, device: torch.device, level: int, use_compile: bool):
-        self.model, self.ctx = model, ctx
+        self.model, self.ctx, self.use_compile = model, ctx, use_compile
         self.kind = "single" if not ctx.enabled else "ddp" if level == 0 else "fsdp"
         if self.kind == "single":
             self.wrapped = torch.compile(model) if use_compile else model
@@ -62,9 +62,11 @@ class Parallel:
             self.wrapped = model  # blocks compiled above, before sharding
 
     def optimizer(self, **kwargs) -> Adafactor:
-        """Adafactor (adafactor.py): torch.optim.Adafactor's updates, sharded or not, with no host syncs.
-        It steps only the trainable parameters (all of them in pretraining; the adapters in LoRA tuning)."""
-        return Adafactor([p for p in self.model.parameters() if p.requires_grad], **kwargs)
+        """Adafactor (adafactor.py): torch.optim.Adafactor's updates, sharded or not, with no host syncs,
+        its arithmetic compiled when the model is. It steps only the trainable parameters (all of them
+        in pretraining; the adapters in LoRA tuning)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return Adafactor(params, compile=self.use_compile, **kwargs)
 
     def gradient_sync(self, enabled: bool):
         """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps that do not step."""

@@ -71,3 +71,17 @@ def test_loading_state_keeps_the_new_settings():
     resumed.load_consolidated_state_dict(saved.consolidated_state_dict())
     assert resumed.param_groups[0]["foreach"] is False and resumed.param_groups[0]["beta2_decay"] == -0.5
     assert resumed.state_dict()["state"][0]["step"].item() == 2
+
+
+@pytest.mark.slow  # torch.compile of the optimizer's arithmetic
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1, "maximize": True}])
+def test_compiled_arithmetic_gives_the_same_updates(options):
+    """compile=True fuses the step's arithmetic; parameters and state must match the eager optimizer."""
+    eager, fused = make_params(), make_params()
+    reference = run(Adafactor, 6, eager, **options)
+    compiled = run(Adafactor, 6, fused, compile=True, **options)
+    for a, b in zip(eager, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for i, state in reference.state_dict()["state"].items():
+        for key in state:
+            torch.testing.assert_close(compiled.state_dict()["state"][i][key], state[key], rtol=1e-5, atol=1e-7)
