@@ -38,7 +38,8 @@ def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     piece = chunks[rank] if rank < len(chunks) else full.new_empty((0, *full.shape[1:]))
     expected = tuple(like.to_local().shape[:1])
     if tuple(piece.shape[:1]) != expected:
-        raise RuntimeError(f"optimizer state shard of {tuple(piece.shape)} does not match the parameter shard {expected}")
+        raise RuntimeError(f"optimizer state shard of {tuple(piece.shape)} "
+                           f"does not match the parameter shard {expected}")
     return piece
 
 

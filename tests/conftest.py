@@ -24,7 +24,8 @@ torch.set_num_threads(1)
 
 from model import GPT, GPTConfig  # noqa: E402
 
-TINY = dict(vocabulary_size=300, embedding_dimensions=32, num_attention_heads=4, num_hidden_layers=2, feed_forward_ratio=4)
+TINY = dict(vocabulary_size=300, embedding_dimensions=32, num_attention_heads=4, num_hidden_layers=2,
+            feed_forward_ratio=4)
 
 
 @pytest.fixture(autouse=True)

@@ -90,7 +90,8 @@ def test_unreachable_named_encoding_is_one_clear_error(offline_tiktoken):
     with pytest.raises(UserError) as e:
         load_encoding("cl100k_base")
     message = str(e.value)
-    assert "cl100k_base" in message and "TIKTOKEN_CACHE_DIR" in message and "bytes" in message and ".tiktoken" in message
+    assert ("cl100k_base" in message and "TIKTOKEN_CACHE_DIR" in message and "bytes" in message
+            and ".tiktoken" in message)
     assert "\n" not in message
 
 

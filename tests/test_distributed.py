@@ -24,7 +24,8 @@ def launch(nproc, argv, timeout=240):
     if nproc == 1:
         command = [sys.executable, "pretrain.py", *argv]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "pretrain.py", *argv]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "pretrain.py", *argv]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -38,7 +39,8 @@ def args(data, run, *extra):
 
 
 def losses(stdout):
-    return [float(line.split("cross-entropy ")[1].split(",")[0]) for line in stdout.splitlines() if "cross-entropy" in line]
+    return [float(line.split("cross-entropy ")[1].split(",")[0]) for line in stdout.splitlines()
+            if "cross-entropy" in line]
 
 
 def assert_same_state(a_path, b_path, atol=1e-6):
@@ -50,7 +52,8 @@ def assert_same_state(a_path, b_path, atol=1e-6):
     assert a["optimizer"]["param_groups"][0].keys() == b["optimizer"]["param_groups"][0].keys()
     for index, state in a["optimizer"]["state"].items():
         for key, value in state.items():
-            torch.testing.assert_close(b["optimizer"]["state"][index][key], value, rtol=1e-5, atol=atol, msg=f"{index}.{key}")
+            torch.testing.assert_close(b["optimizer"]["state"][index][key], value, rtol=1e-5, atol=atol,
+                                       msg=f"{index}.{key}")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,8 @@ def test_checkpoints_resume_across_world_sizes(builtin_data, tmp_path, single, f
 
 def test_uneven_accumulation_warns(builtin_data, tmp_path):
     result = check(launch(2, args(builtin_data, tmp_path, "--gradient_accumulation_steps", "3", "--num_epochs", "1")))
-    assert "warning: --gradient_accumulation_steps 3 does not divide among 2 processes; each does 1 (2 in all)" in result.stdout
+    assert ("warning: --gradient_accumulation_steps 3 does not divide among 2 processes; "
+            "each does 1 (2 in all)") in result.stdout
 
 
 def test_impossible_split_is_one_clear_line(builtin_data, tmp_path):
@@ -101,7 +105,8 @@ def test_impossible_split_is_one_clear_line(builtin_data, tmp_path):
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert ours == [  # every rank stops; rank 0 alone says why
-        "error: --gradient_accumulation_steps 1 is smaller than the world size 2: every rank needs at least one micro-batch per step"
+        "error: --gradient_accumulation_steps 1 is smaller than the world size 2: "
+        "every rank needs at least one micro-batch per step"
     ]
     # torchrun itself reports the failed workers; no traceback comes from our code.
     assert 'pretrain.py", line' not in result.stderr and "[rank0]: Traceback" not in result.stderr
@@ -120,7 +125,8 @@ def test_signal_on_one_rank_stops_all_ranks_with_a_checkpoint(builtin_data, tmp_
             output.append(line)
             if "epoch 1/" in line:
                 break
-        workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True,
+                                 text=True).stdout.split()
         assert len(workers) == 2, workers
         os.kill(int(workers[-1]), signal.SIGTERM)  # one rank only
         output.append(launcher.stdout.read())

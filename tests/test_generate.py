@@ -60,7 +60,8 @@ def test_cached_greedy_equals_recomputation_past_the_window(prompt_length, conte
     spans of 64, 128 and 130 slots before it wraps."""
     model = random_model(layers=3)
     prompt = torch.randint(0, 300, (prompt_length,), generator=torch.Generator().manual_seed(1)).tolist()
-    assert greedy_with_cache(model, prompt, steps, context_length) == greedy_by_recomputation(model, prompt, steps, context_length)
+    assert (greedy_with_cache(model, prompt, steps, context_length)
+            == greedy_by_recomputation(model, prompt, steps, context_length))
 
 
 @pytest.mark.slow  # torch.compile of the decode step: inductor builds C++ kernels
@@ -165,8 +166,10 @@ def test_sampling_rules():
     assert sample(logits, Sampling(0.0, 5, 1.0), None).item() == 4  # temperature 0 is greedy
     assert {sample(logits, Sampling(1.0, 1, 1.0), noise(1, s)).item() for s in range(50)} == {4}  # top-k 1
     assert {sample(logits, Sampling(1.0, 2, 1.0), noise(2, s)).item() for s in range(200)} == {0, 4}  # only the top 2
-    assert {sample(logits, Sampling(1.0, 5, 0.01), noise(5, s)).item() for s in range(50)} == {4}  # top-p keeps at least one
-    assert {sample(logits, Sampling(1.0, 999, 0.01), noise(5, s)).item() for s in range(50)} == {4}  # top-k above V is clamped
+    assert {sample(logits, Sampling(1.0, 5, 0.01), noise(5, s)).item()
+            for s in range(50)} == {4}  # top-p keeps at least one
+    assert {sample(logits, Sampling(1.0, 999, 0.01), noise(5, s)).item()
+            for s in range(50)} == {4}  # top-k above V is clamped
     p = torch.softmax(logits[0], -1)
     # top-p 0.9: the smallest prefix of sorted tokens reaching 0.9 is {4, 0, 1} (0.63 + 0.23 + 0.09)
     assert p[[4, 0]].sum() < 0.9 <= p[[4, 0, 1]].sum()
@@ -179,7 +182,8 @@ def test_top_p_keeps_no_token_past_an_exact_mass():
     """Three equal tokens and top_p = 2/3: two of them reach the mass exactly, so the third is never kept."""
     logits = torch.zeros(1, 3)
     g = torch.Generator().manual_seed(0)
-    draws = {sample(logits, Sampling(1.0, 3, 2 / 3), torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(300)}
+    draws = {sample(logits, Sampling(1.0, 3, 2 / 3), torch.empty(1, 3).exponential_(generator=g)).item()
+             for _ in range(300)}
     assert len(draws) == 2  # which two depends on how topk orders ties
 
 
@@ -194,11 +198,13 @@ def test_a_tiny_temperature_is_greedy_not_nan():
 def test_sampling_matches_the_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     g = torch.Generator().manual_seed(0)
-    draws = [sample(logits, Sampling(1.0, 3, 1.0), torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
+    draws = [sample(logits, Sampling(1.0, 3, 1.0), torch.empty(1, 3).exponential_(generator=g)).item()
+             for _ in range(4000)]
     freq = [draws.count(i) / len(draws) for i in range(3)]
     assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
     # temperature 2 flattens: p ~ sqrt(0.5, 0.3, 0.2)
-    draws = [sample(logits, Sampling(2.0, 3, 1.0), torch.empty(1, 3).exponential_(generator=g)).item() for _ in range(4000)]
+    draws = [sample(logits, Sampling(2.0, 3, 1.0), torch.empty(1, 3).exponential_(generator=g)).item()
+             for _ in range(4000)]
     expected = torch.tensor([0.5, 0.3, 0.2]).sqrt()
     expected = (expected / expected.sum()).tolist()
     assert [draws.count(i) / len(draws) for i in range(3)] == pytest.approx(expected, abs=0.03)
@@ -241,7 +247,8 @@ def test_beam_width_one_is_greedy():
 @pytest.fixture(scope="module")
 def checkpoint(builtin_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("gen")
-    pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(run), "--num_epochs", "6", "--learning_rate", "3e-2")))
+    pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(run), "--num_epochs", "6",
+                                                         "--learning_rate", "3e-2")))
     return str(run / "checkpoint.pt")
 
 
@@ -277,7 +284,8 @@ def test_prompts_from_standard_input(checkpoint, monkeypatch, capsys):
 
 
 def test_scripts_run_piped_from_the_command_line(checkpoint):
-    for script, extra in (("generate.py", ["--max_tokens", "8", "--seed", "0"]), ("beam_search.py", ["--max_tokens", "6", "--beam_width", "4"])):
+    for script, extra in (("generate.py", ["--max_tokens", "8", "--seed", "0"]),
+                          ("beam_search.py", ["--max_tokens", "6", "--beam_width", "4"])):
         result = subprocess.run([sys.executable, script, "--checkpoint_path", checkpoint, "--device", "cpu", *extra],
                                 input="Hello\nWorld\n", cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
@@ -315,4 +323,5 @@ def test_sampling_flag_errors(capsys):
     fails_with(capsys, generate, ["--top_p", "1.5"], "--top_p")
     fails_with(capsys, generate, ["--top_k", "0"], "--top_k", "positive integer")
     fails_with(capsys, generate, ["--temperature", "-1"], "--temperature", ">= 0")
-    fails_with(capsys, beam_search, ["--num_candidates", "5", "--beam_width", "4"], "--num_candidates 5 is larger than --beam_width 4")
+    fails_with(capsys, beam_search, ["--num_candidates", "5", "--beam_width", "4"],
+               "--num_candidates 5 is larger than --beam_width 4")

@@ -151,7 +151,8 @@ def test_chunked_loss_and_gradients_equal_the_plain_computation(tiny_config, mon
 
     monkeypatch.setattr(model_module, "LOGITS_CHUNK_BYTES", chunk_bytes)
     x = torch.randn(40, tiny_config.embedding_dimensions, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(tiny_config.padded_vocabulary_size, tiny_config.embedding_dimensions, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(tiny_config.padded_vocabulary_size, tiny_config.embedding_dimensions, dtype=torch.float64,
+                         requires_grad=True)
     targets = torch.randint(0, tiny_config.vocabulary_size, (40,))
     targets[::5] = IGNORE_INDEX
     loss = model_module.linear_cross_entropy(x, weight, targets, tiny_config.vocabulary_size)
@@ -166,7 +167,8 @@ def test_chunked_loss_and_gradients_equal_the_plain_computation(tiny_config, mon
     torch.testing.assert_close(gw, weight.grad)
     assert gw[tiny_config.vocabulary_size :].abs().max() == 0  # padded rows get no gradient
     with torch.no_grad():  # the evaluation path
-        torch.testing.assert_close(model_module.linear_cross_entropy(x, weight, targets, tiny_config.vocabulary_size), reference)
+        torch.testing.assert_close(model_module.linear_cross_entropy(x, weight, targets, tiny_config.vocabulary_size),
+                                   reference)
 
 
 def test_model_loss_and_gradients_equal_a_reference_on_full_logits(tiny_model, tiny_config):

@@ -153,7 +153,8 @@ def test_checkpoint_errors_with_resume(capsys, builtin_data, tmp_path):
 
 def test_resume_with_another_encoding_is_refused(capsys, builtin_data, tmp_path):
     run(tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "1"))
-    fails_with(capsys, tiny_pretrain_args(builtin_data, str(tmp_path), "--resume", "--token_encoding", "r50k_base"), "differs from the checkpoint")
+    fails_with(capsys, tiny_pretrain_args(builtin_data, str(tmp_path), "--resume", "--token_encoding", "r50k_base"),
+               "differs from the checkpoint")
 
 
 def test_command_line_error_has_no_traceback(tmp_path):
@@ -170,5 +171,6 @@ def test_command_line_error_has_no_traceback(tmp_path):
 def test_unreachable_tokenizer_stops_pretraining_with_one_line(offline_tiktoken, capsys, tmp_path):
     argv = tiny_pretrain_args(str(tmp_path), str(tmp_path))
     argv[argv.index("--token_encoding") + 1] = "r50k_base"
-    fails_with(capsys, argv, "cannot load the tiktoken encoding 'r50k_base'", "TIKTOKEN_CACHE_DIR", "--token_encoding bytes")
+    fails_with(capsys, argv, "cannot load the tiktoken encoding 'r50k_base'", "TIKTOKEN_CACHE_DIR",
+               "--token_encoding bytes")
     assert not os.path.exists(tmp_path / "checkpoint.pt")

@@ -58,7 +58,8 @@ def tiktoken_vocabulary(name: str, monkeypatch) -> int:
 def tokenizer_vocabularies() -> dict[str, int]:
     """The README's tokenizer table: encoding name -> vocabulary (the row for a local file has none)."""
     rows = table(section("### Tokenizers"))
-    return {row[0].split("`")[1]: int(row[1].replace(",", "")) for row in rows if row[1][0].isdigit()}  # `name` (default)
+    return {row[0].split("`")[1]: int(row[1].replace(",", ""))  # `name` (default)
+            for row in rows if row[1][0].isdigit()}
 
 
 def model_shapes() -> list[tuple[str, GPTConfig, str]]:
@@ -84,7 +85,8 @@ def test_model_shapes_use_real_vocabularies_and_exact_parameter_counts():
     assert shapes[0][1] == GPTConfig()  # Small is the default shape
     vocabularies = set(tokenizer_vocabularies().values())
     for name, config, _ in shapes:
-        assert config.vocabulary_size in vocabularies, f"{name}: vocabulary {config.vocabulary_size:,} is no tokenizer's"
+        assert config.vocabulary_size in vocabularies, (f"{name}: vocabulary {config.vocabulary_size:,} "
+                                                        "is no tokenizer's")
     for name, config, parameters in shapes:
         assert parameters == rounded(num_parameters(config)), name
 
