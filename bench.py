@@ -251,6 +251,8 @@ def decode_one(args, device, system: str, prompt) -> dict:
         if bf16_supported(device):
             model = model.to(torch.bfloat16)
         model = model.to(device).eval()
+        kv_cache_gib = round(model.kv_bytes_per_token(model.token_embeddings.weight.element_size())
+                             * batch * args.context_length / 2**30, 4)
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled)
 
@@ -261,6 +263,7 @@ def decode_one(args, device, system: str, prompt) -> dict:
                 token = decoder.step(token)
             return token
     else:
+        kv_cache_gib = None
         model = hf_gpt2(args, device, P + args.max_tokens).eval()
         if bf16_supported(device):
             model = model.to(torch.bfloat16)  # the same weight precision as ours
@@ -281,8 +284,8 @@ def decode_one(args, device, system: str, prompt) -> dict:
             "compiled": compiled, "batch_size": batch, "prompt_tokens": P, "new_tokens": args.max_tokens,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "tokens_per_s": round(batch * args.max_tokens / seconds, 1),
-            "ms_per_token": round(seconds / args.max_tokens * 1e3, 3),
-            "peak_memory_gib": round(peak_memory_gib(device), 3)}
+            "ms_per_token": round(seconds / args.max_tokens * 1e3, 3),  # per decode step (batch tokens)
+            "peak_memory_gib": round(peak_memory_gib(device), 3), "kv_cache_gib": kv_cache_gib}
 
 
 # ----------------------------------------------------------------------------- tokenize

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks of the pretraining, scale-out, generation and speed work, in one call: about 6 to 8
-# minutes on one H100/H200. Prints a table per step and writes every log under $OUT (or ./gpu_check).
-#   bash tests/gpu_check.sh                 # on the GPU machine
+# The GPU checks of the pretraining, scale-out, generation and speed work: about 8 minutes on one
+# H200 for both parts. Prints a table per step and writes every log under $OUT (or ./gpu_check).
+#   bash tests/gpu_check.sh                 # on the GPU machine: PART=bench, then PART=runs
+#   PART=bench bash tests/gpu_check.sh      # CUDA-only tests and bench.py (PROFILE=1: also traces)
+#   PART=runs bash tests/gpu_check.sh       # pretraining, generation, beam search, torchrun levels
 #   DEVICE=cpu TINY=1 PYTHON=.venv/bin/python bash tests/gpu_check.sh   # dry run on a CPU, tiny shapes
-# Needs torch, tiktoken, numpy, tqdm, tensorboard (not datasets: it uses the builtin corpus).
+# Needs torch, tiktoken, numpy, tqdm, tensorboard, pytest (not datasets: it uses the builtin corpus).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-./gpu_check}
 device=${DEVICE:-cuda}
 py=${PYTHON:-python3}  # on the GPU machine, python3 is the one with torch
+part=${PART:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -16,7 +19,7 @@ step() {  # step NAME COMMAND...: run, keep the log, remember failures, go on
     local name=$1; shift
     echo "== $name: $*"
     if ! "$@" > "$out/$name.log" 2>&1; then echo "   FAILED (see $out/$name.log)"; tail -n 5 "$out/$name.log"; status=1; fi
-    grep -E '^(mode|train|decode|tokenize|step|epoch|model:|device:)' "$out/$name.log" | tail -n 12
+    grep -E '^(mode|train|decode|tokenize|step|epoch|model:|device:)|passed|failed|skipped' "$out/$name.log" | tail -n 12
 }
 
 if [ "${TINY:-0}" = 1 ]; then
@@ -34,11 +37,26 @@ else
 fi
 "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$out/versions.txt"
 
+profile_train=() profile_decode=()
+if [ "${PROFILE:-0}" = 1 ]; then  # top ops printed in the logs, Chrome traces beside them
+    profile_train=(--profile_path "$out/train-trace.json")
+    profile_decode=(--profile_path "$out/decode-trace.json")
+fi
+
+if [ "$part" = all ] || [ "$part" = bench ]; then
+# What only a GPU can check: the CUDA-graph decoder equals the eager one (skipped on a CPU).
+step test_gpu "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # Speed and memory (bench.py): training, with activation checkpointing, with torch's Adafactor; decoding.
-step bench_train "$py" bench.py train --device "$device" --compile "$compile" "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
-step bench_train_ac "$py" bench.py train --device "$device" --compile "$compile" --activation_checkpointing "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
-step bench_train_torch_adafactor "$py" bench.py train --device "$device" --compile "$compile" --optimizer torch "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
-step bench_decode "$py" bench.py decode --device "$device" --compile "$compile" "${shape[@]}" "${decode[@]}" --iterations 3 --warmup_iterations 1
+step bench_train "$py" bench.py train --device "$device" --compile "$compile" "${shape[@]}" "${train_batch[@]}" \
+    "${iters[@]}" "${profile_train[@]}"
+step bench_train_ac "$py" bench.py train --device "$device" --compile "$compile" --activation_checkpointing \
+    "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
+step bench_train_torch_adafactor "$py" bench.py train --device "$device" --compile "$compile" --optimizer torch \
+    "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
+step bench_decode "$py" bench.py decode --device "$device" --compile "$compile" "${shape[@]}" "${decode[@]}" \
+    --iterations 3 --warmup_iterations 1 "${profile_decode[@]}"
+fi
+[ "$part" = bench ] && { echo "gpu_check: $([ $status = 0 ] && echo all steps passed || echo some steps FAILED)"; exit $status; }
 
 # A short pretraining of the model shape on the builtin corpus (bf16, compile), then generation from it.
 run=(--dataset builtin --token_encoding bytes --dataset_path "$out/datasets" --device "$device" "${shape[@]}"
