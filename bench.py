@@ -251,8 +251,8 @@ def decode_one(args, device, system: str, prompt) -> dict:
         if bf16_supported(device):
             model = model.to(torch.bfloat16)
         model = model.to(device).eval()
-        kv_cache_gib = round(model.kv_bytes_per_token(model.token_embeddings.weight.element_size())
-                             * batch * args.context_length / 2**30, 4)
+        kv_bytes = model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch * args.context_length
+        kv_cache_gib = float(f"{kv_bytes / 2**30:.4g}")
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled)
 
