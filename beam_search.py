@@ -19,7 +19,7 @@ import torch
 
 from common import (ArgumentParser, UserError, add_system_args, non_negative_float, positive_int, resolve_device,
                     run_main)
-from generate import add_inference_args, encode_prompt, load_for_inference, prompts
+from generate import add_inference_args, decode_text, encode_prompt, load_for_inference, prompts
 from model import GPT
 
 
@@ -104,12 +104,11 @@ def main(args) -> list[list[Candidate]]:
         found = beam_search(model, encode_prompt(encoding, eot, text), eot, args.beam_width, args.num_candidates,
                             args.max_tokens, args.context_length, args.length_penalty)
         for rank, c in enumerate(found, 1):
-            body = encoding.decode([t for t in c.tokens if t != eot])
+            body = decode_text(encoding, [t for t in c.tokens if t != eot])
             ending = "" if c.finished else " (cut at --max_tokens)"
             print(f"[{rank}] log-probability {c.total:.3f} total, {c.score:.3f} normalised, "
                   f"{len(c.tokens)} tokens{ending}")
-            print(body)
-        print(flush=True)
+            print(body, flush=True)
         results.append(found)
     return results
 

@@ -82,18 +82,34 @@ def load_for_inference(checkpoint_path: str, device: torch.device,
 
 
 def prompts(prompt: str | None) -> Iterator[str]:
-    """--prompt once, or every line of standard input (with a '> ' prompt when typed at a terminal)."""
+    """--prompt once, or every non-blank line of standard input: typed at a terminal after a '> ' prompt,
+    or piped, in which case each prompt is echoed as a '> ' line above its answer and answers are
+    separated by a blank line, so that they can be told apart."""
     if prompt is not None:
         yield prompt
         return
     interactive = sys.stdin.isatty()
+    first = True
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            if interactive:
+                print(flush=True)  # end the "> " line, so "interrupted" starts a line of its own
+            raise
         if not line:
+            if interactive:
+                print(flush=True)
             return
-        yield line.rstrip("\n")
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if not interactive:
+            print(("" if first else "\n") + f"> {text}", flush=True)
+            first = False
+        yield text
 
 
 def encode_prompt(encoding, eot: int, text: str) -> list[int]:
@@ -101,12 +117,19 @@ def encode_prompt(encoding, eot: int, text: str) -> list[int]:
     return [eot] + encoding.encode_ordinary(text)
 
 
+def decode_text(encoding, tokens: list[int]) -> str:
+    """Tokens as text, whole characters only: bytes that form no character (a model can start with the
+    middle of one) are left out rather than shown as U+FFFD."""
+    return encoding.decode_bytes(tokens).decode("utf-8", errors="ignore")
+
+
 class TokenPrinter:
-    """Streams tokens as text, holding back the bytes of a character that is not complete yet."""
+    """Streams tokens as text, whole characters only: the bytes of a character that is not complete
+    yet are held back, and bytes that can never form one are left out (as decode_text does)."""
 
     def __init__(self, encoding, out=None):
         self.encoding, self.out = encoding, out or sys.stdout
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
 
     def write(self, token: int) -> None:
         self.out.write(self.decoder.decode(self.encoding.decode_single_token_bytes(token)))
@@ -296,8 +319,10 @@ def main(args) -> list[list[int]]:
     outputs = []
     for text in prompts(args.prompt):
         printer = TokenPrinter(encoding)
-        outputs.append(generate(decoder, encode_prompt(encoding, eot, text), eot, args.max_tokens, printer.write))
-        printer.close()
+        try:
+            outputs.append(generate(decoder, encode_prompt(encoding, eot, text), eot, args.max_tokens, printer.write))
+        finally:  # Ctrl-C mid-answer still ends the line, so "interrupted" starts a line of its own
+            printer.close()
     return outputs
 
 

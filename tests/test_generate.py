@@ -10,6 +10,7 @@ import beam_search
 import generate
 import pretrain
 from beam_search import beam_search as search
+from common import run_main
 from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
 from data import load_encoding
 from generate import Decoder, Sampler, Sampling, sample
@@ -267,20 +268,47 @@ def test_same_seed_same_text_other_seed_other_text(checkpoint, capsys):
 
 
 def test_prompts_from_standard_input(checkpoint, monkeypatch, capsys):
+    """Piped: blank lines skipped, each answer under its prompt echoed after '> ', answers a blank line
+    apart. Typed: a '> ' prompt before each line, and a newline when input ends."""
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    lines = "first\nsecond prompt\n"
+    lines = "first\n\n   \nsecond prompt\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     outputs = gen(checkpoint, "--max_tokens", "5", "--temperature", "0")
     assert len(outputs) == 2 and all(1 <= len(o) <= 5 for o in outputs)
-    # Exactly each continuation on its own line (the model may well write a ">" itself).
-    texts = [load_encoding("bytes").decode_bytes(o).decode("utf-8", errors="replace") for o in outputs]
-    assert capsys.readouterr().out == "".join(f"{t}\n" for t in texts)  # piped: no "> " prompt marker
+    texts = [load_encoding("bytes").decode_bytes(o).decode("utf-8", errors="ignore") for o in outputs]
+    assert capsys.readouterr().out == f"> first\n{texts[0]}\n\n> second prompt\n{texts[1]}\n"
     monkeypatch.setattr(sys, "stdin", Terminal(lines))
     assert gen(checkpoint, "--max_tokens", "5", "--temperature", "0") == outputs
-    assert capsys.readouterr().out == "".join(f"> {t}\n" for t in texts) + "> "  # typed: one before each prompt
+    assert capsys.readouterr().out == f"> {texts[0]}\n> > > {texts[1]}\n> \n"  # a fresh '> ' after a blank line
+
+
+def test_output_holds_whole_characters_only():
+    """A stray continuation byte (a model can start mid-character) is left out, not shown as U+FFFD, and
+    a character split over several tokens is printed whole."""
+    encoding = load_encoding("bytes")
+    out = io.StringIO()
+    printer = generate.TokenPrinter(encoding, out)
+    for token in [0x80, 0xBF, *"a😀b".encode(), 0xF0, 0x9F]:  # continuation bytes, text, a cut emoji
+        printer.write(token)
+    printer.close()
+    assert out.getvalue() == "a😀b\n"
+    assert generate.decode_text(encoding, [0x9F, *"é".encode()]) == "é"
+
+
+def test_ctrl_c_ends_the_line_before_saying_interrupted(checkpoint, monkeypatch, capsys):
+    def interrupt(self, token):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate.Decoder, "step", interrupt)
+    with pytest.raises(SystemExit) as stop:
+        run_main(generate.main, generate.parse_args,
+                 ["--checkpoint_path", checkpoint, "--device", "cpu", "--prompt", "Hello", "--temperature", "0"])
+    assert stop.value.code == 130
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and captured.err == "interrupted\n"
 
 
 def test_scripts_run_piped_from_the_command_line(checkpoint):
