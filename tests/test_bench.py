@@ -50,3 +50,12 @@ def test_flops_per_token_follows_the_palm_convention():
     config = GPTConfig(300, 32, 4, 2, 4, 0.0)
     C, L, T = 32, 2, 16
     assert GPT(config).flops_per_token(T) == 6 * (L * 12 * C * C + 300 * C) + 12 * L * C * T
+
+
+def test_attention_backend_is_chosen_and_reported(capsys):
+    rows = run(capsys, "train", *TINY, "--batch_size", "2", "--tokens_per_sample", "16", "--attention_backend", "math")
+    assert rows[0]["attention_backend"] == "math"
+    from conftest import fails_with_one_line
+
+    fails_with_one_line(capsys, bench, ["train", *TINY, "--batch_size", "2", "--tokens_per_sample", "16",
+                                        "--attention_backend", "cudnn"], "--attention_backend cudnn cannot run")
