@@ -19,7 +19,7 @@ import torch
 
 from common import (ArgumentParser, UserError, add_system_args, non_negative_float, positive_int, resolve_device,
                     run_main)
-from generate import add_inference_args, decode_text, encode_prompt, load_for_inference, prompts
+from generate import add_inference_args, decode_text, encode_prompt, load_for_inference, prefill, prompts
 from model import GPT
 
 
@@ -40,7 +40,7 @@ def beam_search(model: GPT, prompt_ids: list[int], eot: int, beam_width: int, nu
     model.setup_cache(W, context_length)
     P = len(prompt_ids)
     idx = torch.tensor([prompt_ids], device=device).expand(W, P)
-    logits = model(idx, input_pos=torch.arange(P, device=device))[:, -1].float()  # (W, V)
+    logits = prefill(model, idx).float()  # (W, V)
     # The W rows start identical: only the first may expand, or the beams would be W copies.
     scores = torch.full((W,), float("-inf"), device=device)
     scores[0] = 0.0

@@ -200,6 +200,21 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- decoding
 
+PREFILL_CHUNK = 1024  # prompt tokens per forward pass: bounds the attention mask and the logits a prompt needs
+
+
+def prefill(model: GPT, idx: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Run prompts idx (B, P) into the model's KV cache and return the logits after their last token
+    (B, V). Long prompts go in chunks of at most `chunk` tokens (and the cache length), each continuing
+    the sequence in the ring, so no (P x P) mask or (P x vocabulary) logits are ever made."""
+    size = min(chunk or PREFILL_CHUNK, model.kv_cache.length)
+    P = idx.size(1)
+    for start in range(0, P, size):
+        end = min(P, start + size)
+        logits = model(idx[:, start:end], input_pos=torch.arange(start, end, device=idx.device))
+    return logits[:, -1]
+
+
 
 class Decoder:
     """Prefill a prompt into the KV cache, then decode one token per call.
@@ -227,7 +242,7 @@ class Decoder:
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, P) -> logits of the last position (B, V). Starts a new sequence, whatever P is."""
-        logits = self.model(idx, input_pos=torch.arange(idx.size(1), device=self.device))[:, -1]
+        logits = prefill(self.model, idx)
         self.next_position = idx.size(1)
         self.position.fill_(idx.size(1))
         return logits

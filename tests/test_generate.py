@@ -353,3 +353,32 @@ def test_sampling_flag_errors(capsys):
     fails_with(capsys, generate, ["--temperature", "-1"], "--temperature", ">= 0")
     fails_with(capsys, beam_search, ["--num_candidates", "5", "--beam_width", "4"],
                "--num_candidates 5 is larger than --beam_width 4")
+
+
+@pytest.mark.parametrize("chunk", [3, 8, 1024])
+def test_a_long_prompt_is_prefilled_in_chunks_equal_to_recomputation(chunk, monkeypatch):
+    """A prompt five times the window, prefilled a few tokens at a time: the same greedy tokens as
+    recomputing with a sliding window, and never a (prompt x prompt) mask."""
+    import model as model_module
+
+    model = random_model(layers=3)
+    prompt = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    expected = greedy_by_recomputation(model, prompt, 12, 8)
+    made = []
+    original = model_module.sliding_window_mask
+    monkeypatch.setattr(model_module, "sliding_window_mask", lambda T, *a: made.append(T) or original(T, *a))
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", chunk)
+    assert greedy_with_cache(model, prompt, 12, 8) == expected
+    assert all(T <= 8 for T in made), made
+
+
+def test_a_chunk_that_continues_a_sequence_attends_to_the_ring():
+    model = random_model()
+    seq = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(5))
+    model.setup_cache(1, 16)
+    with torch.no_grad():
+        model(seq[:, :10], input_pos=torch.arange(10))
+        chunk = model(seq[:, 10:22], input_pos=torch.arange(10, 22))
+        torch.testing.assert_close(chunk, model(seq[:, :22], window=16)[:, 10:], rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="at most the cache length"):
+            model(seq[:, :20], input_pos=torch.arange(5, 25))
