@@ -306,10 +306,10 @@ def bench_tokenize(args, device, rows) -> None:
     corpus = resolve_corpus(args.dataset, None)
     encoding = load_encoding(args.token_encoding)
     _, batches = corpus.load(args.num_dataset_processes)
-    documents = [text for batch in batches for text in batch]
-    if not documents:
-        raise UserError(f"--dataset {args.dataset} holds no documents")
+    documents = [text for batch in batches for text in batch if text]
     characters = sum(len(d) for d in documents)
+    if not characters:
+        raise UserError(f"--dataset {args.dataset} holds no text to tokenize (no documents, or only empty ones)")
     repeats = max(1, -(-4_000_000 // characters))  # at least 4M characters: long enough to time
     documents = documents * repeats
     batch = 1024

@@ -135,6 +135,10 @@ def run_main(main: Callable, parse_args: Callable, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # whoever read our output left (`| head`): stop quietly, as Unix tools do
+        with contextlib.suppress(OSError, ValueError):  # and let no exit-time flush raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 # ----------------------------------------------------------------------------- devices and precision

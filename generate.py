@@ -88,6 +88,10 @@ def prompts(prompt: str | None) -> Iterator[str]:
     if prompt is not None:
         yield prompt
         return
+    if sys.stdin is None or sys.stdin.closed:
+        raise UserError("no prompt: pass --prompt, or give prompts on standard input")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a traceback
     interactive = sys.stdin.isatty()
     first = True
     while True:

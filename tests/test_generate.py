@@ -382,3 +382,23 @@ def test_a_chunk_that_continues_a_sequence_attends_to_the_ring():
         torch.testing.assert_close(chunk, model(seq[:, :22], window=16)[:, 10:], rtol=1e-4, atol=1e-5)
         with pytest.raises(ValueError, match="at most the cache length"):
             model(seq[:, :20], input_pos=torch.arange(5, 25))
+
+
+@pytest.mark.slow  # three script processes
+def test_hostile_standard_input_and_a_closed_pipe(checkpoint):
+    """Invalid UTF-8 on stdin, stdin closed, and output piped into a reader that leaves (`| head`):
+    no traceback; a closed pipe ends quietly with 141 (128 + SIGPIPE), as Unix tools do."""
+    base = [sys.executable, "generate.py", "--checkpoint_path", checkpoint, "--device", "cpu", "--max_tokens", "3"]
+    bad = subprocess.run(base, input=b"caf\xe9 \xff\n", cwd=ROOT, capture_output=True, timeout=120)
+    assert bad.returncode == 0 and bad.stderr == b"" and bad.stdout.startswith("> caf\ufffd \ufffd\n".encode())
+    closed = subprocess.run(" ".join(base) + " <&-", shell=True, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert closed.returncode == 2 and closed.stderr.strip() == "error: no prompt: pass --prompt, or give prompts " \
+        "on standard input"
+    reader = subprocess.Popen(base, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    reader.stdin.write(b"x\n" * 2000)
+    reader.stdin.close()
+    reader.stdout.read(1)
+    reader.stdout.close()  # the reader leaves after one byte
+    assert reader.wait(timeout=120) == 141
+    assert reader.stderr.read() == b""
