@@ -83,6 +83,12 @@ non_negative_float = _number(float, "a number >= 0", lambda v: v >= 0)
 probability = _number(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 unit_interval = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 non_positive_float = _number(float, "a number <= 0", lambda v: v <= 0)
+seed_int = _number(int, "an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)  # generators take 64 bits
+
+
+def float_in(low: float, high: float):
+    """An argparse type for a number in [low, high]."""
+    return _number(float, f"a number in [{low:g}, {high:g}]", lambda v: low <= v <= high)
 
 
 # The flags that set the model's shape: every GPTConfig field but the vocabulary, which the tokenizer sets.
@@ -109,7 +115,7 @@ def add_system_args(g, compile_help: str | None = "torch.compile the model (auto
     if compile_help is not None:
         g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=compile_help)
     if seed_help is not None:
-        g.add_argument("--seed", type=non_negative_int, default=seed_default, help=seed_help)
+        g.add_argument("--seed", type=seed_int, default=seed_default, help=seed_help)
 
 
 def model_config(args, vocabulary_size: int) -> GPTConfig:
@@ -183,6 +189,18 @@ def compile_enabled(choice: str, device: torch.device) -> bool:
 
 def precision_name(device: torch.device) -> str:
     return "bf16" if bf16_supported(device) else "fp32"
+
+
+def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
+    """Refuse up front, in one line, an allocation the device cannot hold (on the CPU a huge allocation
+    can succeed lazily and be killed later, on a GPU it fails mid-way): `what` names the flags."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed_bytes > available:
+        raise UserError(f"{what} needs {needed_bytes / 2**30:,.1f} GiB, more than the "
+                        f"{available / 2**30:,.1f} GiB this {device.type} has; lower it")
 
 
 def synchronize(device: torch.device) -> None:

@@ -26,6 +26,7 @@ from common import (
     UserError,
     add_system_args,
     bf16_supported,
+    check_memory,
     compile_enabled,
     first_line,
     load_checkpoint,
@@ -235,6 +236,8 @@ class Decoder:
         device = model.token_embeddings.weight.device
         self.model, self.device, self.sampler = model, device, sampler
         self.sampling = sampling.clamped(model.config.vocabulary_size)
+        check_memory(model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch_size
+                     * context_length, device, f"a KV cache of {batch_size} x --context_length {context_length} tokens")
         self.cache = model.setup_cache(batch_size, context_length)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
         self.position = torch.zeros(1, dtype=torch.long, device=device)

@@ -344,6 +344,7 @@ def test_inference_errors_are_one_line(module, checkpoint, capsys, tmp_path):
     fails_with(capsys, module, ok + ["--lora_path", "x.pt"], "--lora_path", "not supported yet")
     fails_with(capsys, module, ok + ["--max_tokens", "0"], "--max_tokens", "positive integer")
     fails_with(capsys, module, ok + ["--context_length", "-4"], "--context_length")
+    fails_with(capsys, module, ok + ["--context_length", str(10**12)], f"--context_length {10**12}", "GiB", "lower it")
 
 
 def test_sampling_flag_errors(capsys):
@@ -402,3 +403,12 @@ def test_hostile_standard_input_and_a_closed_pipe(checkpoint):
     reader.stdout.close()  # the reader leaves after one byte
     assert reader.wait(timeout=120) == 141
     assert reader.stderr.read() == b""
+
+
+
+def test_sizes_and_numbers_past_what_a_machine_holds(checkpoint, capsys):
+    base = ["--checkpoint_path", checkpoint, "--device", "cpu", "--prompt", "x"]
+    fails_with(capsys, beam_search, base + ["--beam_width", str(10**9)], f"--beam_width {10**9}", "GiB")
+    fails_with(capsys, beam_search, base + ["--length_penalty", "1000"], "--length_penalty", "[0, 10]")
+    fails_with(capsys, generate, base + ["--seed", str(2**64)], "--seed", "[0, 2**63)")
+    fails_with(capsys, pretrain, ["--seed", str(2**70)], "--seed", "[0, 2**63)")

@@ -113,7 +113,7 @@ def fails_with(capsys, argv, *fragments):
         ("--lr_schedule", "step", "invalid choice"),
         ("--compile", "maybe", "invalid choice"),
         ("--max_gradient_norm", "-1", "positive number"),
-        ("--seed", "-5", "integer >= 0"),
+        ("--seed", "-5", "integer in [0, 2**63)"),
         ("--num_dataset_processes", "0", "positive integer"),
         ("--min_lr_ratio", "1", "[0, 1)"),
         ("--eval_samples", "0", "positive integer"),
