@@ -232,7 +232,7 @@ class Decoder:
     the cache in place and advances the position on the device."""
 
     def __init__(self, model: GPT, context_length: int, batch_size: int, sampling: Sampling, sampler: Sampler,
-                 use_compile: bool):
+                 use_compile: bool, compile_mode: str = "default"):
         device = model.token_embeddings.weight.device
         self.model, self.device, self.sampler = model, device, sampler
         self.sampling = sampling.clamped(model.config.vocabulary_size)
@@ -243,7 +243,8 @@ class Decoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.noise = torch.ones(batch_size, self.sampling.top_k, device=device)
         self.next_position = 0  # host copy of the position, to choose the span
-        self._step = torch.compile(self._decode_and_sample, fullgraph=True) if use_compile else self._decode_and_sample
+        step = self._decode_and_sample  # compiled without CUDA graphs of torch's own: _capture makes them
+        self._step = torch.compile(step, fullgraph=True, mode=compile_mode) if use_compile else step
         self.graphs = {} if use_compile and device.type == "cuda" else None  # span -> (CUDAGraph, output)
         self._pool = None
 
