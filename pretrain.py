@@ -64,6 +64,7 @@ from training import (
     Plan,
     allow_tf32,
     batch_layout,
+    epoch_position,
     learning_rate_at,
     read_checkpoint,
     rng_states,
@@ -236,7 +237,7 @@ def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: Win
     step, rng = checkpoint["step"], checkpoint["rng"]
     sampler.load_state_dict(checkpoint["sampler"])
     other_world = f", written by {len(rng)} process(es), now {ctx.world_size}" if len(rng) != ctx.world_size else ""
-    print0(f"resumed {args.checkpoint_path} at step {step:,} (epoch {step // steps_per_epoch}){other_world}")
+    print0(f"resumed {args.checkpoint_path} at step {step:,} ({epoch_position(step, steps_per_epoch)}){other_world}")
     return step
 
 

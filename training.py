@@ -85,6 +85,16 @@ def batch_layout(batch_size: int, gradient_accumulation_steps: int, samples_per_
     return accumulation, steps_per_epoch
 
 
+def epoch_position(step: int, steps_per_epoch: int) -> str:
+    """Where a run stands after `step` optimizer steps, in the per-epoch log's 1-based epochs: epoch k is
+    steps (k-1) x steps_per_epoch + 1 to k x steps_per_epoch, and its "epoch k/N" line is printed after
+    the last of them, so a step on the boundary ends epoch k and the next one is in epoch k + 1."""
+    epoch, into = divmod(step, steps_per_epoch)
+    if into == 0:
+        return f"end of epoch {epoch}" if epoch else "start of epoch 1"
+    return f"epoch {epoch + 1}, {into} of {steps_per_epoch} steps done"
+
+
 # ----------------------------------------------------------------------------- run set-up
 
 

@@ -174,3 +174,34 @@ def test_unreachable_tokenizer_stops_pretraining_with_one_line(offline_tiktoken,
     fails_with(capsys, argv, "cannot load the tiktoken encoding 'r50k_base'", "TIKTOKEN_CACHE_DIR",
                "--token_encoding bytes")
     assert not os.path.exists(tmp_path / "checkpoint.pt")
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("step, where", [(0, "start of epoch 1"), (1, "epoch 1, 1 of 64 steps done"),
+                                         (64, "end of epoch 1"), (65, "epoch 2, 1 of 64 steps done"),
+                                         (77, "epoch 2, 13 of 64 steps done"), (128, "end of epoch 2")])
+def test_epoch_position_matches_the_per_epoch_log(step, where):
+    """The per-epoch log prints "epoch k/N" after step k x steps_per_epoch: that step ends epoch k."""
+    assert pretrain.epoch_position(step, 64) == where
+
+
+def test_resume_names_the_epoch_its_step_is_in(builtin_data, tmp_path, monkeypatch, capsys):
+    real = pretrain.learning_rate_at
+
+    def signal_at_step_2(step, *args):
+        if step == 2:  # the first step of epoch 2 (2 steps per epoch): the checkpoint holds step 3
+            signal.raise_signal(signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(pretrain, "learning_rate_at", signal_at_step_2)
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "2")
+    with pytest.raises(SystemExit):
+        run_main(pretrain.main, pretrain.parse_args, argv)
+    monkeypatch.setattr(pretrain, "learning_rate_at", real)
+    capsys.readouterr()
+    run(argv + ["--resume"])
+    out = capsys.readouterr().out
+    assert f"resumed {tmp_path / 'checkpoint.pt'} at step 3 (epoch 2, 1 of 2 steps done)" in out
+    assert "epoch 2/2:" in out
