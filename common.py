@@ -277,14 +277,25 @@ def agree(ctx: Distributed, work: Callable, who: str = "all"):
 # ----------------------------------------------------------------------------- files
 
 
+def current_umask() -> int:
+    """The process umask. Reading it means setting it, so it is set straight back."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; on success it is renamed over `path`, on any failure it
-    is removed, so `path` only ever holds a complete file (the old one or the new one)."""
+    is removed, so `path` only ever holds a complete file (the old one or the new one). The file gets
+    the mode open() gives a new file (0666 less the umask), not mkstemp's private 0600."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)

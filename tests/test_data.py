@@ -156,6 +156,17 @@ def test_interrupted_rebuild_keeps_no_stale_metadata(tmp_path, monkeypatch):
     assert not any(name.endswith(".tmp") for name in os.listdir(path))
 
 
+def test_token_files_get_the_mode_the_umask_gives(tmp_path):
+    """Not mkstemp's 0600: another user of a shared machine may read a corpus the umask lets them read."""
+    previous = os.umask(0o022)
+    try:
+        files = prepare_token_files("builtin", None, "bytes", str(tmp_path), 2)
+    finally:
+        os.umask(previous)
+    for path in (files.train, files.test, files.train.replace(".train.bin", ".json")):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
 def test_builtin_corpus_is_large_enough_and_reused(builtin_data, monkeypatch):
     assert sum(len(d) for d in builtin_documents()) >= 400_000
     monkeypatch.setattr(data, "write_token_files", lambda *a, **k: pytest.fail("token files were rebuilt"))
