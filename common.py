@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pickle
 import signal
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Callable
@@ -314,6 +316,25 @@ def save_checkpoint(state: dict, path: str) -> None:
         torch.save(state, tmp)
 
 
+def unloadable_reason(path: str, error: Exception) -> str:
+    """Why torch.load could not read `path`, in a few words of our own. A PyTorch file is a zip archive
+    whose first entry is <name>/data.pkl (that local header survives when the file is cut short), or in
+    the legacy format a pickle, which starts with its protocol opcode."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        name_length = int.from_bytes(head[26:28], "little")
+        if not head[30 : 30 + name_length].endswith(b"data.pkl"):
+            return "a zip archive, not a PyTorch file"
+    elif not head.startswith(b"\x80"):
+        return "not a PyTorch file"
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return "it holds Python objects other than tensors and plain data"
+    return "a truncated or damaged PyTorch file"
+
+
 def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> dict:
     """Load a checkpoint onto the CPU (weights only) and check it is a LightGPT checkpoint of `kind`."""
     if not os.path.exists(path):
@@ -321,11 +342,13 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> di
     if os.path.isdir(path):
         raise UserError(f"{flag}: {path} is a directory, not a checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise UserError(f"{flag}: {path} is not a readable checkpoint ({first_line(e, 160)})") from None
+        with warnings.catch_warnings():  # torch warns about some pickles on stderr, under the one-line error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types, with messages pages long, for a foreign or cut file
+        raise UserError(f"{flag}: {path} is not a LightGPT checkpoint ({unloadable_reason(path, e)})") from None
     if not isinstance(state, dict) or "kind" not in state or "version" not in state:
-        raise UserError(f"{flag}: {path} is not a LightGPT checkpoint")
+        raise UserError(f"{flag}: {path} is not a LightGPT checkpoint (it loads, but LightGPT did not write it)")
     if state["kind"] != kind:
         raise UserError(f"{flag}: {path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
     if state["version"] > CHECKPOINT_VERSION:

@@ -142,7 +142,7 @@ def test_checkpoint_errors_with_resume(capsys, builtin_data, tmp_path):
     fails_with(capsys, base + ["--resume"], "no checkpoint at")
     checkpoint = tmp_path / "checkpoint.pt"
     checkpoint.write_bytes(b"this is not a checkpoint")
-    fails_with(capsys, base + ["--resume"], "not a readable checkpoint")
+    fails_with(capsys, base + ["--resume"], "not a LightGPT checkpoint (not a PyTorch file)")
     fails_with(capsys, base, "exists; pass --resume")  # never overwritten by a fresh run
     assert checkpoint.read_bytes() == b"this is not a checkpoint"
     torch.save({"kind": "lora", "version": 1}, checkpoint)
