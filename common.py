@@ -55,8 +55,24 @@ def first_line(exc: BaseException, limit: int = 200, with_type: bool = False) ->
 # ----------------------------------------------------------------------------- arguments
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with "(default: X)", once: not after a help that already says what its
+    default is, nor for a switch (off unless given) or a None default (its help says what happens)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error instead of the usage block."""
+    """argparse with a one-line error instead of the usage block, and HelpFormatter's --help."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        if formatter_class is argparse.ArgumentDefaultsHelpFormatter:  # the scripts ask for argparse's, which
+            formatter_class = HelpFormatter  # repeats a default a help already names
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -82,8 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--dataset", default=FINEWEB, help="HF hub dataset with a 'text' column, a local "
                    ".txt/.jsonl/.json/.parquet file, folder or glob, or 'builtin' (no download)")
     g.add_argument("--dataset_subset", default=None, help="subset of a hub dataset; FineWeb: sample-10BT, "
-                   "sample-100BT, sample-350BT or all (default: sample-10BT for FineWeb, the dataset's default "
-                   "configuration otherwise)%(default).0s")
+                   "sample-100BT, sample-350BT or all (default: sample-10BT for FineWeb, the dataset's own "
+                   "otherwise)")
     g.add_argument("--token_encoding", default="r50k_base",
                    help="r50k_base, p50k_base, cl100k_base, o200k_base, bytes, or a path to a .tiktoken file")
     g.add_argument("--dataset_path", default="./datasets", help="folder for the token files")
@@ -104,7 +104,7 @@ def parse_args(argv=None):
     g.add_argument("--min_lr_ratio", type=probability, default=0.1,
                    help="final learning rate as a fraction of the peak (cosine/linear)")
     g.add_argument("--rms_decay", type=non_positive_float, default=-0.8,
-                   help="Adafactor's beta2 decay exponent (negative)")
+                   help="Adafactor's decay exponent of the second-moment (RMS) average; at most 0")
     g.add_argument("--low_memory_optimizer", action="store_true",
                    help="single-tensor Adafactor updates: less memory, a little slower")
     g.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
@@ -125,7 +125,7 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     g.add_argument("--run_dir_path", default="./runs/pretrain", help="TensorBoard run folder")
-    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)%(default).0s")
+    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
     return p.parse_args(argv)
 
 

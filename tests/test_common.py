@@ -6,7 +6,56 @@ import zipfile
 import pytest
 import torch
 
+import beam_search
+import bench
+import generate
+import pretrain
 from common import UserError, atomic_path, load_checkpoint, save_checkpoint
+from conftest import ROOT
+
+# ----------------------------------------------------------------------------- --help
+
+
+def help_entries(module, capsys, monkeypatch) -> dict[str, str]:
+    """--help as {flag: its invocation and help, joined into one line}."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--help"])
+    assert e.value.code == 0
+    entries = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):  # a flag starts an entry; its help may follow on the next line
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line.strip()
+        elif line.startswith("    ") and entries:
+            entries[flag] += " " + line.strip()
+    return entries
+
+
+@pytest.mark.parametrize("module", [pretrain, generate, beam_search, bench])
+def test_help_names_each_default_once(module, capsys, monkeypatch):
+    """argparse's defaults formatter appended "(default: X)" to helps that already said their default."""
+    entries = help_entries(module, capsys, monkeypatch)
+    assert len(entries) >= 10
+    for entry in entries.values():
+        assert entry.lower().count("default") <= 1, entry
+    assert sum(entry.endswith(")") and "(default: " in entry for entry in entries.values()) >= 5
+
+
+def test_help_shows_real_defaults_but_not_python_ones(capsys, monkeypatch):
+    entries = help_entries(pretrain, capsys, monkeypatch)
+    assert entries["--batch_size"].endswith("samples per forward pass (default: 1)")
+    assert entries["--dataset_subset"].count("default") == 1
+    assert entries["--seed"].endswith("(default: drawn and recorded in the checkpoint)")
+    text = " ".join(entries.values())
+    assert "(default: False)" not in text and "(default: None)" not in text  # a switch is off; None says nothing
+
+
+def test_rms_decay_reads_the_same_in_help_and_readme(capsys, monkeypatch):
+    assert "at most 0" in help_entries(pretrain, capsys, monkeypatch)["--rms_decay"]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        row = next(line for line in f if line.startswith("| --rms_decay |"))
+    assert "at most 0" in row and "negative" not in row
 
 
 # ----------------------------------------------------------------------------- checkpoint files
