@@ -16,11 +16,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -163,18 +165,84 @@ def _hf_batches(dataset, what: str) -> tuple[int, Iterator[list[str]]]:
     return len(texts), (batch["text"] for batch in texts.iter(batch_size=DOCUMENTS_PER_BATCH))
 
 
+HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before a download is given up
+
+
+def hub_reachable(endpoint: str, timeout: float) -> bool:
+    """Whether the hub answers at all (any HTTP status) within `timeout` seconds, through the proxies the
+    environment names. In a thread, so a slow name lookup is cut off too."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:  # an answer, even if not a welcome one
+            answered.append(True)
+        except (OSError, ValueError):  # no route, refused, timed out, or no URL at all
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def _hub_offline() -> str | None:
+    """The variable that puts HuggingFace in offline mode, if one does (its truthy spellings)."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub logs every retry of a failing request and both libraries warn on stderr: about ten
+    lines before a one-line error. Errors still come through; download progress bars stay."""
+    from datasets.utils import logging as datasets_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    levels = datasets_logging.get_verbosity(), hub_logging.get_verbosity()
+    datasets_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        datasets_logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
+
+
 def _load_hub(name: str, subset: str | None, processes: int):
     try:
         import datasets
     except ImportError:
         raise UserError("loading a HuggingFace dataset needs the `datasets` package: pip install datasets") from None
     what = f"dataset {name}" + (f" ({subset})" if subset else "")
+    ways_out = "or use --dataset builtin or a local file"
+    offline = _hub_offline()
+    if offline is None:  # fail in seconds, not after half a minute of retries
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        if not hub_reachable(endpoint, HUB_TIMEOUT):
+            raise UserError(f"cannot reach the HuggingFace hub at {endpoint} to download {what}; check the "
+                            f"network (or HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use a copy in the HuggingFace cache, "
+                            f"{ways_out}")
     try:
-        dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
+        with _quiet_hub():
+            dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
+    except ConnectionError if offline else ():  # what datasets raises offline for a dataset it has not cached
+        raise UserError(f"{what} is not in the HuggingFace cache and {offline} is set, so it is not downloaded; "
+                        f"unset {offline} to download it, {ways_out}") from None
     except Exception as e:
         raise UserError(
             f"could not load {what} from the HuggingFace hub ({first_line(e, with_type=True)}); check the name "
-            f"and your network, or use --dataset builtin or a local file"
+            f"and your network, {ways_out}"
         ) from None
     return _hf_batches(dataset, what)
 

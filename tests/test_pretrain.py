@@ -176,6 +176,13 @@ def test_unreachable_tokenizer_stops_pretraining_with_one_line(offline_tiktoken,
     assert not os.path.exists(tmp_path / "checkpoint.pt")
 
 
+def test_a_hub_dataset_offline_is_one_line(capsys, tmp_path):
+    """Not eleven lines of huggingface_hub retries first (conftest sets HF_HUB_OFFLINE=1)."""
+    argv = tiny_pretrain_args(str(tmp_path), str(tmp_path))
+    argv[argv.index("--dataset") + 1] = "someone/corpus"
+    fails_with(capsys, argv, "someone/corpus", "HF_HUB_OFFLINE", "--dataset builtin", "local file")
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -205,3 +212,4 @@ def test_resume_names_the_epoch_its_step_is_in(builtin_data, tmp_path, monkeypat
     out = capsys.readouterr().out
     assert f"resumed {tmp_path / 'checkpoint.pt'} at step 3 (epoch 2, 1 of 2 steps done)" in out
     assert "epoch 2/2:" in out
+
