@@ -41,6 +41,26 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived before there was anything to save (setting up, tokenizing, the first
+    evaluation): the work is abandoned as Ctrl-C abandons it, a KeyboardInterrupt, so every `with` block
+    on the way out cleans up (atomic writes remove their temporary files) and no `except Exception`
+    mistakes it for an error. `what` finishes "stopped by SIGTERM ...". signal_number None: a signal on
+    another rank. `everywhere` as for UserError."""
+
+    def __init__(self, signal_number: int | None, what: str, everywhere: bool = False):
+        self.signal_number, self.what, self.everywhere = signal_number, what, everywhere
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signal_number).name if self.signal_number else "a signal on another rank"
+        return f"stopped by {name} {self.what}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal_number or signal.SIGINT)
+
+
 def first_line(exc: BaseException, limit: int = 200, with_type: bool = False) -> str:
     """The first line of an exception's message (at most `limit` characters), or its type name when the
     message is empty; with_type puts the type name first ("OSError: ..."). Library errors can run to
@@ -148,6 +168,10 @@ def run_main(main: Callable, parse_args: Callable, argv=None) -> None:
         sys.exit(2)
     except Interrupted as e:  # raised by every rank at the same step
         if is_main_process():
+            print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Stopped as e:
+        if not e.everywhere or is_main_process():
             print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
@@ -391,11 +415,15 @@ def set_rng_state(state: dict) -> None:
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the training loop checks between optimizer steps, so that
-    it can save a checkpoint and leave cleanly instead of dying mid-write."""
+    """SIGINT and SIGTERM alike, from set-up to the end of training. At first a signal raises Stopped
+    at once: set-up and tokenizing are abandoned, leaving nothing half written, since there is nothing
+    to save yet. After defer() it only sets the flag, which the training loop checks between optimizer
+    steps, so that it can save a checkpoint and leave cleanly instead of dying mid-write."""
 
-    def __init__(self):
+    def __init__(self, what: str = "before the first step; nothing was saved"):
+        self.what = what  # how Stopped ends its message
         self.signal_number: int | None = None
+        self.deferred = False
         self._previous = {}
 
     def __enter__(self):
@@ -407,8 +435,14 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def defer(self) -> None:
+        self.deferred = True
+
     def _handle(self, signum, frame):
         self.signal_number = signum
+        if not self.deferred:
+            self.deferred = True  # raise once: a second signal must not cut short the clean-up on the way out
+            raise Stopped(signum, self.what)
 
     @property
     def requested(self) -> bool:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from common import UserError, atomic_path, first_line, print0
+from common import Stopped, UserError, atomic_path, first_line, print0
 
 FINEWEB = "HuggingFaceFW/fineweb"
 FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT", "all")
@@ -412,8 +413,12 @@ def prepare_token_files(
     print0(f"preparing {corpus.source} with {encoding_spec} into {dataset_path}")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the files change below: never leave metadata that vouches for old ones
-    total, batches = corpus.load(num_processes)
-    counts = write_token_files(batches, encoding, train_path, test_path, corpus.test_every, num_processes, total)
+    try:
+        total, batches = corpus.load(num_processes)
+        counts = write_token_files(batches, encoding, train_path, test_path, corpus.test_every, num_processes, total)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a StopFlag's Stopped: the temporary files are gone by now
+        raise Stopped(getattr(e, "signal_number", signal.SIGINT), "while tokenizing; the token files were not written"
+                      ) from None
     for split in ("train", "test"):
         if counts[split]["documents"] == 0:
             raise UserError(f"--dataset {dataset}: the corpus has too few documents to fill a {split} split")

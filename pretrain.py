@@ -8,7 +8,8 @@ Tokenizes the corpus into token files on first use, then trains with Adafactor, 
 bf16 autocast and torch.compile on CUDA, evaluates test perplexity every --eval_interval epochs, logs
 to TensorBoard and writes atomic checkpoints that --resume continues exactly. One epoch is
 --samples_per_epoch samples, i.e. samples_per_epoch / (batch_size x gradient_accumulation_steps)
-optimizer steps. SIGINT/SIGTERM save a checkpoint, then exit non-zero.
+optimizer steps. SIGINT/SIGTERM save a checkpoint, then exit non-zero; before the first step they stop
+the run at once, saving nothing.
 
 This script sets a run up (flags, corpus, model, resume) and hands it to training.train(), the loop
 that instruction tuning shares.
@@ -29,6 +30,7 @@ from common import (
     ARCHITECTURE_FLAGS,
     ArgumentParser,
     Distributed,
+    StopFlag,
     UserError,
     add_model_args,
     add_system_args,
@@ -133,15 +135,18 @@ def parse_args(argv=None):
 
 
 def main(args) -> list[tuple[int, float]]:
-    ctx, device = setup_distributed(args.device)
-    try:
-        plan, hooks, parallel, optimizer = set_up(args, ctx, device)
-        history = train(plan, hooks, parallel, optimizer, ctx, device)
-        if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
-            dist.barrier(group=ctx.control_group)
-        return history
-    finally:
-        teardown_distributed()
+    # SIGINT/SIGTERM from the start: a signal during set-up or tokenizing abandons it in one line, with
+    # nothing half written; from the first evaluation on, train() stops where every rank can stop.
+    with StopFlag() as stop:
+        ctx, device = setup_distributed(args.device)
+        try:
+            plan, hooks, parallel, optimizer = set_up(args, ctx, device)
+            history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
+            if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
+                dist.barrier(group=ctx.control_group)
+            return history
+        finally:
+            teardown_distributed()
 
 
 def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, Parallel, Adafactor]:

@@ -183,6 +183,69 @@ def test_a_hub_dataset_offline_is_one_line(capsys, tmp_path):
     fails_with(capsys, argv, "someone/corpus", "HF_HUB_OFFLINE", "--dataset builtin", "local file")
 
 
+# ----------------------------------------------------------------------------- stopping before the first step
+
+
+@pytest.fixture
+def sigterm_guard():
+    """Until pretrain handles SIGTERM itself, one would kill the test process without a word; this fails the
+    test instead. pretrain's own handler replaces it while the run lasts."""
+    def handler(signum, frame):
+        pytest.fail("SIGTERM reached no handler of pretrain's: the run would have died silently")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def stops_with(capsys, argv, exit_code) -> str:
+    """Run pretrain as the command line would; it must exit with exit_code and one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        run_main(pretrain.main, pretrain.parse_args, argv)
+    assert e.value.code == exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def files_under(path):
+    return sorted(os.path.relpath(os.path.join(root, f), path) for root, _, names in os.walk(path) for f in names)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_during_the_first_evaluation_saves_nothing_and_says_so(builtin_data, tmp_path, monkeypatch, capsys,
+                                                                    sigterm_guard, sig):
+    real = pretrain.eval_batches
+
+    def signal_mid_evaluation(*args):
+        for i, batch in enumerate(real(*args)):
+            if i == 1:
+                signal.raise_signal(sig)
+            yield batch
+
+    monkeypatch.setattr(pretrain, "eval_batches", signal_mid_evaluation)
+    err = stops_with(capsys, tiny_pretrain_args(builtin_data, str(tmp_path)), 128 + sig)
+    assert err == f"stopped by {signal.Signals(sig).name} before the first step; nothing was saved"
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
+    assert not [f for f in files_under(tmp_path) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_while_tokenizing_leaves_no_token_files_and_says_so(tmp_path, monkeypatch, capsys, sigterm_guard, sig):
+    import data
+
+    def signal_after_a_batch(documents):
+        yield documents[:10]
+        signal.raise_signal(sig)
+        yield documents[10:]
+
+    monkeypatch.setattr(data, "_batched", signal_after_a_batch)
+    tokens = tmp_path / "tokens"
+    err = stops_with(capsys, tiny_pretrain_args(str(tokens), str(tmp_path)), 128 + sig)
+    assert err == f"stopped by {signal.Signals(sig).name} while tokenizing; the token files were not written"
+    assert files_under(tmp_path) == []  # no token files, no metadata, no temporary files, no checkpoint
+
+
 # ----------------------------------------------------------------------------- resume
 
 
