@@ -62,13 +62,15 @@ class Stopped(KeyboardInterrupt):
 
 
 def first_line(exc: BaseException, limit: int = 200, with_type: bool = False) -> str:
-    """The first line of an exception's message (at most `limit` characters), or its type name when the
-    message is empty; with_type puts the type name first ("OSError: ..."). Library errors can run to
-    pages, and a one-line error must stay one line."""
+    """The first line of an exception's message (at most `limit` characters, cut after a whole word and
+    marked " ..."), or its type name when the message is empty; with_type puts the type name first
+    ("OSError: ..."). Library errors can run to pages, and a one-line error must stay one line."""
     text = str(exc).strip()
     if not text:
         return type(exc).__name__
-    line = text.splitlines()[0][:limit]
+    line = text.splitlines()[0]
+    if len(line) > limit:
+        line = line[: limit - 4].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
     return f"{type(exc).__name__}: {line}" if with_type else line
 
 

@@ -135,3 +135,18 @@ def test_atomic_files_get_the_mode_open_would_give(tmp_path, umask, mask, mode):
         f.write("x")
     for name in ("checkpoint.pt", "notes.txt"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_a_long_library_message_is_cut_after_a_word():
+    """datasets' 'Couldn't find ... An error happened while trying to )' ended mid-sentence, unmarked."""
+    from common import first_line
+
+    error = FileNotFoundError("Couldn't find any data file at /x. An error happened while trying to locate it\nmore")
+    assert first_line(error, 60) == "Couldn't find any data file at /x. An error happened ..."
+    assert len(first_line(error, 60)) <= 60
+    assert first_line(error, 200, with_type=True) == ("FileNotFoundError: Couldn't find any data file at /x. "
+                                                      "An error happened while trying to locate it")
+    assert first_line(ValueError("")) == "ValueError"
