@@ -41,6 +41,9 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+NOTHING_SAVED = "before the first step; nothing was saved"  # how Stopped ends a trainer's message
+
+
 class Stopped(KeyboardInterrupt):
     """SIGINT/SIGTERM arrived before there was anything to save (setting up, tokenizing, the first
     evaluation): the work is abandoned as Ctrl-C abandons it, a KeyboardInterrupt, so every `with` block
@@ -422,8 +425,7 @@ class StopFlag:
     to save yet. After defer() it only sets the flag, which the training loop checks between optimizer
     steps, so that it can save a checkpoint and leave cleanly instead of dying mid-write."""
 
-    def __init__(self, what: str = "before the first step; nothing was saved"):
-        self.what = what  # how Stopped ends its message
+    def __init__(self):
         self.signal_number: int | None = None
         self.deferred = False
         self._previous = {}
@@ -444,7 +446,7 @@ class StopFlag:
         self.signal_number = signum
         if not self.deferred:
             self.deferred = True  # raise once: a second signal must not cut short the clean-up on the way out
-            raise Stopped(signum, self.what)
+            raise Stopped(signum, NOTHING_SAVED)
 
     @property
     def requested(self) -> bool:

@@ -237,10 +237,10 @@ def _load_hub(name: str, subset: str | None, processes: int):
     try:
         with _quiet_hub():
             dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
-    except ConnectionError if offline else ():  # what datasets raises offline for a dataset it has not cached
-        raise UserError(f"{what} is not in the HuggingFace cache and {offline} is set, so it is not downloaded; "
-                        f"unset {offline} to download it, {ways_out}") from None
     except Exception as e:
+        if offline and isinstance(e, ConnectionError):  # what datasets raises offline for a dataset not cached
+            raise UserError(f"{what} is not in the HuggingFace cache and {offline} is set, so it is not "
+                            f"downloaded; unset {offline} to download it, {ways_out}") from None
         raise UserError(
             f"could not load {what} from the HuggingFace hub ({first_line(e, with_type=True)}); check the name "
             f"and your network, {ways_out}"

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from adafactor import Adafactor
 from common import (
+    NOTHING_SAVED,
     Distributed,
     Interrupted,
     StopFlag,
@@ -277,7 +278,7 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
         log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
     if stop_requested(ctx, stop):
         log.close()
-        raise Stopped(stop.signal_number, "before the first step; nothing was saved", everywhere=True)
+        raise Stopped(stop.signal_number, NOTHING_SAVED, everywhere=True)
     parallel.wrapped.train()
     log.start_progress(plan.total_steps, step, plan.description)
     totals = EpochTotals.start(device)
