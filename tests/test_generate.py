@@ -337,7 +337,8 @@ def test_inference_errors_are_one_line(module, checkpoint, capsys, tmp_path):
     base = ["--device", "cpu", "--prompt", "x"]
     fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "none.pt")], "no checkpoint at")
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "bad.pt")], "not a readable checkpoint")
+    fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "bad.pt")],
+               "not a LightGPT checkpoint (not a PyTorch file)")
     torch.save({"kind": "lora", "version": 1}, tmp_path / "lora.pt")
     fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "lora.pt")], "'lora' checkpoint")
     ok = base + ["--checkpoint_path", checkpoint]
