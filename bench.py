@@ -50,6 +50,7 @@ from common import (
 from generate import Decoder, Sampler, Sampling, add_sampling_args
 from model import GPT, GPTConfig, peak_tflops
 
+DECODE_COMPILE_MODES = {"plain": "default", "autotune": "max-autotune-no-cudagraphs"}  # torch.compile modes
 ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                       "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
@@ -81,8 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--prompt_tokens", type=positive_int, default=16, help="random prompt length")
     g.add_argument("--context_length", type=positive_int, default=1024, help="KV cache length")
     g.add_argument("--decode_batch_size", type=positive_int, default=8, help="the larger batch measured beside batch 1")
-    g.add_argument("--decode_compile_mode", choices=("default", "max-autotune-no-cudagraphs"), default="default",
-                   help="torch.compile mode of the decode step (max-autotune also tries Triton matrix products)")
+    g.add_argument("--decode_compile_mode", choices=tuple(DECODE_COMPILE_MODES), default="plain",
+                   help="torch.compile of the decode step: plain, or autotune (Triton matrix products tried too)")
     add_sampling_args(g)
     g = p.add_argument_group("tokenize")
     g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
@@ -265,7 +266,7 @@ def decode_one(args, device, system: str, prompt) -> dict:
         kv_cache_gib = float(f"{kv_bytes / 2**30:.4g}")
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled,
-                          args.decode_compile_mode)
+                          DECODE_COMPILE_MODES[args.decode_compile_mode])
 
         @torch.inference_mode()
         def run():
