@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import pickle
 import signal
@@ -367,11 +368,26 @@ def atomic_path(path: str):
         os.close(fd)
     try:
         yield tmp
-        os.replace(tmp, path)
+        fsync_path(tmp)  # the data is on the disk before the name points at it: after a power cut the
+        os.replace(tmp, path)  # old file or the whole new one, never an empty "new" one
+        fsync_path(directory, folder=True)  # and the rename itself is on the disk
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def fsync_path(path: str, folder: bool = False) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk. A folder on a file system that cannot
+    sync one (EINVAL) is let be."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not folder or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(state: dict, path: str) -> None:

@@ -1,0 +1,111 @@
+"""Never lose a run, never show a traceback: the checkpoint's lock, checksum and schema, output folders
+checked before training, fsync'd atomic writes, resume flags, stale temporary files, a full disk."""
+
+import errno
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+import common
+import generate
+import pretrain
+from common import load_checkpoint, run_main
+from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
+
+
+def run(argv):
+    return pretrain.main(pretrain.parse_args(argv))
+
+
+def fails_with(capsys, argv, *fragments):
+    return fails_with_one_line(capsys, pretrain, argv, *fragments)
+
+
+@pytest.fixture(scope="module")
+def trained(builtin_data, tmp_path_factory):
+    """A finished tiny run of 2 epochs (4 steps, seed 7): its checkpoint's path. Tests copy it."""
+    path = tmp_path_factory.mktemp("trained")
+    run(tiny_pretrain_args(builtin_data, str(path), "--num_epochs", "2"))
+    return path / "checkpoint.pt"
+
+
+def resumable(trained, builtin_data, folder, *extra):
+    """A copy of the trained run in `folder` and the flags that resume it (to 3 epochs by default)."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(trained, os.path.join(folder, "checkpoint.pt"))
+    argv = tiny_pretrain_args(builtin_data, str(folder), "--resume", *extra)
+    argv[argv.index("--num_epochs") + 1] = "3"
+    return argv
+
+
+def temporary_files(folder):
+    return glob.glob(os.path.join(folder, "**", "*.tmp"), recursive=True)
+
+
+def edited(path, change):
+    """Rewrite a checkpoint through `change(state)` as a writer without checksums would (an older
+    LightGPT, or a hand edit): no sha256 entry."""
+    state = torch.load(path, weights_only=True)
+    state.pop("sha256", None)
+    change(state)
+    torch.save(state, path)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, *options) -> a fresh tmpfs folder (root only); the test is skipped where mounting is
+    impossible (not root, no mount(8), a container that forbids it)."""
+    mounted = []
+
+    def mount(size, *options):
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root and mount(8)")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs",
+                                 str(folder)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------- 4. fsync before the rename
+
+
+def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    """A power cut after the rename must not leave an empty "new" file where the old one was."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "notes.txt"
+    with common.atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+        f.write("x")
+    file, folder = os.stat(target).st_ino, os.stat(tmp_path).st_ino
+    assert events == [("fsync", file), ("replace", file), ("fsync", folder)]
+
+
+
