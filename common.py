@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import os
 import pickle
 import signal
@@ -390,11 +391,45 @@ def fsync_path(path: str, folder: bool = False) -> None:
         os.close(fd)
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a checkpoint's contents in a fixed order: every entry's key, every tensor's dtype, shape
+    and bytes, every other value's type and repr. Stored at save and checked at load, so that a flipped
+    bit (torch.load reads one without a word, and a resumed run would then overwrite the file) or an edit
+    is refused. torch's zip records carry CRC32s too, but torch.load does not check them and
+    torch.serialization.set_crc32_options(False) writes none."""
+    h = hashlib.sha256()
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            h.update(f"dict {len(value)}:".encode())
+            for key in sorted(value, key=repr):
+                h.update(f"{key!r}=".encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"{type(value).__name__} {len(value)}:".encode())
+            for item in value:
+                visit(item)
+        else:
+            h.update(f"{type(value).__name__} {value!r};".encode())
+
+    visit(state)
+    return h.hexdigest()
+
+
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write a checkpoint atomically (rank 0 only), so an interrupted save never corrupts the last one."""
+    """Write a checkpoint with the sha256 of its contents (rank 0 only): to a temporary file, synced and
+    renamed, so an interrupted save never corrupts the last one."""
     if not is_main_process():
         return
     state = {"version": CHECKPOINT_VERSION, **state}
+    state["sha256"] = state_digest(state)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -419,7 +454,8 @@ def unloadable_reason(path: str, error: Exception) -> str:
 
 
 def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> dict:
-    """Load a checkpoint onto the CPU (weights only) and check it is a LightGPT checkpoint of `kind`."""
+    """Load a checkpoint onto the CPU (weights only) and check it is a LightGPT checkpoint of `kind`, whole:
+    its sha256, where it has one (checkpoints from before checksums load unverified)."""
     if not os.path.exists(path):
         raise UserError(f"{flag}: no checkpoint at {path}")
     if os.path.isdir(path):
@@ -436,6 +472,10 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> di
         raise UserError(f"{flag}: {path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
     if state["version"] > CHECKPOINT_VERSION:
         raise UserError(f"{flag}: {path} was written by a newer LightGPT (format {state['version']})")
+    digest = state.pop("sha256", None)
+    if digest is not None and digest != state_digest(state):
+        raise UserError(f"{flag}: {path} is damaged: its contents do not match the checksum saved with them (a "
+                        f"changed bit on the disk or in a copy); use another copy")
     return state
 
 

@@ -83,6 +83,51 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+# ----------------------------------------------------------------------------- 2. checksums
+
+
+def flip_a_bit_in_a_tensor(path):
+    """Flip the exponent's top bit of one float in the first tensor record: a weight becomes huge, and
+    the file still loads."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        record = next(i for i in z.infolist() if "/data/" in i.filename)
+    header = record.header_offset
+    start = header + 30 + int.from_bytes(data[header + 26 : header + 28], "little") + \
+        int.from_bytes(data[header + 28 : header + 30], "little")
+    data[start + 4 * 10 + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_and_the_file_kept(trained, builtin_data, tmp_path, capsys):
+    argv = resumable(trained, builtin_data, tmp_path)
+    checkpoint = tmp_path / "checkpoint.pt"
+    flip_a_bit_in_a_tensor(checkpoint)
+    damaged = checkpoint.read_bytes()
+    assert torch.load(checkpoint, weights_only=True)["model"]["token_embeddings.weight"].abs().max() > 1e5
+    fails_with(capsys, argv, f"{checkpoint} is damaged", "checksum")
+    assert checkpoint.read_bytes() == damaged  # not overwritten by a resumed run
+    fails_with_one_line(capsys, generate, ["--checkpoint_path", str(checkpoint), "--device", "cpu", "--prompt", "x"],
+                        f"{checkpoint} is damaged")
+
+
+def test_a_checkpoint_edited_without_its_checksum_is_refused(trained, builtin_data, tmp_path, capsys):
+    argv = resumable(trained, builtin_data, tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["step"] = 2  # plain data is covered too, not only tensors
+    torch.save(state, tmp_path / "checkpoint.pt")
+    fails_with(capsys, argv, "is damaged")
+
+
+def test_a_checkpoint_without_a_checksum_still_resumes(trained, builtin_data, tmp_path, capsys):
+    """Written before checksums: loads unverified, without a word."""
+    argv = resumable(trained, builtin_data, tmp_path)
+    edited(tmp_path / "checkpoint.pt", lambda state: None)
+    run(argv)
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")["step"] == 6
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------- 4. fsync before the rename
 
 
