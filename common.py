@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from model import GPTConfig
+from model import GPT, GPTConfig
 
 CHECKPOINT_VERSION = 1
 
@@ -453,9 +453,114 @@ def unloadable_reason(path: str, error: Exception) -> str:
     return "a truncated or damaged PyTorch file"
 
 
-def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> dict:
-    """Load a checkpoint onto the CPU (weights only) and check it is a LightGPT checkpoint of `kind`, whole:
-    its sha256, where it has one (checkpoints from before checksums load unverified)."""
+# The checkpoint's schema: what each entry holds, as (type, check or None, the words for both). A script
+# names the entries it needs (required=); whatever is present is checked.
+CHECKPOINT_ENTRIES = {
+    "kind": (str, None, "a string"),
+    "config": (dict, None, "a dict of GPTConfig fields"),
+    "model": (dict, None, "a dict of weights"),
+    "token_encoding": (str, None, "a string"),
+    "eot_id": (int, lambda v: v >= 0, "an integer >= 0"),
+    "optimizer": (dict, None, "torch.optim's state dict"),
+    "step": (int, lambda v: v >= 0, "an integer >= 0"),
+    "sampler": (dict, lambda v: isinstance(v.get("generator"), torch.Tensor) and isinstance(v.get("samples_drawn"), int),
+                "a dict with a generator state and samples_drawn"),
+    "rng": (list, lambda v: v and all(isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) for r in v),
+            "a list of RNG states, one per process"),
+    "seed": (int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    "world_size": (int, lambda v: v >= 1, "a positive integer"),
+    "dataset": (str, None, "a string"),
+    "args": (dict, None, "a dict of flags"),
+}  # and "version" and "sha256", checked by load_checkpoint before the rest
+MODEL_ENTRIES = ("config", "model", "token_encoding", "eot_id")  # enough to generate
+RESUME_ENTRIES = (*MODEL_ENTRIES, "optimizer", "step", "sampler", "rng", "seed")  # enough to continue training
+
+
+def _shown(value) -> str:
+    if isinstance(value, (str, int, float, bool, type(None))):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:36] + " ..."
+    return f"a {type(value).__name__}" if not isinstance(value, (list, dict)) or value else repr(value)
+
+
+def _is(value, kind) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with a loaded LightGPT checkpoint (kind and version already checked), in words that
+    follow "its file is not usable: ", or None. The one place the checkpoint's schema is checked."""
+    for key in required:
+        if key not in state:
+            return f"it has no {key!r} entry"
+    for key, (kind, check, words) in CHECKPOINT_ENTRIES.items():
+        if key in state and not (_is(state[key], kind) and (check is None or check(state[key]))):
+            return f"its {key!r} is {_shown(state[key])}, expected {words}"
+    if "config" not in state:
+        return None
+    config = state["config"]
+    for f in fields(GPTConfig):
+        if f.name not in config:
+            return f"its config has no {f.name!r}"
+        kind = type(f.default)
+        if not _is(config[f.name], kind):
+            return (f"its config's {f.name!r} is {_shown(config[f.name])}, "
+                    f"expected {'an integer' if kind is int else 'a number'}")
+    try:
+        config = GPTConfig.from_dict(config)
+    except ValueError as e:
+        return f"its config is invalid ({e})"
+    if "eot_id" in state and state["eot_id"] >= config.vocabulary_size:
+        return f"its 'eot_id' {state['eot_id']} is not in its vocabulary of {config.vocabulary_size}"
+    with torch.device("meta"):  # shapes without memory, whatever the model's size
+        model = GPT(config)
+    if "model" in state:
+        weights, expected = state["model"], model.state_dict()
+        for name, like in expected.items():
+            if name not in weights:
+                return f"weight {name!r} is missing"
+            w = weights[name]
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+                return f"weight {name!r} is {_shown(w) if not isinstance(w, torch.Tensor) else w.dtype}, " \
+                       f"expected floating-point numbers"
+            if w.shape != like.shape:
+                return f"weight {name!r} has shape {tuple(w.shape)}; its config needs {tuple(like.shape)}"
+        for name in weights:
+            if name not in expected:
+                return f"unexpected weight {name!r}"
+    if "optimizer" in state:
+        return _optimizer_problem(state["optimizer"], list(model.parameters()))
+    return None
+
+
+def _optimizer_problem(optimizer: dict, params: list) -> str | None:
+    """Adafactor's state in torch.optim.Adafactor's format against the parameters, in the optimizer's order."""
+    state, groups = optimizer.get("state"), optimizer.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return "its optimizer state is not in torch.optim's format (a dict of 'state' and 'param_groups')"
+    covered = sum(len(g.get("params", ())) for g in groups)
+    if covered != len(params):
+        return f"its optimizer state covers {covered} parameters; its model has {len(params)}"
+    for index, entry in state.items():
+        if not _is(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+            return f"its optimizer state names a parameter {_shown(index)} of {len(params)}"
+        shape = tuple(params[index].shape)
+        expected = {"row_var": (*shape[:-1], 1), "col_var": (*shape[:-2], 1, *shape[-1:]), "variance": shape}
+        for key, value in entry.items():
+            if key in expected and (not isinstance(value, torch.Tensor) or tuple(value.shape) != expected[key]):
+                found = tuple(value.shape) if isinstance(value, torch.Tensor) else _shown(value)
+                return f"optimizer state {key!r} of parameter {index} has shape {found}; expected {expected[key]}"
+    return None
+
+
+def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path", required: tuple[str, ...] = ()) -> dict:
+    """Load a checkpoint onto the CPU (weights only) and check it: a LightGPT checkpoint of `kind`, whole
+    (its sha256, where it has one: checkpoints from before checksums load unverified), holding the
+    `required` entries, every entry well-formed, weights and optimizer state of its config's shapes."""
     if not os.path.exists(path):
         raise UserError(f"{flag}: no checkpoint at {path}")
     if os.path.isdir(path):
@@ -470,13 +575,27 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> di
         raise UserError(f"{flag}: {path} is not a LightGPT checkpoint (it loads, but LightGPT did not write it)")
     if state["kind"] != kind:
         raise UserError(f"{flag}: {path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
-    if state["version"] > CHECKPOINT_VERSION:
-        raise UserError(f"{flag}: {path} was written by a newer LightGPT (format {state['version']})")
+    version = state["version"]
+    if not _is(version, int) or version < 1:
+        raise UserError(f"{flag}: {path} is not a usable {kind} checkpoint: its format version {_shown(version)} "
+                        f"is not a positive integer")
+    if version > CHECKPOINT_VERSION:
+        raise UserError(f"{flag}: {path} was written by a newer LightGPT (format {version})")
     digest = state.pop("sha256", None)
     if digest is not None and digest != state_digest(state):
         raise UserError(f"{flag}: {path} is damaged: its contents do not match the checksum saved with them (a "
                         f"changed bit on the disk or in a copy); use another copy")
+    problem = checkpoint_problem(state, required)
+    if problem:
+        raise UserError(f"{flag}: {path} is not a usable {kind} checkpoint: {problem}")
     return state
+
+
+def model_from_checkpoint(state: dict) -> GPT:
+    """The model a checkpoint holds, on the CPU, from a state load_checkpoint has checked."""
+    model = GPT(GPTConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    return model
 
 
 def rng_state() -> dict:

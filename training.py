@@ -29,6 +29,7 @@ import torch.distributed as dist
 from adafactor import Adafactor
 from common import (
     NOTHING_SAVED,
+    RESUME_ENTRIES,
     Distributed,
     Interrupted,
     StopFlag,
@@ -109,7 +110,7 @@ def read_checkpoint(path: str, kind: str, resume: bool) -> dict | None:
         if os.path.exists(path):
             raise UserError(f"{path} exists; pass --resume to continue it, or choose another --checkpoint_path")
         return None
-    return load_checkpoint(path, kind)
+    return load_checkpoint(path, kind, required=RESUME_ENTRIES)
 
 
 def run_seed(ctx: Distributed, checkpoint: dict | None, seed: int | None) -> int:

@@ -153,4 +153,64 @@ def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monk
     assert events == [("fsync", file), ("replace", file), ("fsync", folder)]
 
 
+# ----------------------------------------------------------------------------- 8. the checkpoint's schema
+
+
+def set_in(key, value):
+    def change(state):
+        target = state
+        *parents, last = key
+        for name in parents:
+            target = target[name]
+        target[last] = value
+    return change
+
+
+def delete(*key):
+    def change(state):
+        target = state
+        for name in key[:-1]:
+            target = target[name]
+        del target[key[-1]]
+    return change
+
+
+MALFORMED = {  # what is wrong -> (the edit, what the one line must say)
+    "no optimizer": (delete("optimizer"), "it has no 'optimizer' entry"),
+    "no config field": (delete("config", "num_hidden_layers"), "its config has no 'num_hidden_layers'"),
+    "negative width": (set_in(("config", "embedding_dimensions"), -32),
+                       "its config is invalid (embedding_dimensions must be positive, got -32"),
+    "text dropout": (set_in(("config", "dropout"), "0.1"), "its config's 'dropout' is '0.1', expected a number"),
+    "version as text": (set_in(("version",), "1"), "its format version '1' is not a positive integer"),
+    "step as text": (set_in(("step",), "4"), "its 'step' is '4', expected an integer >= 0"),
+    "weight of another shape": (set_in(("model", "blocks.0.attn.qkv.weight"), torch.zeros(99, 32)),
+                                "weight 'blocks.0.attn.qkv.weight' has shape (99, 32); its config needs (96, 32)"),
+    "missing weight": (delete("model", "output_norm.weight"), "weight 'output_norm.weight' is missing"),
+    "unknown weight": (set_in(("model", "extra.weight"), torch.zeros(2)), "unexpected weight 'extra.weight'"),
+    "end-of-text past the vocabulary": (set_in(("eot_id",), 999), "its 'eot_id' 999 is not in its vocabulary of 257"),
+    "optimizer state of another shape": (set_in(("optimizer", "state", 2, "row_var"), torch.zeros(5, 1)),
+                                         "optimizer state 'row_var' of parameter 2 has shape (5, 1); expected (96, 1)"),
+    "no rng": (set_in(("rng",), []), "its 'rng' is [], expected a list of RNG states"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_a_malformed_checkpoint_is_one_line_naming_the_file_and_the_fault(trained, builtin_data, tmp_path, capsys,
+                                                                          case):
+    change, fragment = MALFORMED[case]
+    argv = resumable(trained, builtin_data, tmp_path)
+    edited(tmp_path / "checkpoint.pt", change)
+    fails_with(capsys, argv, f"--checkpoint_path: {tmp_path / 'checkpoint.pt'} ", fragment)
+
+
+@pytest.mark.parametrize("case", ["no config field", "negative width", "version as text", "weight of another shape",
+                                  "missing weight", "end-of-text past the vocabulary"])
+def test_generate_names_the_same_faults(trained, tmp_path, capsys, case):
+    change, fragment = MALFORMED[case]
+    shutil.copy(trained, tmp_path / "checkpoint.pt")
+    edited(tmp_path / "checkpoint.pt", change)
+    argv = ["--checkpoint_path", str(tmp_path / "checkpoint.pt"), "--device", "cpu", "--prompt", "x"]
+    fails_with_one_line(capsys, generate, argv, f"--checkpoint_path: {tmp_path / 'checkpoint.pt'} ", fragment)
+
+
 
