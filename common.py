@@ -7,12 +7,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import pickle
+import re
 import signal
+import socket
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, fields
 from datetime import timedelta
@@ -391,7 +395,103 @@ def fsync_path(path: str, folder: bool = False) -> None:
         os.close(fd)
 
 
+def os_reason(error: OSError) -> str:
+    """An OSError's cause in a few words: "no space left on device", "permission denied"."""
+    return os.strerror(error.errno).lower() if error.errno else first_line(error)
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """Make `folder` and write, sync and remove a small file in it, so that an output folder a run cannot
+    use (a file in the way, permissions, a read-only or full disk) stops it before any work, not at the
+    first save after an epoch of it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lightgpt-probe-")
+        try:
+            os.write(fd, b"LightGPT checks that it can write here\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {folder} ({os_reason(e)})") from None
+
+
+def remove_stale_temporaries(path: str, before: float) -> tuple[int, int]:
+    """Remove the temporary files atomic_path(path) left when a run died while saving (kill -9, a power
+    cut, a launcher's SIGKILL after its grace period), written before `before`: the time this run took the
+    path's CheckpointLock, so whoever wrote them is gone. Returns how many files and bytes were removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.[a-z0-9_]{8}\.tmp")  # atomic_path's names: mkstemp's 8 letters
+    count = size = 0
+    for entry in os.scandir(folder):
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            if st.st_mtime < before:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+                    count, size = count + 1, size + st.st_size
+    return count, size
+
+
 # ----------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointLock:
+    """One run per checkpoint: an exclusive flock on `<checkpoint>.lock`, beside it, held for the life of
+    a run and naming its holder (pid, host, start), so that a second run stops at once and says who has
+    it. The kernel drops a flock when its holder dies, kill -9 included, so a crashed run leaves nothing
+    stuck; a clean release removes the file. A context manager, or acquire() and release()."""
+
+    def __init__(self, path: str, flag: str = "--checkpoint_path"):
+        self.path, self.flag = path, flag
+        self.lock_path = path + ".lock"
+        self.fd: int | None = None
+        self.since: float | None = None  # when this process took the lock
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise UserError(f"{self.flag}: cannot create the lock file {self.lock_path} ({os_reason(e)})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that is starting"
+                os.close(fd)
+                raise UserError(f"{self.flag}: {self.path} is in use by another run ({holder}); wait for it to end, "
+                                f"or choose another {self.flag}") from None
+            except OSError as e:  # a file system without locks: go on unguarded, and say so
+                os.close(fd)
+                print0(f"warning: cannot lock {self.lock_path} ({os_reason(e)}); nothing stops a second run from "
+                       f"writing {self.path} at the same time")
+                return
+            try:  # a holder that was releasing removed the file after we opened it: lock the one there now
+                if os.path.samestat(os.fstat(fd), os.stat(self.lock_path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd, self.since = fd, time.time()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.lock_path)  # while still held: no one can have locked this file meanwhile
+        os.close(self.fd)  # drops the lock
+        self.fd = None
+
+    def __enter__(self) -> "CheckpointLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def state_digest(state: dict) -> str:

@@ -66,6 +66,7 @@ from training import (
     Plan,
     allow_tf32,
     batch_layout,
+    claim_outputs,
     epoch_position,
     learning_rate_at,
     read_checkpoint,
@@ -140,8 +141,9 @@ def main(args) -> list[tuple[int, float]]:
     with StopFlag() as stop:
         ctx, device = setup_distributed(args.device)
         try:
-            plan, hooks, parallel, optimizer = set_up(args, ctx, device)
-            history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
+            with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):  # the lock, for the whole run
+                plan, hooks, parallel, optimizer = set_up(args, ctx, device)
+                history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
             if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
                 dist.barrier(group=ctx.control_group)
             return history

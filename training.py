@@ -17,6 +17,7 @@ and rhythm) and callables (Hooks: the next batch, the learning rate, the test ba
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -30,6 +31,7 @@ from adafactor import Adafactor
 from common import (
     NOTHING_SAVED,
     RESUME_ENTRIES,
+    CheckpointLock,
     Distributed,
     Interrupted,
     StopFlag,
@@ -37,8 +39,10 @@ from common import (
     UserError,
     agree,
     autocast,
+    check_writable,
     load_checkpoint,
     print0,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -101,6 +105,34 @@ def epoch_position(step: int, steps_per_epoch: int) -> str:
 
 
 # ----------------------------------------------------------------------------- run set-up
+
+
+@contextlib.contextmanager
+def claim_outputs(ctx: Distributed, checkpoint_path: str, run_dir: str):
+    """Hold the checkpoint for the life of the run. Rank 0, which writes every file, first checks that it
+    can write the checkpoint's folder and the TensorBoard folder (before any work, not at the first save),
+    then takes the checkpoint's lock (a second run on it stops at once) and removes the temporary files
+    a run killed while saving left there. A problem on rank 0 stops every rank."""
+    lock = CheckpointLock(checkpoint_path)
+
+    def claim() -> None:
+        if os.path.isdir(checkpoint_path):
+            raise UserError(f"--checkpoint_path: {checkpoint_path} is a directory; name the checkpoint file")
+        check_writable(os.path.dirname(os.path.abspath(checkpoint_path)), "--checkpoint_path")
+        check_writable(run_dir, "--run_dir_path")
+        lock.acquire()
+        if lock.since is not None:  # only the lock's holder may touch the checkpoint's temporary files
+            count, size = remove_stale_temporaries(checkpoint_path, lock.since)
+            if count:
+                amount = f"{size / 1e6:,.1f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB"
+                print0(f"note: removed {count} temporary file{'s' if count > 1 else ''} ({amount}) that an earlier "
+                       f"run left when it was stopped while saving {checkpoint_path}")
+
+    try:
+        agree(ctx, claim, who="rank0")
+        yield
+    finally:
+        lock.release()
 
 
 def read_checkpoint(path: str, kind: str, resume: bool) -> dict | None:

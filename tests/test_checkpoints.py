@@ -83,6 +83,48 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+# ----------------------------------------------------------------------------- 1. one run per checkpoint
+
+
+def test_a_second_run_on_a_held_checkpoint_stops_at_once_naming_the_holder(builtin_data, tmp_path, capsys):
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "1")
+    with common.CheckpointLock(str(tmp_path / "checkpoint.pt")):  # another run holds it
+        fails_with(capsys, argv, f"{tmp_path / 'checkpoint.pt'} is in use by another run",
+                   f"pid {os.getpid()} on {socket.gethostname()}")
+    assert not os.path.exists(tmp_path / "checkpoint.pt")  # stopped before any work
+    run(argv)  # released: the path is free again, and no lock file is left behind
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "runs"]
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_checkpoint_path(builtin_data, tmp_path):
+    """Two real runs: the second stops at once naming the first; kill -9 of the first leaves no stuck lock."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "pretrain.py", *tiny_pretrain_args(builtin_data, str(tmp_path))]
+    first = subprocess.Popen(command + ["--num_epochs", "100000", "--checkpoint_interval", "100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:  # the lock is taken before the first evaluation
+            if "test perplexity" in line:
+                break
+        second = subprocess.run(command + ["--num_epochs", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        [line] = second.stderr.strip().splitlines()
+        assert line.startswith(f"error: --checkpoint_path: {tmp_path / 'checkpoint.pt'} is in use by another run "
+                               f"(pid {first.pid} on {socket.gethostname()}, since "), line
+        assert line.endswith("); wait for it to end, or choose another --checkpoint_path"), line
+        assert first.poll() is None  # the first run goes on
+        first.kill()  # kill -9: the kernel drops the lock with the process
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.stdout.close()
+    with common.CheckpointLock(str(tmp_path / "checkpoint.pt")):
+        pass
+
+
 # ----------------------------------------------------------------------------- 2. checksums
 
 
@@ -128,6 +170,46 @@ def test_a_checkpoint_without_a_checksum_still_resumes(trained, builtin_data, tm
     assert capsys.readouterr().err == ""
 
 
+# ----------------------------------------------------------------------------- 3. output folders checked first
+
+
+def a_file_in_the_way(tmp_path):
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file" / "folder", "not a directory"
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint_path", "--run_dir_path"])
+def test_an_output_folder_that_cannot_be_made_stops_the_run_before_training(builtin_data, tmp_path, capsys, flag):
+    """Found at the first save, after an epoch of work, or in the middle of TensorBoard's set-up."""
+    blocked, reason = a_file_in_the_way(tmp_path)
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path / "run"), "--num_epochs", "1")
+    path = str(blocked / "checkpoint.pt") if flag == "--checkpoint_path" else str(blocked)
+    argv[argv.index(flag) + 1] = path
+    fails_with(capsys, argv, flag, f"cannot write to {blocked} ({reason})")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, tmpfs):
+    """A folder this process cannot write: chmod for a user, a read-only mount for root (who ignores modes)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir(mode=0o555)
+        yield folder, "permission denied"
+        folder.chmod(0o755)
+    else:
+        yield tmpfs("64k", "ro"), "read-only file system"
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint_path", "--run_dir_path"])
+def test_a_read_only_output_folder_stops_the_run_before_training(builtin_data, tmp_path, capsys, read_only_folder,
+                                                                 flag):
+    folder, reason = read_only_folder
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path / "run"), "--num_epochs", "1")
+    argv[argv.index(flag) + 1] = str(folder / "checkpoint.pt") if flag == "--checkpoint_path" else str(folder)
+    fails_with(capsys, argv, flag, f"cannot write to {folder} ({reason})")
+    assert "test perplexity" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- 4. fsync before the rename
 
 
@@ -151,6 +233,47 @@ def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monk
         f.write("x")
     file, folder = os.stat(target).st_ino, os.stat(tmp_path).st_ino
     assert events == [("fsync", file), ("replace", file), ("fsync", folder)]
+
+
+# ----------------------------------------------------------------------------- 6. stale temporary files
+
+
+def test_stale_temporary_checkpoints_are_removed_by_the_next_run(trained, builtin_data, tmp_path, capsys):
+    argv = resumable(trained, builtin_data, tmp_path)
+    stale = [tmp_path / "checkpoint.pt.k2j4_x9a.tmp", tmp_path / "checkpoint.pt.0abcdefg.tmp"]
+    others = [tmp_path / "other.pt.k2j4_x9a.tmp", tmp_path / "checkpoint.pt.notes", tmp_path / "checkpoint.pt.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"\0" * 1000)
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    run(argv)
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in others)  # not this checkpoint's, or not our temporary names
+    assert "note: removed 2 temporary files (2.0 kB) that an earlier run left" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_saving_leaves_a_temporary_file_the_next_run_removes(builtin_data, tmp_path):
+    """kill -9 in the middle of a save, for real: the file is orphaned until the next run."""
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "2")
+    script = (
+        "import os, signal, sys, torch\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "def save_and_die(obj, f):\n"
+        "    out = open(f, 'wb') if isinstance(f, str) else f\n"
+        "    out.write(b'\\0' * 100_000)\n"
+        "    out.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = save_and_die\n"
+        "import pretrain\n"
+        f"pretrain.main(pretrain.parse_args({argv!r}))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(temporary_files(tmp_path)) == 1 and not os.path.exists(tmp_path / "checkpoint.pt")
+    run(argv)
+    assert temporary_files(tmp_path) == []
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")["step"] == 4
 
 
 # ----------------------------------------------------------------------------- 8. the checkpoint's schema
@@ -213,4 +336,27 @@ def test_generate_names_the_same_faults(trained, tmp_path, capsys, case):
     fails_with_one_line(capsys, generate, argv, f"--checkpoint_path: {tmp_path / 'checkpoint.pt'} ", fragment)
 
 
+# ----------------------------------------------------------------------------- under torchrun
+
+
+def torchrun(argv, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "pretrain.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def our_errors(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(builtin_data, tmp_path):
+    with common.CheckpointLock(str(tmp_path / "checkpoint.pt")):
+        result = torchrun(tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "1"))
+    assert result.returncode != 0
+    assert our_errors(result) == [  # rank 0 alone says why; no rank waits for the others
+        f"error: --checkpoint_path: {tmp_path / 'checkpoint.pt'} is in use by another run (pid {os.getpid()} on "
+        f"{result.stderr.split(' on ', 1)[1].split(')')[0]}); wait for it to end, or choose another --checkpoint_path"]
+    # torchrun reports the failed workers with a traceback of its own; none comes from our code.
+    assert 'pretrain.py", line' not in result.stderr and "[rank0]: Traceback" not in result.stderr
 
