@@ -523,15 +523,46 @@ def state_digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(state: dict, path: str) -> None:
+class _RecordingWriter:
+    """The file torch.save writes through, keeping the OSError of a failed write: torch reports one only as
+    "unexpected pos 704 vs 598", and its cause (a full disk, a quota) is what the user needs to hear."""
+
+    def __init__(self):
+        self.file, self.error = None, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def save_checkpoint(state: dict, path: str, flag: str = "--checkpoint_path") -> None:
     """Write a checkpoint with the sha256 of its contents (rank 0 only): to a temporary file, synced and
-    renamed, so an interrupted save never corrupts the last one."""
+    renamed, so an interrupted save never corrupts the last one. A failed write (a full disk) is one line."""
     if not is_main_process():
         return
     state = {"version": CHECKPOINT_VERSION, **state}
     state["sha256"] = state_digest(state)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    writer = _RecordingWriter()
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as writer.file:
+            torch.save(state, writer)
+    except (OSError, RuntimeError) as e:
+        error = writer.error or e
+        if not isinstance(error, OSError):
+            raise  # not the disk: a bug, which deserves its traceback
+        step = f" step {state['step']:,}" if isinstance(state.get("step"), int) else ""
+        kept = "the checkpoint already there is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise UserError(f"{flag}: cannot save{step} to {path} ({os_reason(error)}); {kept}") from None
 
 
 def unloadable_reason(path: str, error: Exception) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -40,7 +41,9 @@ from common import (
     agree,
     autocast,
     check_writable,
+    first_line,
     load_checkpoint,
+    os_reason,
     print0,
     remove_stale_temporaries,
     rng_state,
@@ -189,10 +192,8 @@ def rng_states(ctx: Distributed) -> list[dict]:
 
 def write_checkpoint(ctx: Distributed, state: dict, path: str) -> None:
     """Rank 0 writes the state every rank helped to build; the others wait for the whole file, so none
-    runs ahead (or exits) while it is written."""
-    save_checkpoint(state, path)
-    if ctx.enabled:
-        dist.barrier(group=ctx.control_group)
+    runs ahead (or exits) while it is written, and stop with rank 0 when it cannot be (a full disk)."""
+    agree(ctx, lambda: save_checkpoint(state, path), who="rank0")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -222,15 +223,35 @@ def evaluate(module: torch.nn.Module, ctx: Distributed, batches: Iterable[tuple]
 
 class RunLog:
     """Where a run reports: a progress bar and lines on standard output (rank 0), TensorBoard scalars
-    (rank 0 writes them) and the history of test perplexities that train() returns."""
+    (rank 0 writes them) and the history of test perplexities that train() returns. A failure to write
+    the events (a full disk) is kept and raised by check(), which every rank calls at the same points."""
 
     def __init__(self, run_dir: str, ctx: Distributed):
-        from torch.utils.tensorboard import SummaryWriter  # slow to import, and only training needs it
-
-        self.rank = ctx.rank
-        self.writer = SummaryWriter(run_dir) if ctx.rank == 0 else None
+        self.rank, self.run_dir = ctx.rank, run_dir
+        self.writer, self.error = None, None
         self.progress = None
         self.history: list[tuple[int, float]] = []  # (step, test perplexity)
+        if ctx.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter  # slow to import, and only training needs it
+
+            quiet_event_writer_threads()
+            self._write(lambda: setattr(self, "writer", SummaryWriter(run_dir)))
+
+    def _write(self, work: Callable[[], None]) -> None:
+        if self.error is None:
+            try:
+                work()
+            except Exception as e:  # OSError; other types where TensorFlow's file system does the writing
+                self.error = e
+
+    def check(self) -> None:
+        """Flush the events; a write that failed since the last check ends the run in one line."""
+        if self.writer is not None:
+            self._write(self.writer.flush)
+        if self.error is not None:
+            self.close()  # end the progress bar's line before the error's
+            reason = os_reason(self.error) if isinstance(self.error, OSError) else first_line(self.error)
+            raise UserError(f"--run_dir_path: cannot write TensorBoard events to {self.run_dir} ({reason})")
 
     def start_progress(self, total: int, initial: int, description: str) -> None:
         from tqdm import tqdm
@@ -241,7 +262,7 @@ class RunLog:
     def scalars(self, step: int, prefix: str, **values: float) -> None:
         if self.writer:
             for name, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+                self._write(lambda: self.writer.add_scalar(f"{prefix}/{name}", value, step))
 
     def perplexity(self, step: int, value: float) -> None:
         self.scalars(step, "test", perplexity=value)
@@ -252,7 +273,24 @@ class RunLog:
         if self.progress is not None:
             self.progress.close()
         if self.writer:
-            self.writer.close()
+            self._write(self.writer.close)
+            self.writer = None
+
+
+def quiet_event_writer_threads() -> None:
+    """TensorBoard writes events from a thread of its own, whose failure (a full disk) Python prints as a
+    traceback before the writer raises it again in the training thread. RunLog reports it there, in one
+    line, so the thread's traceback is left out; every other thread's is printed as before."""
+    previous = threading.excepthook
+    if getattr(previous, "lightgpt", False):
+        return
+
+    def excepthook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    excepthook.lightgpt = True
+    threading.excepthook = excepthook
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -309,6 +347,7 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
     stop.defer()
     if step == 0:  # the untrained baseline
         log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
+    agree(ctx, log.check, who="rank0")  # TensorBoard can write its events, before any training
     if stop_requested(ctx, stop):
         log.close()
         raise Stopped(stop.signal_number, NOTHING_SAVED, everywhere=True)
@@ -339,6 +378,7 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
             end_epoch(step, lr, totals, plan, hooks, parallel, log, ctx, device)
             totals = EpochTotals.start(device)  # its clock starts after the evaluation and the save
     log.close()
+    agree(ctx, log.check, who="rank0")  # the last events reached the disk, or one line says why not
     return log.history
 
 
@@ -359,8 +399,13 @@ def end_epoch(step: int, lr: float, totals: EpochTotals, plan: Plan, hooks: Hook
     if epoch % plan.eval_interval == 0 or last:
         log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
     if epoch % plan.checkpoint_interval == 0 or last:
-        write_checkpoint(ctx, hooks.state_to_save(step), plan.checkpoint_path)
+        try:
+            write_checkpoint(ctx, hooks.state_to_save(step), plan.checkpoint_path)
+        except UserError:  # a full disk: end the progress bar's line before the error's
+            log.close()
+            raise
         print0(f"saved checkpoint to {plan.checkpoint_path}")
+    agree(ctx, log.check, who="rank0")  # after the save: events that cannot be written end the run, not the work
 
 
 # ----------------------------------------------------------------------------- stopping

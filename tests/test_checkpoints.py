@@ -276,6 +276,68 @@ def test_a_run_killed_while_saving_leaves_a_temporary_file_the_next_run_removes(
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")["step"] == 4
 
 
+# ----------------------------------------------------------------------------- 7. a full disk
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(trained, builtin_data, tmp_path,
+                                                                               capsys, monkeypatch):
+    argv = resumable(trained, builtin_data, tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def save_on_a_full_disk(obj, f):
+        with (open(f, "wb") if isinstance(f, str) else open(os.devnull, "wb")) as out:
+            out.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    fails_with(capsys, argv, f"cannot save step 6 to {tmp_path / 'checkpoint.pt'} (no space left on device)",
+               "the checkpoint already there is intact")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert temporary_files(tmp_path) == []
+
+
+def test_a_full_tmpfs_while_saving_is_one_line_and_keeps_the_previous_checkpoint(trained, builtin_data, tmp_path,
+                                                                                capsys, tmpfs):
+    """torch's own writer on a real full disk: it said `unexpected pos 704 vs 598` with a traceback."""
+    size = os.path.getsize(trained)
+    folder = tmpfs(f"{(size * 3 // 2 // 4096 + 2) * 4096}")  # room for one checkpoint, not for two at once
+    argv = resumable(trained, builtin_data, folder)
+    before = (folder / "checkpoint.pt").read_bytes()
+    argv[argv.index("--run_dir_path") + 1] = str(tmp_path / "runs")
+    fails_with(capsys, argv, f"cannot save step 6 to {folder / 'checkpoint.pt'} (no space left on device)")
+    assert (folder / "checkpoint.pt").read_bytes() == before
+    assert temporary_files(folder) == []
+
+
+def test_a_full_disk_under_the_tensorboard_events_is_one_line(builtin_data, tmp_path, capsys, monkeypatch):
+    """The events are written by a background thread: its traceback came first, then ours."""
+    from tensorboard.summary.writer import record_writer
+
+    real, written = record_writer.RecordWriter.write, []
+
+    def write_until_the_disk_is_full(self, data):
+        if len(written) == 2:  # the file's header and the first perplexity; then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(data)
+        real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write_until_the_disk_is_full)
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "2", "--checkpoint_interval", "1")
+    fails_with(capsys, argv, f"--run_dir_path: cannot write TensorBoard events to {tmp_path / 'runs'} "
+                             f"(no space left on device)")
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")["step"] == 2  # saved before it stopped
+
+
+def test_a_full_disk_under_the_run_folder_is_found_before_training(builtin_data, tmp_path, capsys, tmpfs):
+    folder = tmpfs("64k")
+    with open(folder / "filler", "wb", buffering=0) as f:  # fill the disk
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 4096)
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "1", "--run_dir_path", str(folder / "runs"))
+    fails_with(capsys, argv, f"--run_dir_path: cannot write to {folder / 'runs'} (no space left on device)")
+
+
 # ----------------------------------------------------------------------------- 8. the checkpoint's schema
 
 
@@ -360,3 +422,16 @@ def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(builtin_data,
     # torchrun reports the failed workers with a traceback of its own; none comes from our code.
     assert 'pretrain.py", line' not in result.stderr and "[rank0]: Traceback" not in result.stderr
 
+
+@pytest.mark.slow
+def test_under_torchrun_a_full_disk_stops_every_rank_in_one_line(trained, builtin_data, tmp_path, tmpfs):
+    """Rank 0's failed save reaches the other ranks, which would otherwise wait at the barrier for hours."""
+    size = os.path.getsize(trained)
+    folder = tmpfs(f"{(size * 3 // 2 // 4096 + 2) * 4096}")  # room for the first checkpoint, not for two at once
+    argv = tiny_pretrain_args(builtin_data, str(folder), "--num_epochs", "4", "--run_dir_path", str(tmp_path / "runs"))
+    result = torchrun(argv)
+    assert result.returncode != 0
+    assert our_errors(result) == [f"error: --checkpoint_path: cannot save step 8 to {folder / 'checkpoint.pt'} "
+                                  f"(no space left on device); the checkpoint already there is intact"]
+    assert load_checkpoint(str(folder / "checkpoint.pt"), "pretrain")["step"] == 4
+    assert temporary_files(folder) == []
