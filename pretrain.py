@@ -18,6 +18,8 @@ that instruction tuning shares.
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 from functools import partial
 from typing import Iterator
 
@@ -142,8 +144,8 @@ def main(args) -> list[tuple[int, float]]:
         ctx, device = setup_distributed(args.device)
         try:
             with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):  # the lock, for the whole run
-                plan, hooks, parallel, optimizer = set_up(args, ctx, device)
-                history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
+                run = set_up(args, ctx, device)
+                history = train(*run, ctx, device, stop) if run else []
             if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
                 dist.barrier(group=ctx.control_group)
             return history
@@ -151,12 +153,18 @@ def main(args) -> list[tuple[int, float]]:
             teardown_distributed()
 
 
-def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, Parallel, Adafactor]:
-    """Everything training.train() needs, for a new run or a resumed one. Every rank runs it in the same
-    order: a user error on any rank stops all of them (agree), before anything slow where possible."""
+def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, Parallel, Adafactor] | None:
+    """Everything training.train() needs, for a new run or a resumed one; None for a resumed run that is
+    already complete. Every rank runs it in the same order: a user error on any rank stops all of them
+    (agree), before anything slow where possible."""
     layout = (args.batch_size, args.gradient_accumulation_steps, args.samples_per_epoch, ctx.world_size)
     accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(*layout))
     checkpoint = agree(ctx, partial(resume_state, args), who="rank0")  # rank 0 reads it; every rank gets it
+    if checkpoint and checkpoint["step"] >= steps_per_epoch * args.num_epochs:
+        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,} "
+               f"({epoch_position(checkpoint['step'], steps_per_epoch)}); --num_epochs {args.num_epochs} ends at step "
+               f"{steps_per_epoch * args.num_epochs:,}: nothing to do (pass a larger --num_epochs to train further)")
+        return None
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed alone decides the initial weights, on every rank
     files = token_files(args, ctx)
@@ -192,12 +200,38 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
 
 
 def resume_state(args) -> dict | None:
-    """The checkpoint to continue (with --resume), checked against the flags that cannot change."""
+    """The checkpoint to continue (with --resume), checked against the flags that cannot change: the
+    corpus and its tokenizer (a resume continues the same sample stream)."""
     state = read_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, args.resume)
-    if state and state["token_encoding"] != args.token_encoding:
-        raise UserError(f"--token_encoding {args.token_encoding} differs from the checkpoint's "
-                        f"{state['token_encoding']}")
+    if not state:
+        return None
+    pairs = [("--token_encoding", args.token_encoding, state["token_encoding"])]
+    saved = state.get("args")
+    if isinstance(saved, dict) and isinstance(saved.get("dataset"), str):
+        pairs[:0] = [("--dataset", args.dataset, saved["dataset"]),
+                     ("--dataset_subset", corpus_subset(args.dataset, args.dataset_subset),
+                      corpus_subset(saved["dataset"], saved.get("dataset_subset")))]
+    for flag, value, was in pairs:
+        if not same_source(value, was):
+            way = f"pass {flag} {was}" if was is not None else f"leave out {flag}"
+            raise UserError(f"{flag} {value or '(none)'} differs from the checkpoint's {was or '(none)'}; {way} to "
+                            f"continue {args.checkpoint_path}, or choose another --checkpoint_path for a new run")
     return state
+
+
+def corpus_subset(dataset: str | None, subset: str | None) -> str | None:
+    """The subset a run reads: FineWeb's default one, none for the builtin corpus or local files."""
+    if dataset == FINEWEB:
+        return subset or "sample-10BT"
+    if dataset == "builtin" or (dataset and (os.path.exists(dataset) or glob.has_magic(dataset))):
+        return None
+    return subset
+
+
+def same_source(a: str | None, b: str | None) -> bool:
+    """The same flag value, or two spellings of one local path."""
+    return a == b or (a is not None and b is not None and os.path.exists(a) and os.path.exists(b)
+                      and os.path.samefile(a, b))
 
 
 def token_files(args, ctx: Distributed) -> TokenFiles:

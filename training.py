@@ -152,6 +152,8 @@ def run_seed(ctx: Distributed, checkpoint: dict | None, seed: int | None) -> int
     """The checkpoint's seed, else --seed, else a drawn one (saved, so the run can be repeated). Rank
     0's goes to every rank: one seed for all, so all build identical initial weights."""
     if checkpoint:
+        if seed is not None and seed != checkpoint["seed"]:
+            print0(f"note: resuming with the checkpoint's seed {checkpoint['seed']}; ignoring --seed {seed}")
         return checkpoint["seed"]
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")

@@ -235,6 +235,53 @@ def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monk
     assert events == [("fsync", file), ("replace", file), ("fsync", folder)]
 
 
+# ----------------------------------------------------------------------------- 5. resume flags
+
+
+def test_resume_with_another_seed_notes_that_the_checkpoints_seed_wins(trained, builtin_data, tmp_path, capsys):
+    argv = resumable(trained, builtin_data, tmp_path)
+    argv[argv.index("--seed") + 1] = "8"
+    run(argv)
+    assert "note: resuming with the checkpoint's seed 7; ignoring --seed 8" in capsys.readouterr().out
+
+
+def test_resume_on_another_corpus_is_refused_naming_the_flag_to_pass(trained, builtin_data, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Another corpus.\n\nWith two documents.\n")
+    argv = resumable(trained, builtin_data, tmp_path / "run")
+    argv[argv.index("--dataset") + 1] = str(corpus)
+    fails_with(capsys, argv, f"--dataset {corpus} differs from the checkpoint's builtin", "pass --dataset builtin")
+    argv = resumable(trained, builtin_data, tmp_path / "run", "--token_encoding", "r50k_base")
+    fails_with(capsys, argv, "--token_encoding r50k_base differs from the checkpoint's bytes",
+               "pass --token_encoding bytes")
+
+
+def test_resume_with_another_hub_subset_is_refused(trained, builtin_data, tmp_path, capsys):
+    argv = resumable(trained, builtin_data, tmp_path)
+
+    def on_a_hub_dataset(state):
+        state["args"].update(dataset="someone/corpus", dataset_subset="en")
+
+    edited(tmp_path / "checkpoint.pt", on_a_hub_dataset)
+    argv[argv.index("--dataset") + 1] = "someone/corpus"
+    fails_with(capsys, argv + ["--dataset_subset", "fr"], "--dataset_subset fr differs from the checkpoint's en",
+               "pass --dataset_subset en")  # before any download
+
+
+@pytest.mark.parametrize("num_epochs", ["1", "2"])
+def test_resume_of_a_finished_run_says_it_is_complete(trained, builtin_data, tmp_path, capsys, num_epochs):
+    """It exited 0 having done nothing, silently (and after tokenizing, building the model, ...)."""
+    argv = resumable(trained, builtin_data, tmp_path)
+    argv[argv.index("--num_epochs") + 1] = num_epochs
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert run(argv) == []
+    out = capsys.readouterr().out
+    assert f"already complete at step 4 (end of epoch 2); --num_epochs {num_epochs} ends at step " in out
+    assert "pass a larger --num_epochs to train further" in out
+    assert "model:" not in out  # nothing was set up
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
 # ----------------------------------------------------------------------------- 6. stale temporary files
 
 
