@@ -11,6 +11,7 @@ import pickle
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, fields
 from datetime import timedelta
@@ -265,15 +266,21 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    control_group: object = None  # a gloo group for small CPU messages (stop flags, errors)
+    # gloo groups for small CPU messages (stop flags, errors, barriers): `control_group` is the one to use
+    # now, the set-up group, or the training group inside training_phase().
+    control_group: object = None
+    setup_group: object = None  # CONTROL_TIMEOUT: waits while each node's first process tokenizes
+    training_group: object = None  # collective_timeout, as the training collectives (gloo or NCCL) have
+    collective_timeout: timedelta = timedelta(minutes=10)
 
     @property
     def enabled(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
 
-# The other ranks wait on the gloo control group while each node's first process downloads and
-# tokenizes the corpus, which can take far longer than gloo's 30-minute default.
+# While each node's first process downloads and tokenizes the corpus the other ranks wait on the set-up
+# group, which can take far longer than gloo's 30-minute default. Only set-up messages wait this long:
+# the training collectives time out after --collective_timeout.
 CONTROL_TIMEOUT = timedelta(hours=6)
 
 
@@ -281,9 +288,12 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+def setup_distributed(device_name: str, collective_timeout: timedelta = timedelta(minutes=10)
+                      ) -> tuple[Distributed, torch.device]:
     """Join the process group torchrun prepared (NCCL on CUDA, gloo on the CPU), one device per local
-    rank. Returns the rank layout and this process's device."""
+    rank. Returns the rank layout and this process's device. The default group, which the training
+    collectives use, times out after collective_timeout; on CUDA NCCL's watchdog then ends the process
+    (torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1, and PyTorch's own default tears down too)."""
     device = resolve_device(device_name)
     if not launched_by_torchrun():
         return Distributed(), device
@@ -294,14 +304,74 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
                             f"lower --nproc-per-node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        dist.init_process_group("nccl", device_id=device, timeout=collective_timeout)
+        training = dist.new_group(backend="gloo", timeout=collective_timeout)
     elif device.type == "cpu":
-        dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
-        control = dist.group.WORLD
+        dist.init_process_group("gloo", timeout=collective_timeout)
+        training = dist.group.WORLD
     else:
         raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
-    return Distributed(rank, local_rank, world, control), device
+    setup = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Distributed(rank, local_rank, world, setup, setup, training, collective_timeout), device
+
+
+def silent_ranks(ctx: Distributed) -> list[int]:
+    """After a collective failed: the ranks that do not answer within collective_timeout. Rank 0 collects
+    an answer from every rank and sends the list to those that answered; when rank 0 is silent, the others
+    name it. It runs on the set-up group, which no training collective uses, so no half-done operation
+    of the failed one is in its way."""
+    group, seconds = ctx.setup_group, ctx.collective_timeout.total_seconds()
+    deadline = time.monotonic() + seconds
+
+    def arrives(work) -> bool:
+        try:
+            return work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.001))) is not False
+        except RuntimeError:  # gloo: "Timed out waiting ... for recv operation to complete"
+            return False
+
+    verdict = torch.zeros(ctx.world_size)  # 1 marks a silent rank
+    if ctx.rank == 0:
+        answers = {r: dist.irecv(torch.zeros(1), src=r, group=group) for r in range(1, ctx.world_size)}
+        for r, work in answers.items():
+            verdict[r] = not arrives(work)
+        for r in range(1, ctx.world_size):
+            if not verdict[r]:
+                dist.send(verdict, dst=r, group=group)
+        return verdict.nonzero().flatten().tolist()
+    hello = dist.isend(torch.zeros(1), dst=0, group=group)  # not waited on: rank 0 may be the silent one
+    deadline += seconds  # rank 0 waits up to one timeout for the others before it answers
+    if not arrives(dist.irecv(verdict, src=0, group=group)):
+        return [0]
+    return verdict.nonzero().flatten().tolist()
+
+
+def lost_rank(error: BaseException) -> bool:
+    """Whether a collective failed because another rank stopped answering or went away."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
+
+
+@contextlib.contextmanager
+def training_phase(ctx: Distributed):
+    """Training, as opposed to set-up: small messages go through the training group, and a collective that
+    fails because a rank stopped answering (within collective_timeout) becomes one line naming that rank
+    on every rank still running (UserError, exit status 2), instead of a wait of hours or a traceback."""
+    ctx.control_group = ctx.training_group
+    try:
+        yield
+    except RuntimeError as e:  # gloo and NCCL raise RuntimeErrors (DistError among them)
+        if not (ctx.enabled and lost_rank(e)):
+            raise
+        silent = [r for r in silent_ranks(ctx) if r != ctx.rank]
+        limit = f"--collective_timeout {ctx.collective_timeout.total_seconds() / 60:g} minutes"
+        if not silent:
+            raise UserError(f"a collective failed in training: {first_line(e)} ({limit})") from None
+        ranks = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+        raise UserError(f"{ranks} stopped answering in training (no reply within {limit}); every rank stops, "
+                        f"saving nothing: continue from the last checkpoint with --resume") from None
+    finally:
+        ctx.control_group = ctx.setup_group
 
 
 def teardown_distributed() -> None:

@@ -18,6 +18,7 @@ that instruction tuning shares.
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from functools import partial
 from typing import Iterator
 
@@ -47,6 +48,7 @@ from common import (
     run_main,
     setup_distributed,
     teardown_distributed,
+    training_phase,
 )
 from data import (
     FINEWEB,
@@ -122,6 +124,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
                    help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
+    g.add_argument("--collective_timeout", type=positive_float, default=10.0,
+                   help="under torchrun: minutes a training collective waits for a rank before every rank stops")
     g.add_argument("--checkpoint_interval", type=positive_int, default=20,
                    help="save a checkpoint every this many epochs")
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
@@ -138,12 +142,13 @@ def main(args) -> list[tuple[int, float]]:
     # SIGINT/SIGTERM from the start: a signal during set-up or tokenizing abandons it in one line, with
     # nothing half written; from the first evaluation on, train() stops where every rank can stop.
     with StopFlag() as stop:
-        ctx, device = setup_distributed(args.device)
+        ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
         try:
             plan, hooks, parallel, optimizer = set_up(args, ctx, device)
-            history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
-            if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
-                dist.barrier(group=ctx.control_group)
+            with training_phase(ctx):  # a rank that stops answering now stops all within --collective_timeout
+                history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
+                if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
+                    dist.barrier(group=ctx.control_group)
             return history
         finally:
             teardown_distributed()
