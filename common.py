@@ -251,6 +251,20 @@ def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
                         f"{available / 2**30:,.1f} GiB this {device.type} has; lower it")
 
 
+@contextlib.contextmanager
+def out_of_memory_is_one_line(what: str, remedy: str):
+    """An allocation that fails inside (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError)
+    becomes one line, "out of memory <what>: <remedy>", where the remedy names the flags to change."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        text = str(e)
+        if not (isinstance(e, torch.OutOfMemoryError)
+                or any(s in text for s in ("can't allocate memory", "not enough memory", "out of memory"))):
+            raise
+        raise UserError(f"out of memory {what}: {remedy}") from None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -18,6 +18,7 @@ that instruction tuning shares.
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import timedelta
 from functools import partial
 from typing import Iterator
@@ -36,6 +37,7 @@ from common import (
     add_model_args,
     add_system_args,
     agree,
+    check_memory,
     compile_enabled,
     model_config,
     non_negative_int,
@@ -62,7 +64,7 @@ from data import (
     window_batch,
 )
 from model import GPT, GPTConfig
-from parallel import Parallel
+from parallel import Parallel, training_memory
 from training import (
     Hooks,
     Plan,
@@ -254,6 +256,7 @@ def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: Win
 def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distributed,
                 device: torch.device) -> tuple[Parallel, Adafactor]:
     """The model (seeded or the checkpoint's weights), wrapped for this world size, and its optimizer."""
+    agree(ctx, partial(check_model_fits, args, config, checkpoint, ctx, device))
     model = GPT(config).to(device)  # the same seed on every rank: identical weights before sharding
     model.set_activation_checkpointing(args.activation_checkpointing)
     if checkpoint:
@@ -266,6 +269,28 @@ def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distribut
     if checkpoint:
         parallel.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
     return parallel, optimizer
+
+
+def check_model_fits(args, config: GPTConfig, checkpoint: dict | None, ctx: Distributed,
+                     device: torch.device) -> None:
+    """Refuse in one line, before building it, a model whose weights, gradients and optimizer state the
+    device cannot hold (building it would fail with a traceback, or on Linux succeed lazily and be killed
+    later). Processes on one machine share its memory, so on the CPU their needs add up."""
+    shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
+    device_bytes, weight_bytes = training_memory(config, shards)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.enabled else 1
+    processes = f" in {local} processes" if local > 1 else ""
+    c = config
+    shape = (f"--embedding_dimensions {c.embedding_dimensions}, --num_hidden_layers {c.num_hidden_layers}, "
+             f"--feed_forward_ratio {c.feed_forward_ratio}, a {c.vocabulary_size:,}-token vocabulary from "
+             f"--token_encoding {args.token_encoding}{', as the checkpoint has it' if checkpoint else ''}")
+    if device.type == "cpu":
+        check_memory(device_bytes * local, device,
+                     f"training the model ({shape}: fp32 weights, gradients and Adafactor state){processes}")
+        return
+    check_memory(device_bytes, device, f"training the model ({shape}: fp32 weights, gradients and Adafactor state)")
+    check_memory(weight_bytes * local, torch.device("cpu"),  # the model is built in host memory first
+                 f"building the model ({shape}) in host memory{processes}")
 
 
 def print_summary(args, parallel: Parallel, ctx: Distributed, device: torch.device, accumulation: int,
