@@ -280,21 +280,18 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    # gloo groups for small CPU messages (stop flags, errors, barriers): `control_group` is the one to use
-    # now, the set-up group, or the training group inside training_phase().
-    control_group: object = None
-    setup_group: object = None  # CONTROL_TIMEOUT: waits while each node's first process tokenizes
-    training_group: object = None  # collective_timeout, as the training collectives (gloo or NCCL) have
-    collective_timeout: timedelta = timedelta(minutes=10)
+    control_group: object = None  # a gloo group for small CPU messages (stop flags, errors)
+    probe_group: object = None  # a gloo group left idle, to find out who still answers when a collective failed
+    collective_timeout: timedelta = timedelta(minutes=10)  # what collectives wait after shorten_timeouts()
 
     @property
     def enabled(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
 
-# While each node's first process downloads and tokenizes the corpus the other ranks wait on the set-up
-# group, which can take far longer than gloo's 30-minute default. Only set-up messages wait this long:
-# the training collectives time out after --collective_timeout.
+# The other ranks wait on the gloo control group while each node's first process downloads and
+# tokenizes the corpus, which can take far longer than gloo's 30-minute default. shorten_timeouts()
+# brings it down to --collective_timeout once training is under way.
 CONTROL_TIMEOUT = timedelta(hours=6)
 
 
@@ -305,9 +302,7 @@ def launched_by_torchrun() -> bool:
 def setup_distributed(device_name: str, collective_timeout: timedelta = timedelta(minutes=10)
                       ) -> tuple[Distributed, torch.device]:
     """Join the process group torchrun prepared (NCCL on CUDA, gloo on the CPU), one device per local
-    rank. Returns the rank layout and this process's device. The default group, which the training
-    collectives use, times out after collective_timeout; on CUDA NCCL's watchdog then ends the process
-    (torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1, and PyTorch's own default tears down too)."""
+    rank. Returns the rank layout and this process's device; collective_timeout is for shorten_timeouts()."""
     device = resolve_device(device_name)
     if not launched_by_torchrun():
         return Distributed(), device
@@ -318,23 +313,23 @@ def setup_distributed(device_name: str, collective_timeout: timedelta = timedelt
                             f"lower --nproc-per-node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=collective_timeout)
-        training = dist.new_group(backend="gloo", timeout=collective_timeout)
+        dist.init_process_group("nccl", device_id=device)
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     elif device.type == "cpu":
-        dist.init_process_group("gloo", timeout=collective_timeout)
-        training = dist.group.WORLD
+        dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
+        control = dist.group.WORLD
     else:
         raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
-    setup = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return Distributed(rank, local_rank, world, setup, setup, training, collective_timeout), device
+    probe = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Distributed(rank, local_rank, world, control, probe, collective_timeout), device
 
 
 def silent_ranks(ctx: Distributed) -> list[int]:
     """After a collective failed: the ranks that do not answer within collective_timeout. Rank 0 collects
     an answer from every rank and sends the list to those that answered; when rank 0 is silent, the others
-    name it. It runs on the set-up group, which no training collective uses, so no half-done operation
-    of the failed one is in its way."""
-    group, seconds = ctx.setup_group, ctx.collective_timeout.total_seconds()
+    name it. It runs on the probe group, which nothing else uses, so no half-done operation of the failed
+    collective is in its way."""
+    group, seconds = ctx.probe_group, ctx.collective_timeout.total_seconds()
     deadline = time.monotonic() + seconds
 
     def arrives(work) -> bool:
@@ -366,12 +361,28 @@ def lost_rank(error: BaseException) -> bool:
         s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
 
 
+def shorten_timeouts(ctx: Distributed, device: torch.device) -> None:
+    """Every rank calls this after its first optimizer step: from here on every collective (the default
+    group's, the control group's) waits at most collective_timeout for the other ranks. Set-up, the first
+    evaluation and the first step (tokenizing, building and compiling) keep the long timeouts, as
+    torchtitan does. The barrier comes first, under the long timeout, so that no rank waits with the
+    short one for a peer still finishing its first step."""
+    if not ctx.enabled:
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # private; torchtitan's way to do it
+
+    synchronize(device)
+    dist.barrier(group=ctx.control_group)
+    for group in (None, ctx.control_group):  # None: the default group
+        _set_pg_timeout(ctx.collective_timeout, group)
+
+
 @contextlib.contextmanager
-def training_phase(ctx: Distributed):
-    """Training, as opposed to set-up: small messages go through the training group, and a collective that
-    fails because a rank stopped answering (within collective_timeout) becomes one line naming that rank
-    on every rank still running (UserError, exit status 2), instead of a wait of hours or a traceback."""
-    ctx.control_group = ctx.training_group
+def lost_rank_is_one_line(ctx: Distributed):
+    """A collective that fails because a rank stopped answering (a timeout) or went away becomes one line
+    naming that rank, on every rank still running (UserError, exit status 2), instead of a traceback. On
+    GPUs NCCL's watchdog may end the process first, after the same timeout (torchrun sets
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
     try:
         yield
     except RuntimeError as e:  # gloo and NCCL raise RuntimeErrors (DistError among them)
@@ -384,8 +395,6 @@ def training_phase(ctx: Distributed):
         ranks = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
         raise UserError(f"{ranks} stopped answering in training (no reply within {limit}); every rank stops, "
                         f"saving nothing: continue from the last checkpoint with --resume") from None
-    finally:
-        ctx.control_group = ctx.setup_group
 
 
 def teardown_distributed() -> None:

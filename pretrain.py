@@ -39,6 +39,7 @@ from common import (
     agree,
     check_memory,
     compile_enabled,
+    lost_rank_is_one_line,
     model_config,
     non_negative_int,
     non_positive_float,
@@ -50,7 +51,6 @@ from common import (
     run_main,
     setup_distributed,
     teardown_distributed,
-    training_phase,
 )
 from data import (
     FINEWEB,
@@ -147,7 +147,7 @@ def main(args) -> list[tuple[int, float]]:
         ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
         try:
             plan, hooks, parallel, optimizer = set_up(args, ctx, device)
-            with training_phase(ctx):  # a rank that stops answering now stops all within --collective_timeout
+            with lost_rank_is_one_line(ctx):  # a rank that hangs in training: one line on the others
                 history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
                 if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
                     dist.barrier(group=ctx.control_group)

@@ -42,6 +42,7 @@ from common import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    shorten_timeouts,
     synchronize,
 )
 from parallel import Parallel
@@ -304,6 +305,8 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
         optimizer.zero_grad(set_to_none=True)
         step += 1
         totals.steps += 1
+        if step == plan.start_step + 1:  # compiled and warmed up: a rank that hangs from now on is noticed soon
+            shorten_timeouts(ctx, device)
         log.progress.update()
         if stop_requested(ctx, stop):  # every rank sees the same answer at the same step
             interrupt(step, stop, plan, hooks, log, ctx)
