@@ -127,7 +127,7 @@ def parse_args(argv=None):
     g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
                    help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
     g.add_argument("--collective_timeout", type=positive_float, default=10.0,
-                   help="under torchrun: minutes a training collective waits for a rank before every rank stops")
+                   help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
     g.add_argument("--checkpoint_interval", type=positive_int, default=20,
                    help="save a checkpoint every this many epochs")
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
