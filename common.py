@@ -256,6 +256,20 @@ def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
                         f"{available / 2**30:,.1f} GiB this {device.type} has; lower it")
 
 
+@contextlib.contextmanager
+def out_of_memory_is_one_line(what: str, remedy: str):
+    """An allocation that fails inside (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError)
+    becomes one line, "out of memory <what>: <remedy>", where the remedy names the flags to change."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        text = str(e)
+        if not (isinstance(e, torch.OutOfMemoryError)
+                or any(s in text for s in ("can't allocate memory", "not enough memory", "out of memory"))):
+            raise
+        raise UserError(f"out of memory {what}: {remedy}") from None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -272,6 +286,8 @@ class Distributed:
     local_rank: int = 0
     world_size: int = 1
     control_group: object = None  # a gloo group for small CPU messages (stop flags, errors)
+    probe_group: object = None  # a gloo group left idle, to find out who still answers when a collective failed
+    collective_timeout: timedelta = timedelta(minutes=10)  # what collectives wait after shorten_timeouts()
 
     @property
     def enabled(self) -> bool:
@@ -279,7 +295,8 @@ class Distributed:
 
 
 # The other ranks wait on the gloo control group while each node's first process downloads and
-# tokenizes the corpus, which can take far longer than gloo's 30-minute default.
+# tokenizes the corpus, which can take far longer than gloo's 30-minute default. shorten_timeouts()
+# brings it down to --collective_timeout once training is under way.
 CONTROL_TIMEOUT = timedelta(hours=6)
 
 
@@ -287,9 +304,10 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+def setup_distributed(device_name: str, collective_timeout: timedelta = timedelta(minutes=10)
+                      ) -> tuple[Distributed, torch.device]:
     """Join the process group torchrun prepared (NCCL on CUDA, gloo on the CPU), one device per local
-    rank. Returns the rank layout and this process's device."""
+    rank. Returns the rank layout and this process's device; collective_timeout is for shorten_timeouts()."""
     device = resolve_device(device_name)
     if not launched_by_torchrun():
         return Distributed(), device
@@ -307,7 +325,81 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
         control = dist.group.WORLD
     else:
         raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
-    return Distributed(rank, local_rank, world, control), device
+    probe = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Distributed(rank, local_rank, world, control, probe, collective_timeout), device
+
+
+def silent_ranks(ctx: Distributed) -> list[int]:
+    """After a collective failed: the ranks that do not answer within collective_timeout. Rank 0 collects
+    an answer from every rank and sends the list to those that answered; when rank 0 is silent, the others
+    name it. It runs on the probe group, which nothing else uses, so no half-done operation of the failed
+    collective is in its way."""
+    group, seconds = ctx.probe_group, ctx.collective_timeout.total_seconds()
+    deadline = time.monotonic() + seconds
+
+    def arrives(work) -> bool:
+        try:
+            return work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.001))) is not False
+        except RuntimeError:  # gloo: "Timed out waiting ... for recv operation to complete"
+            return False
+
+    verdict = torch.zeros(ctx.world_size)  # 1 marks a silent rank
+    if ctx.rank == 0:
+        answers = {r: dist.irecv(torch.zeros(1), src=r, group=group) for r in range(1, ctx.world_size)}
+        for r, work in answers.items():
+            verdict[r] = not arrives(work)
+        for r in range(1, ctx.world_size):
+            if not verdict[r]:
+                dist.send(verdict, dst=r, group=group)
+        return verdict.nonzero().flatten().tolist()
+    hello = dist.isend(torch.zeros(1), dst=0, group=group)  # not waited on: rank 0 may be the silent one
+    deadline += seconds  # rank 0 waits up to one timeout for the others before it answers
+    if not arrives(dist.irecv(verdict, src=0, group=group)):
+        return [0]
+    return verdict.nonzero().flatten().tolist()
+
+
+def lost_rank(error: BaseException) -> bool:
+    """Whether a collective failed because another rank stopped answering or went away."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
+
+
+def shorten_timeouts(ctx: Distributed, device: torch.device) -> None:
+    """Every rank calls this after its first optimizer step: from here on every collective (the default
+    group's, the control group's) waits at most collective_timeout for the other ranks. Set-up, the first
+    evaluation and the first step (tokenizing, building and compiling) keep the long timeouts, as
+    torchtitan does. The barrier comes first, under the long timeout, so that no rank waits with the
+    short one for a peer still finishing its first step."""
+    if not ctx.enabled:
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # private; torchtitan's way to do it
+
+    synchronize(device)
+    dist.barrier(group=ctx.control_group)
+    for group in (None, ctx.control_group):  # None: the default group
+        _set_pg_timeout(ctx.collective_timeout, group)
+
+
+@contextlib.contextmanager
+def lost_rank_is_one_line(ctx: Distributed):
+    """A collective that fails because a rank stopped answering (a timeout) or went away becomes one line
+    naming that rank, on every rank still running (UserError, exit status 2), instead of a traceback. On
+    GPUs NCCL's watchdog may end the process first, after the same timeout (torchrun sets
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo and NCCL raise RuntimeErrors (DistError among them)
+        if not (ctx.enabled and lost_rank(e)):
+            raise
+        silent = [r for r in silent_ranks(ctx) if r != ctx.rank]
+        limit = f"--collective_timeout {ctx.collective_timeout.total_seconds() / 60:g} minutes"
+        if not silent:
+            raise UserError(f"a collective failed in training: {first_line(e)} ({limit})") from None
+        ranks = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+        raise UserError(f"{ranks} stopped answering in training (no reply within {limit}); every rank stops, "
+                        f"saving nothing: continue from the last checkpoint with --resume") from None
 
 
 def teardown_distributed() -> None:

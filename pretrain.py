@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+from datetime import timedelta
 from functools import partial
 from typing import Iterator
 
@@ -37,7 +38,9 @@ from common import (
     add_model_args,
     add_system_args,
     agree,
+    check_memory,
     compile_enabled,
+    lost_rank_is_one_line,
     model_config,
     non_negative_int,
     non_positive_float,
@@ -62,7 +65,7 @@ from data import (
     window_batch,
 )
 from model import GPT, GPTConfig
-from parallel import Parallel
+from parallel import Parallel, training_memory
 from training import (
     Hooks,
     Plan,
@@ -125,6 +128,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
                    help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
+    g.add_argument("--collective_timeout", type=positive_float, default=10.0,
+                   help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
     g.add_argument("--checkpoint_interval", type=positive_int, default=20,
                    help="save a checkpoint every this many epochs")
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
@@ -141,13 +146,14 @@ def main(args) -> list[tuple[int, float]]:
     # SIGINT/SIGTERM from the start: a signal during set-up or tokenizing abandons it in one line, with
     # nothing half written; from the first evaluation on, train() stops where every rank can stop.
     with StopFlag() as stop:
-        ctx, device = setup_distributed(args.device)
+        ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
         try:
             with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):  # the lock, for the whole run
                 run = set_up(args, ctx, device)
-                history = train(*run, ctx, device, stop) if run else []
-            if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
-                dist.barrier(group=ctx.control_group)
+                with lost_rank_is_one_line(ctx):  # a rank that hangs in training: one line on the others
+                    history = train(*run, ctx, device, stop) if run else []
+                    if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
+                        dist.barrier(group=ctx.control_group)
             return history
         finally:
             teardown_distributed()
@@ -285,6 +291,7 @@ def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: Win
 def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distributed,
                 device: torch.device) -> tuple[Parallel, Adafactor]:
     """The model (seeded or the checkpoint's weights), wrapped for this world size, and its optimizer."""
+    agree(ctx, partial(check_model_fits, args, config, checkpoint, ctx, device))
     model = GPT(config).to(device)  # the same seed on every rank: identical weights before sharding
     model.set_activation_checkpointing(args.activation_checkpointing)
     if checkpoint:
@@ -297,6 +304,28 @@ def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distribut
     if checkpoint:
         parallel.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
     return parallel, optimizer
+
+
+def check_model_fits(args, config: GPTConfig, checkpoint: dict | None, ctx: Distributed,
+                     device: torch.device) -> None:
+    """Refuse in one line, before building it, a model whose weights, gradients and optimizer state the
+    device cannot hold (building it would fail with a traceback, or on Linux succeed lazily and be killed
+    later). Processes on one machine share its memory, so on the CPU their needs add up."""
+    shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
+    device_bytes, weight_bytes = training_memory(config, shards)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.enabled else 1
+    processes = f" in {local} processes" if local > 1 else ""
+    c = config
+    shape = (f"--embedding_dimensions {c.embedding_dimensions}, --num_hidden_layers {c.num_hidden_layers}, "
+             f"--feed_forward_ratio {c.feed_forward_ratio}, a {c.vocabulary_size:,}-token vocabulary from "
+             f"--token_encoding {args.token_encoding}{', as the checkpoint has it' if checkpoint else ''}")
+    if device.type == "cpu":
+        check_memory(device_bytes * local, device,
+                     f"training the model ({shape}: fp32 weights, gradients and Adafactor state){processes}")
+        return
+    check_memory(device_bytes, device, f"training the model ({shape}: fp32 weights, gradients and Adafactor state)")
+    check_memory(weight_bytes * local, torch.device("cpu"),  # the model is built in host memory first
+                 f"building the model ({shape}) in host memory{processes}")
 
 
 def print_summary(args, parallel: Parallel, ctx: Distributed, device: torch.device, accumulation: int,

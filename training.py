@@ -44,11 +44,13 @@ from common import (
     first_line,
     load_checkpoint,
     os_reason,
+    out_of_memory_is_one_line,
     print0,
     remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    shorten_timeouts,
     synchronize,
 )
 from parallel import Parallel
@@ -210,10 +212,11 @@ def evaluate(module: torch.nn.Module, ctx: Distributed, batches: Iterable[tuple]
     module.eval()
     total = torch.zeros((), device=device)
     samples = 0
-    for batch in batches:
-        with autocast(device):
-            total += module(*batch).float() * len(batch[0])
-        samples += len(batch[0])
+    with out_of_memory_is_one_line(f"in evaluation on {device.type}", "lower --batch_size or --tokens_per_sample"):
+        for batch in batches:
+            with autocast(device):
+                total += module(*batch).float() * len(batch[0])
+            samples += len(batch[0])
     if ctx.enabled:
         dist.all_reduce(total)
     module.train(was_training)
@@ -356,23 +359,28 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
     parallel.wrapped.train()
     log.start_progress(plan.total_steps, step, plan.description)
     totals = EpochTotals.start(device)
+    remedy = "lower --batch_size or --tokens_per_sample"  # they size the activations
+    remedy += "" if parallel.model.activation_checkpointing else ", or use --activation_checkpointing"
     while step < plan.total_steps:
         lr = hooks.learning_rate(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(A):
-            batch = hooks.next_batch()
-            with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
-                with autocast(device):
-                    loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
-                loss.backward()
-            totals.loss += loss.detach()
-            totals.tokens += batch[0].numel()
+        with out_of_memory_is_one_line(f"in training step {step + 1:,} on {device.type}", remedy):
+            for micro in range(A):
+                batch = hooks.next_batch()
+                with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
+                    with autocast(device):
+                        loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
+                    loss.backward()
+                totals.loss += loss.detach()
+                totals.tokens += batch[0].numel()
         totals.norm += parallel.clip_grad_norm_(plan.max_gradient_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         totals.steps += 1
+        if step == plan.start_step + 1:  # compiled and warmed up: a rank that hangs from now on is noticed soon
+            shorten_timeouts(ctx, device)
         log.progress.update()
         if stop_requested(ctx, stop):  # every rank sees the same answer at the same step
             interrupt(step, stop, plan, hooks, log, ctx)
