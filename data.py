@@ -220,6 +220,85 @@ def _quiet_hub():
         hub_logging.set_verbosity(levels[1])
 
 
+_loading = False  # while datasets may fork worker processes (num_proc > 1)
+
+
+def _quiet_worker() -> None:
+    """In a process forked while a corpus loads: the trainer's SIGINT/SIGTERM handlers (StopFlag) came
+    along, so the worker datasets ends with SIGTERM when the load fails raised Stopped and printed a
+    traceback. Such a worker dies quietly on SIGTERM and leaves Ctrl-C to its parent, which stops the run."""
+    if _loading:
+        with contextlib.suppress(ValueError):  # not forked from the main thread: nothing was inherited
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_quiet_worker)
+
+
+@contextlib.contextmanager
+def _forking_workers():
+    global _loading
+    _loading = True
+    try:
+        yield
+    finally:
+        _loading = False
+
+
+_WRAPPERS = ("DatasetGenerationError",)  # datasets' "An error occurred while generating the dataset"
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of the error that explains `error`, type first. datasets wraps the real one (a JSON
+    parse error, a bad Parquet footer) in a DatasetGenerationError that says only "An error occurred while
+    generating the dataset", and from a worker process (num_proc > 1) passes it on as the text of a
+    RemoteTraceback, whose exception lines ("pyarrow.lib.ArrowInvalid: ...") come innermost first."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "RemoteTraceback":
+            raised = [m for m in re.finditer(r"^([A-Za-z_][\w.]*)(?:: (.*))?$", str(e), re.MULTILINE)
+                      if m.group(1).rsplit(".", 1)[-1] not in _WRAPPERS and m.group(1) != "Traceback"]
+            if raised:
+                name, message = raised[-1].group(1).rsplit(".", 1)[-1], raised[-1].group(2)
+                return first_line(Exception(f"{name}: {message}" if message else name))
+        elif type(e).__name__ not in _WRAPPERS:
+            return first_line(e, with_type=True)
+        e = e.__cause__ or e.__context__
+    return first_line(error, with_type=True)
+
+
+@contextlib.contextmanager
+def _datasets_error_log():
+    """Collects what datasets logs at ERROR level while it reads files, instead of printing it above the
+    one-line error: its line names the file it failed on ("Failed to load JSON from file '...'"), which its
+    exception does not. A temporary file rather than a list, because with num_proc > 1 forked workers
+    log, through the handler they inherit."""
+    import logging
+    import tempfile
+
+    logger = logging.getLogger("datasets")
+    shown = list(logger.handlers)
+    below_error = lambda record: record.levelno < logging.ERROR  # noqa: E731
+    lines: list[str] = []
+    with tempfile.TemporaryFile("w+") as sink:
+        capture = logging.StreamHandler(sink)
+        capture.setLevel(logging.ERROR)
+        for handler in shown:
+            handler.addFilter(below_error)
+        logger.addHandler(capture)
+        try:
+            yield lines
+        finally:
+            logger.removeHandler(capture)
+            for handler in shown:
+                handler.removeFilter(below_error)
+            sink.flush()
+            sink.seek(0)
+            lines.extend(sink.read().splitlines())
+
+
 def _load_hub(name: str, subset: str | None, processes: int):
     try:
         import datasets
@@ -235,14 +314,14 @@ def _load_hub(name: str, subset: str | None, processes: int):
                             f"network (or HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use a copy in the HuggingFace cache, "
                             f"{ways_out}")
     try:
-        with _quiet_hub():
+        with _quiet_hub(), _forking_workers():
             dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
     except Exception as e:
         if offline and isinstance(e, ConnectionError):  # what datasets raises offline for a dataset not cached
             raise UserError(f"{what} is not in the HuggingFace cache and {offline} is set, so it is not "
                             f"downloaded; unset {offline} to download it, {ways_out}") from None
         raise UserError(
-            f"could not load {what} from the HuggingFace hub ({first_line(e, with_type=True)}); check the name "
+            f"could not load {what} from the HuggingFace hub ({_cause(e)}); check the name "
             f"and your network, {ways_out}"
         ) from None
     return _hf_batches(dataset, what)
@@ -255,11 +334,17 @@ def _load_local(files: list[str], builder: str, processes: int):
         raise UserError("reading local corpora needs the `datasets` package: pip install datasets") from None
     # A .txt corpus is split into documents at blank lines, so one file can still be split by document.
     options = {"sample_by": "paragraph"} if builder == "text" else {}
-    try:
-        dataset = datasets.load_dataset(builder, data_files=files, split="train", num_proc=processes, **options)
-    except Exception as e:
-        others = " and others" if len(files) > 1 else ""
-        raise UserError(f"could not read {files[0]}{others} ({first_line(e, with_type=True)})") from None
+    failure = None
+    with _datasets_error_log() as logged, _forking_workers():
+        try:
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", num_proc=processes, **options)
+        except Exception as e:
+            failure = e
+    if failure is not None:  # name the file datasets failed on, where it logged one
+        named = [f for f in files if any(f"'{os.path.abspath(f)}'" in line or f"'{os.path.realpath(f)}'" in line
+                                         for line in logged)]
+        where = named[0] if named else files[0] + (" and others" if len(files) > 1 else "")
+        raise UserError(f"could not read {where} ({_cause(failure)})") from None
     return _hf_batches(dataset, files[0] if len(files) == 1 else f"the {len(files)} files")
 
 

@@ -337,3 +337,67 @@ def test_a_reachable_hub_keeps_the_download_path_and_its_noise_down(tmp_path, mo
         prepare_token_files("someone/corpus", None, "bytes", str(tmp_path), 1)
     assert heard == [False, False]
     assert [str(w.message) for w in recwarn] == []
+
+
+# ----------------------------------------------------------------------------- corpus errors
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_malformed_json_file_is_named_with_the_cause_datasets_hides(tmp_path, capfd, processes):
+    """datasets says only "An error occurred while generating the dataset" and logs the cause on stderr."""
+    import datasets
+
+    import pretrain
+    from conftest import fails_with_one_line, tiny_pretrain_args
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"text": d} for d in DOCS])
+    (folder / "b.jsonl").write_text('{"text": "fine"}\n{"text": "no closing brace"\n')
+    argv = tiny_pretrain_args(str(tmp_path / "t"), str(tmp_path / "run"), "--num_dataset_processes", str(processes))
+    argv[argv.index("builtin")] = str(folder)
+    datasets.disable_progress_bars()  # its bars share stderr with the error line (\r counts as a line break)
+    try:
+        err = fails_with_one_line(capfd, pretrain, argv, f"could not read {folder / 'b.jsonl'} (",
+                                  "ArrowInvalid: JSON parse error")
+    finally:
+        datasets.enable_progress_bars()
+    assert "An error occurred while generating the dataset" not in err
+
+
+
+def test_a_worker_that_datasets_forks_ends_quietly_when_its_pool_is_terminated(tmp_path, monkeypatch):
+    """datasets ends its worker pool with SIGTERM when a load fails; the workers had inherited pretrain's
+    StopFlag handler, raised Stopped and printed a traceback ("Process ForkPoolWorker-1: ...") under the
+    one-line error."""
+    import signal
+    import time
+
+    import datasets
+
+    from common import StopFlag
+
+    endings = []
+
+    def load_dataset_with_a_worker(*args, **kwargs):
+        pid = os.fork()
+        if pid == 0:  # the worker, terminated as Pool.terminate() does
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os._exit(3)  # only if SIGTERM did not end it
+        endings.append(os.waitpid(pid, 0)[1])
+        raise ValueError("a file that does not parse")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset_with_a_worker)
+    source = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in DOCS])
+    with StopFlag(), pytest.raises(UserError, match="could not read .*corpus.jsonl .ValueError: a file that"):
+        prepare_token_files(source, None, "bytes", str(tmp_path / "t"), 2)
+    (status,) = endings
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
