@@ -310,7 +310,7 @@ def bench_tokenize(args, device, rows) -> None:
     corpus = resolve_corpus(args.dataset, None)
     encoding = load_encoding(args.token_encoding)
     _, batches = corpus.load(args.num_dataset_processes)
-    documents = [text for batch in batches for text in batch if text]
+    documents = [text for batch in batches for text in batch if isinstance(text, str) and text]  # as data.py skips
     characters = sum(len(d) for d in documents)
     if not characters:
         raise UserError(f"--dataset {args.dataset} holds no text to tokenize (no documents, or only empty ones)")

@@ -5,8 +5,9 @@
   documentation every CPython carries in `pydoc_data`, so a first run needs no download.
 - Tokenizers: tiktoken encodings by name, a local .tiktoken file, or `bytes` (256 bytes + end-of-text).
 - Token files: every document tokenized with end-of-text appended, split by documents into train and
-  test, written as flat uint16 (when every id fits) or uint32 arrays with a JSON metadata file.
-  Written atomically; a second run reuses them.
+  test, written as flat uint16 (when every id fits) or uint32 arrays with a JSON metadata file that
+  holds each file's content hash and largest token id. Written atomically under a lock; a second run
+  checks them against their metadata and reuses them, or makes them again.
 - Batches: windows of tokens_per_sample + 1 tokens drawn from the token file by a seeded sampler
   whose state goes into checkpoints; evaluation uses a fixed set of non-overlapping windows.
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -39,7 +42,9 @@ FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT", "all")
 NAMED_ENCODINGS = ("r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 ENDOFTEXT = "<|endoftext|>"
 LOCAL_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-TOKEN_FILE_FORMAT = 1
+TOKEN_FILE_FORMAT = 2  # 2: each split's content hash, sample-block hash and largest id; skipped rows
+FULL_HASH_BYTES = 1 << 30  # token files up to this size are hashed whole at every reuse (about 1 s per GiB)
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 1 << 20  # larger ones: these fixed blocks, and a scan for the largest id
 DOCUMENTS_PER_BATCH = 1024  # documents read from a corpus at a time
 DOCUMENTS_PER_TASK = 64  # documents one tokenizer thread takes at a time
 
@@ -220,6 +225,85 @@ def _quiet_hub():
         hub_logging.set_verbosity(levels[1])
 
 
+_loading = False  # while datasets may fork worker processes (num_proc > 1)
+
+
+def _quiet_worker() -> None:
+    """In a process forked while a corpus loads: the trainer's SIGINT/SIGTERM handlers (StopFlag) came
+    along, so the worker datasets ends with SIGTERM when the load fails raised Stopped and printed a
+    traceback. Such a worker dies quietly on SIGTERM and leaves Ctrl-C to its parent, which stops the run."""
+    if _loading:
+        with contextlib.suppress(ValueError):  # not forked from the main thread: nothing was inherited
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_quiet_worker)
+
+
+@contextlib.contextmanager
+def _forking_workers():
+    global _loading
+    _loading = True
+    try:
+        yield
+    finally:
+        _loading = False
+
+
+_WRAPPERS = ("DatasetGenerationError",)  # datasets' "An error occurred while generating the dataset"
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of the error that explains `error`, type first. datasets wraps the real one (a JSON
+    parse error, a bad Parquet footer) in a DatasetGenerationError that says only "An error occurred while
+    generating the dataset", and from a worker process (num_proc > 1) passes it on as the text of a
+    RemoteTraceback, whose exception lines ("pyarrow.lib.ArrowInvalid: ...") come innermost first."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "RemoteTraceback":
+            raised = [m for m in re.finditer(r"^([A-Za-z_][\w.]*)(?:: (.*))?$", str(e), re.MULTILINE)
+                      if m.group(1).rsplit(".", 1)[-1] not in _WRAPPERS and m.group(1) != "Traceback"]
+            if raised:
+                name, message = raised[-1].group(1).rsplit(".", 1)[-1], raised[-1].group(2)
+                return first_line(Exception(f"{name}: {message}" if message else name))
+        elif type(e).__name__ not in _WRAPPERS:
+            return first_line(e, with_type=True)
+        e = e.__cause__ or e.__context__
+    return first_line(error, with_type=True)
+
+
+@contextlib.contextmanager
+def _datasets_error_log():
+    """Collects what datasets logs at ERROR level while it reads files, instead of printing it above the
+    one-line error: its line names the file it failed on ("Failed to load JSON from file '...'"), which its
+    exception does not. A temporary file rather than a list, because with num_proc > 1 forked workers
+    log, through the handler they inherit."""
+    import logging
+    import tempfile
+
+    logger = logging.getLogger("datasets")
+    shown = list(logger.handlers)
+    below_error = lambda record: record.levelno < logging.ERROR  # noqa: E731
+    lines: list[str] = []
+    with tempfile.TemporaryFile("w+") as sink:
+        capture = logging.StreamHandler(sink)
+        capture.setLevel(logging.ERROR)
+        for handler in shown:
+            handler.addFilter(below_error)
+        logger.addHandler(capture)
+        try:
+            yield lines
+        finally:
+            logger.removeHandler(capture)
+            for handler in shown:
+                handler.removeFilter(below_error)
+            sink.flush()
+            sink.seek(0)
+            lines.extend(sink.read().splitlines())
+
+
 def _load_hub(name: str, subset: str | None, processes: int):
     try:
         import datasets
@@ -235,14 +319,14 @@ def _load_hub(name: str, subset: str | None, processes: int):
                             f"network (or HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use a copy in the HuggingFace cache, "
                             f"{ways_out}")
     try:
-        with _quiet_hub():
+        with _quiet_hub(), _forking_workers():
             dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
     except Exception as e:
         if offline and isinstance(e, ConnectionError):  # what datasets raises offline for a dataset not cached
             raise UserError(f"{what} is not in the HuggingFace cache and {offline} is set, so it is not "
                             f"downloaded; unset {offline} to download it, {ways_out}") from None
         raise UserError(
-            f"could not load {what} from the HuggingFace hub ({first_line(e, with_type=True)}); check the name "
+            f"could not load {what} from the HuggingFace hub ({_cause(e)}); check the name "
             f"and your network, {ways_out}"
         ) from None
     return _hf_batches(dataset, what)
@@ -255,11 +339,17 @@ def _load_local(files: list[str], builder: str, processes: int):
         raise UserError("reading local corpora needs the `datasets` package: pip install datasets") from None
     # A .txt corpus is split into documents at blank lines, so one file can still be split by document.
     options = {"sample_by": "paragraph"} if builder == "text" else {}
-    try:
-        dataset = datasets.load_dataset(builder, data_files=files, split="train", num_proc=processes, **options)
-    except Exception as e:
-        others = " and others" if len(files) > 1 else ""
-        raise UserError(f"could not read {files[0]}{others} ({first_line(e, with_type=True)})") from None
+    failure = None
+    with _datasets_error_log() as logged, _forking_workers():
+        try:
+            dataset = datasets.load_dataset(builder, data_files=files, split="train", num_proc=processes, **options)
+        except Exception as e:
+            failure = e
+    if failure is not None:  # name the file datasets failed on, where it logged one
+        named = [f for f in files if any(f"'{os.path.abspath(f)}'" in line or f"'{os.path.realpath(f)}'" in line
+                                         for line in logged)]
+        where = named[0] if named else files[0] + (" and others" if len(files) > 1 else "")
+        raise UserError(f"could not read {where} ({_cause(failure)})") from None
     return _hf_batches(dataset, files[0] if len(files) == 1 else f"the {len(files)} files")
 
 
@@ -339,18 +429,22 @@ def token_file_paths(dataset_path: str, corpus: Corpus, encoding_spec: str) -> t
     return f"{stem}.train.bin", f"{stem}.test.bin", f"{stem}.json"
 
 
-def _tokenize_batch(encoding, eot: int, dtype, first_index: int, test_every: int, texts: list[str]):
-    """Tokenize one batch of documents and return the train and test token arrays with their document
-    counts. Runs in worker threads: tiktoken releases the GIL while it encodes, and encode_to_numpy
-    hands back its buffer without building Python ints. Special-token text in a document is encoded
-    as ordinary text (disallowed_special=()), as encode_ordinary does."""
+def _tokenize_batch(encoding, eot: int, dtype, first_index: int, test_every: int, texts: list):
+    """Tokenize one batch of documents and return the train and test token arrays, their document counts
+    and the number of rows skipped because their text is null or not a string (a row keeps its place in
+    the split order either way). Runs in worker threads: tiktoken releases the GIL while it encodes, and
+    encode_to_numpy hands back its buffer without building Python ints. Special-token text in a document
+    is encoded as ordinary text (disallowed_special=()), as encode_ordinary does."""
     end = np.array([eot], dtype=np.uint32)
-    train, test = [], []
+    train, test, skipped = [], [], 0
     for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            skipped += 1
+            continue
         ids = encoding.encode_to_numpy(text, disallowed_special=())
         (test if (first_index + i) % test_every == 0 else train).extend((ids, end))
     join = lambda parts: np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype)
-    return join(train), join(test), len(train) // 2, len(test) // 2
+    return join(train), join(test), len(train) // 2, len(test) // 2, skipped
 
 
 def write_token_files(
@@ -362,12 +456,16 @@ def write_token_files(
     num_threads: int,
     total_documents: int | None = None,
 ) -> dict:
-    """Tokenize every document with end-of-text appended and write the two splits, atomically."""
+    """Tokenize every document with end-of-text appended and write the two splits, atomically. Returns
+    each split's token and document counts, the SHA-256 of its bytes (hashed as they are written) and its
+    largest token id, and the number of rows skipped as not text."""
     from tqdm import tqdm
 
     dtype = token_dtype(encoding.n_vocab)
     eot = eot_id(encoding)
-    counts = {"train": {"tokens": 0, "documents": 0}, "test": {"tokens": 0, "documents": 0}}
+    counts = {split: {"tokens": 0, "documents": 0, "max_id": 0} for split in ("train", "test")}
+    digests = {split: hashlib.sha256() for split in counts}
+    skipped = 0
     with (
         atomic_path(train_path) as train_tmp,
         atomic_path(test_path) as test_tmp,
@@ -378,15 +476,19 @@ def write_token_files(
     ):
         pending, first = [], 0
         def drain(limit):
+            nonlocal skipped
             while len(pending) > limit:
-                train, test, n_train, n_test = pending.pop(0).result()
-                train.tofile(train_out)
-                test.tofile(test_out)
-                counts["train"]["tokens"] += len(train)
-                counts["test"]["tokens"] += len(test)
-                counts["train"]["documents"] += n_train
-                counts["test"]["documents"] += n_test
-                progress.update(n_train + n_test)
+                train, test, n_train, n_test, n_skipped = pending.pop(0).result()
+                for split, tokens, documents, out in (("train", train, n_train, train_out),
+                                                      ("test", test, n_test, test_out)):
+                    if len(tokens):
+                        digests[split].update(tokens)  # hashlib releases the GIL: the tokenizers keep going
+                        out.write(memoryview(tokens).cast("B"))
+                        counts[split]["max_id"] = max(counts[split]["max_id"], int(tokens.max()))
+                    counts[split]["tokens"] += len(tokens)
+                    counts[split]["documents"] += documents
+                skipped += n_skipped
+                progress.update(n_train + n_test + n_skipped)
 
         for batch in batches:
             for i in range(0, len(batch), DOCUMENTS_PER_TASK):  # small tasks keep every thread busy
@@ -395,69 +497,322 @@ def write_token_files(
                 first += len(texts)
                 drain(4 * num_threads)  # bounded look-ahead keeps memory flat and the order fixed
         drain(0)
-    return counts
+    for split in counts:
+        counts[split]["sha256"] = digests[split].hexdigest()
+    return {**counts, "skipped": skipped}
+
+
+# Checking token files. A file no larger than FULL_HASH_BYTES is hashed whole (SHA-256 runs at about
+# 1 GB/s on one core); a larger one is checked by its size, the hash of SAMPLE_BLOCKS fixed blocks spread
+# over it, and its largest token id (a numpy scan at disk speed), so a restart costs seconds, not minutes.
+
+
+def _file_digest(path: str, blocks: list[tuple[int, int]] | None = None) -> str:
+    """SHA-256 of a file, or of the (offset, length) blocks of it, read in 8 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset, length in blocks or [(0, os.path.getsize(path))]:
+            f.seek(offset)
+            while length > 0:
+                piece = f.read(min(length, 8 << 20))
+                if not piece:
+                    break
+                digest.update(piece)
+                length -= len(piece)
+    return digest.hexdigest()
+
+
+def _sample_blocks(size: int) -> list[tuple[int, int]]:
+    """The fixed (offset, length) blocks hashed of a file of `size` bytes: SAMPLE_BLOCKS blocks spread
+    evenly from its first byte to its last, or the whole file when it is no larger than they are."""
+    if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
+        return [(0, size)]
+    return [(i * (size - SAMPLE_BLOCK_BYTES) // (SAMPLE_BLOCKS - 1), SAMPLE_BLOCK_BYTES) for i in range(SAMPLE_BLOCKS)]
+
+
+def _largest_id(path: str, dtype: np.dtype) -> int:
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    step = 1 << 26
+    return max((int(tokens[i : i + step].max()) for i in range(0, len(tokens), step)), default=0)
+
+
+def _mismatch(path: str, split: dict, dtype: np.dtype) -> str | None:
+    """Why a token file does not hold what its metadata says it does, or None when it does."""
+    try:
+        size = os.path.getsize(path)
+        if size != split["tokens"] * dtype.itemsize:
+            return f"it holds {size:,} bytes, not {split['tokens'] * dtype.itemsize:,}"
+        if size <= FULL_HASH_BYTES:
+            return None if _file_digest(path) == split["sha256"] else "its content hash differs"
+        if _file_digest(path, _sample_blocks(size)) != split["sample_sha256"]:
+            return "the content hash of its sample blocks differs"
+        largest = _largest_id(path, dtype)
+        return None if largest == split["max_id"] else f"its largest token id is {largest}, not {split['max_id']}"
+    except FileNotFoundError:
+        return "it is missing"
+    except OSError as e:
+        return f"it cannot be read: {first_line(e)}"
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _meta_problem(meta, encoding: tiktoken.Encoding) -> str | None:
+    """What makes token-file metadata unusable with this encoding ("<meta file> ..."), or None. Missing or
+    mangled keys make the files count as absent, never a KeyError."""
+    if not isinstance(meta, dict):
+        return "is damaged (not a JSON object)"
+    if meta.get("format") != TOKEN_FILE_FORMAT:
+        return (f"was written in token file format {meta.get('format')!r} (this LightGPT writes format "
+                f"{TOKEN_FILE_FORMAT}, with content hashes)")
+    expected = {"vocabulary_size": encoding.n_vocab, "eot_id": eot_id(encoding),
+                "dtype": token_dtype(encoding.n_vocab).name}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            return f"is damaged ({key} is {meta.get(key)!r}, not {value!r})"
+    if not isinstance(meta.get("source"), str) or not _count(meta.get("skipped_documents")):
+        return "is damaged (no source or skipped_documents)"
+    splits = meta.get("splits")
+    for name in ("train", "test"):
+        split = splits.get(name) if isinstance(splits, dict) else None
+        if not (isinstance(split, dict) and all(_count(split.get(k)) for k in ("tokens", "documents", "max_id"))
+                and split["max_id"] < encoding.n_vocab
+                and all(isinstance(split.get(k), str) and len(split[k]) == 64 for k in ("sha256", "sample_sha256"))):
+            return f"is damaged (no valid '{name}' split)"
+    return None
+
+
+def read_meta(meta_path: str) -> dict | None:
+    """Token files' metadata as written, or None when there is none."""
+    try:
+        with open(meta_path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _check_token_files(paths: tuple[str, str, str], encoding: tiktoken.Encoding) -> tuple[dict | None, str | None]:
+    """(the metadata, None) when the token files hold what it says; otherwise (None, why not), the reason
+    None when there is no metadata at all (a first run, or an interrupted one)."""
+    train_path, test_path, meta_path = paths
+    try:
+        meta = read_meta(meta_path)
+    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 that does not decode
+        return None, f"{meta_path} is damaged ({'not valid JSON' if isinstance(e, ValueError) else first_line(e)})"
+    if meta is None:
+        return None, None
+    problem = _meta_problem(meta, encoding)
+    if problem:
+        return None, f"{meta_path} {problem}"
+    dtype = np.dtype(meta["dtype"])
+    for name, path in (("train", train_path), ("test", test_path)):
+        mismatch = _mismatch(path, meta["splits"][name], dtype)
+        if mismatch:
+            return None, f"{path} does not match its metadata ({mismatch})"
+    return meta, None
+
+
+# ----------------------------------------------------------------------------- preparing token files
+
+
+class _PreparationLock:
+    """An flock on <token files>.lock: shared while a run checks the token files, exclusive while one
+    writes them, so a second run preparing the same files waits for the first and then reuses its work.
+    The kernel drops an flock when its process ends, even by kill -9: a temporary file that no held lock
+    covers is an orphan. The lock file is removed by whoever holds it last, exclusively; a run that then
+    finds its lock on a removed file opens the path afresh. In a folder where no lock file can be made (a
+    read-only one) token files can still be read, unlocked; writing them fails there anyway."""
+
+    def __init__(self, path: str):
+        self.path, self.fd, self.exclusive, self.told = path, None, False, False
+
+    def acquire(self, exclusive: bool) -> bool:
+        """Take the lock (waiting, and saying so, while another run holds it); False when unlockable."""
+        if self.fd is not None:  # from shared to exclusive: let go first, as flock would
+            os.close(self.fd)
+            self.fd = None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)  # a read-only folder that has a lock file
+                except OSError:
+                    return False
+            try:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not self.told:
+                        print0(f"waiting for another run preparing these token files to finish (it holds {self.path})")
+                        self.told = True
+                    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):  # not a lock file removed meanwhile
+                    self.fd, self.exclusive = fd, exclusive
+                    return True
+            except FileNotFoundError:
+                pass  # removed meanwhile: open it afresh
+            except OSError:  # a file system without flock
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if not self.exclusive:  # the last run holding it removes it; others still hold theirs
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.remove(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+
+def _remove_stale_temporary_files(paths: tuple[str, ...], dataset_path: str) -> None:
+    """Remove the temporary files (atomic_path's <token file>.<random>.tmp) of these token files. Called
+    with their lock held, when no other run can be writing them: they were left by a run that was killed."""
+    removed, freed = 0, 0
+    for path in paths:
+        for stale in glob.glob(glob.escape(path) + ".*.tmp"):
+            with contextlib.suppress(OSError):  # another run checking the files removed it first
+                size = os.path.getsize(stale)
+                os.remove(stale)
+                removed, freed = removed + 1, freed + size
+    if removed:
+        print0(f"removed {removed} stale temporary file{'s' if removed > 1 else ''} ({freed / 1e6:.1f} MB) "
+               f"that an interrupted run left in {dataset_path}")
+
+
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied: read-only for this user",
+    errno.EPERM: "permission denied: read-only for this user",
+}
+
+
+def _write_error(dataset_path: str, error: OSError) -> UserError:
+    if error.errno == errno.ENOTDIR:
+        return UserError(f"--dataset_path {dataset_path} is not a folder (a file stands in its path)")
+    cause = _WRITE_ERRORS.get(error.errno) or first_line(error)
+    return UserError(f"--dataset_path {dataset_path}: cannot write the token files ({cause})")
+
+
+def _ensure_folder(dataset_path: str) -> None:
+    if os.path.exists(dataset_path) and not os.path.isdir(dataset_path):
+        raise UserError(f"--dataset_path {dataset_path} is not a folder (it is a file)")
+    try:
+        os.makedirs(dataset_path, exist_ok=True)
+    except OSError as e:
+        raise _write_error(dataset_path, e) from None
+
+
+def _read_batches(batches: Iterator[list], source: str) -> Iterator[list]:
+    """The corpus's batches; an error while reading them names the corpus and its cause, so that it is not
+    taken for an error writing the token files."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"could not read {source} ({_cause(e)})") from None
+        yield batch
 
 
 def prepare_token_files(
     dataset: str, subset: str | None, encoding_spec: str, dataset_path: str, num_processes: int
 ) -> TokenFiles:
-    """Make (or reuse) the train and test token files of a corpus under an encoding."""
+    """Make (or reuse) the train and test token files of a corpus under an encoding. Files that do not hold
+    what their metadata says (or whose metadata is damaged or older) are made again, with a note."""
     corpus = resolve_corpus(dataset, subset)
     encoding = load_encoding(encoding_spec)
-    train_path, test_path, meta_path = token_file_paths(dataset_path, corpus, encoding_spec)
-    meta = read_meta(meta_path)
-    if meta is not None and _files_match(meta, train_path, test_path):
-        print0(f"reusing token files {train_path} and {test_path}")
-        return TokenFiles(train_path, test_path, meta)
-
-    print0(f"preparing {corpus.source} with {encoding_spec} into {dataset_path}")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the files change below: never leave metadata that vouches for old ones
+    _ensure_folder(dataset_path)
+    paths = token_file_paths(dataset_path, corpus, encoding_spec)
+    train_path, test_path, meta_path = paths
+    lock = _PreparationLock(os.path.splitext(meta_path)[0] + ".lock")
     try:
-        total, batches = corpus.load(num_processes)
-        counts = write_token_files(batches, encoding, train_path, test_path, corpus.test_every, num_processes, total)
-    except KeyboardInterrupt as e:  # Ctrl-C, or a StopFlag's Stopped: the temporary files are gone by now
-        raise Stopped(getattr(e, "signal_number", signal.SIGINT), "while tokenizing; the token files were not written"
-                      ) from None
-    for split in ("train", "test"):
-        if counts[split]["documents"] == 0:
-            raise UserError(f"--dataset {dataset}: the corpus has too few documents to fill a {split} split")
-    meta = {
-        "format": TOKEN_FILE_FORMAT,
-        "source": corpus.source,
-        "dataset": dataset,
-        "dataset_subset": subset,
-        "token_encoding": encoding_spec,
-        "vocabulary_size": encoding.n_vocab,
-        "eot_id": eot_id(encoding),
-        "dtype": token_dtype(encoding.n_vocab).name,
-        "test_every": corpus.test_every,
-        "splits": counts,
-    }
-    with atomic_path(meta_path) as tmp, open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    print0(
-        f"wrote {counts['train']['tokens']:,} train tokens ({counts['train']['documents']:,} documents) and "
-        f"{counts['test']['tokens']:,} test tokens ({counts['test']['documents']:,} documents)"
-    )
+        for exclusive in (False, True):  # checked again once exclusive: another run may have made them meanwhile
+            if lock.acquire(exclusive):
+                _remove_stale_temporary_files(paths, dataset_path)
+            meta, why = _check_token_files(paths, encoding)
+            if meta is not None:
+                print0(f"reusing token files {train_path} and {test_path}")
+                return TokenFiles(train_path, test_path, meta)
+        if why:
+            print0(f"note: {why}; tokenizing again")
+        print0(f"preparing {corpus.source} with {encoding_spec} into {dataset_path}")
+        meta = _make_token_files(corpus, encoding, paths, dataset, subset, encoding_spec, dataset_path, num_processes)
+    finally:
+        lock.release()
     return TokenFiles(train_path, test_path, meta)
 
 
-def read_meta(meta_path: str) -> dict | None:
+def _make_token_files(corpus: Corpus, encoding: tiktoken.Encoding, paths: tuple[str, str, str], dataset: str,
+                      subset: str | None, encoding_spec: str, dataset_path: str, num_processes: int) -> dict:
+    """Tokenize the corpus into the token files and write their metadata last. On any failure none of the
+    three is left behind: token files without metadata are of no use, and a full disk wants its space."""
+    train_path, test_path, meta_path = paths
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("format") == TOKEN_FILE_FORMAT else None
-
-
-def _files_match(meta: dict, train_path: str, test_path: str) -> bool:
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split, path in (("train", train_path), ("test", test_path)):
-        if not os.path.isfile(path) or os.path.getsize(path) != meta["splits"][split]["tokens"] * itemsize:
-            return False
-    return True
+        for path in paths:  # the metadata first: it must never vouch for files being replaced
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        total, batches = corpus.load(num_processes)
+        counts = write_token_files(_read_batches(batches, corpus.source), encoding, train_path, test_path,
+                                   corpus.test_every, num_processes, total)
+        documents = counts["train"]["documents"] + counts["test"]["documents"]
+        if counts["train"]["tokens"] + counts["test"]["tokens"] == documents:  # end-of-text tokens only
+            rows = documents + counts["skipped"]
+            raise UserError(f"--dataset {dataset}: no document holds any text (all {rows:,} are empty, null or "
+                            f"not strings)" if rows else f"--dataset {dataset} holds no documents")
+        for split in ("train", "test"):
+            if counts[split]["documents"] == 0:
+                raise UserError(f"--dataset {dataset}: the corpus has too few documents to fill a {split} split")
+        for split, path in (("train", train_path), ("test", test_path)):
+            counts[split]["sample_sha256"] = _file_digest(path, _sample_blocks(os.path.getsize(path)))
+        meta = {
+            "format": TOKEN_FILE_FORMAT,
+            "source": corpus.source,
+            "dataset": dataset,
+            "dataset_subset": subset,
+            "token_encoding": encoding_spec,
+            "vocabulary_size": encoding.n_vocab,
+            "eot_id": eot_id(encoding),
+            "dtype": token_dtype(encoding.n_vocab).name,
+            "test_every": corpus.test_every,
+            "skipped_documents": counts["skipped"],
+            "splits": {split: counts[split] for split in ("train", "test")},
+        }
+        with atomic_path(meta_path) as tmp, open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+    except BaseException as e:
+        for path in (train_path, test_path):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or a StopFlag's Stopped
+            raise Stopped(getattr(e, "signal_number", signal.SIGINT), "while tokenizing; the token files were not "
+                          "written") from None
+        if isinstance(e, OSError):  # the corpus is read by _read_batches: this is writing
+            raise _write_error(dataset_path, e) from None
+        raise
+    skipped = f"; skipped {counts['skipped']:,} rows whose text is null or not a string" if counts["skipped"] else ""
+    print0(
+        f"wrote {counts['train']['tokens']:,} train tokens ({counts['train']['documents']:,} documents) and "
+        f"{counts['test']['tokens']:,} test tokens ({counts['test']['documents']:,} documents){skipped}"
+    )
+    return meta
 
 
 def open_tokens(path: str, meta: dict) -> np.ndarray:

@@ -71,3 +71,12 @@ def test_tokenize_on_empty_documents_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith("holds no text to tokenize (no documents, or only empty ones)")
+
+
+def test_tokenize_leaves_out_rows_that_are_not_text(capsys, tmp_path):
+    corpus = tmp_path / "mixed.jsonl"
+    text = "some text " * 20_000  # long, so that few copies reach the 4M characters timed
+    corpus.write_text(json.dumps({"text": text}) + '\n{"text": null}\n{"text": 42}\n')
+    rows = run(capsys, "tokenize", "--dataset", str(corpus), "--token_encoding", "bytes",
+               "--num_dataset_processes", "1", "--iterations", "1")
+    assert rows[0]["tokens"] == len(text) * rows[0]["documents"]
