@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LightGPT in one command: set up a virtual environment, train a small model offline, sample from it.
 #
-#   bash quickstart.sh                         # about 3 minutes on a 2-core CPU: the README's quick start
+#   bash quickstart.sh                         # the README's quick start: minutes on a CPU (7 on 2 shared cores)
 #   TINY=1 bash quickstart.sh                  # the same steps at a tiny shape, in seconds (CI runs this)
 #   QUICKSTART_DRY_RUN=1 bash quickstart.sh    # print the commands it would run and run none
 #
@@ -27,7 +27,7 @@
 #                           it also picks the PyTorch build
 #   TORCH_SPEC=spec         install this PyTorch instead, e.g. torch==2.6.0 (needs no GPU check)
 #   TORCH_INDEX_URL=url     ... from this index, e.g. https://download.pytorch.org/whl/cu126
-#   TINY=1                  a tiny shape and a few steps, for CI (about 30 s of training and sampling)
+#   TINY=1                  a tiny shape and a few steps, for CI (about 20 s once set up)
 #   RUN_NAME=name           name the checkpoint and run folder (default quickstart-<date>-<time>)
 #   QUICKSTART_DRY_RUN=1    print every command (every way of installing PyTorch, in order), run none
 set -euo pipefail
