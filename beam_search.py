@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (ArgumentParser, UserError, add_system_args, non_negative_float, positive_int, resolve_device,
+from common import (ArgumentParser, UserError, add_system_args, check_memory, float_in, positive_int, resolve_device,
                     run_main)
-from generate import add_inference_args, encode_prompt, load_for_inference, prompts
+from generate import add_inference_args, decode_text, encode_prompt, load_for_inference, prefill, prompts
 from model import GPT
 
 
@@ -37,10 +37,12 @@ def beam_search(model: GPT, prompt_ids: list[int], eot: int, beam_width: int, nu
     """The num_candidates best continuations of prompt_ids, best first."""
     device = model.token_embeddings.weight.device
     W, V = beam_width, model.config.vocabulary_size
+    check_memory(model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * W * context_length,
+                 device, f"a KV cache for --beam_width {W} x --context_length {context_length} tokens")
     model.setup_cache(W, context_length)
     P = len(prompt_ids)
     idx = torch.tensor([prompt_ids], device=device).expand(W, P)
-    logits = model(idx, input_pos=torch.arange(P, device=device))[:, -1].float()  # (W, V)
+    logits = prefill(model, idx).float()  # (W, V)
     # The W rows start identical: only the first may expand, or the beams would be W copies.
     scores = torch.full((W,), float("-inf"), device=device)
     scores[0] = 0.0
@@ -91,7 +93,8 @@ def parse_args(argv=None):
     add_system_args(p, compile_help=None, seed_help=None)  # beam search is deterministic and runs eagerly
     p.add_argument("--num_candidates", type=positive_int, default=3, help="best sequences to print")
     p.add_argument("--beam_width", type=positive_int, default=16, help="sequences kept alive at each step")
-    p.add_argument("--length_penalty", type=non_negative_float, default=1.0, help="rank by total / length ** this")
+    p.add_argument("--length_penalty", type=float_in(0, 10), default=1.0,  # length ** 1000 would overflow
+                   help="rank by total / length ** this, in [0, 10]")
     return p.parse_args(argv)
 
 
@@ -104,12 +107,11 @@ def main(args) -> list[list[Candidate]]:
         found = beam_search(model, encode_prompt(encoding, eot, text), eot, args.beam_width, args.num_candidates,
                             args.max_tokens, args.context_length, args.length_penalty)
         for rank, c in enumerate(found, 1):
-            body = encoding.decode([t for t in c.tokens if t != eot])
+            body = decode_text(encoding, [t for t in c.tokens if t != eot])
             ending = "" if c.finished else " (cut at --max_tokens)"
             print(f"[{rank}] log-probability {c.total:.3f} total, {c.score:.3f} normalised, "
                   f"{len(c.tokens)} tokens{ending}")
-            print(body)
-        print(flush=True)
+            print(body, flush=True)
         results.append(found)
     return results
 

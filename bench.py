@@ -17,6 +17,7 @@ transformers' GPT-2 of the same shape beside ours (transformers is needed only f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -37,6 +38,7 @@ from common import (
     autocast,
     bf16_supported,
     compile_enabled,
+    first_line,
     model_config,
     non_negative_int,
     parse_with_preset,
@@ -49,6 +51,11 @@ from common import (
 )
 from generate import Decoder, Sampler, Sampling, add_sampling_args
 from model import GPT, GPTConfig, peak_tflops
+
+DECODE_COMPILE_MODES = {"plain": "default", "autotune": "max-autotune-no-cudagraphs"}  # torch.compile modes
+ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                      "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Benchmark LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -77,6 +84,8 @@ def parse_args(argv=None):
     g.add_argument("--prompt_tokens", type=positive_int, default=16, help="random prompt length")
     g.add_argument("--context_length", type=positive_int, default=1024, help="KV cache length")
     g.add_argument("--decode_batch_size", type=positive_int, default=8, help="the larger batch measured beside batch 1")
+    g.add_argument("--decode_compile_mode", choices=tuple(DECODE_COMPILE_MODES), default="plain",
+                   help="torch.compile of the decode step: plain, or autotune (Triton matrix products tried too)")
     add_sampling_args(g)
     g = p.add_argument_group("tokenize")
     g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
@@ -84,6 +93,8 @@ def parse_args(argv=None):
     g.add_argument("--num_dataset_processes", type=positive_int, default=8, help="tokenizer threads")
     g = p.add_argument_group("system")
     g.add_argument("--compare_hf", action="store_true", help="also time transformers' GPT-2 of the same shape")
+    g.add_argument("--attention_backend", choices=tuple(ATTENTION_BACKENDS), default="auto",
+                   help="the scaled_dot_product_attention kernel (auto: PyTorch's choice)")
     g.add_argument("--profile_path", default=None,
                    help="also profile LightGPT's timed work: print the top ops, write a Chrome trace here")
     add_system_args(g, compile_help="torch.compile (auto: on for CUDA)", seed_default=0)
@@ -220,7 +231,7 @@ def train_one(args, device, system: str, x, y) -> dict:
     tokens_per_s = B * T * A / seconds
     record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
               "compiled": compile_enabled(args.compile, device),
-              "activation_checkpointing": args.activation_checkpointing,
+              "activation_checkpointing": args.activation_checkpointing, "attention_backend": args.attention_backend,
               "optimizer": args.optimizer, "batch_size": B, "tokens_per_sample": T, "gradient_accumulation_steps": A,
               "parameters": sum(p.numel() for p in model.parameters()),
               "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(seconds * 1e3, 2),
@@ -256,7 +267,8 @@ def decode_one(args, device, system: str, prompt) -> dict:
         kv_bytes = model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch * args.context_length
         kv_cache_gib = float(f"{kv_bytes / 2**30:.4g}")
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
-        decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled)
+        decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled,
+                          DECODE_COMPILE_MODES[args.decode_compile_mode])
 
         @torch.inference_mode()
         def run():
@@ -283,7 +295,8 @@ def decode_one(args, device, system: str, prompt) -> dict:
         root, ext = os.path.splitext(args.profile_path)
         profile(run, f"{root}-batch{batch}{ext or '.json'}", 1, device, f"generations of {args.max_tokens} tokens")
     return {"mode": "decode", "system": system, "device": device_name(device), "precision": precision_name(device),
-            "compiled": compiled, "batch_size": batch, "prompt_tokens": P, "new_tokens": args.max_tokens,
+            "compiled": compiled, "attention_backend": args.attention_backend, "batch_size": batch,
+            "prompt_tokens": P, "new_tokens": args.max_tokens,
             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "tokens_per_s": round(batch * args.max_tokens / seconds, 1),
             "ms_per_token": round(seconds / args.max_tokens * 1e3, 3),  # per decode step (batch tokens)
@@ -299,10 +312,10 @@ def bench_tokenize(args, device, rows) -> None:
     corpus = resolve_corpus(args.dataset, None)
     encoding = load_encoding(args.token_encoding)
     _, batches = corpus.load(args.num_dataset_processes)
-    documents = [text for batch in batches for text in batch]
-    if not documents:
-        raise UserError(f"--dataset {args.dataset} holds no documents")
+    documents = [text for batch in batches for text in batch if text]
     characters = sum(len(d) for d in documents)
+    if not characters:
+        raise UserError(f"--dataset {args.dataset} holds no text to tokenize (no documents, or only empty ones)")
     repeats = max(1, -(-4_000_000 // characters))  # at least 4M characters: long enough to time
     documents = documents * repeats
     batch = 1024
@@ -352,10 +365,27 @@ def print_table(rows: list[dict]) -> None:
         print(f"device: {rows[0]['device']}")
 
 
+def attention_backend(name: str):
+    """A context that limits scaled_dot_product_attention to one kernel (compiled code picks its kernel
+    when it is traced, inside this context)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel([getattr(torch.nn.attention.SDPBackend, ATTENTION_BACKENDS[name])])
+
+
 def main(args) -> list[dict]:
     device = resolve_device(args.device) if args.mode != "tokenize" else torch.device("cpu")
     rows: list[dict] = []
-    {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize}[args.mode](args, device, rows)
+    try:
+        with attention_backend(args.attention_backend):
+            {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize}[args.mode](args, device, rows)
+    except RuntimeError as e:
+        if not any(text in str(e) for text in ("No available kernel", "No viable backend")):
+            raise
+        raise UserError(f"--attention_backend {args.attention_backend} cannot run this attention on "
+                        f"{device.type} ({first_line(e, 100)})") from None
     print_table(rows)
     return rows
 

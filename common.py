@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pickle
 import signal
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Callable
@@ -39,22 +41,63 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+NOTHING_SAVED = "before the first step; nothing was saved"  # how Stopped ends a trainer's message
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived before there was anything to save (setting up, tokenizing, the first
+    evaluation): the work is abandoned as Ctrl-C abandons it, a KeyboardInterrupt, so every `with` block
+    on the way out cleans up (atomic writes remove their temporary files) and no `except Exception`
+    mistakes it for an error. `what` finishes "stopped by SIGTERM ...". signal_number None: a signal on
+    another rank. `everywhere` as for UserError."""
+
+    def __init__(self, signal_number: int | None, what: str, everywhere: bool = False):
+        self.signal_number, self.what, self.everywhere = signal_number, what, everywhere
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signal_number).name if self.signal_number else "a signal on another rank"
+        return f"stopped by {name} {self.what}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal_number or signal.SIGINT)
+
+
 def first_line(exc: BaseException, limit: int = 200, with_type: bool = False) -> str:
-    """The first line of an exception's message (at most `limit` characters), or its type name when the
-    message is empty; with_type puts the type name first ("OSError: ..."). Library errors can run to
-    pages, and a one-line error must stay one line."""
+    """The first line of an exception's message (at most `limit` characters, cut after a whole word and
+    marked " ..."), or its type name when the message is empty; with_type puts the type name first
+    ("OSError: ..."). Library errors can run to pages, and a one-line error must stay one line."""
     text = str(exc).strip()
     if not text:
         return type(exc).__name__
-    line = text.splitlines()[0][:limit]
+    line = text.splitlines()[0]
+    if len(line) > limit:
+        line = line[: limit - 4].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
     return f"{type(exc).__name__}: {line}" if with_type else line
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with "(default: X)", once: not after a help that already says what its
+    default is, nor for a switch (off unless given) or a None default (its help says what happens)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error instead of the usage block."""
+    """argparse with a one-line error instead of the usage block, and HelpFormatter's --help."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        if formatter_class is argparse.ArgumentDefaultsHelpFormatter:  # the scripts ask for argparse's, which
+            formatter_class = HelpFormatter  # repeats a default a help already names
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -83,6 +126,12 @@ non_negative_float = _number(float, "a number >= 0", lambda v: v >= 0)
 probability = _number(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
 unit_interval = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 non_positive_float = _number(float, "a number <= 0", lambda v: v <= 0)
+seed_int = _number(int, "an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)  # generators take 64 bits
+
+
+def float_in(low: float, high: float):
+    """An argparse type for a number in [low, high]."""
+    return _number(float, f"a number in [{low:g}, {high:g}]", lambda v: low <= v <= high)
 
 
 # The flags that set the model's shape: every GPTConfig field but the vocabulary, which the tokenizer sets.
@@ -151,7 +200,7 @@ def add_system_args(g, compile_help: str | None = "torch.compile the model (auto
     if compile_help is not None:
         g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=compile_help)
     if seed_help is not None:
-        g.add_argument("--seed", type=non_negative_int, default=seed_default, help=seed_help)
+        g.add_argument("--seed", type=seed_int, default=seed_default, help=seed_help)
 
 
 def model_config(args, vocabulary_size: int) -> GPTConfig:
@@ -174,9 +223,17 @@ def run_main(main: Callable, parse_args: Callable, argv=None) -> None:
         if is_main_process():
             print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
+    except Stopped as e:
+        if not e.everywhere or is_main_process():
+            print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # whoever read our output left (`| head`): stop quietly, as Unix tools do
+        with contextlib.suppress(OSError, ValueError):  # and let no exit-time flush raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 # ----------------------------------------------------------------------------- devices and precision
@@ -221,6 +278,18 @@ def compile_enabled(choice: str, device: torch.device) -> bool:
 
 def precision_name(device: torch.device) -> str:
     return "bf16" if bf16_supported(device) else "fp32"
+
+
+def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
+    """Refuse up front, in one line, an allocation the device cannot hold (on the CPU a huge allocation
+    can succeed lazily and be killed later, on a GPU it fails mid-way): `what` names the flags."""
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed_bytes > available:
+        raise UserError(f"{what} needs {needed_bytes / 2**30:,.1f} GiB, more than the "
+                        f"{available / 2**30:,.1f} GiB this {device.type} has; lower it")
 
 
 def synchronize(device: torch.device) -> None:
@@ -319,14 +388,25 @@ def agree(ctx: Distributed, work: Callable, who: str = "all"):
 # ----------------------------------------------------------------------------- files
 
 
+def current_umask() -> int:
+    """The process umask. Reading it means setting it, so it is set straight back."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path beside `path`; on success it is renamed over `path`, on any failure it
-    is removed, so `path` only ever holds a complete file (the old one or the new one)."""
+    is removed, so `path` only ever holds a complete file (the old one or the new one). The file gets
+    the mode open() gives a new file (0666 less the umask), not mkstemp's private 0600."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -345,6 +425,25 @@ def save_checkpoint(state: dict, path: str) -> None:
         torch.save(state, tmp)
 
 
+def unloadable_reason(path: str, error: Exception) -> str:
+    """Why torch.load could not read `path`, in a few words of our own. A PyTorch file is a zip archive
+    whose first entry is <name>/data.pkl (that local header survives when the file is cut short), or in
+    the legacy format a pickle, which starts with its protocol opcode."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        name_length = int.from_bytes(head[26:28], "little")
+        if not head[30 : 30 + name_length].endswith(b"data.pkl"):
+            return "a zip archive, not a PyTorch file"
+    elif not head.startswith(b"\x80"):
+        return "not a PyTorch file"
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return "it holds Python objects other than tensors and plain data"
+    return "a truncated or damaged PyTorch file"
+
+
 def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> dict:
     """Load a checkpoint onto the CPU (weights only) and check it is a LightGPT checkpoint of `kind`."""
     if not os.path.exists(path):
@@ -352,11 +451,13 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> di
     if os.path.isdir(path):
         raise UserError(f"{flag}: {path} is a directory, not a checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise UserError(f"{flag}: {path} is not a readable checkpoint ({first_line(e, 160)})") from None
+        with warnings.catch_warnings():  # torch warns about some pickles on stderr, under the one-line error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types, with messages pages long, for a foreign or cut file
+        raise UserError(f"{flag}: {path} is not a LightGPT checkpoint ({unloadable_reason(path, e)})") from None
     if not isinstance(state, dict) or "kind" not in state or "version" not in state:
-        raise UserError(f"{flag}: {path} is not a LightGPT checkpoint")
+        raise UserError(f"{flag}: {path} is not a LightGPT checkpoint (it loads, but LightGPT did not write it)")
     if state["kind"] != kind:
         raise UserError(f"{flag}: {path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
     if state["version"] > CHECKPOINT_VERSION:
@@ -383,11 +484,14 @@ def set_rng_state(state: dict) -> None:
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the training loop checks between optimizer steps, so that
-    it can save a checkpoint and leave cleanly instead of dying mid-write."""
+    """SIGINT and SIGTERM alike, from set-up to the end of training. At first a signal raises Stopped
+    at once: set-up and tokenizing are abandoned, leaving nothing half written, since there is nothing
+    to save yet. After defer() it only sets the flag, which the training loop checks between optimizer
+    steps, so that it can save a checkpoint and leave cleanly instead of dying mid-write."""
 
     def __init__(self):
         self.signal_number: int | None = None
+        self.deferred = False
         self._previous = {}
 
     def __enter__(self):
@@ -399,8 +503,14 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def defer(self) -> None:
+        self.deferred = True
+
     def _handle(self, signum, frame):
         self.signal_number = signum
+        if not self.deferred:
+            self.deferred = True  # raise once: a second signal must not cut short the clean-up on the way out
+            raise Stopped(signum, NOTHING_SAVED)
 
     @property
     def requested(self) -> bool:

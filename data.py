@@ -16,11 +16,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
+import signal
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -29,7 +32,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from common import UserError, atomic_path, first_line, print0
+from common import Stopped, UserError, atomic_path, first_line, print0
 
 FINEWEB = "HuggingFaceFW/fineweb"
 FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT", "all")
@@ -163,18 +166,84 @@ def _hf_batches(dataset, what: str) -> tuple[int, Iterator[list[str]]]:
     return len(texts), (batch["text"] for batch in texts.iter(batch_size=DOCUMENTS_PER_BATCH))
 
 
+HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before a download is given up
+
+
+def hub_reachable(endpoint: str, timeout: float) -> bool:
+    """Whether the hub answers at all (any HTTP status) within `timeout` seconds, through the proxies the
+    environment names. In a thread, so a slow name lookup is cut off too."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:  # an answer, even if not a welcome one
+            answered.append(True)
+        except (OSError, ValueError):  # no route, refused, timed out, or no URL at all
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def _hub_offline() -> str | None:
+    """The variable that puts HuggingFace in offline mode, if one does (its truthy spellings)."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub logs every retry of a failing request and both libraries warn on stderr: about ten
+    lines before a one-line error. Errors still come through; download progress bars stay."""
+    from datasets.utils import logging as datasets_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    levels = datasets_logging.get_verbosity(), hub_logging.get_verbosity()
+    datasets_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        datasets_logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
+
+
 def _load_hub(name: str, subset: str | None, processes: int):
     try:
         import datasets
     except ImportError:
         raise UserError("loading a HuggingFace dataset needs the `datasets` package: pip install datasets") from None
     what = f"dataset {name}" + (f" ({subset})" if subset else "")
+    ways_out = "or use --dataset builtin or a local file"
+    offline = _hub_offline()
+    if offline is None:  # fail in seconds, not after half a minute of retries
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        if not hub_reachable(endpoint, HUB_TIMEOUT):
+            raise UserError(f"cannot reach the HuggingFace hub at {endpoint} to download {what}; check the "
+                            f"network (or HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use a copy in the HuggingFace cache, "
+                            f"{ways_out}")
     try:
-        dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
+        with _quiet_hub():
+            dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
     except Exception as e:
+        if offline and isinstance(e, ConnectionError):  # what datasets raises offline for a dataset not cached
+            raise UserError(f"{what} is not in the HuggingFace cache and {offline} is set, so it is not "
+                            f"downloaded; unset {offline} to download it, {ways_out}") from None
         raise UserError(
             f"could not load {what} from the HuggingFace hub ({first_line(e, with_type=True)}); check the name "
-            f"and your network, or use --dataset builtin or a local file"
+            f"and your network, {ways_out}"
         ) from None
     return _hf_batches(dataset, what)
 
@@ -344,8 +413,12 @@ def prepare_token_files(
     print0(f"preparing {corpus.source} with {encoding_spec} into {dataset_path}")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the files change below: never leave metadata that vouches for old ones
-    total, batches = corpus.load(num_processes)
-    counts = write_token_files(batches, encoding, train_path, test_path, corpus.test_every, num_processes, total)
+    try:
+        total, batches = corpus.load(num_processes)
+        counts = write_token_files(batches, encoding, train_path, test_path, corpus.test_every, num_processes, total)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a StopFlag's Stopped: the temporary files are gone by now
+        raise Stopped(getattr(e, "signal_number", signal.SIGINT), "while tokenizing; the token files were not written"
+                      ) from None
     for split in ("train", "test"):
         if counts[split]["documents"] == 0:
             raise UserError(f"--dataset {dataset}: the corpus has too few documents to fill a {split} split")

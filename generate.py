@@ -26,6 +26,7 @@ from common import (
     UserError,
     add_system_args,
     bf16_supported,
+    check_memory,
     compile_enabled,
     first_line,
     load_checkpoint,
@@ -82,18 +83,38 @@ def load_for_inference(checkpoint_path: str, device: torch.device,
 
 
 def prompts(prompt: str | None) -> Iterator[str]:
-    """--prompt once, or every line of standard input (with a '> ' prompt when typed at a terminal)."""
+    """--prompt once, or every non-blank line of standard input: typed at a terminal after a '> ' prompt,
+    or piped, in which case each prompt is echoed as a '> ' line above its answer and answers are
+    separated by a blank line, so that they can be told apart."""
     if prompt is not None:
         yield prompt
         return
+    if sys.stdin is None or sys.stdin.closed:
+        raise UserError("no prompt: pass --prompt, or give prompts on standard input")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a traceback
     interactive = sys.stdin.isatty()
+    first = True
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            if interactive:
+                print(flush=True)  # end the "> " line, so "interrupted" starts a line of its own
+            raise
         if not line:
+            if interactive:
+                print(flush=True)
             return
-        yield line.rstrip("\n")
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if not interactive:
+            print(("" if first else "\n") + f"> {text}", flush=True)
+            first = False
+        yield text
 
 
 def encode_prompt(encoding, eot: int, text: str) -> list[int]:
@@ -101,12 +122,19 @@ def encode_prompt(encoding, eot: int, text: str) -> list[int]:
     return [eot] + encoding.encode_ordinary(text)
 
 
+def decode_text(encoding, tokens: list[int]) -> str:
+    """Tokens as text, whole characters only: bytes that form no character (a model can start with the
+    middle of one) are left out rather than shown as U+FFFD."""
+    return encoding.decode_bytes(tokens).decode("utf-8", errors="ignore")
+
+
 class TokenPrinter:
-    """Streams tokens as text, holding back the bytes of a character that is not complete yet."""
+    """Streams tokens as text, whole characters only: the bytes of a character that is not complete
+    yet are held back, and bytes that can never form one are left out (as decode_text does)."""
 
     def __init__(self, encoding, out=None):
         self.encoding, self.out = encoding, out or sys.stdout
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
 
     def write(self, token: int) -> None:
         self.out.write(self.decoder.decode(self.encoding.decode_single_token_bytes(token)))
@@ -177,6 +205,21 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- decoding
 
+PREFILL_CHUNK = 1024  # prompt tokens per forward pass: bounds the attention mask and the logits a prompt needs
+
+
+def prefill(model: GPT, idx: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Run prompts idx (B, P) into the model's KV cache and return the logits after their last token
+    (B, V). Long prompts go in chunks of at most `chunk` tokens (and the cache length), each continuing
+    the sequence in the ring, so no (P x P) mask or (P x vocabulary) logits are ever made."""
+    size = min(chunk or PREFILL_CHUNK, model.kv_cache.length)
+    P = idx.size(1)
+    for start in range(0, P, size):
+        end = min(P, start + size)
+        logits = model(idx[:, start:end], input_pos=torch.arange(start, end, device=idx.device))
+    return logits[:, -1]
+
+
 
 class Decoder:
     """Prefill a prompt into the KV cache, then decode one token per call.
@@ -189,22 +232,25 @@ class Decoder:
     the cache in place and advances the position on the device."""
 
     def __init__(self, model: GPT, context_length: int, batch_size: int, sampling: Sampling, sampler: Sampler,
-                 use_compile: bool):
+                 use_compile: bool, compile_mode: str = "default"):
         device = model.token_embeddings.weight.device
         self.model, self.device, self.sampler = model, device, sampler
         self.sampling = sampling.clamped(model.config.vocabulary_size)
+        check_memory(model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch_size
+                     * context_length, device, f"a KV cache of {batch_size} x --context_length {context_length} tokens")
         self.cache = model.setup_cache(batch_size, context_length)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.noise = torch.ones(batch_size, self.sampling.top_k, device=device)
         self.next_position = 0  # host copy of the position, to choose the span
-        self._step = torch.compile(self._decode_and_sample, fullgraph=True) if use_compile else self._decode_and_sample
+        step = self._decode_and_sample  # compiled without CUDA graphs of torch's own: _capture makes them
+        self._step = torch.compile(step, fullgraph=True, mode=compile_mode) if use_compile else step
         self.graphs = {} if use_compile and device.type == "cuda" else None  # span -> (CUDAGraph, output)
         self._pool = None
 
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, P) -> logits of the last position (B, V). Starts a new sequence, whatever P is."""
-        logits = self.model(idx, input_pos=torch.arange(idx.size(1), device=self.device))[:, -1]
+        logits = prefill(self.model, idx)
         self.next_position = idx.size(1)
         self.position.fill_(idx.size(1))
         return logits
@@ -296,8 +342,10 @@ def main(args) -> list[list[int]]:
     outputs = []
     for text in prompts(args.prompt):
         printer = TokenPrinter(encoding)
-        outputs.append(generate(decoder, encode_prompt(encoding, eot, text), eot, args.max_tokens, printer.write))
-        printer.close()
+        try:
+            outputs.append(generate(decoder, encode_prompt(encoding, eot, text), eot, args.max_tokens, printer.write))
+        finally:  # Ctrl-C mid-answer still ends the line, so "interrupted" starts a line of its own
+            printer.close()
     return outputs
 
 

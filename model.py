@@ -379,6 +379,7 @@ class KVCache(nn.Module):
         self.length = length
         self.span: int | None = None
         self.slots: torch.Tensor | None = None  # where this call's tokens go, set by begin()
+        self.continuing = False  # whether this multi-token call continues the sequence in the ring
         self.output_weight: torch.Tensor | None = None  # a faster layout of the output layer, if any
         self.layers = nn.ModuleList(LayerKV(shape, device, dtype) for _ in range(config.num_hidden_layers))
         self._buffers_by_layer = [(kv.k, kv.v) for kv in self.layers]  # plain tuples: cheaper per step than
@@ -403,15 +404,30 @@ class KVCache(nn.Module):
         self.slot_pos.fill_(-1)
 
     def begin(self, input_pos: torch.Tensor) -> torch.Tensor | None:
-        """Place a call's tokens (absolute positions input_pos, (T,)) in the ring and return the attention
-        mask: None for a prefill that fits (plain causal), a sliding window for a longer one, and for a
-        decode step the filled slots of the span. No host sync, so it runs inside a CUDA graph."""
+        """Place a call's tokens (absolute positions input_pos, (T,), consecutive) in the ring and return
+        the attention mask. A call from position 0 starts a new sequence: None (plain causal) if it
+        fits the ring, else a sliding window. A later multi-token call (a chunk of a long prefill, at
+        most `length` tokens) continues the sequence: it attends to the ring as well, through a
+        (T, length + T) mask. A decode step (T = 1) attends over the span's filled slots, with no host
+        sync, so that it runs inside a CUDA graph."""
         L, T = self.length, input_pos.numel()
-        if T > 1:  # a prefill starts a new sequence; only its last L tokens stay in the ring
-            self.reset()
-            self.slots = input_pos[-L:] % L
+        self.continuing = False
+        if T > 1:
+            start = int(input_pos[0])  # one host sync per prefill call, never inside a CUDA graph
+            mask = None
+            if start == 0:
+                self.reset()
+                mask = sliding_window_mask(T, L, input_pos.device) if T > L else None
+            elif T > L:
+                raise ValueError(f"a call that continues a sequence takes at most the cache length ({L}) tokens")
+            else:
+                self.continuing = True
+                recent = (self.slot_pos >= 0) & (self.slot_pos > input_pos[:, None] - L)  # (T, L) ring keys
+                causal = torch.ones(T, T, dtype=torch.bool, device=input_pos.device).tril()
+                mask = torch.cat([recent, causal], dim=1).view(1, 1, T, L + T)
+            self.slots = input_pos[-L:] % L  # only the last L tokens stay in the ring
             self.slot_pos.index_copy_(0, self.slots, input_pos[-L:])
-            return sliding_window_mask(T, L, input_pos.device) if T > L else None
+            return mask
         self.slot_pos.masked_fill_(input_pos == 0, -1)  # position 0 starts a new sequence
         self.slots = input_pos % L  # the oldest slot once the ring is full
         self.slot_pos.index_copy_(0, self.slots, input_pos)
@@ -422,9 +438,13 @@ class KVCache(nn.Module):
         """Write one layer's new keys and values (B, n_head, T, head_dim) into their slots and return what
         the queries attend over: a prefill its own keys, a decode step the span of the ring."""
         cache_k, cache_v = self._buffers_by_layer[layer]
+        if self.continuing:  # read the ring before this chunk overwrites its oldest slots
+            keys, values = torch.cat([cache_k.to(k.dtype), k], dim=2), torch.cat([cache_v.to(v.dtype), v], dim=2)
         n = self.slots.numel()
         cache_k.index_copy_(2, self.slots, k[:, :, -n:].to(cache_k.dtype))
         cache_v.index_copy_(2, self.slots, v[:, :, -n:].to(cache_v.dtype))
+        if self.continuing:
+            return keys, values
         if k.size(2) > 1:
             return k, v
         S = self.span or self.length

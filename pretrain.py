@@ -10,7 +10,8 @@ Tokenizes the corpus into token files on first use, then trains with Adafactor, 
 bf16 autocast and torch.compile on CUDA, evaluates test perplexity every --eval_interval epochs, logs
 to TensorBoard and writes atomic checkpoints that --resume continues exactly. One epoch is
 --samples_per_epoch samples, i.e. samples_per_epoch / (batch_size x gradient_accumulation_steps)
-optimizer steps. SIGINT/SIGTERM save a checkpoint, then exit non-zero.
+optimizer steps. SIGINT/SIGTERM save a checkpoint, then exit non-zero; before the first step they stop
+the run at once, saving nothing.
 
 This script sets a run up (flags, corpus, model, resume) and hands it to training.train(), the loop
 that instruction tuning shares.
@@ -31,6 +32,7 @@ from common import (
     ARCHITECTURE_FLAGS,
     ArgumentParser,
     Distributed,
+    StopFlag,
     UserError,
     add_model_args,
     add_system_args,
@@ -67,6 +69,7 @@ from training import (
     Plan,
     allow_tf32,
     batch_layout,
+    epoch_position,
     learning_rate_at,
     read_checkpoint,
     rng_states,
@@ -84,8 +87,8 @@ def parse_args(argv=None):
     g.add_argument("--dataset", default=FINEWEB, help="HF hub dataset with a 'text' column, a local "
                    ".txt/.jsonl/.json/.parquet file, folder or glob, or 'builtin' (no download)")
     g.add_argument("--dataset_subset", default=None, help="subset of a hub dataset; FineWeb: sample-10BT, "
-                   "sample-100BT, sample-350BT or all (default: sample-10BT for FineWeb, the dataset's default "
-                   "configuration otherwise)%(default).0s")
+                   "sample-100BT, sample-350BT or all (default: sample-10BT for FineWeb, the dataset's own "
+                   "otherwise)")
     g.add_argument("--token_encoding", default="r50k_base",
                    help="r50k_base, p50k_base, cl100k_base, o200k_base, bytes, or a path to a .tiktoken file")
     g.add_argument("--dataset_path", default="./datasets", help="folder for the token files")
@@ -106,7 +109,7 @@ def parse_args(argv=None):
     g.add_argument("--min_lr_ratio", type=probability, default=0.1,
                    help="final learning rate as a fraction of the peak (cosine/linear)")
     g.add_argument("--rms_decay", type=non_positive_float, default=-0.8,
-                   help="Adafactor's beta2 decay exponent (negative)")
+                   help="Adafactor's decay exponent of the second-moment (RMS) average; at most 0")
     g.add_argument("--low_memory_optimizer", action="store_true",
                    help="single-tensor Adafactor updates: less memory, a little slower")
     g.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
@@ -127,7 +130,7 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     g.add_argument("--run_dir_path", default="./runs/pretrain", help="TensorBoard run folder")
-    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)%(default).0s")
+    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
     return parse_with_preset(p, argv)  # --model fills the flags not given
 
 
@@ -135,15 +138,18 @@ def parse_args(argv=None):
 
 
 def main(args) -> list[tuple[int, float]]:
-    ctx, device = setup_distributed(args.device)
-    try:
-        plan, hooks, parallel, optimizer = set_up(args, ctx, device)
-        history = train(plan, hooks, parallel, optimizer, ctx, device)
-        if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
-            dist.barrier(group=ctx.control_group)
-        return history
-    finally:
-        teardown_distributed()
+    # SIGINT/SIGTERM from the start: a signal during set-up or tokenizing abandons it in one line, with
+    # nothing half written; from the first evaluation on, train() stops where every rank can stop.
+    with StopFlag() as stop:
+        ctx, device = setup_distributed(args.device)
+        try:
+            plan, hooks, parallel, optimizer = set_up(args, ctx, device)
+            history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
+            if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
+                dist.barrier(group=ctx.control_group)
+            return history
+        finally:
+            teardown_distributed()
 
 
 def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, Parallel, Adafactor]:
@@ -239,7 +245,7 @@ def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: Win
     step, rng = checkpoint["step"], checkpoint["rng"]
     sampler.load_state_dict(checkpoint["sampler"])
     other_world = f", written by {len(rng)} process(es), now {ctx.world_size}" if len(rng) != ctx.world_size else ""
-    print0(f"resumed {args.checkpoint_path} at step {step:,} (epoch {step // steps_per_epoch}){other_world}")
+    print0(f"resumed {args.checkpoint_path} at step {step:,} ({epoch_position(step, steps_per_epoch)}){other_world}")
     return step
 
 

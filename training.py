@@ -8,7 +8,9 @@ and rhythm) and callables (Hooks: the next batch, the learning rate, the test ba
   norm stay on the device and are read once per epoch.
 - Epochs: after each one, its metrics (standard output, TensorBoard); every eval_interval epochs the
   test perplexity, every checkpoint_interval epochs a checkpoint; both at the end too.
-- Stopping: SIGINT/SIGTERM on any rank finishes the step on every rank, saves and raises Interrupted.
+- Stopping: SIGINT/SIGTERM on any rank finishes the step on every rank, saves and raises Interrupted;
+  before the first step (set-up, tokenizing, the first evaluation) there is nothing to save, and the
+  script's StopFlag abandons the work at once (Stopped).
 - Distributed: every rank takes part in evaluation and in building the state to save; rank 0 alone
   writes files. Set-up helpers (checkpoint, seed, RNG streams) keep all ranks in step.
 """
@@ -26,9 +28,11 @@ import torch.distributed as dist
 
 from adafactor import Adafactor
 from common import (
+    NOTHING_SAVED,
     Distributed,
     Interrupted,
     StopFlag,
+    Stopped,
     UserError,
     agree,
     autocast,
@@ -83,6 +87,16 @@ def batch_layout(batch_size: int, gradient_accumulation_steps: int, samples_per_
         print0(f"warning: --samples_per_epoch {samples_per_epoch} is not a multiple of {samples_per_step}; "
                f"each epoch takes {steps_per_epoch * samples_per_step} samples")
     return accumulation, steps_per_epoch
+
+
+def epoch_position(step: int, steps_per_epoch: int) -> str:
+    """Where a run stands after `step` optimizer steps, in the per-epoch log's 1-based epochs: epoch k is
+    steps (k-1) x steps_per_epoch + 1 to k x steps_per_epoch, and its "epoch k/N" line is printed after
+    the last of them, so a step on the boundary ends epoch k and the next one is in epoch k + 1."""
+    epoch, into = divmod(step, steps_per_epoch)
+    if into == 0:
+        return f"end of epoch {epoch}" if epoch else "start of epoch 1"
+    return f"epoch {epoch + 1}, {into} of {steps_per_epoch} steps done"
 
 
 # ----------------------------------------------------------------------------- run set-up
@@ -253,39 +267,44 @@ class EpochTotals:
 
 
 def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ctx: Distributed,
-          device: torch.device) -> list[tuple[int, float]]:
-    """Train from plan.start_step to plan.total_steps; returns (step, test perplexity) of every evaluation."""
+          device: torch.device, stop: StopFlag) -> list[tuple[int, float]]:
+    """Train from plan.start_step to plan.total_steps; returns (step, test perplexity) of every evaluation.
+    `stop` is the script's StopFlag, entered before set-up; from here a signal is only flagged, so that
+    every rank stops at the same point: after the first evaluation (nothing saved) or after a step (saved)."""
     log = RunLog(plan.run_dir, ctx)
     step, A = plan.start_step, plan.accumulation
+    stop.defer()
     if step == 0:  # the untrained baseline
         log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
+    if stop_requested(ctx, stop):
+        log.close()
+        raise Stopped(stop.signal_number, NOTHING_SAVED, everywhere=True)
     parallel.wrapped.train()
     log.start_progress(plan.total_steps, step, plan.description)
     totals = EpochTotals.start(device)
-    with StopFlag() as stop:
-        while step < plan.total_steps:
-            lr = hooks.learning_rate(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(A):
-                batch = hooks.next_batch()
-                with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
-                    with autocast(device):
-                        loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
-                    loss.backward()
-                totals.loss += loss.detach()
-                totals.tokens += batch[0].numel()
-            totals.norm += parallel.clip_grad_norm_(plan.max_gradient_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            totals.steps += 1
-            log.progress.update()
-            if stop_requested(ctx, stop):  # every rank sees the same answer at the same step
-                interrupt(step, stop, plan, hooks, log, ctx)
-            if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
-                end_epoch(step, lr, totals, plan, hooks, parallel, log, ctx, device)
-                totals = EpochTotals.start(device)  # its clock starts after the evaluation and the save
+    while step < plan.total_steps:
+        lr = hooks.learning_rate(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(A):
+            batch = hooks.next_batch()
+            with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
+                with autocast(device):
+                    loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
+                loss.backward()
+            totals.loss += loss.detach()
+            totals.tokens += batch[0].numel()
+        totals.norm += parallel.clip_grad_norm_(plan.max_gradient_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        totals.steps += 1
+        log.progress.update()
+        if stop_requested(ctx, stop):  # every rank sees the same answer at the same step
+            interrupt(step, stop, plan, hooks, log, ctx)
+        if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
+            end_epoch(step, lr, totals, plan, hooks, parallel, log, ctx, device)
+            totals = EpochTotals.start(device)  # its clock starts after the evaluation and the save
     log.close()
     return log.history
 

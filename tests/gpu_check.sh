@@ -2,7 +2,9 @@
 # The GPU checks of the pretraining, scale-out, generation and speed work: about 8 minutes on one
 # H200 for both parts. Prints a table per step and writes every log under $OUT (or ./gpu_check).
 #   bash tests/gpu_check.sh                 # on the GPU machine: PART=bench, then PART=runs
-#   PART=bench bash tests/gpu_check.sh      # CUDA-only tests and bench.py (PROFILE=1: also traces)
+#   PART=bench bash tests/gpu_check.sh      # CUDA-only tests and bench.py (PROFILE=1: also traces;
+#                                           # COMPARE=1: also flash/efficient attention, dropout 0 and
+#                                           # an autotuned decode step)
 #   PART=runs bash tests/gpu_check.sh       # pretraining, generation, beam search, torchrun levels
 #   DEVICE=cpu TINY=1 PYTHON=.venv/bin/python bash tests/gpu_check.sh   # dry run on a CPU, tiny shapes
 # Needs torch, tiktoken, numpy, tqdm, tensorboard, pytest (not datasets: it uses the builtin corpus).
@@ -55,6 +57,18 @@ step bench_train_torch_adafactor "$py" bench.py train --device "$device" --compi
     "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
 step bench_decode "$py" bench.py decode --device "$device" --compile "$compile" "${shape[@]}" "${decode[@]}" \
     --iterations 3 --warmup_iterations 1 "${profile_decode[@]}"
+if [ "${COMPARE:-0}" = 1 ]; then  # what the attention kernel and dropout cost: one training bench each
+    backends=(flash efficient)
+    [ "$device" = cpu ] && backends=()  # the CPU's fused kernels take no dropout
+    for backend in "${backends[@]}"; do
+        step "bench_train_$backend" "$py" bench.py train --device "$device" --compile "$compile" \
+            --attention_backend "$backend" "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
+    done
+    step bench_train_no_dropout "$py" bench.py train --device "$device" --compile "$compile" --dropout 0 \
+        "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
+    step bench_decode_autotune "$py" bench.py decode --device "$device" --compile "$compile" "${shape[@]}" \
+        "${decode[@]}" --decode_batch_size 1 --decode_compile_mode autotune --iterations 3
+fi
 fi
 [ "$part" = bench ] && { echo "gpu_check: $([ $status = 0 ] && echo all steps passed || echo some steps FAILED)"; exit $status; }
 

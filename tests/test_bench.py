@@ -3,6 +3,7 @@ import json
 import pytest
 
 import bench
+from common import run_main
 from model import GPT, GPTConfig
 
 TINY = ["--device", "cpu", "--vocabulary_size", "300", "--embedding_dimensions", "32", "--num_attention_heads", "4",
@@ -50,3 +51,23 @@ def test_flops_per_token_follows_the_palm_convention():
     config = GPTConfig(300, 32, 4, 2, 4, 0.0)
     C, L, T = 32, 2, 16
     assert GPT(config).flops_per_token(T) == 6 * (L * 12 * C * C + 300 * C) + 12 * L * C * T
+
+
+def test_attention_backend_is_chosen_and_reported(capsys):
+    rows = run(capsys, "train", *TINY, "--batch_size", "2", "--tokens_per_sample", "16", "--attention_backend", "math")
+    assert rows[0]["attention_backend"] == "math"
+    from conftest import fails_with_one_line
+
+    fails_with_one_line(capsys, bench, ["train", *TINY, "--batch_size", "2", "--tokens_per_sample", "16",
+                                        "--attention_backend", "cudnn"], "--attention_backend cudnn cannot run")
+
+
+def test_tokenize_on_empty_documents_is_one_line(capsys, tmp_path):
+    corpus = tmp_path / "empty.jsonl"
+    corpus.write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(SystemExit) as stop:
+        run_main(bench.main, bench.parse_args, ["tokenize", "--dataset", str(corpus), "--token_encoding", "bytes",
+                                                "--num_dataset_processes", "1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("holds no text to tokenize (no documents, or only empty ones)")

@@ -156,6 +156,17 @@ def test_interrupted_rebuild_keeps_no_stale_metadata(tmp_path, monkeypatch):
     assert not any(name.endswith(".tmp") for name in os.listdir(path))
 
 
+def test_token_files_get_the_mode_the_umask_gives(tmp_path):
+    """Not mkstemp's 0600: another user of a shared machine may read a corpus the umask lets them read."""
+    previous = os.umask(0o022)
+    try:
+        files = prepare_token_files("builtin", None, "bytes", str(tmp_path), 2)
+    finally:
+        os.umask(previous)
+    for path in (files.train, files.test, files.train.replace(".train.bin", ".json")):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
 def test_builtin_corpus_is_large_enough_and_reused(builtin_data, monkeypatch):
     assert sum(len(d) for d in builtin_documents()) >= 400_000
     monkeypatch.setattr(data, "write_token_files", lambda *a, **k: pytest.fail("token files were rebuilt"))
@@ -252,3 +263,77 @@ def test_eval_windows_are_fixed_and_disjoint():
 def test_too_short_train_split_is_a_clear_error():
     with pytest.raises(UserError, match="--tokens_per_sample 64"):
         WindowSampler(np.zeros(10, dtype=np.uint16), 64, 1, seed=0)
+
+
+# ----------------------------------------------------------------------------- hub datasets without a network
+
+
+def no_download(*args, **kwargs):
+    pytest.fail("datasets.load_dataset was called: huggingface_hub would retry for half a minute")
+
+
+def test_offline_mode_names_the_dataset_and_the_ways_out(tmp_path):
+    """The tests run with HF_HUB_OFFLINE=1 (conftest): datasets looks in its cache only, and fails fast."""
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(UserError) as e:
+        prepare_token_files("someone/not-cached", None, "bytes", str(tmp_path), 1)
+    message = str(e.value)
+    for fragment in ("someone/not-cached", "HF_HUB_OFFLINE", "--dataset builtin", "local file"):
+        assert fragment in message, message
+    assert "\n" not in message and os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """As on a machine where HuggingFace's offline mode is not set."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+
+
+def test_an_unreachable_hub_stops_at_once(tmp_path, monkeypatch, online):
+    import datasets
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, refused at once
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    with pytest.raises(UserError) as e:
+        prepare_token_files("someone/corpus", "en", "bytes", str(tmp_path), 1)
+    message = str(e.value)
+    for fragment in ("someone/corpus (en)", "http://127.0.0.1:9", "--dataset builtin", "local file",
+                     "HF_HUB_OFFLINE=1"):
+        assert fragment in message, message
+
+
+def test_the_reachability_check_honours_hf_endpoint(tmp_path, monkeypatch, online):
+    import datasets
+
+    asked = []
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org/")
+    monkeypatch.setattr(data, "hub_reachable", lambda endpoint, timeout: asked.append((endpoint, timeout)))
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    with pytest.raises(UserError, match="cannot reach the HuggingFace hub at https://hub.example.org"):
+        prepare_token_files("someone/corpus", None, "bytes", str(tmp_path), 1)
+    assert asked == [("https://hub.example.org", 3.0)]
+
+
+def test_a_reachable_hub_keeps_the_download_path_and_its_noise_down(tmp_path, monkeypatch, recwarn, online):
+    """huggingface_hub logs every retry (about ten lines offline) and the libraries warn on stderr; while the
+    download runs, neither reaches the user, so its error stays one line."""
+    import logging
+    import warnings
+
+    import datasets
+
+    heard = []
+
+    def failing_download(path, **kwargs):
+        for logger in ("huggingface_hub.utils._http", "datasets.load"):
+            heard.append(logging.getLogger(logger).isEnabledFor(logging.WARNING))
+        warnings.warn("a library warning")
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(data, "hub_reachable", lambda endpoint, timeout: True)
+    monkeypatch.setattr(datasets, "load_dataset", failing_download)
+    with pytest.raises(UserError, match="could not load dataset someone/corpus from the HuggingFace hub"):
+        prepare_token_files("someone/corpus", None, "bytes", str(tmp_path), 1)
+    assert heard == [False, False]
+    assert [str(w.message) for w in recwarn] == []

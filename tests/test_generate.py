@@ -10,6 +10,7 @@ import beam_search
 import generate
 import pretrain
 from beam_search import beam_search as search
+from common import run_main
 from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
 from data import load_encoding
 from generate import Decoder, Sampler, Sampling, sample
@@ -267,20 +268,47 @@ def test_same_seed_same_text_other_seed_other_text(checkpoint, capsys):
 
 
 def test_prompts_from_standard_input(checkpoint, monkeypatch, capsys):
+    """Piped: blank lines skipped, each answer under its prompt echoed after '> ', answers a blank line
+    apart. Typed: a '> ' prompt before each line, and a newline when input ends."""
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    lines = "first\nsecond prompt\n"
+    lines = "first\n\n   \nsecond prompt\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
     outputs = gen(checkpoint, "--max_tokens", "5", "--temperature", "0")
     assert len(outputs) == 2 and all(1 <= len(o) <= 5 for o in outputs)
-    # Exactly each continuation on its own line (the model may well write a ">" itself).
-    texts = [load_encoding("bytes").decode_bytes(o).decode("utf-8", errors="replace") for o in outputs]
-    assert capsys.readouterr().out == "".join(f"{t}\n" for t in texts)  # piped: no "> " prompt marker
+    texts = [load_encoding("bytes").decode_bytes(o).decode("utf-8", errors="ignore") for o in outputs]
+    assert capsys.readouterr().out == f"> first\n{texts[0]}\n\n> second prompt\n{texts[1]}\n"
     monkeypatch.setattr(sys, "stdin", Terminal(lines))
     assert gen(checkpoint, "--max_tokens", "5", "--temperature", "0") == outputs
-    assert capsys.readouterr().out == "".join(f"> {t}\n" for t in texts) + "> "  # typed: one before each prompt
+    assert capsys.readouterr().out == f"> {texts[0]}\n> > > {texts[1]}\n> \n"  # a fresh '> ' after a blank line
+
+
+def test_output_holds_whole_characters_only():
+    """A stray continuation byte (a model can start mid-character) is left out, not shown as U+FFFD, and
+    a character split over several tokens is printed whole."""
+    encoding = load_encoding("bytes")
+    out = io.StringIO()
+    printer = generate.TokenPrinter(encoding, out)
+    for token in [0x80, 0xBF, *"a😀b".encode(), 0xF0, 0x9F]:  # continuation bytes, text, a cut emoji
+        printer.write(token)
+    printer.close()
+    assert out.getvalue() == "a😀b\n"
+    assert generate.decode_text(encoding, [0x9F, *"é".encode()]) == "é"
+
+
+def test_ctrl_c_ends_the_line_before_saying_interrupted(checkpoint, monkeypatch, capsys):
+    def interrupt(self, token):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate.Decoder, "step", interrupt)
+    with pytest.raises(SystemExit) as stop:
+        run_main(generate.main, generate.parse_args,
+                 ["--checkpoint_path", checkpoint, "--device", "cpu", "--prompt", "Hello", "--temperature", "0"])
+    assert stop.value.code == 130
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and captured.err == "interrupted\n"
 
 
 def test_scripts_run_piped_from_the_command_line(checkpoint):
@@ -309,13 +337,15 @@ def test_inference_errors_are_one_line(module, checkpoint, capsys, tmp_path):
     base = ["--device", "cpu", "--prompt", "x"]
     fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "none.pt")], "no checkpoint at")
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "bad.pt")], "not a readable checkpoint")
+    fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "bad.pt")],
+               "not a LightGPT checkpoint (not a PyTorch file)")
     torch.save({"kind": "lora", "version": 1}, tmp_path / "lora.pt")
     fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "lora.pt")], "'lora' checkpoint")
     ok = base + ["--checkpoint_path", checkpoint]
     fails_with(capsys, module, ok + ["--lora_path", "x.pt"], "--lora_path", "not supported yet")
     fails_with(capsys, module, ok + ["--max_tokens", "0"], "--max_tokens", "positive integer")
     fails_with(capsys, module, ok + ["--context_length", "-4"], "--context_length")
+    fails_with(capsys, module, ok + ["--context_length", str(10**12)], f"--context_length {10**12}", "GiB", "lower it")
 
 
 def test_sampling_flag_errors(capsys):
@@ -325,3 +355,61 @@ def test_sampling_flag_errors(capsys):
     fails_with(capsys, generate, ["--temperature", "-1"], "--temperature", ">= 0")
     fails_with(capsys, beam_search, ["--num_candidates", "5", "--beam_width", "4"],
                "--num_candidates 5 is larger than --beam_width 4")
+
+
+@pytest.mark.parametrize("chunk", [3, 8, 1024])
+def test_a_long_prompt_is_prefilled_in_chunks_equal_to_recomputation(chunk, monkeypatch):
+    """A prompt five times the window, prefilled a few tokens at a time: the same greedy tokens as
+    recomputing with a sliding window, and never a (prompt x prompt) mask."""
+    import model as model_module
+
+    model = random_model(layers=3)
+    prompt = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    expected = greedy_by_recomputation(model, prompt, 12, 8)
+    made = []
+    original = model_module.sliding_window_mask
+    monkeypatch.setattr(model_module, "sliding_window_mask", lambda T, *a: made.append(T) or original(T, *a))
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", chunk)
+    assert greedy_with_cache(model, prompt, 12, 8) == expected
+    assert all(T <= 8 for T in made), made
+
+
+def test_a_chunk_that_continues_a_sequence_attends_to_the_ring():
+    model = random_model()
+    seq = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(5))
+    model.setup_cache(1, 16)
+    with torch.no_grad():
+        model(seq[:, :10], input_pos=torch.arange(10))
+        chunk = model(seq[:, 10:22], input_pos=torch.arange(10, 22))
+        torch.testing.assert_close(chunk, model(seq[:, :22], window=16)[:, 10:], rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="at most the cache length"):
+            model(seq[:, :20], input_pos=torch.arange(5, 25))
+
+
+@pytest.mark.slow  # three script processes
+def test_hostile_standard_input_and_a_closed_pipe(checkpoint):
+    """Invalid UTF-8 on stdin, stdin closed, and output piped into a reader that leaves (`| head`):
+    no traceback; a closed pipe ends quietly with 141 (128 + SIGPIPE), as Unix tools do."""
+    base = [sys.executable, "generate.py", "--checkpoint_path", checkpoint, "--device", "cpu", "--max_tokens", "3"]
+    bad = subprocess.run(base, input=b"caf\xe9 \xff\n", cwd=ROOT, capture_output=True, timeout=120)
+    assert bad.returncode == 0 and bad.stderr == b"" and bad.stdout.startswith("> caf\ufffd \ufffd\n".encode())
+    closed = subprocess.run(" ".join(base) + " <&-", shell=True, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert closed.returncode == 2 and closed.stderr.strip() == "error: no prompt: pass --prompt, or give prompts " \
+        "on standard input"
+    reader = subprocess.Popen(base, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    reader.stdin.write(b"x\n" * 2000)
+    reader.stdin.close()
+    reader.stdout.read(1)
+    reader.stdout.close()  # the reader leaves after one byte
+    assert reader.wait(timeout=120) == 141
+    assert reader.stderr.read() == b""
+
+
+
+def test_sizes_and_numbers_past_what_a_machine_holds(checkpoint, capsys):
+    base = ["--checkpoint_path", checkpoint, "--device", "cpu", "--prompt", "x"]
+    fails_with(capsys, beam_search, base + ["--beam_width", str(10**9)], f"--beam_width {10**9}", "GiB")
+    fails_with(capsys, beam_search, base + ["--length_penalty", "1000"], "--length_penalty", "[0, 10]")
+    fails_with(capsys, generate, base + ["--seed", str(2**64)], "--seed", "[0, 2**63)")
+    fails_with(capsys, pretrain, ["--seed", str(2**70)], "--seed", "[0, 2**63)")

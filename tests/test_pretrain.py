@@ -113,7 +113,7 @@ def fails_with(capsys, argv, *fragments):
         ("--lr_schedule", "step", "invalid choice"),
         ("--compile", "maybe", "invalid choice"),
         ("--max_gradient_norm", "-1", "positive number"),
-        ("--seed", "-5", "integer >= 0"),
+        ("--seed", "-5", "integer in [0, 2**63)"),
         ("--num_dataset_processes", "0", "positive integer"),
         ("--min_lr_ratio", "1", "[0, 1)"),
         ("--eval_samples", "0", "positive integer"),
@@ -142,7 +142,7 @@ def test_checkpoint_errors_with_resume(capsys, builtin_data, tmp_path):
     fails_with(capsys, base + ["--resume"], "no checkpoint at")
     checkpoint = tmp_path / "checkpoint.pt"
     checkpoint.write_bytes(b"this is not a checkpoint")
-    fails_with(capsys, base + ["--resume"], "not a readable checkpoint")
+    fails_with(capsys, base + ["--resume"], "not a LightGPT checkpoint (not a PyTorch file)")
     fails_with(capsys, base, "exists; pass --resume")  # never overwritten by a fresh run
     assert checkpoint.read_bytes() == b"this is not a checkpoint"
     torch.save({"kind": "lora", "version": 1}, checkpoint)
@@ -174,3 +174,105 @@ def test_unreachable_tokenizer_stops_pretraining_with_one_line(offline_tiktoken,
     fails_with(capsys, argv, "cannot load the tiktoken encoding 'r50k_base'", "TIKTOKEN_CACHE_DIR",
                "--token_encoding bytes")
     assert not os.path.exists(tmp_path / "checkpoint.pt")
+
+
+def test_a_hub_dataset_offline_is_one_line(capsys, tmp_path):
+    """Not eleven lines of huggingface_hub retries first (conftest sets HF_HUB_OFFLINE=1)."""
+    argv = tiny_pretrain_args(str(tmp_path), str(tmp_path))
+    argv[argv.index("--dataset") + 1] = "someone/corpus"
+    fails_with(capsys, argv, "someone/corpus", "HF_HUB_OFFLINE", "--dataset builtin", "local file")
+
+
+# ----------------------------------------------------------------------------- stopping before the first step
+
+
+@pytest.fixture
+def sigterm_guard():
+    """Until pretrain handles SIGTERM itself, one would kill the test process without a word; this fails the
+    test instead. pretrain's own handler replaces it while the run lasts."""
+    def handler(signum, frame):
+        pytest.fail("SIGTERM reached no handler of pretrain's: the run would have died silently")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def stops_with(capsys, argv, exit_code) -> str:
+    """Run pretrain as the command line would; it must exit with exit_code and one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        run_main(pretrain.main, pretrain.parse_args, argv)
+    assert e.value.code == exit_code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def files_under(path):
+    return sorted(os.path.relpath(os.path.join(root, f), path) for root, _, names in os.walk(path) for f in names)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_during_the_first_evaluation_saves_nothing_and_says_so(builtin_data, tmp_path, monkeypatch, capsys,
+                                                                    sigterm_guard, sig):
+    real = pretrain.eval_batches
+
+    def signal_mid_evaluation(*args):
+        for i, batch in enumerate(real(*args)):
+            if i == 1:
+                signal.raise_signal(sig)
+            yield batch
+
+    monkeypatch.setattr(pretrain, "eval_batches", signal_mid_evaluation)
+    err = stops_with(capsys, tiny_pretrain_args(builtin_data, str(tmp_path)), 128 + sig)
+    assert err == f"stopped by {signal.Signals(sig).name} before the first step; nothing was saved"
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
+    assert not [f for f in files_under(tmp_path) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_while_tokenizing_leaves_no_token_files_and_says_so(tmp_path, monkeypatch, capsys, sigterm_guard, sig):
+    import data
+
+    def signal_after_a_batch(documents):
+        yield documents[:10]
+        signal.raise_signal(sig)
+        yield documents[10:]
+
+    monkeypatch.setattr(data, "_batched", signal_after_a_batch)
+    tokens = tmp_path / "tokens"
+    err = stops_with(capsys, tiny_pretrain_args(str(tokens), str(tmp_path)), 128 + sig)
+    assert err == f"stopped by {signal.Signals(sig).name} while tokenizing; the token files were not written"
+    assert files_under(tmp_path) == []  # no token files, no metadata, no temporary files, no checkpoint
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("step, where", [(0, "start of epoch 1"), (1, "epoch 1, 1 of 64 steps done"),
+                                         (64, "end of epoch 1"), (65, "epoch 2, 1 of 64 steps done"),
+                                         (77, "epoch 2, 13 of 64 steps done"), (128, "end of epoch 2")])
+def test_epoch_position_matches_the_per_epoch_log(step, where):
+    """The per-epoch log prints "epoch k/N" after step k x steps_per_epoch: that step ends epoch k."""
+    assert pretrain.epoch_position(step, 64) == where
+
+
+def test_resume_names_the_epoch_its_step_is_in(builtin_data, tmp_path, monkeypatch, capsys):
+    real = pretrain.learning_rate_at
+
+    def signal_at_step_2(step, *args):
+        if step == 2:  # the first step of epoch 2 (2 steps per epoch): the checkpoint holds step 3
+            signal.raise_signal(signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(pretrain, "learning_rate_at", signal_at_step_2)
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "2")
+    with pytest.raises(SystemExit):
+        run_main(pretrain.main, pretrain.parse_args, argv)
+    monkeypatch.setattr(pretrain, "learning_rate_at", real)
+    capsys.readouterr()
+    run(argv + ["--resume"])
+    out = capsys.readouterr().out
+    assert f"resumed {tmp_path / 'checkpoint.pt'} at step 3 (epoch 2, 1 of 2 steps done)" in out
+    assert "epoch 2/2:" in out
+
