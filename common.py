@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
+import hashlib
 import os
 import pickle
+import re
 import signal
+import socket
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, fields
 from datetime import timedelta
@@ -19,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from model import GPTConfig
+from model import GPT, GPTConfig
 
 CHECKPOINT_VERSION = 1
 
@@ -292,6 +298,20 @@ def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
                         f"{available / 2**30:,.1f} GiB this {device.type} has; lower it")
 
 
+@contextlib.contextmanager
+def out_of_memory_is_one_line(what: str, remedy: str):
+    """An allocation that fails inside (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError)
+    becomes one line, "out of memory <what>: <remedy>", where the remedy names the flags to change."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        text = str(e)
+        if not (isinstance(e, torch.OutOfMemoryError)
+                or any(s in text for s in ("can't allocate memory", "not enough memory", "out of memory"))):
+            raise
+        raise UserError(f"out of memory {what}: {remedy}") from None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -308,6 +328,8 @@ class Distributed:
     local_rank: int = 0
     world_size: int = 1
     control_group: object = None  # a gloo group for small CPU messages (stop flags, errors)
+    probe_group: object = None  # a gloo group left idle, to find out who still answers when a collective failed
+    collective_timeout: timedelta = timedelta(minutes=10)  # what collectives wait after shorten_timeouts()
 
     @property
     def enabled(self) -> bool:
@@ -315,7 +337,8 @@ class Distributed:
 
 
 # The other ranks wait on the gloo control group while each node's first process downloads and
-# tokenizes the corpus, which can take far longer than gloo's 30-minute default.
+# tokenizes the corpus, which can take far longer than gloo's 30-minute default. shorten_timeouts()
+# brings it down to --collective_timeout once training is under way.
 CONTROL_TIMEOUT = timedelta(hours=6)
 
 
@@ -323,9 +346,10 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+def setup_distributed(device_name: str, collective_timeout: timedelta = timedelta(minutes=10)
+                      ) -> tuple[Distributed, torch.device]:
     """Join the process group torchrun prepared (NCCL on CUDA, gloo on the CPU), one device per local
-    rank. Returns the rank layout and this process's device."""
+    rank. Returns the rank layout and this process's device; collective_timeout is for shorten_timeouts()."""
     device = resolve_device(device_name)
     if not launched_by_torchrun():
         return Distributed(), device
@@ -343,7 +367,81 @@ def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
         control = dist.group.WORLD
     else:
         raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
-    return Distributed(rank, local_rank, world, control), device
+    probe = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Distributed(rank, local_rank, world, control, probe, collective_timeout), device
+
+
+def silent_ranks(ctx: Distributed) -> list[int]:
+    """After a collective failed: the ranks that do not answer within collective_timeout. Rank 0 collects
+    an answer from every rank and sends the list to those that answered; when rank 0 is silent, the others
+    name it. It runs on the probe group, which nothing else uses, so no half-done operation of the failed
+    collective is in its way."""
+    group, seconds = ctx.probe_group, ctx.collective_timeout.total_seconds()
+    deadline = time.monotonic() + seconds
+
+    def arrives(work) -> bool:
+        try:
+            return work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.001))) is not False
+        except RuntimeError:  # gloo: "Timed out waiting ... for recv operation to complete"
+            return False
+
+    verdict = torch.zeros(ctx.world_size)  # 1 marks a silent rank
+    if ctx.rank == 0:
+        answers = {r: dist.irecv(torch.zeros(1), src=r, group=group) for r in range(1, ctx.world_size)}
+        for r, work in answers.items():
+            verdict[r] = not arrives(work)
+        for r in range(1, ctx.world_size):
+            if not verdict[r]:
+                dist.send(verdict, dst=r, group=group)
+        return verdict.nonzero().flatten().tolist()
+    hello = dist.isend(torch.zeros(1), dst=0, group=group)  # not waited on: rank 0 may be the silent one
+    deadline += seconds  # rank 0 waits up to one timeout for the others before it answers
+    if not arrives(dist.irecv(verdict, src=0, group=group)):
+        return [0]
+    return verdict.nonzero().flatten().tolist()
+
+
+def lost_rank(error: BaseException) -> bool:
+    """Whether a collective failed because another rank stopped answering or went away."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
+
+
+def shorten_timeouts(ctx: Distributed, device: torch.device) -> None:
+    """Every rank calls this after its first optimizer step: from here on every collective (the default
+    group's, the control group's) waits at most collective_timeout for the other ranks. Set-up, the first
+    evaluation and the first step (tokenizing, building and compiling) keep the long timeouts, as
+    torchtitan does. The barrier comes first, under the long timeout, so that no rank waits with the
+    short one for a peer still finishing its first step."""
+    if not ctx.enabled:
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # private; torchtitan's way to do it
+
+    synchronize(device)
+    dist.barrier(group=ctx.control_group)
+    for group in (None, ctx.control_group):  # None: the default group
+        _set_pg_timeout(ctx.collective_timeout, group)
+
+
+@contextlib.contextmanager
+def lost_rank_is_one_line(ctx: Distributed):
+    """A collective that fails because a rank stopped answering (a timeout) or went away becomes one line
+    naming that rank, on every rank still running (UserError, exit status 2), instead of a traceback. On
+    GPUs NCCL's watchdog may end the process first, after the same timeout (torchrun sets
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo and NCCL raise RuntimeErrors (DistError among them)
+        if not (ctx.enabled and lost_rank(e)):
+            raise
+        silent = [r for r in silent_ranks(ctx) if r != ctx.rank]
+        limit = f"--collective_timeout {ctx.collective_timeout.total_seconds() / 60:g} minutes"
+        if not silent:
+            raise UserError(f"a collective failed in training: {first_line(e)} ({limit})") from None
+        ranks = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+        raise UserError(f"{ranks} stopped answering in training (no reply within {limit}); every rank stops, "
+                        f"saving nothing: continue from the last checkpoint with --resume") from None
 
 
 def teardown_distributed() -> None:
@@ -409,20 +507,196 @@ def atomic_path(path: str):
         os.close(fd)
     try:
         yield tmp
-        os.replace(tmp, path)
+        fsync_path(tmp)  # the data is on the disk before the name points at it: after a power cut the
+        os.replace(tmp, path)  # old file or the whole new one, never an empty "new" one
+        fsync_path(directory, folder=True)  # and the rename itself is on the disk
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write a checkpoint atomically (rank 0 only), so an interrupted save never corrupts the last one."""
+def fsync_path(path: str, folder: bool = False) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk. A folder on a file system that cannot
+    sync one (EINVAL) is let be."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not folder or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def os_reason(error: OSError) -> str:
+    """An OSError's cause in a few words: "no space left on device", "permission denied"."""
+    return os.strerror(error.errno).lower() if error.errno else first_line(error)
+
+
+def check_writable(folder: str, flag: str) -> None:
+    """Make `folder` and write, sync and remove a small file in it, so that an output folder a run cannot
+    use (a file in the way, permissions, a read-only or full disk) stops it before any work, not at the
+    first save after an epoch of it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lightgpt-probe-")
+        try:
+            os.write(fd, b"LightGPT checks that it can write here\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {folder} ({os_reason(e)})") from None
+
+
+def remove_stale_temporaries(path: str, before: float) -> tuple[int, int]:
+    """Remove the temporary files atomic_path(path) left when a run died while saving (kill -9, a power
+    cut, a launcher's SIGKILL after its grace period), written before `before`: the time this run took the
+    path's CheckpointLock, so whoever wrote them is gone. Returns how many files and bytes were removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.[a-z0-9_]{8}\.tmp")  # atomic_path's names: mkstemp's 8 letters
+    count = size = 0
+    for entry in os.scandir(folder):
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            st = entry.stat(follow_symlinks=False)
+            if st.st_mtime < before:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+                    count, size = count + 1, size + st.st_size
+    return count, size
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointLock:
+    """One run per checkpoint: an exclusive flock on `<checkpoint>.lock`, beside it, held for the life of
+    a run and naming its holder (pid, host, start), so that a second run stops at once and says who has
+    it. The kernel drops a flock when its holder dies, kill -9 included, so a crashed run leaves nothing
+    stuck; a clean release removes the file. A context manager, or acquire() and release()."""
+
+    def __init__(self, path: str, flag: str = "--checkpoint_path"):
+        self.path, self.flag = path, flag
+        self.lock_path = path + ".lock"
+        self.fd: int | None = None
+        self.since: float | None = None  # when this process took the lock
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise UserError(f"{self.flag}: cannot create the lock file {self.lock_path} ({os_reason(e)})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that is starting"
+                os.close(fd)
+                raise UserError(f"{self.flag}: {self.path} is in use by another run ({holder}); wait for it to end, "
+                                f"or choose another {self.flag}") from None
+            except OSError as e:  # a file system without locks: go on unguarded, and say so
+                os.close(fd)
+                print0(f"warning: cannot lock {self.lock_path} ({os_reason(e)}); nothing stops a second run from "
+                       f"writing {self.path} at the same time")
+                return
+            try:  # a holder that was releasing removed the file after we opened it: lock the one there now
+                if os.path.samestat(os.fstat(fd), os.stat(self.lock_path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd, self.since = fd, time.time()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.lock_path)  # while still held: no one can have locked this file meanwhile
+        os.close(self.fd)  # drops the lock
+        self.fd = None
+
+    def __enter__(self) -> "CheckpointLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a checkpoint's contents in a fixed order: every entry's key, every tensor's dtype, shape
+    and bytes, every other value's type and repr. Stored at save and checked at load, so that a flipped
+    bit (torch.load reads one without a word, and a resumed run would then overwrite the file) or an edit
+    is refused. torch's zip records carry CRC32s too, but torch.load does not check them and
+    torch.serialization.set_crc32_options(False) writes none."""
+    h = hashlib.sha256()
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            h.update(f"dict {len(value)}:".encode())
+            for key in sorted(value, key=repr):
+                h.update(f"{key!r}=".encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"{type(value).__name__} {len(value)}:".encode())
+            for item in value:
+                visit(item)
+        else:
+            h.update(f"{type(value).__name__} {value!r};".encode())
+
+    visit(state)
+    return h.hexdigest()
+
+
+class _RecordingWriter:
+    """The file torch.save writes through, keeping the OSError of a failed write: torch reports one only as
+    "unexpected pos 704 vs 598", and its cause (a full disk, a quota) is what the user needs to hear."""
+
+    def __init__(self):
+        self.file, self.error = None, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def save_checkpoint(state: dict, path: str, flag: str = "--checkpoint_path") -> None:
+    """Write a checkpoint with the sha256 of its contents (rank 0 only): to a temporary file, synced and
+    renamed, so an interrupted save never corrupts the last one. A failed write (a full disk) is one line."""
     if not is_main_process():
         return
     state = {"version": CHECKPOINT_VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    state["sha256"] = state_digest(state)
+    writer = _RecordingWriter()
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as writer.file:
+            torch.save(state, writer)
+    except (OSError, RuntimeError) as e:
+        error = writer.error or e
+        if not isinstance(error, OSError):
+            raise  # not the disk: a bug, which deserves its traceback
+        step = f" step {state['step']:,}" if isinstance(state.get("step"), int) else ""
+        kept = "the checkpoint already there is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise UserError(f"{flag}: cannot save{step} to {path} ({os_reason(error)}); {kept}") from None
 
 
 def unloadable_reason(path: str, error: Exception) -> str:
@@ -444,8 +718,114 @@ def unloadable_reason(path: str, error: Exception) -> str:
     return "a truncated or damaged PyTorch file"
 
 
-def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> dict:
-    """Load a checkpoint onto the CPU (weights only) and check it is a LightGPT checkpoint of `kind`."""
+# The checkpoint's schema: what each entry holds, as (type, check or None, the words for both). A script
+# names the entries it needs (required=); whatever is present is checked.
+CHECKPOINT_ENTRIES = {
+    "kind": (str, None, "a string"),
+    "config": (dict, None, "a dict of GPTConfig fields"),
+    "model": (dict, None, "a dict of weights"),
+    "token_encoding": (str, None, "a string"),
+    "eot_id": (int, lambda v: v >= 0, "an integer >= 0"),
+    "optimizer": (dict, None, "torch.optim's state dict"),
+    "step": (int, lambda v: v >= 0, "an integer >= 0"),
+    "sampler": (dict, lambda v: isinstance(v.get("generator"), torch.Tensor) and isinstance(v.get("samples_drawn"), int),
+                "a dict with a generator state and samples_drawn"),
+    "rng": (list, lambda v: v and all(isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) for r in v),
+            "a list of RNG states, one per process"),
+    "seed": (int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    "world_size": (int, lambda v: v >= 1, "a positive integer"),
+    "dataset": (str, None, "a string"),
+    "args": (dict, None, "a dict of flags"),
+}  # and "version" and "sha256", checked by load_checkpoint before the rest
+MODEL_ENTRIES = ("config", "model", "token_encoding", "eot_id")  # enough to generate
+RESUME_ENTRIES = (*MODEL_ENTRIES, "optimizer", "step", "sampler", "rng", "seed")  # enough to continue training
+
+
+def _shown(value) -> str:
+    if isinstance(value, (str, int, float, bool, type(None))):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:36] + " ..."
+    return f"a {type(value).__name__}" if not isinstance(value, (list, dict)) or value else repr(value)
+
+
+def _is(value, kind) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with a loaded LightGPT checkpoint (kind and version already checked), in words that
+    follow "its file is not usable: ", or None. The one place the checkpoint's schema is checked."""
+    for key in required:
+        if key not in state:
+            return f"it has no {key!r} entry"
+    for key, (kind, check, words) in CHECKPOINT_ENTRIES.items():
+        if key in state and not (_is(state[key], kind) and (check is None or check(state[key]))):
+            return f"its {key!r} is {_shown(state[key])}, expected {words}"
+    if "config" not in state:
+        return None
+    config = state["config"]
+    for f in fields(GPTConfig):
+        if f.name not in config:
+            return f"its config has no {f.name!r}"
+        kind = type(f.default)
+        if not _is(config[f.name], kind):
+            return (f"its config's {f.name!r} is {_shown(config[f.name])}, "
+                    f"expected {'an integer' if kind is int else 'a number'}")
+    try:
+        config = GPTConfig.from_dict(config)
+    except ValueError as e:
+        return f"its config is invalid ({e})"
+    if "eot_id" in state and state["eot_id"] >= config.vocabulary_size:
+        return f"its 'eot_id' {state['eot_id']} is not in its vocabulary of {config.vocabulary_size}"
+    with torch.device("meta"):  # shapes without memory, whatever the model's size
+        model = GPT(config)
+    if "model" in state:
+        weights, expected = state["model"], model.state_dict()
+        for name, like in expected.items():
+            if name not in weights:
+                return f"weight {name!r} is missing"
+            w = weights[name]
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+                return f"weight {name!r} is {_shown(w) if not isinstance(w, torch.Tensor) else w.dtype}, " \
+                       f"expected floating-point numbers"
+            if w.shape != like.shape:
+                return f"weight {name!r} has shape {tuple(w.shape)}; its config needs {tuple(like.shape)}"
+        for name in weights:
+            if name not in expected:
+                return f"unexpected weight {name!r}"
+    if "optimizer" in state:
+        return _optimizer_problem(state["optimizer"], list(model.parameters()))
+    return None
+
+
+def _optimizer_problem(optimizer: dict, params: list) -> str | None:
+    """Adafactor's state in torch.optim.Adafactor's format against the parameters, in the optimizer's order."""
+    state, groups = optimizer.get("state"), optimizer.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return "its optimizer state is not in torch.optim's format (a dict of 'state' and 'param_groups')"
+    covered = sum(len(g.get("params", ())) for g in groups)
+    if covered != len(params):
+        return f"its optimizer state covers {covered} parameters; its model has {len(params)}"
+    for index, entry in state.items():
+        if not _is(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
+            return f"its optimizer state names a parameter {_shown(index)} of {len(params)}"
+        shape = tuple(params[index].shape)
+        expected = {"row_var": (*shape[:-1], 1), "col_var": (*shape[:-2], 1, *shape[-1:]), "variance": shape}
+        for key, value in entry.items():
+            if key in expected and (not isinstance(value, torch.Tensor) or tuple(value.shape) != expected[key]):
+                found = tuple(value.shape) if isinstance(value, torch.Tensor) else _shown(value)
+                return f"optimizer state {key!r} of parameter {index} has shape {found}; expected {expected[key]}"
+    return None
+
+
+def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path", required: tuple[str, ...] = ()) -> dict:
+    """Load a checkpoint onto the CPU (weights only) and check it: a LightGPT checkpoint of `kind`, whole
+    (its sha256, where it has one: checkpoints from before checksums load unverified), holding the
+    `required` entries, every entry well-formed, weights and optimizer state of its config's shapes."""
     if not os.path.exists(path):
         raise UserError(f"{flag}: no checkpoint at {path}")
     if os.path.isdir(path):
@@ -460,9 +840,27 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path") -> di
         raise UserError(f"{flag}: {path} is not a LightGPT checkpoint (it loads, but LightGPT did not write it)")
     if state["kind"] != kind:
         raise UserError(f"{flag}: {path} is a {state['kind']!r} checkpoint, expected a {kind!r} checkpoint")
-    if state["version"] > CHECKPOINT_VERSION:
-        raise UserError(f"{flag}: {path} was written by a newer LightGPT (format {state['version']})")
+    version = state["version"]
+    if not _is(version, int) or version < 1:
+        raise UserError(f"{flag}: {path} is not a usable {kind} checkpoint: its format version {_shown(version)} "
+                        f"is not a positive integer")
+    if version > CHECKPOINT_VERSION:
+        raise UserError(f"{flag}: {path} was written by a newer LightGPT (format {version})")
+    digest = state.pop("sha256", None)
+    if digest is not None and digest != state_digest(state):
+        raise UserError(f"{flag}: {path} is damaged: its contents do not match the checksum saved with them (a "
+                        f"changed bit on the disk or in a copy); use another copy")
+    problem = checkpoint_problem(state, required)
+    if problem:
+        raise UserError(f"{flag}: {path} is not a usable {kind} checkpoint: {problem}")
     return state
+
+
+def model_from_checkpoint(state: dict) -> GPT:
+    """The model a checkpoint holds, on the CPU, from a state load_checkpoint has checked."""
+    model = GPT(GPTConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"])
+    return model
 
 
 def rng_state() -> dict:

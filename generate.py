@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from common import (
+    MODEL_ENTRIES,
     ArgumentParser,
     UserError,
     add_system_args,
     bf16_supported,
     check_memory,
     compile_enabled,
-    first_line,
     load_checkpoint,
+    model_from_checkpoint,
     non_negative_float,
     positive_int,
     resolve_device,
@@ -37,7 +38,7 @@ from common import (
     unit_interval,
 )
 from data import load_encoding
-from model import GPT, GPTConfig
+from model import GPT
 
 
 
@@ -69,12 +70,8 @@ def load_for_inference(checkpoint_path: str, device: torch.device,
     """The model (eval mode, bf16 weights where bf16 is native), its tokenizer and end-of-text id."""
     if lora_path is not None:
         raise UserError("--lora_path: LoRA adapters are not supported yet (they arrive with instruction tuning)")
-    state = load_checkpoint(checkpoint_path, "pretrain")
-    try:
-        model = GPT(GPTConfig.from_dict(state["config"]))
-        model.load_state_dict(state["model"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"--checkpoint_path: {checkpoint_path} holds no usable model ({first_line(e, 120)})") from None
+    state = load_checkpoint(checkpoint_path, "pretrain", required=MODEL_ENTRIES)  # checked: config, weights, ...
+    model = model_from_checkpoint(state)
     encoding = load_encoding(state["token_encoding"])
     if bf16_supported(device):
         model = model.to(torch.bfloat16)

@@ -20,6 +20,9 @@ that instruction tuning shares.
 from __future__ import annotations
 
 import argparse
+import glob
+import os
+from datetime import timedelta
 from functools import partial
 from typing import Iterator
 
@@ -37,7 +40,9 @@ from common import (
     add_model_args,
     add_system_args,
     agree,
+    check_memory,
     compile_enabled,
+    lost_rank_is_one_line,
     model_config,
     non_negative_int,
     non_positive_float,
@@ -63,12 +68,13 @@ from data import (
     window_batch,
 )
 from model import GPT, GPTConfig
-from parallel import Parallel
+from parallel import Parallel, training_memory
 from training import (
     Hooks,
     Plan,
     allow_tf32,
     batch_layout,
+    claim_outputs,
     epoch_position,
     learning_rate_at,
     read_checkpoint,
@@ -125,6 +131,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
                    help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
+    g.add_argument("--collective_timeout", type=positive_float, default=10.0,
+                   help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
     g.add_argument("--checkpoint_interval", type=positive_int, default=20,
                    help="save a checkpoint every this many epochs")
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
@@ -141,23 +149,31 @@ def main(args) -> list[tuple[int, float]]:
     # SIGINT/SIGTERM from the start: a signal during set-up or tokenizing abandons it in one line, with
     # nothing half written; from the first evaluation on, train() stops where every rank can stop.
     with StopFlag() as stop:
-        ctx, device = setup_distributed(args.device)
+        ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
         try:
-            plan, hooks, parallel, optimizer = set_up(args, ctx, device)
-            history = train(plan, hooks, parallel, optimizer, ctx, device, stop)
-            if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
-                dist.barrier(group=ctx.control_group)
+            with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):  # the lock, for the whole run
+                run = set_up(args, ctx, device)
+                with lost_rank_is_one_line(ctx):  # a rank that hangs in training: one line on the others
+                    history = train(*run, ctx, device, stop) if run else []
+                    if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
+                        dist.barrier(group=ctx.control_group)
             return history
         finally:
             teardown_distributed()
 
 
-def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, Parallel, Adafactor]:
-    """Everything training.train() needs, for a new run or a resumed one. Every rank runs it in the same
-    order: a user error on any rank stops all of them (agree), before anything slow where possible."""
+def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, Parallel, Adafactor] | None:
+    """Everything training.train() needs, for a new run or a resumed one; None for a resumed run that is
+    already complete. Every rank runs it in the same order: a user error on any rank stops all of them
+    (agree), before anything slow where possible."""
     layout = (args.batch_size, args.gradient_accumulation_steps, args.samples_per_epoch, ctx.world_size)
     accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(*layout))
     checkpoint = agree(ctx, partial(resume_state, args), who="rank0")  # rank 0 reads it; every rank gets it
+    if checkpoint and checkpoint["step"] >= steps_per_epoch * args.num_epochs:
+        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,} "
+               f"({epoch_position(checkpoint['step'], steps_per_epoch)}); --num_epochs {args.num_epochs} ends at step "
+               f"{steps_per_epoch * args.num_epochs:,}: nothing to do (pass a larger --num_epochs to train further)")
+        return None
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed alone decides the initial weights, on every rank
     files = token_files(args, ctx)
@@ -193,12 +209,38 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
 
 
 def resume_state(args) -> dict | None:
-    """The checkpoint to continue (with --resume), checked against the flags that cannot change."""
+    """The checkpoint to continue (with --resume), checked against the flags that cannot change: the
+    corpus and its tokenizer (a resume continues the same sample stream)."""
     state = read_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, args.resume)
-    if state and state["token_encoding"] != args.token_encoding:
-        raise UserError(f"--token_encoding {args.token_encoding} differs from the checkpoint's "
-                        f"{state['token_encoding']}")
+    if not state:
+        return None
+    pairs = [("--token_encoding", args.token_encoding, state["token_encoding"])]
+    saved = state.get("args")
+    if isinstance(saved, dict) and isinstance(saved.get("dataset"), str):
+        pairs[:0] = [("--dataset", args.dataset, saved["dataset"]),
+                     ("--dataset_subset", corpus_subset(args.dataset, args.dataset_subset),
+                      corpus_subset(saved["dataset"], saved.get("dataset_subset")))]
+    for flag, value, was in pairs:
+        if not same_source(value, was):
+            way = f"pass {flag} {was}" if was is not None else f"leave out {flag}"
+            raise UserError(f"{flag} {value or '(none)'} differs from the checkpoint's {was or '(none)'}; {way} to "
+                            f"continue {args.checkpoint_path}, or choose another --checkpoint_path for a new run")
     return state
+
+
+def corpus_subset(dataset: str | None, subset: str | None) -> str | None:
+    """The subset a run reads: FineWeb's default one, none for the builtin corpus or local files."""
+    if dataset == FINEWEB:
+        return subset or "sample-10BT"
+    if dataset == "builtin" or (dataset and (os.path.exists(dataset) or glob.has_magic(dataset))):
+        return None
+    return subset
+
+
+def same_source(a: str | None, b: str | None) -> bool:
+    """The same flag value, or two spellings of one local path."""
+    return a == b or (a is not None and b is not None and os.path.exists(a) and os.path.exists(b)
+                      and os.path.samefile(a, b))
 
 
 def token_files(args, ctx: Distributed) -> TokenFiles:
@@ -252,6 +294,7 @@ def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: Win
 def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distributed,
                 device: torch.device) -> tuple[Parallel, Adafactor]:
     """The model (seeded or the checkpoint's weights), wrapped for this world size, and its optimizer."""
+    agree(ctx, partial(check_model_fits, args, config, checkpoint, ctx, device))
     model = GPT(config).to(device)  # the same seed on every rank: identical weights before sharding
     model.set_activation_checkpointing(args.activation_checkpointing)
     if checkpoint:
@@ -264,6 +307,28 @@ def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distribut
     if checkpoint:
         parallel.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
     return parallel, optimizer
+
+
+def check_model_fits(args, config: GPTConfig, checkpoint: dict | None, ctx: Distributed,
+                     device: torch.device) -> None:
+    """Refuse in one line, before building it, a model whose weights, gradients and optimizer state the
+    device cannot hold (building it would fail with a traceback, or on Linux succeed lazily and be killed
+    later). Processes on one machine share its memory, so on the CPU their needs add up."""
+    shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
+    device_bytes, weight_bytes = training_memory(config, shards)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.enabled else 1
+    processes = f" in {local} processes" if local > 1 else ""
+    c = config
+    shape = (f"--embedding_dimensions {c.embedding_dimensions}, --num_hidden_layers {c.num_hidden_layers}, "
+             f"--feed_forward_ratio {c.feed_forward_ratio}, a {c.vocabulary_size:,}-token vocabulary from "
+             f"--token_encoding {args.token_encoding}{', as the checkpoint has it' if checkpoint else ''}")
+    if device.type == "cpu":
+        check_memory(device_bytes * local, device,
+                     f"training the model ({shape}: fp32 weights, gradients and Adafactor state){processes}")
+        return
+    check_memory(device_bytes, device, f"training the model ({shape}: fp32 weights, gradients and Adafactor state)")
+    check_memory(weight_bytes * local, torch.device("cpu"),  # the model is built in host memory first
+                 f"building the model ({shape}) in host memory{processes}")
 
 
 def print_summary(args, parallel: Parallel, ctx: Distributed, device: torch.device, accumulation: int,

@@ -17,8 +17,10 @@ and rhythm) and callables (Hooks: the next batch, the learning rate, the test ba
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -29,6 +31,8 @@ import torch.distributed as dist
 from adafactor import Adafactor
 from common import (
     NOTHING_SAVED,
+    RESUME_ENTRIES,
+    CheckpointLock,
     Distributed,
     Interrupted,
     StopFlag,
@@ -36,11 +40,17 @@ from common import (
     UserError,
     agree,
     autocast,
+    check_writable,
+    first_line,
     load_checkpoint,
+    os_reason,
+    out_of_memory_is_one_line,
     print0,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    shorten_timeouts,
     synchronize,
 )
 from parallel import Parallel
@@ -102,6 +112,34 @@ def epoch_position(step: int, steps_per_epoch: int) -> str:
 # ----------------------------------------------------------------------------- run set-up
 
 
+@contextlib.contextmanager
+def claim_outputs(ctx: Distributed, checkpoint_path: str, run_dir: str):
+    """Hold the checkpoint for the life of the run. Rank 0, which writes every file, first checks that it
+    can write the checkpoint's folder and the TensorBoard folder (before any work, not at the first save),
+    then takes the checkpoint's lock (a second run on it stops at once) and removes the temporary files
+    a run killed while saving left there. A problem on rank 0 stops every rank."""
+    lock = CheckpointLock(checkpoint_path)
+
+    def claim() -> None:
+        if os.path.isdir(checkpoint_path):
+            raise UserError(f"--checkpoint_path: {checkpoint_path} is a directory; name the checkpoint file")
+        check_writable(os.path.dirname(os.path.abspath(checkpoint_path)), "--checkpoint_path")
+        check_writable(run_dir, "--run_dir_path")
+        lock.acquire()
+        if lock.since is not None:  # only the lock's holder may touch the checkpoint's temporary files
+            count, size = remove_stale_temporaries(checkpoint_path, lock.since)
+            if count:
+                amount = f"{size / 1e6:,.1f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB"
+                print0(f"note: removed {count} temporary file{'s' if count > 1 else ''} ({amount}) that an earlier "
+                       f"run left when it was stopped while saving {checkpoint_path}")
+
+    try:
+        agree(ctx, claim, who="rank0")
+        yield
+    finally:
+        lock.release()
+
+
 def read_checkpoint(path: str, kind: str, resume: bool) -> dict | None:
     """The checkpoint a resumed run continues, or None for a fresh run. A fresh run never overwrites
     one by accident: an existing checkpoint is continued with --resume or moved aside by the user."""
@@ -109,13 +147,15 @@ def read_checkpoint(path: str, kind: str, resume: bool) -> dict | None:
         if os.path.exists(path):
             raise UserError(f"{path} exists; pass --resume to continue it, or choose another --checkpoint_path")
         return None
-    return load_checkpoint(path, kind)
+    return load_checkpoint(path, kind, required=RESUME_ENTRIES)
 
 
 def run_seed(ctx: Distributed, checkpoint: dict | None, seed: int | None) -> int:
     """The checkpoint's seed, else --seed, else a drawn one (saved, so the run can be repeated). Rank
     0's goes to every rank: one seed for all, so all build identical initial weights."""
     if checkpoint:
+        if seed is not None and seed != checkpoint["seed"]:
+            print0(f"note: resuming with the checkpoint's seed {checkpoint['seed']}; ignoring --seed {seed}")
         return checkpoint["seed"]
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
@@ -156,10 +196,8 @@ def rng_states(ctx: Distributed) -> list[dict]:
 
 def write_checkpoint(ctx: Distributed, state: dict, path: str) -> None:
     """Rank 0 writes the state every rank helped to build; the others wait for the whole file, so none
-    runs ahead (or exits) while it is written."""
-    save_checkpoint(state, path)
-    if ctx.enabled:
-        dist.barrier(group=ctx.control_group)
+    runs ahead (or exits) while it is written, and stop with rank 0 when it cannot be (a full disk)."""
+    agree(ctx, lambda: save_checkpoint(state, path), who="rank0")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -174,10 +212,11 @@ def evaluate(module: torch.nn.Module, ctx: Distributed, batches: Iterable[tuple]
     module.eval()
     total = torch.zeros((), device=device)
     samples = 0
-    for batch in batches:
-        with autocast(device):
-            total += module(*batch).float() * len(batch[0])
-        samples += len(batch[0])
+    with out_of_memory_is_one_line(f"in evaluation on {device.type}", "lower --batch_size or --tokens_per_sample"):
+        for batch in batches:
+            with autocast(device):
+                total += module(*batch).float() * len(batch[0])
+            samples += len(batch[0])
     if ctx.enabled:
         dist.all_reduce(total)
     module.train(was_training)
@@ -189,15 +228,35 @@ def evaluate(module: torch.nn.Module, ctx: Distributed, batches: Iterable[tuple]
 
 class RunLog:
     """Where a run reports: a progress bar and lines on standard output (rank 0), TensorBoard scalars
-    (rank 0 writes them) and the history of test perplexities that train() returns."""
+    (rank 0 writes them) and the history of test perplexities that train() returns. A failure to write
+    the events (a full disk) is kept and raised by check(), which every rank calls at the same points."""
 
     def __init__(self, run_dir: str, ctx: Distributed):
-        from torch.utils.tensorboard import SummaryWriter  # slow to import, and only training needs it
-
-        self.rank = ctx.rank
-        self.writer = SummaryWriter(run_dir) if ctx.rank == 0 else None
+        self.rank, self.run_dir = ctx.rank, run_dir
+        self.writer, self.error = None, None
         self.progress = None
         self.history: list[tuple[int, float]] = []  # (step, test perplexity)
+        if ctx.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter  # slow to import, and only training needs it
+
+            quiet_event_writer_threads()
+            self._write(lambda: setattr(self, "writer", SummaryWriter(run_dir)))
+
+    def _write(self, work: Callable[[], None]) -> None:
+        if self.error is None:
+            try:
+                work()
+            except Exception as e:  # OSError; other types where TensorFlow's file system does the writing
+                self.error = e
+
+    def check(self) -> None:
+        """Flush the events; a write that failed since the last check ends the run in one line."""
+        if self.writer is not None:
+            self._write(self.writer.flush)
+        if self.error is not None:
+            self.close()  # end the progress bar's line before the error's
+            reason = os_reason(self.error) if isinstance(self.error, OSError) else first_line(self.error)
+            raise UserError(f"--run_dir_path: cannot write TensorBoard events to {self.run_dir} ({reason})")
 
     def start_progress(self, total: int, initial: int, description: str) -> None:
         from tqdm import tqdm
@@ -208,7 +267,7 @@ class RunLog:
     def scalars(self, step: int, prefix: str, **values: float) -> None:
         if self.writer:
             for name, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+                self._write(lambda: self.writer.add_scalar(f"{prefix}/{name}", value, step))
 
     def perplexity(self, step: int, value: float) -> None:
         self.scalars(step, "test", perplexity=value)
@@ -219,7 +278,24 @@ class RunLog:
         if self.progress is not None:
             self.progress.close()
         if self.writer:
-            self.writer.close()
+            self._write(self.writer.close)
+            self.writer = None
+
+
+def quiet_event_writer_threads() -> None:
+    """TensorBoard writes events from a thread of its own, whose failure (a full disk) Python prints as a
+    traceback before the writer raises it again in the training thread. RunLog reports it there, in one
+    line, so the thread's traceback is left out; every other thread's is printed as before."""
+    previous = threading.excepthook
+    if getattr(previous, "lightgpt", False):
+        return
+
+    def excepthook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    excepthook.lightgpt = True
+    threading.excepthook = excepthook
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -276,29 +352,35 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
     stop.defer()
     if step == 0:  # the untrained baseline
         log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
+    agree(ctx, log.check, who="rank0")  # TensorBoard can write its events, before any training
     if stop_requested(ctx, stop):
         log.close()
         raise Stopped(stop.signal_number, NOTHING_SAVED, everywhere=True)
     parallel.wrapped.train()
     log.start_progress(plan.total_steps, step, plan.description)
     totals = EpochTotals.start(device)
+    remedy = "lower --batch_size or --tokens_per_sample"  # they size the activations
+    remedy += "" if parallel.model.activation_checkpointing else ", or use --activation_checkpointing"
     while step < plan.total_steps:
         lr = hooks.learning_rate(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro in range(A):
-            batch = hooks.next_batch()
-            with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
-                with autocast(device):
-                    loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
-                loss.backward()
-            totals.loss += loss.detach()
-            totals.tokens += batch[0].numel()
+        with out_of_memory_is_one_line(f"in training step {step + 1:,} on {device.type}", remedy):
+            for micro in range(A):
+                batch = hooks.next_batch()
+                with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
+                    with autocast(device):
+                        loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
+                    loss.backward()
+                totals.loss += loss.detach()
+                totals.tokens += batch[0].numel()
         totals.norm += parallel.clip_grad_norm_(plan.max_gradient_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         totals.steps += 1
+        if step == plan.start_step + 1:  # compiled and warmed up: a rank that hangs from now on is noticed soon
+            shorten_timeouts(ctx, device)
         log.progress.update()
         if stop_requested(ctx, stop):  # every rank sees the same answer at the same step
             interrupt(step, stop, plan, hooks, log, ctx)
@@ -306,6 +388,7 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
             end_epoch(step, lr, totals, plan, hooks, parallel, log, ctx, device)
             totals = EpochTotals.start(device)  # its clock starts after the evaluation and the save
     log.close()
+    agree(ctx, log.check, who="rank0")  # the last events reached the disk, or one line says why not
     return log.history
 
 
@@ -326,8 +409,13 @@ def end_epoch(step: int, lr: float, totals: EpochTotals, plan: Plan, hooks: Hook
     if epoch % plan.eval_interval == 0 or last:
         log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
     if epoch % plan.checkpoint_interval == 0 or last:
-        write_checkpoint(ctx, hooks.state_to_save(step), plan.checkpoint_path)
+        try:
+            write_checkpoint(ctx, hooks.state_to_save(step), plan.checkpoint_path)
+        except UserError:  # a full disk: end the progress bar's line before the error's
+            log.close()
+            raise
         print0(f"saved checkpoint to {plan.checkpoint_path}")
+    agree(ctx, log.check, who="rank0")  # after the save: events that cannot be written end the run, not the work
 
 
 # ----------------------------------------------------------------------------- stopping

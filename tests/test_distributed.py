@@ -1,9 +1,11 @@
 """torchrun on the CPU with gloo: 2 processes at every sharding level against 1 process."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -139,3 +141,65 @@ def test_signal_on_one_rank_stops_all_ranks_with_a_checkpoint(builtin_data, tmp_
     assert "stopped by" in text and "saved to" in text, text[-3000:]
     state = load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")
     assert state["step"] > 0 and state["world_size"] == 2
+
+
+def worker_of_rank(launcher_pid, rank):
+    """The pid of the torchrun worker with this RANK."""
+    for pid in subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True,
+                              text=True).stdout.split():
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def is_running(pid):
+    """Whether pid is a live process (not gone, not a zombie its parent has yet to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("hung", [1, 0])
+def test_a_hung_rank_stops_the_others_within_the_collective_timeout(builtin_data, tmp_path, hung):
+    """A rank frozen mid-training (SIGSTOP) used to hold every other rank for the 6-hour set-up timeout;
+    --collective_timeout 0.05 (3 s) must end the others with one line naming it, and leave no half-written file."""
+    argv = args(builtin_data, tmp_path / "run", "--num_epochs", "100000", "--collective_timeout", "0.05")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "pretrain.py", *argv],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
+    stopped = None
+    try:
+        deadline = time.monotonic() + 180
+        while "saved checkpoint" not in log.read_text():  # training is under way, a checkpoint written
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        stopped, survivor = worker_of_rank(launcher.pid, hung), worker_of_rank(launcher.pid, 1 - hung)
+        os.kill(stopped, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        while is_running(survivor):  # 3 s for the collective, up to 6 s to find out who is silent
+            assert time.monotonic() - frozen_at < 60, "the other rank still waits a minute later"
+            time.sleep(0.2)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGKILL)  # torchrun's SIGTERM cannot end a stopped process
+        try:
+            launcher.wait(timeout=60)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    text = log.read_text()
+    ours = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith(f"error: rank {hung} stopped answering"), text[-3000:]
+    assert "--collective_timeout" in ours[0]
+    assert re.search(r"exitcode\s*:\s*2 ", text), text[-3000:]  # torchrun's report: the survivor's status
+    assert not re.search(r'(pretrain|training|common|parallel)\.py", line', text), text[-3000:]  # no traceback of ours
+    if hung == 1:  # the survivor is the writer: it left no partial file (a rank 0 killed mid-write may)
+        assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"), "pretrain")["step"] > 0  # the last one, whole

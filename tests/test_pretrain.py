@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -276,3 +277,46 @@ def test_resume_names_the_epoch_its_step_is_in(builtin_data, tmp_path, monkeypat
     assert f"resumed {tmp_path / 'checkpoint.pt'} at step 3 (epoch 2, 1 of 2 steps done)" in out
     assert "epoch 2/2:" in out
 
+
+
+# ----------------------------------------------------------------------------- sizes the machine cannot hold
+
+
+@pytest.mark.parametrize("flag, value", [("--embedding_dimensions", "1000000"), ("--num_hidden_layers", "10000000")])
+def test_a_model_the_machine_cannot_hold_is_refused_before_it_is_built(capsys, builtin_data, tmp_path, monkeypatch,
+                                                                        flag, value):
+    """Terabytes of weights: one line naming the size flags, at once, without trying to allocate them (which
+    fails with a traceback, or on Linux may succeed lazily and be OOM-killed later)."""
+    def build(config):
+        pytest.fail(f"the model was built ({flag} {value})")
+
+    monkeypatch.setattr(pretrain, "GPT", build)
+    started = time.monotonic()
+    err = fails_with(capsys, tiny_pretrain_args(builtin_data, str(tmp_path), flag, value), f"{flag} {value}",
+                     "--embedding_dimensions", "--num_hidden_layers", "--feed_forward_ratio", "--token_encoding",
+                     "GiB, more than")
+    assert time.monotonic() - started < 10
+    assert err.startswith("error: ") and files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB. GPU 0 has a total capacity of 139.81 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 103079215104 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["cuda", "cpu"])
+def test_running_out_of_memory_in_the_first_step_is_one_line(capsys, builtin_data, tmp_path, monkeypatch, error):
+    """Activations too big for the device: one line naming the flags that size them, nothing saved."""
+    from model import GPT
+
+    real = GPT.forward
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():  # the first evaluation passes; the first step does not
+            raise error
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    err = fails_with(capsys, tiny_pretrain_args(builtin_data, str(tmp_path)), "out of memory", "step 1",
+                     "--batch_size", "--tokens_per_sample", "--activation_checkpointing")
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "checkpoint.pt")
+    assert not [f for f in files_under(tmp_path) if f.endswith(".tmp")]
