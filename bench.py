@@ -1,6 +1,7 @@
 """Benchmark LightGPT: training steps, decoding and tokenization.
 
     python bench.py train                         # the Small shape, batch 16 x 1024 tokens, on CUDA
+    python bench.py train --model medium          # a named shape (pretrain.py's --model)
     python bench.py decode                        # 256 tokens after a 16-token prompt, batch 1 and 8
     python bench.py tokenize --token_encoding r50k_base --dataset ./corpus.jsonl
     python bench.py train --device cpu --embedding_dimensions 128 --num_attention_heads 4 \\
@@ -40,6 +41,7 @@ from common import (
     first_line,
     model_config,
     non_negative_int,
+    parse_with_preset,
     positive_float,
     positive_int,
     precision_name,
@@ -96,7 +98,7 @@ def parse_args(argv=None):
     g.add_argument("--profile_path", default=None,
                    help="also profile LightGPT's timed work: print the top ops, write a Chrome trace here")
     add_system_args(g, compile_help="torch.compile (auto: on for CUDA)", seed_default=0)
-    return p.parse_args(argv)
+    return parse_with_preset(p, argv)  # --model fills the flags not given
 
 
 # ----------------------------------------------------------------------------- helpers

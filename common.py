@@ -144,9 +144,51 @@ def float_in(low: float, high: float):
 ARCHITECTURE_FLAGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocabulary_size")
 
 
+# --model names a shape so nobody types its flags: the model card's six (README "Suggested model shapes"),
+# each with the tokenizer it was sized for and that tokenizer's vocabulary (bench.py's random model takes
+# it; pretrain.py reads it from the token files), and the README's quick start, a whole offline run.
+# A preset fills only the flags a command line leaves out (parse_with_preset), and only those the script has.
+MODEL_PRESETS: dict[str, dict] = {
+    "small": dict(embedding_dimensions=1024, num_attention_heads=16, num_hidden_layers=24,
+                  token_encoding="r50k_base", vocabulary_size=50_257),
+    "medium": dict(embedding_dimensions=2048, num_attention_heads=32, num_hidden_layers=32,
+                   token_encoding="r50k_base", vocabulary_size=50_257),
+    "large": dict(embedding_dimensions=4096, num_attention_heads=64, num_hidden_layers=32,
+                  token_encoding="cl100k_base", vocabulary_size=100_277),
+    "xlarge": dict(embedding_dimensions=4096, num_attention_heads=64, num_hidden_layers=64,
+                   token_encoding="cl100k_base", vocabulary_size=100_277),
+    "xxlarge": dict(embedding_dimensions=8192, num_attention_heads=128, num_hidden_layers=64,
+                    token_encoding="o200k_base", vocabulary_size=200_019),
+    "xxxlarge": dict(embedding_dimensions=8192, num_attention_heads=128, num_hidden_layers=128,
+                     token_encoding="o200k_base", vocabulary_size=200_019),
+    "quickstart": dict(dataset="builtin", token_encoding="bytes", vocabulary_size=257, device="cpu",
+                       embedding_dimensions=256, num_attention_heads=4, num_hidden_layers=4,
+                       batch_size=16, gradient_accumulation_steps=1, tokens_per_sample=256,
+                       samples_per_epoch=1024, num_epochs=4, eval_interval=1, warmup_steps=50,
+                       learning_rate=2e-2, seed=0,
+                       checkpoint_path="./checkpoints/quickstart.pt", run_dir_path="./runs/quickstart"),
+}
+
+
+def parse_with_preset(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse a command line that may name a --model preset. Each flag takes the command line's value if
+    it gives one (even one equal to the default), else the preset's, else its default."""
+    args = p.parse_args(argv)
+    unset = object()  # a second parse into a namespace of sentinels tells which flags were given
+    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    for key, value in MODEL_PRESETS[args.model].items():
+        if hasattr(args, key) and getattr(given, key) is unset:
+            setattr(args, key, value)
+    return args
+
+
 def add_model_args(g) -> None:
     """The architecture flags pretrain.py and bench.py share (the Small shape by default), one per
     ARCHITECTURE_FLAGS entry."""
+    # --model takes effect only when the script parses with parse_with_preset
+    g.add_argument("--model", choices=tuple(MODEL_PRESETS), default="small",
+                   help="a named shape (with its tokenizer), or quickstart, the README's whole offline run; "
+                        "flags given on the command line override it")
     g.add_argument("--embedding_dimensions", type=positive_int, default=1024, help="model width")
     g.add_argument("--num_attention_heads", type=positive_int, default=16, help="attention heads per block")
     g.add_argument("--num_hidden_layers", type=positive_int, default=24, help="Transformer blocks")

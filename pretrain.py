@@ -1,6 +1,8 @@
 """Pretrain LightGPT from scratch.
 
     python pretrain.py                                   # the Small model on FineWeb sample-10BT
+    python pretrain.py --model quickstart                # the README's quick start: builtin corpus, CPU
+    python pretrain.py --model medium                    # a named shape, small ... xxxlarge, with its tokenizer
     python pretrain.py --dataset builtin --token_encoding bytes --device cpu \\
         --embedding_dimensions 128 --num_attention_heads 4 --num_hidden_layers 4 ...   # offline, tiny
 
@@ -44,6 +46,7 @@ from common import (
     model_config,
     non_negative_int,
     non_positive_float,
+    parse_with_preset,
     positive_float,
     positive_int,
     precision_name,
@@ -136,7 +139,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     g.add_argument("--run_dir_path", default="./runs/pretrain", help="TensorBoard run folder")
     add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
-    return p.parse_args(argv)
+    return parse_with_preset(p, argv)  # --model fills the flags not given
 
 
 # ----------------------------------------------------------------------------- main

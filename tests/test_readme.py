@@ -62,13 +62,14 @@ def tokenizer_vocabularies() -> dict[str, int]:
             for row in rows if row[1][0].isdigit()}
 
 
-def model_shapes() -> list[tuple[str, GPTConfig, str]]:
-    """The README's suggested shapes: name, the config the row describes, and its written parameter count."""
+def model_shapes() -> list[tuple[str, GPTConfig, str, str]]:
+    """The README's suggested shapes: name, the config the row describes, its written parameter count and
+    its --model name."""
     shapes = []
-    for name, vocabulary, width, heads, layers, parameters, _ in table(section("## Suggested model shapes")):
+    for name, vocabulary, width, heads, layers, parameters, _, flag in table(section("## Suggested model shapes")):
         config = GPTConfig(vocabulary_size=int(vocabulary.replace(",", "")), embedding_dimensions=int(width),
                            num_attention_heads=int(heads), num_hidden_layers=int(layers))
-        shapes.append((name, config, parameters))
+        shapes.append((name, config, parameters, flag.strip("`")))
     return shapes
 
 
@@ -81,18 +82,18 @@ def test_tokenizer_table_matches_tiktoken(monkeypatch):
 
 def test_model_shapes_use_real_vocabularies_and_exact_parameter_counts():
     shapes = model_shapes()
-    assert [name for name, _, _ in shapes] == ["Small", "Medium", "Large", "X-large", "XX-large", "XXX-large"]
+    assert [name for name, _, _, _ in shapes] == ["Small", "Medium", "Large", "X-large", "XX-large", "XXX-large"]
     assert shapes[0][1] == GPTConfig()  # Small is the default shape
     vocabularies = set(tokenizer_vocabularies().values())
-    for name, config, _ in shapes:
+    for name, config, _, _ in shapes:
         assert config.vocabulary_size in vocabularies, (f"{name}: vocabulary {config.vocabulary_size:,} "
                                                         "is no tokenizer's")
-    for name, config, parameters in shapes:
+    for name, config, parameters, _ in shapes:
         assert parameters == rounded(num_parameters(config)), name
 
 
 def test_every_parameter_count_in_the_readme_is_a_real_one():
-    counts = {name: rounded(num_parameters(config)) for name, config, _ in model_shapes()}
+    counts = {name: rounded(num_parameters(config)) for name, config, _, _ in model_shapes()}
     known = {*counts.values(), rounded(num_parameters(quick_start_config()))}
     mentions = re.findall(r"(\d[\d.]*[MB])(?:[- ]parameter| Small\b)", README)
     assert len(mentions) >= 4  # the model card, the quick start, generation and the sharding section
