@@ -728,7 +728,8 @@ CHECKPOINT_ENTRIES = {
     "eot_id": (int, lambda v: v >= 0, "an integer >= 0"),
     "optimizer": (dict, None, "torch.optim's state dict"),
     "step": (int, lambda v: v >= 0, "an integer >= 0"),
-    "sampler": (dict, lambda v: isinstance(v.get("generator"), torch.Tensor) and isinstance(v.get("samples_drawn"), int),
+    "sampler": (dict, lambda v: isinstance(v.get("generator"), torch.Tensor)
+                and isinstance(v.get("samples_drawn"), int),
                 "a dict with a generator state and samples_drawn"),
     "rng": (list, lambda v: v and all(isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) for r in v),
             "a list of RNG states, one per process"),

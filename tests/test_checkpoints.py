@@ -101,7 +101,8 @@ def test_two_processes_on_one_checkpoint_path(builtin_data, tmp_path):
     """Two real runs: the second stops at once naming the first; kill -9 of the first leaves no stuck lock."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "pretrain.py", *tiny_pretrain_args(builtin_data, str(tmp_path))]
-    first = subprocess.Popen(command + ["--num_epochs", "100000", "--checkpoint_interval", "100000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    first = subprocess.Popen(command + ["--num_epochs", "100000", "--checkpoint_interval", "100000"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
         for line in first.stdout:  # the lock is taken before the first evaluation
