@@ -304,12 +304,19 @@ def _datasets_error_log():
             lines.extend(sink.read().splitlines())
 
 
-def _load_hub(name: str, subset: str | None, processes: int):
+def hub_what(name: str, subset: str | None) -> str:
+    """How messages name a hub dataset: "dataset <name> (<subset>)"."""
+    return f"dataset {name}" + (f" ({subset})" if subset else "")
+
+
+def load_hub_dataset(name: str, subset: str | None, processes: int, split: str | None = "train"):
+    """A HuggingFace hub dataset's split (all its splits, a DatasetDict, when split is None), or one clear
+    error: the hub unreachable, offline without a cached copy, or a download that failed."""
     try:
         import datasets
     except ImportError:
         raise UserError("loading a HuggingFace dataset needs the `datasets` package: pip install datasets") from None
-    what = f"dataset {name}" + (f" ({subset})" if subset else "")
+    what = hub_what(name, subset)
     ways_out = "or use --dataset builtin or a local file"
     offline = _hub_offline()
     if offline is None:  # fail in seconds, not after half a minute of retries
@@ -320,7 +327,7 @@ def _load_hub(name: str, subset: str | None, processes: int):
                             f"{ways_out}")
     try:
         with _quiet_hub(), _forking_workers():
-            dataset = datasets.load_dataset(name, name=subset, split="train", num_proc=processes)
+            dataset = datasets.load_dataset(name, name=subset, split=split, num_proc=processes)
     except Exception as e:
         if offline and isinstance(e, ConnectionError):  # what datasets raises offline for a dataset not cached
             raise UserError(f"{what} is not in the HuggingFace cache and {offline} is set, so it is not "
@@ -329,10 +336,21 @@ def _load_hub(name: str, subset: str | None, processes: int):
             f"could not load {what} from the HuggingFace hub ({_cause(e)}); check the name "
             f"and your network, {ways_out}"
         ) from None
-    return _hf_batches(dataset, what)
+    return dataset
 
 
-def _load_local(files: list[str], builder: str, processes: int):
+def _load_hub(name: str, subset: str | None, processes: int):
+    return _hf_batches(load_hub_dataset(name, subset, processes), hub_what(name, subset))
+
+
+def local_what(files: list[str]) -> str:
+    """How messages name local corpus files: the file, or how many there are."""
+    return files[0] if len(files) == 1 else f"the {len(files)} files"
+
+
+def load_local_dataset(files: list[str], builder: str, processes: int):
+    """Local files read by one of datasets' builders (json, parquet, text) as one dataset, or one clear
+    error naming the file that could not be read."""
     try:
         import datasets
     except ImportError:
@@ -350,7 +368,11 @@ def _load_local(files: list[str], builder: str, processes: int):
                                          for line in logged)]
         where = named[0] if named else files[0] + (" and others" if len(files) > 1 else "")
         raise UserError(f"could not read {where} ({_cause(failure)})") from None
-    return _hf_batches(dataset, files[0] if len(files) == 1 else f"the {len(files)} files")
+    return dataset
+
+
+def _load_local(files: list[str], builder: str, processes: int):
+    return _hf_batches(load_local_dataset(files, builder, processes), local_what(files))
 
 
 def local_files(pattern: str) -> list[str] | None:
