@@ -2,12 +2,15 @@
 
     python beam_search.py --prompt "The capital of France" --beam_width 16 --num_candidates 3
     echo "Once upon a time" | python beam_search.py
+    python beam_search.py --lora_path ./checkpoints/lora_instruction.pt --prompt "What is a class?"
 
 All beams live in one batch and advance together: one forward per step over a KV cache whose rows are
 reordered to follow the surviving beams. A beam that produces end-of-text is set aside as a
 candidate. The search stops at --max_tokens, when no beam is left, or when no live beam can still beat
 the worst of the --num_candidates best candidates. Candidates are ranked by their length-normalised
 log-probability: total / length ** --length_penalty (0 ranks by total; 1, the default, by mean per token).
+With a chat model (--lora_path, or a merged checkpoint) each prompt is a user turn and an answer ends
+at <|im_end|> instead of end-of-text.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ class Candidate:
 
 
 @torch.inference_mode()
-def beam_search(model: GPT, prompt_ids: list[int], eot: int, beam_width: int, num_candidates: int,
+def beam_search(model: GPT, prompt_ids: list[int], end: int, beam_width: int, num_candidates: int,
                 max_tokens: int, context_length: int, length_penalty: float = 1.0) -> list[Candidate]:
-    """The num_candidates best continuations of prompt_ids, best first."""
+    """The num_candidates best continuations of prompt_ids, best first; a continuation ends at `end`."""
     device = model.token_embeddings.weight.device
     W, V = beam_width, model.config.vocabulary_size
     check_memory(model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * W * context_length,
@@ -60,7 +63,7 @@ def beam_search(model: GPT, prompt_ids: list[int], eot: int, beam_width: int, nu
             if total == float("-inf"):
                 break
             parent, token = divmod(index, V)
-            if token == eot:
+            if token == end:
                 tokens = beams[parent] + [token]
                 kept.append(Candidate(tokens, total, normalised(total, length), True))
             else:
@@ -81,7 +84,7 @@ def beam_search(model: GPT, prompt_ids: list[int], eot: int, beam_width: int, nu
         model.kv_cache.reorder(torch.tensor(rows, device=device))
         beams = [beams[p] + [t] for _, p, t in live] + [[]] * (W - len(live))
         scores = torch.tensor([s for s, _, _ in live] + [float("-inf")] * (W - len(live)), device=device)
-        tokens = torch.tensor([t for _, _, t in live] + [eot] * (W - len(live)), device=device).view(W, 1)
+        tokens = torch.tensor([t for _, _, t in live] + [end] * (W - len(live)), device=device).view(W, 1)
         logits = model(tokens, input_pos=torch.tensor([P + length - 1], device=device))[:, -1].float()
     kept.sort(key=lambda c: c.score, reverse=True)
     return kept[:num_candidates]
@@ -101,13 +104,14 @@ def parse_args(argv=None):
 def main(args) -> list[list[Candidate]]:
     if args.num_candidates > args.beam_width:
         raise UserError(f"--num_candidates {args.num_candidates} is larger than --beam_width {args.beam_width}")
-    model, encoding, eot = load_for_inference(args.checkpoint_path, resolve_device(args.device), args.lora_path)
+    loaded = load_for_inference(args.checkpoint_path, resolve_device(args.device), args.lora_path, args.system)
+    end = loaded.eot if loaded.chat is None else loaded.chat.im_end  # a chat model's answer ends its turn
     results = []
     for text in prompts(args.prompt):
-        found = beam_search(model, encode_prompt(encoding, eot, text), eot, args.beam_width, args.num_candidates,
-                            args.max_tokens, args.context_length, args.length_penalty)
+        found = beam_search(loaded.model, encode_prompt(loaded, text, args.system), end, args.beam_width,
+                            args.num_candidates, args.max_tokens, args.context_length, args.length_penalty)
         for rank, c in enumerate(found, 1):
-            body = decode_text(encoding, [t for t in c.tokens if t != eot])
+            body = decode_text(loaded.encoding, [t for t in c.tokens if t != end])
             ending = "" if c.finished else " (cut at --max_tokens)"
             print(f"[{rank}] log-probability {c.total:.3f} total, {c.score:.3f} normalised, "
                   f"{len(c.tokens)} tokens{ending}")

@@ -570,52 +570,76 @@ def _make_chat_files(source: _Source, tok: ChatTokenizer, paths: dict[str, str],
 # ----------------------------------------------------------------------------- packing
 
 
-@dataclass
 class Packed:
-    inputs: torch.Tensor  # (N, T) long, padded with the pad id
-    targets: torch.Tensor  # (N, T) long, IGNORE_INDEX where nothing is learned
-    documents: torch.Tensor  # (N, T) long: each position's conversation within its row; padding its own id
-    conversations: int  # conversations placed in rows
-    truncated: int  # of those, conversations cut to max_tokens + 1 tokens
-    dropped: int  # conversations left out: no target left (cut before the assistant spoke, or none to learn)
+    """Conversations placed in rows of T positions: a plan (which conversation goes where), the rows
+    built only when asked for (batch), from the conversations' own arrays (memory-mapped cache files),
+    so a million conversations cost a few arrays of a million entries, not (rows x T) tensors.
 
+    A row's tensors: inputs (the pad id after the last conversation), targets (IGNORE_INDEX where nothing
+    is learned), documents (each position's conversation within its row; padding an id of its own)."""
 
-def _rows(conversations, max_tokens: int, mask_input: bool, pad_id: int, order, packed: bool) -> Packed:
-    """pack's and padded's rows: a Python pass places the conversations, numpy copies their tokens at once."""
-    T = max_tokens
-    inputs, targets, keep = [], [], []  # per placed conversation: its n inputs, n targets, n kept flags
-    starts, document = [], []  # per placed conversation: its first position in the flat (N * T) rows, its id
-    used, in_row = [], []  # per row: positions filled, conversations placed
-    truncated = dropped = 0
-    for i in range(len(conversations)) if order is None else order:
-        ids, mask = conversations[i]
-        n = min(len(ids), T + 1) - 1  # positions it fills, after any cut
-        if n < 1 or (mask_input and not np.any(mask[1 : n + 1])):  # a target is kept by its own mask
-            dropped += 1
-            continue
-        truncated += len(ids) > T + 1
-        if not packed or not used or used[-1] + n > T:  # greedy: a new row when this one does not fit
-            used.append(0)
-            in_row.append(0)
-        inputs.append(ids[:n])
-        targets.append(ids[1 : n + 1])
-        keep.append(mask[1 : n + 1] if mask_input else np.ones(n, np.bool_))
-        starts.append((len(used) - 1) * T + used[-1])
-        document.append(in_row[-1])
-        used[-1] += n
-        in_row[-1] += 1
-    N = len(used)
-    rows = {"inputs": np.full(N * T, pad_id, np.int64), "targets": np.full(N * T, IGNORE_INDEX, np.int64),
-            "documents": np.repeat(np.asarray(in_row, np.int64), T)}  # padding: an id no conversation in its row has
-    if inputs:
-        lengths = np.array([len(x) for x in inputs])
-        ends = np.cumsum(lengths)
-        where = np.arange(ends[-1]) + np.repeat(np.asarray(starts) - (ends - lengths), lengths)  # flat positions
-        rows["inputs"][where] = np.concatenate(inputs)
-        rows["targets"][where] = np.where(np.concatenate(keep), np.concatenate(targets).astype(np.int64), IGNORE_INDEX)
-        rows["documents"][where] = np.repeat(document, lengths)
-    as_tensor = lambda name: torch.from_numpy(rows[name].reshape(N, T))  # noqa: E731
-    return Packed(as_tensor("inputs"), as_tensor("targets"), as_tensor("documents"), len(inputs), truncated, dropped)
+    def __init__(self, conversations, max_tokens: int, mask_input: bool, pad_id: int, order, packed: bool):
+        self.source, self.T, self.mask_input, self.pad_id = conversations, max_tokens, mask_input, pad_id
+        T = max_tokens
+        placed, lengths, row_of = [], [], []  # per placed conversation: its index, positions it fills, its row
+        used = 0  # positions filled in the last row
+        self.truncated = self.dropped = 0  # conversations cut to T + 1 tokens / left out with no target left
+        for i in range(len(conversations)) if order is None else order:
+            ids, mask = conversations[i]
+            n = min(len(ids), T + 1) - 1  # positions it fills, after any cut
+            if n < 1 or (mask_input and not np.any(mask[1 : n + 1])):  # a target is kept by its own mask
+                self.dropped += 1
+                continue
+            self.truncated += len(ids) > T + 1
+            if not packed or not row_of or used + n > T:  # greedy: a new row when this one does not fit
+                row_of.append(len(row_of) and row_of[-1] + 1)
+                used = 0
+            else:
+                row_of.append(row_of[-1])
+            placed.append(i)
+            lengths.append(n)
+            used += n
+        self.placed, self.lengths = np.asarray(placed, np.int64), np.asarray(lengths, np.int64)
+        rows = np.asarray(row_of, np.int64)
+        self.row_first = np.searchsorted(rows, np.arange((rows[-1] + 2) if len(rows) else 1))  # row r: placed[a:b]
+        self.conversations = len(placed)
+
+    def __len__(self) -> int:
+        return len(self.row_first) - 1
+
+    def batch(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, documents), each (len(rows), T) long, of these rows."""
+        rows = [int(r) for r in rows]
+        B, T = len(rows), self.T
+        inputs = np.full((B, T), self.pad_id, np.int64)
+        targets = np.full((B, T), IGNORE_INDEX, np.int64)
+        documents = np.empty((B, T), np.int64)
+        for b, r in enumerate(rows):
+            first, last = self.row_first[r], self.row_first[r + 1]
+            documents[b] = last - first  # padding: an id no conversation in the row has
+            at = 0
+            for d, k in enumerate(range(first, last)):
+                ids, mask = self.source[self.placed[k]]
+                n = int(self.lengths[k])
+                inputs[b, at : at + n] = ids[:n]
+                kept = mask[1 : n + 1] if self.mask_input else True
+                targets[b, at : at + n] = np.where(kept, ids[1 : n + 1].astype(np.int64), IGNORE_INDEX)
+                documents[b, at : at + n] = d
+                at += n
+        return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(documents)
+
+    def _all(self, index: int) -> torch.Tensor:
+        return self.batch(range(len(self)))[index]
+
+    inputs = property(lambda self: self._all(0))  # every row at once: for tests and small sets
+    targets = property(lambda self: self._all(1))
+    documents = property(lambda self: self._all(2))
+
+    def target_count(self) -> int:
+        """Targets over every row (without building the rows)."""
+        if not self.mask_input:
+            return int(self.lengths.sum())
+        return sum(int(np.count_nonzero(self.source[i][1][1 : n + 1])) for i, n in zip(self.placed, self.lengths))
 
 
 def pack(conversations: list[tuple[np.ndarray, np.ndarray]], max_tokens: int, mask_input: bool, pad_id: int,
@@ -624,10 +648,10 @@ def pack(conversations: list[tuple[np.ndarray, np.ndarray]], max_tokens: int, ma
     conversation of n tokens gives n - 1 positions: inputs ids[:-1], targets ids[1:], a target kept where
     mask_input is False or where the target token is the assistant's. Longer than max_tokens + 1 tokens:
     cut to that many (truncated), or left out when no target survives (dropped)."""
-    return _rows(conversations, max_tokens, mask_input, pad_id, order, packed=True)
+    return Packed(conversations, max_tokens, mask_input, pad_id, order, packed=True)
 
 
 def padded(conversations: list[tuple[np.ndarray, np.ndarray]], max_tokens: int, mask_input: bool, pad_id: int,
            order: list[int] | None = None) -> Packed:
     """The same conversations one per row, padded to max_tokens: to compare tokens/s with pack's rows."""
-    return _rows(conversations, max_tokens, mask_input, pad_id, order, packed=False)
+    return Packed(conversations, max_tokens, mask_input, pad_id, order, packed=False)

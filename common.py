@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, add_lora, grow_vocabulary, lora_state_dict, trainable_by_kind
 
 CHECKPOINT_VERSION = 1
 
@@ -737,9 +737,20 @@ CHECKPOINT_ENTRIES = {
     "world_size": (int, lambda v: v >= 1, "a positive integer"),
     "dataset": (str, None, "a string"),
     "args": (dict, None, "a dict of flags"),
+    # LoRA checkpoints (instruction-tune.py): the trained weights only, and the base they adapt
+    "adapters": (dict, None, "a dict of adapter weights"),
+    "lora": (dict, lambda v: _is(v.get("rank"), int) and v["rank"] >= 1 and _is(v.get("alpha"), float)
+             and _is(v.get("dropout"), float) and 0 <= v["dropout"] < 1,
+             "a dict of rank (>= 1), alpha and dropout (in [0, 1))"),
+    "base": (dict, lambda v: isinstance(v.get("sha256"), str) and _is(v.get("vocabulary_size"), int),
+             "a dict of the base checkpoint's sha256 and vocabulary_size"),
+    # chat models (LoRA checkpoints and merged ones): the ChatML special tokens after the base vocabulary
+    "special_tokens": (list, lambda v: v and all(isinstance(t, str) for t in v), "a list of token strings"),
 }  # and "version" and "sha256", checked by load_checkpoint before the rest
 MODEL_ENTRIES = ("config", "model", "token_encoding", "eot_id")  # enough to generate
-RESUME_ENTRIES = (*MODEL_ENTRIES, "optimizer", "step", "sampler", "rng", "seed")  # enough to continue training
+TRAINING_ENTRIES = ("optimizer", "step", "sampler", "rng", "seed")
+RESUME_ENTRIES = (*MODEL_ENTRIES, *TRAINING_ENTRIES)  # enough to continue training
+LORA_ENTRIES = ("config", "adapters", "lora", "base", "special_tokens", "token_encoding", "eot_id")  # enough to chat
 
 
 def _shown(value) -> str:
@@ -798,8 +809,36 @@ def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | Non
         for name in weights:
             if name not in expected:
                 return f"unexpected weight {name!r}"
+    if "special_tokens" in state and "base" in state:
+        expected = state["base"]["vocabulary_size"] + len(state["special_tokens"])
+        if config.vocabulary_size != expected:
+            return (f"its vocabulary of {config.vocabulary_size} is not the base's {state['base']['vocabulary_size']} "
+                    f"plus its {len(state['special_tokens'])} special tokens")
+    if "adapters" in state:
+        return _adapters_problem(state, model)
     if "optimizer" in state:
         return _optimizer_problem(state["optimizer"], list(model.parameters()))
+    return None
+
+
+def _adapters_problem(state: dict, model: GPT) -> str | None:
+    """A LoRA checkpoint's adapters and optimizer state against the adapted model's trainable weights."""
+    if "lora" not in state or "base" not in state or "special_tokens" not in state:
+        return "it has adapters but not the 'lora', 'base' and 'special_tokens' entries that describe them"
+    lora = state["lora"]
+    add_lora(model, lora["rank"], lora["alpha"], lora["dropout"],
+             (state["base"]["vocabulary_size"], len(state["special_tokens"])))
+    expected = lora_state_dict(model)
+    for name, like in expected.items():
+        w = state["adapters"].get(name)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.shape != like.shape:
+            found = "missing" if w is None else f"{tuple(w.shape)}" if isinstance(w, torch.Tensor) else _shown(w)
+            return f"adapter weight {name!r} is {found}; rank {lora['rank']} needs {tuple(like.shape)}"
+    for name in state["adapters"]:
+        if name not in expected:
+            return f"unexpected adapter weight {name!r}"
+    if "optimizer" in state:
+        return _optimizer_problem(state["optimizer"], sum(trainable_by_kind(model).values(), []))
     return None
 
 
@@ -854,6 +893,7 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path", requi
     problem = checkpoint_problem(state, required)
     if problem:
         raise UserError(f"{flag}: {path} is not a usable {kind} checkpoint: {problem}")
+    state["sha256"] = digest or state_digest(state)  # its identity: a LoRA checkpoint names its base by it
     return state
 
 
@@ -861,6 +901,27 @@ def model_from_checkpoint(state: dict) -> GPT:
     """The model a checkpoint holds, on the CPU, from a state load_checkpoint has checked."""
     model = GPT(GPTConfig.from_dict(state["config"]))
     model.load_state_dict(state["model"])
+    return model
+
+
+def check_base(lora: dict, lora_path: str, base: dict, base_path: str, base_flag: str) -> None:
+    """A LoRA checkpoint only fits the exact base it was trained on: the same weights, named by the
+    base checkpoint's content hash."""
+    if lora["base"]["sha256"] != base["sha256"]:
+        raise UserError(f"{lora_path} adapts another base model than {base_flag} {base_path} (sha256 "
+                        f"{lora['base']['sha256'][:12]}..., this one {base['sha256'][:12]}...); pass the base "
+                        f"checkpoint it was trained on")
+
+
+def adapted_model(base: dict, lora: dict) -> GPT:
+    """The base checkpoint's model, grown by the LoRA checkpoint's special tokens, with its adapters (not
+    merged; merge_lora folds them in). Both states checked by load_checkpoint, the pair by check_base."""
+    model = grow_vocabulary(model_from_checkpoint(base), len(lora["special_tokens"]))
+    settings = lora["lora"]
+    add_lora(model, settings["rank"], settings["alpha"], settings["dropout"],
+             (base["config"]["vocabulary_size"], len(lora["special_tokens"])))
+    missing = set(model.load_state_dict(lora["adapters"], strict=False).missing_keys)
+    assert not missing & set(lora_state_dict(model)), "load_checkpoint checked the adapters"
     return model
 
 

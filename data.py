@@ -880,6 +880,42 @@ class WindowSampler:
         self.samples_drawn = state["samples_drawn"]
 
 
+class RowSampler:
+    """Batches of whole rows of a row source (chat.Packed: len() rows, batch(rows) -> their tensors), one
+    seeded permutation of the rows per epoch. An epoch is rows_per_epoch rows (the permutation's
+    first ones); every rank draws the same permutation and takes its own slice of each round, so the
+    global batch does not depend on the world size. Its state is the generator at the start of the
+    current epoch and the rows drawn so far."""
+
+    def __init__(self, rows, batch_size: int, rows_per_epoch: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.rows, self.batch_size, self.rows_per_epoch = rows, batch_size, rows_per_epoch
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.samples_drawn = 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self._epoch_start_state = self.generator.get_state()
+        self._order = torch.randperm(len(self.rows), generator=self.generator)
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        B, W = self.batch_size, self.world_size
+        into = self.samples_drawn % self.rows_per_epoch
+        if self.samples_drawn and into == 0:
+            self._start_epoch()
+        mine = self._order[into + self.rank * B : into + (self.rank + 1) * B]  # this rank's slice of the round
+        self.samples_drawn += W * B
+        return self.rows.batch(mine.tolist())
+
+    def state_dict(self) -> dict:
+        return {"generator": self._epoch_start_state, "samples_drawn": self.samples_drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.samples_drawn = state["samples_drawn"]
+        self._start_epoch()  # the current epoch's permutation again; the next one follows from the generator
+
+
 class BatchPrefetcher:
     """Keeps the next batch on its way to the device while the current one is computed. Its state is
     the sampler's state before the held batch, so a resumed run draws that batch again."""

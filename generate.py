@@ -3,10 +3,16 @@
     python generate.py --prompt "The meaning of life is"        # one prompt, then exit
     echo "Once upon a time" | python generate.py                 # one generation per input line
     python generate.py                                           # type prompts at the '> ' prompt
+    python generate.py --lora_path ./checkpoints/lora_instruction.pt   # chat with an instruction-tuned model
 
 Sampling: temperature, then top-k, then top-p (nucleus); --temperature 0 is greedy. The model keeps
 the last --context_length tokens in a preallocated KV cache (a sliding window once it is full). On
 CUDA the fixed-shape decode step, sampling included, is compiled into a CUDA graph.
+
+Chat models (--lora_path, or a checkpoint merged by instruction-tune.py) take each prompt as a user
+turn (after an optional --system message) and answer as the assistant, stopping at <|im_end|>. Lines
+typed or piped in one run are one conversation: each new turn is prefilled after what the KV cache
+already holds (the oldest turns slide out of a full cache, as the ring does), until `/reset`.
 This module also holds what beam_search.py shares: the inference flags, loading, prompts, sampling.
 """
 
@@ -15,18 +21,22 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from chat import SPECIAL_TOKENS, ChatTokenizer, render_prompt
 from common import (
+    LORA_ENTRIES,
     MODEL_ENTRIES,
     ArgumentParser,
     UserError,
+    adapted_model,
     add_system_args,
     bf16_supported,
+    check_base,
     check_memory,
     compile_enabled,
     load_checkpoint,
@@ -38,7 +48,9 @@ from common import (
     unit_interval,
 )
 from data import load_encoding
-from model import GPT
+from model import GPT, merge_lora
+
+RESET = "/reset"  # typed as a prompt: a chat starts a new conversation
 
 
 
@@ -48,7 +60,9 @@ from model import GPT
 def add_inference_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags generate.py and beam_search.py share (each adds its own --device/--compile/--seed)."""
     p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="the model checkpoint")
-    p.add_argument("--lora_path", default=None, help="a LoRA adapter checkpoint (not supported yet)")
+    p.add_argument("--lora_path", default=None, help="a LoRA checkpoint from instruction-tune.py for the base "
+                   "--checkpoint_path: chat with the instruction-tuned model")
+    p.add_argument("--system", default=None, help="a chat model's system message, before the first user turn")
     p.add_argument("--max_tokens", type=positive_int, default=max_tokens, help="most tokens to generate per prompt")
     p.add_argument("--context_length", type=positive_int, default=1024,
                    help="tokens the model sees (its KV cache length)")
@@ -65,18 +79,48 @@ def add_sampling_args(p) -> None:
                    help="then only from the smallest set whose probability reaches p")
 
 
-def load_for_inference(checkpoint_path: str, device: torch.device,
-                       lora_path: str | None = None) -> tuple[GPT, object, int]:
-    """The model (eval mode, bf16 weights where bf16 is native), its tokenizer and end-of-text id."""
-    if lora_path is not None:
-        raise UserError("--lora_path: LoRA adapters are not supported yet (they arrive with instruction tuning)")
+@dataclass
+class Loaded:
+    """What inference needs from the checkpoints."""
+    model: GPT  # eval mode, on the device, bf16 weights where bf16 is native
+    encoding: object  # a tiktoken encoding that decodes every id the model can produce
+    eot: int  # end-of-text
+    chat: ChatTokenizer | None = None  # a chat model's ChatML tokens; None for a plain language model
+
+    @property
+    def stop(self) -> set[int]:
+        """The tokens that end an answer."""
+        return {self.eot} if self.chat is None else {self.eot, self.chat.im_end}
+
+
+def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: str | None = None,
+                       system: str | None = None) -> Loaded:
+    """The model of a checkpoint, or of a base checkpoint and a LoRA checkpoint (merged on load, so it
+    decodes as fast as any model), with its tokenizer."""
     state = load_checkpoint(checkpoint_path, "pretrain", required=MODEL_ENTRIES)  # checked: config, weights, ...
-    model = model_from_checkpoint(state)
+    special = state.get("special_tokens")
+    if lora_path is not None:
+        if special:
+            raise UserError(f"--lora_path: --checkpoint_path {checkpoint_path} is already a merged chat model; "
+                            f"use it alone, or pass the base checkpoint the LoRA was trained on")
+        lora = load_checkpoint(lora_path, "lora", flag="--lora_path", required=LORA_ENTRIES)
+        check_base(lora, lora_path, state, checkpoint_path, "--checkpoint_path")
+        model, special = merge_lora(adapted_model(state, lora)), lora["special_tokens"]
+    else:
+        model = model_from_checkpoint(state)
     encoding = load_encoding(state["token_encoding"])
+    chat = None
+    if special:
+        if tuple(special) != SPECIAL_TOKENS:
+            raise UserError(f"{lora_path or checkpoint_path}: its special tokens {special} are not ChatML's")
+        chat = ChatTokenizer(encoding)
+        encoding = chat.encoding
+    elif system is not None:
+        raise UserError("--system needs a chat model: pass --lora_path, or a checkpoint merged by instruction-tune.py")
     if bf16_supported(device):
         model = model.to(torch.bfloat16)
     model.to(device).eval()
-    return model, encoding, state["eot_id"]
+    return Loaded(model, encoding, state["eot_id"], chat)
 
 
 def prompts(prompt: str | None) -> Iterator[str]:
@@ -114,9 +158,16 @@ def prompts(prompt: str | None) -> Iterator[str]:
         yield text
 
 
-def encode_prompt(encoding, eot: int, text: str) -> list[int]:
-    """A prompt starts a document, as every training document did: end-of-text first."""
-    return [eot] + encoding.encode_ordinary(text)
+def encode_prompt(loaded: Loaded, text: str, system: str | None = None) -> list[int]:
+    """A prompt starts a document, as every training document did: end-of-text first. A chat model's
+    prompt is a user turn (after the system message) and the assistant's header, in ChatML."""
+    if loaded.chat is None:
+        return [loaded.eot] + loaded.encoding.encode_ordinary(text)
+    return render_prompt(loaded.chat, chat_messages(text, system))
+
+
+def chat_messages(text: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
 
 
 def decode_text(encoding, tokens: list[int]) -> str:
@@ -205,15 +256,17 @@ class Sampler:
 PREFILL_CHUNK = 1024  # prompt tokens per forward pass: bounds the attention mask and the logits a prompt needs
 
 
-def prefill(model: GPT, idx: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Run prompts idx (B, P) into the model's KV cache and return the logits after their last token
-    (B, V). Long prompts go in chunks of at most `chunk` tokens (and the cache length), each continuing
-    the sequence in the ring, so no (P x P) mask or (P x vocabulary) logits are ever made."""
+def prefill(model: GPT, idx: torch.Tensor, chunk: int | None = None, position: int = 0) -> torch.Tensor:
+    """Run prompts idx (B, P) into the model's KV cache at positions position .. position + P - 1 and
+    return the logits after their last token (B, V). Position 0 starts a new sequence; a later one
+    continues the sequence the cache holds. Long prompts go in chunks of at most `chunk` tokens (and
+    the cache length), each continuing the sequence in the ring, so no (P x P) mask or
+    (P x vocabulary) logits are ever made."""
     size = min(chunk or PREFILL_CHUNK, model.kv_cache.length)
     P = idx.size(1)
     for start in range(0, P, size):
         end = min(P, start + size)
-        logits = model(idx[:, start:end], input_pos=torch.arange(start, end, device=idx.device))
+        logits = model(idx[:, start:end], input_pos=torch.arange(position + start, position + end, device=idx.device))
     return logits[:, -1]
 
 
@@ -245,11 +298,13 @@ class Decoder:
         self.graphs = {} if use_compile and device.type == "cuda" else None  # span -> (CUDAGraph, output)
         self._pool = None
 
-    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, P) -> logits of the last position (B, V). Starts a new sequence, whatever P is."""
-        logits = prefill(self.model, idx)
-        self.next_position = idx.size(1)
-        self.position.fill_(idx.size(1))
+    def prefill(self, idx: torch.Tensor, extend: bool = False) -> torch.Tensor:
+        """idx (B, P) -> logits of the last position (B, V). Starts a new sequence, whatever P is, or with
+        extend continues the one in the cache (a chat's next turn: only the new tokens are computed)."""
+        start = self.next_position if extend else 0
+        logits = prefill(self.model, idx, position=start)
+        self.next_position = start + idx.size(1)
+        self.position.fill_(self.next_position)
         return logits
 
     def first_token(self, logits: torch.Tensor) -> torch.Tensor:
@@ -300,21 +355,56 @@ class Decoder:
 
 
 @torch.inference_mode()
-def generate(decoder: Decoder, prompt_ids: list[int], eot: int, max_tokens: int, on_token=None) -> list[int]:
-    """Sample up to max_tokens tokens after the prompt, stopping at end-of-text."""
-    token = decoder.first_token(decoder.prefill(torch.tensor([prompt_ids], device=decoder.device)))
+def generate(decoder: Decoder, prompt_ids: list[int], stop: set[int], max_tokens: int, on_token=None,
+             extend: bool = False) -> list[int]:
+    """Sample up to max_tokens tokens after the prompt, stopping at a token of `stop`. The tokens
+    returned are those sampled, the stopping one included; all but the last are in the cache by then.
+    With extend the prompt continues the sequence in the cache instead of starting one."""
+    token = decoder.first_token(decoder.prefill(torch.tensor([prompt_ids], device=decoder.device), extend))
     out = []
     while True:
         t = token.item()  # the one host sync per token: it must be printed and checked
-        if t == eot:
-            break
         out.append(t)
+        if t in stop:
+            return out
         if on_token:
             on_token(t)
         if len(out) == max_tokens:
-            break
+            return out
         token = decoder.step(token)
-    return out
+
+
+class Conversation:
+    """A chat in the decoder's KV cache. Each user turn is prefilled after the tokens already there, in
+    the layout render_conversation gives the whole chat (so the cached chat equals a fresh prefill of
+    it), and the answer is generated until <|im_end|>."""
+
+    def __init__(self, loaded: Loaded, decoder: Decoder, system: str | None):
+        self.loaded, self.decoder, self.system = loaded, decoder, system
+        self.pending: list[int] | None = None  # tokens sampled but not yet in the cache; None: no chat yet
+
+    def reset(self) -> None:
+        self.pending = None
+
+    def turn_tokens(self, text: str) -> list[int]:
+        """What the next prefill takes: the whole prompt for a new chat, else the end of the last answer and
+        this turn (render_prompt's layout: each message <|im_start|>role\n...<|im_end|>\n)."""
+        if self.pending is None:
+            return encode_prompt(self.loaded, text, self.system)
+        chat = self.loaded.chat
+        turn = render_prompt(chat, chat_messages(text, None))[1:]  # without the chat's opening end-of-text
+        return self.pending + chat.encode_text("\n") + turn
+
+    def reply(self, text: str, max_tokens: int, on_token=None) -> list[int]:
+        """The assistant's answer to a user turn (its tokens, <|im_end|> left out)."""
+        extend = self.pending is not None
+        out = generate(self.decoder, self.turn_tokens(text), self.loaded.stop, max_tokens, on_token, extend)
+        last, im_end = out[-1], self.loaded.chat.im_end
+        if last in self.loaded.stop:  # <|im_end|> (or an end-of-text, which ChatML closes the same way)
+            self.pending = [im_end]
+            return out[:-1]
+        self.pending = [last, im_end]  # cut at max_tokens: its last token, then the turn's end
+        return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -332,15 +422,24 @@ def parse_args(argv=None):
 
 def main(args) -> list[list[int]]:
     device = resolve_device(args.device)
-    model, encoding, eot = load_for_inference(args.checkpoint_path, device, args.lora_path)
+    loaded = load_for_inference(args.checkpoint_path, device, args.lora_path, args.system)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    decoder = Decoder(model, args.context_length, 1, sampling, Sampler(device, args.seed),
+    decoder = Decoder(loaded.model, args.context_length, 1, sampling, Sampler(device, args.seed),
                       compile_enabled(args.compile, device))
+    conversation = Conversation(loaded, decoder, args.system) if loaded.chat else None
     outputs = []
     for text in prompts(args.prompt):
-        printer = TokenPrinter(encoding)
+        if conversation and text.strip() == RESET:
+            conversation.reset()
+            print("(a new conversation)", flush=True)
+            continue
+        printer = TokenPrinter(loaded.encoding)
         try:
-            outputs.append(generate(decoder, encode_prompt(encoding, eot, text), eot, args.max_tokens, printer.write))
+            if conversation:
+                outputs.append(conversation.reply(text, args.max_tokens, printer.write))
+            else:
+                out = generate(decoder, encode_prompt(loaded, text), loaded.stop, args.max_tokens, printer.write)
+                outputs.append(out[:-1] if out[-1] in loaded.stop else out)
         finally:  # Ctrl-C mid-answer still ends the line, so "interrupted" starts a line of its own
             printer.close()
     return outputs

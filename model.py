@@ -18,12 +18,19 @@ Design, bottom-up in this file:
   Until the ring is full a decode step attends only over its filled prefix, rounded up to one of a
   few power-of-two spans so that a compiled decoder needs only a few shapes.
 - Accounting: parameters, training FLOPs per token, MFU, KV-cache bytes per token.
+- Packed sequences (instruction tuning): several conversations share a row, each attending only to
+  itself through a block-diagonal causal mask built from per-position document ids. With NoPE this
+  is exactly running them one by one: no position offsets to correct.
+- Adapters (LoRA): a frozen base layer plus a trainable low-rank update (alpha / rank) B A x, B at zero
+  so an adapted model starts out computing what its base does; the embedding grows by the chat special
+  tokens, whose rows alone train, and stays tied to the output layer. merge_lora folds both back into
+  a plain GPT.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +105,15 @@ def sliding_window_mask(T: int, window: int, device) -> torch.Tensor:
     """(T, T) boolean mask: query i sees keys i - window < j <= i."""
     i = torch.arange(T, device=device)
     return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask for packed rows: query i sees key j <= i of its own document only.
+    documents (B, T) holds each position's document id; a document's positions are contiguous."""
+    T = documents.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    same = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    return (same & causal).unsqueeze(1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -279,10 +295,11 @@ class GPT(nn.Module):
             self.kv_cache.output_weight = weight.detach().t().contiguous().t()  # the same values, column-major
         return self.kv_cache
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
-                window: int | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, documents: torch.Tensor | None = None,
+                *, input_pos: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
         """idx (B, T) token ids. With targets (B, T): the mean cross-entropy over the targets that are
         not IGNORE_INDEX. Without: logits (B, T, vocabulary_size), padded ids cut off.
+        documents (B, T): packed rows, each position attending only to its own document (document_mask).
 
         input_pos (T,) absolute positions switch on the KV cache (setup_cache first): T > 1 is a prefill
         that starts a new sequence, T = 1 decodes one token (position 0 starts a new sequence too).
@@ -297,6 +314,10 @@ class GPT(nn.Module):
             if window is not None and window != cache.length:
                 raise ValueError(f"a KV cache fixes the window at the cache length ({cache.length}), not {window}")
             mask = cache.begin(input_pos)
+        elif documents is not None:
+            if window is not None:
+                raise ValueError("documents and window cannot be combined")
+            mask = document_mask(documents)
         elif window is not None and T > window:
             mask = sliding_window_mask(T, window, idx.device)
 
@@ -455,3 +476,133 @@ class KVCache(nn.Module):
         for kv in self.layers:
             kv.k.copy_(kv.k.index_select(0, rows))
             kv.v.copy_(kv.v.index_select(0, rows))
+
+
+# ----------------------------------------------------------------------------- adapters (LoRA)
+
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")  # every projection of every block
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: y = W x + (alpha / rank) B A dropout(x).
+    A (rank, in) starts random as nn.Linear's weights do, B (out, rank) at zero: at first the layer
+    computes exactly what W does, and the update grows from there."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's own initialisation
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)  # (..., rank) -> (..., out)
+        return self.base(x) + update * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The plain linear layer W + (alpha / rank) B A."""
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=False, device=self.lora_a.device)
+        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
+        linear.weight.copy_((self.base.weight.float() + delta).to(linear.weight.dtype))
+        return linear
+
+
+class GrownEmbedding(nn.Module):
+    """A frozen token table with a few trainable rows (ids start .. start + n - 1): the chat special
+    tokens a base model never saw. Embedding lookups and the tied output layer both read `weight`, the
+    frozen rows with the trainable ones in place."""
+
+    def __init__(self, table: torch.Tensor, start: int, n: int):
+        super().__init__()
+        self.start = start
+        self.base = nn.Parameter(table.detach().clone(), requires_grad=False)  # (padded_vocab, C)
+        self.new = nn.Parameter(table[start : start + n].detach().clone())  # (n, C)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        end = self.start + self.new.size(0)
+        return torch.cat([self.base[: self.start], self.new, self.base[end:]])  # (padded_vocab, C)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+
+@torch.no_grad()
+def grow_vocabulary(model: GPT, new_tokens: int) -> GPT:
+    """A copy of `model` whose vocabulary has `new_tokens` more ids after its own. Their rows start at
+    the mean of the existing rows (an average token, not a random one the model would over-predict);
+    everything else is unchanged, so the old ids' logits are exactly the old model's."""
+    c = model.config
+    grown = GPT(replace(c, vocabulary_size=c.vocabulary_size + new_tokens)).to(model.token_embeddings.weight.device)
+    state = model.state_dict()
+    old = state["token_embeddings.weight"]
+    table = old.new_zeros(grown.token_embeddings.weight.shape)  # padded rows zero, as they never matter
+    table[: c.vocabulary_size] = old[: c.vocabulary_size]
+    table[c.vocabulary_size : c.vocabulary_size + new_tokens] = old[: c.vocabulary_size].float().mean(0).to(old.dtype)
+    state["token_embeddings.weight"] = table
+    grown.load_state_dict(state)
+    return grown.to(old.dtype)
+
+
+def add_lora(model: GPT, rank: int, alpha: float, dropout: float, trainable_rows: tuple[int, int] | None = None) -> GPT:
+    """Freeze `model` and wrap every projection (LORA_TARGETS) with a LoRALinear, in place. With
+    trainable_rows (start, n), those embedding rows train too (GrownEmbedding). The frozen network
+    runs as it does at inference, without its own dropout: the adapters learn to correct the model
+    that will answer, and `dropout` on their inputs is the regularisation."""
+    model.requires_grad_(False)
+    model.config = replace(model.config, dropout=0.0)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(module, CausalSelfAttention):
+            module.dropout = 0.0
+    for block in model.blocks:
+        for target in LORA_TARGETS:
+            parent_name, name = target.split(".")
+            parent = getattr(block, parent_name)
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    if trainable_rows is not None:
+        model.token_embeddings = GrownEmbedding(model.token_embeddings.weight, *trainable_rows)
+    return model
+
+
+def trainable_by_kind(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """LoRA's trainable weights in model order, by kind (the optimizer's groups, in this order)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return {"lora_a": [p for n, p in named if n.endswith(".lora_a")],
+            "lora_b": [p for n, p in named if n.endswith(".lora_b")],
+            "new_rows": [p for n, p in named if n == "token_embeddings.new"]}
+
+
+def lora_state_dict(model: GPT) -> dict:
+    """Only what LoRA training changed: the adapters and the trainable embedding rows."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b", "token_embeddings.new"))}
+
+
+@torch.no_grad()
+def merge_lora(model: GPT) -> GPT:
+    """Fold the adapters and trainable rows into plain weights, in place: a GPT like any other, which
+    computes what the adapted model does (at inference, where dropout is off)."""
+    for block in model.blocks:
+        for target in LORA_TARGETS:
+            parent_name, name = target.split(".")
+            parent = getattr(block, parent_name)
+            layer = getattr(parent, name)
+            if isinstance(layer, LoRALinear):
+                setattr(parent, name, layer.merged())
+    if isinstance(model.token_embeddings, GrownEmbedding):
+        table = model.token_embeddings.weight.detach()
+        model.token_embeddings = nn.Embedding(*table.shape, device=table.device, dtype=table.dtype)
+        model.token_embeddings.weight.copy_(table)
+    return model.requires_grad_(True)
+
+
+def lora_parameters(config: GPTConfig, rank: int) -> int:
+    """Trainable adapter weights of a LoRA of this rank on every LORA_TARGETS projection."""
+    C, H = config.embedding_dimensions, config.feed_forward_ratio * config.embedding_dimensions
+    per_block = rank * ((C + 3 * C) + (C + C) + (C + H) + (H + C))  # rank x (in + out) for qkv, proj, up, down
+    return config.num_hidden_layers * per_block

@@ -79,11 +79,12 @@ class Parallel:
             fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
             self.wrapped = model  # blocks compiled above, before sharding
 
-    def optimizer(self, **kwargs) -> Adafactor:
+    def optimizer(self, params=None, **kwargs) -> Adafactor:
         """Adafactor (adafactor.py): torch.optim.Adafactor's updates, sharded or not, with no host syncs,
-        its arithmetic compiled when the model is. It steps only the trainable parameters (all of them
-        in pretraining; the adapters in LoRA tuning)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        its arithmetic compiled when the model is. It steps `params` (parameters or groups, taken from
+        self.model after wrapping), by default every trainable parameter."""
+        if params is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
         return Adafactor(params, compile=self.use_compile, **kwargs)
 
     def gradient_sync(self, enabled: bool):

@@ -140,14 +140,14 @@ def claim_outputs(ctx: Distributed, checkpoint_path: str, run_dir: str):
         lock.release()
 
 
-def read_checkpoint(path: str, kind: str, resume: bool) -> dict | None:
+def read_checkpoint(path: str, kind: str, resume: bool, required: tuple[str, ...] = RESUME_ENTRIES) -> dict | None:
     """The checkpoint a resumed run continues, or None for a fresh run. A fresh run never overwrites
     one by accident: an existing checkpoint is continued with --resume or moved aside by the user."""
     if not resume:
         if os.path.exists(path):
             raise UserError(f"{path} exists; pass --resume to continue it, or choose another --checkpoint_path")
         return None
-    return load_checkpoint(path, kind, required=RESUME_ENTRIES)
+    return load_checkpoint(path, kind, required=required)
 
 
 def run_seed(ctx: Distributed, checkpoint: dict | None, seed: int | None) -> int:

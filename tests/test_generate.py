@@ -238,7 +238,7 @@ def test_beam_search_finds_the_exhaustive_optimum():
 def test_beam_width_one_is_greedy():
     model = random_model()
     prompt = [1, 2, 3]
-    found = search(model, prompt, eot=299, beam_width=1, num_candidates=1, max_tokens=25, context_length=8)[0]
+    found = search(model, prompt, end=299, beam_width=1, num_candidates=1, max_tokens=25, context_length=8)[0]
     assert found.tokens == greedy_by_recomputation(model, prompt, 25, window=8)
 
 
@@ -342,7 +342,9 @@ def test_inference_errors_are_one_line(module, checkpoint, capsys, tmp_path):
     torch.save({"kind": "lora", "version": 1}, tmp_path / "lora.pt")
     fails_with(capsys, module, base + ["--checkpoint_path", str(tmp_path / "lora.pt")], "'lora' checkpoint")
     ok = base + ["--checkpoint_path", checkpoint]
-    fails_with(capsys, module, ok + ["--lora_path", "x.pt"], "--lora_path", "not supported yet")
+    fails_with(capsys, module, ok + ["--lora_path", "x.pt"], "--lora_path: no checkpoint at x.pt")
+    fails_with(capsys, module, ok + ["--lora_path", checkpoint], "--lora_path", "a 'pretrain' checkpoint, expected a 'lora'")
+    fails_with(capsys, module, ok + ["--system", "Be brief."], "--system needs a chat model")
     fails_with(capsys, module, ok + ["--max_tokens", "0"], "--max_tokens", "positive integer")
     fails_with(capsys, module, ok + ["--context_length", "-4"], "--context_length")
     fails_with(capsys, module, ok + ["--context_length", str(10**12)], f"--context_length {10**12}", "GiB", "lower it")

@@ -1,0 +1,400 @@
+"""Instruction-tune a pretrained LightGPT with LoRA on conversations in the ChatML format.
+
+    python instruction-tune.py --base_model_path ./checkpoints/checkpoint.pt     # SmolTalk, every subset
+    python instruction-tune.py --dataset_subset smol-magpie-ultra,smol-rewrite      # a mix of subsets
+    python instruction-tune.py --dataset chats.jsonl                             # a local 'messages' file
+    python instruction-tune.py --dataset builtin --device cpu ...                # offline, no download
+    python instruction-tune.py --resume --merge_path ./checkpoints/chat.pt       # fold the adapters in
+
+The base checkpoint is loaded and frozen. Its vocabulary grows by the ChatML special tokens
+<|im_start|>, <|im_end|> and <|pad|> (new rows from the mean of the old ones, still tied to the
+output layer), and every attention and MLP projection gets a LoRA adapter; only the adapters and the
+new rows train. Conversations are rendered as `<|im_start|>{role}\\n{content}<|im_end|>\\n` and packed
+into rows of at most --max_tokens_per_sample tokens, each conversation attending only to itself;
+with --mask_input only the assistant's tokens are targets. An epoch is one pass over the training
+conversations. The loop is pretraining's (training.train): Adafactor, accumulation, clipping, bf16,
+compile, TensorBoard, exact --resume, SIGINT/SIGTERM save, torchrun DDP/FSDP.
+
+The checkpoint holds only what trained (adapters, new rows, LoRA settings, the special tokens) and the
+base checkpoint's content hash, so it is small and refuses another base. Chat with it through
+generate.py / beam_search.py --lora_path, or write a merged checkpoint with --merge_path that every
+script loads like a pretrained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from adafactor import Adafactor
+from chat import SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data
+from common import (
+    LORA_ENTRIES,
+    MODEL_ENTRIES,
+    TRAINING_ENTRIES,
+    ArgumentParser,
+    Distributed,
+    StopFlag,
+    UserError,
+    add_system_args,
+    adapted_model,
+    agree,
+    check_base,
+    check_memory,
+    compile_enabled,
+    float_in,
+    load_checkpoint,
+    lost_rank_is_one_line,
+    model_from_checkpoint,
+    non_negative_int,
+    non_positive_float,
+    positive_float,
+    positive_int,
+    precision_name,
+    print0,
+    probability,
+    run_main,
+    save_checkpoint,
+    setup_distributed,
+    teardown_distributed,
+)
+from data import BatchPrefetcher, RowSampler, load_encoding, to_device
+from model import LORA_TARGETS, GPT, add_lora, grow_vocabulary, lora_state_dict, merge_lora, trainable_by_kind
+from parallel import Parallel
+from training import (
+    Hooks,
+    Plan,
+    allow_tf32,
+    batch_layout,
+    claim_outputs,
+    epoch_position,
+    learning_rate_at,
+    read_checkpoint,
+    rng_states,
+    run_seed,
+    start_rng_streams,
+    train,
+)
+
+CHECKPOINT_KIND = "lora"
+SMOLTALK = "HuggingFaceTB/smoltalk"
+# Adafactor scales each step by the parameter's own RMS, floored at 1e-3. B starts at zero, so at that
+# floor it would move by lr / 1000 per step and the adapters would sleep for thousands of steps; its
+# floor is 1 instead: absolute steps of lr, as Adam takes, until B has grown. The new embedding rows
+# start as copies of the mean row, much smaller than a real one (and all equal): their floor is the
+# RMS of the base's rows, so they move as fast as a trained row would.
+LORA_B_SCALE_FLOOR = 1.0
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Instruction-tune LightGPT with LoRA.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=SMOLTALK, help="HF hub dataset with a 'messages' column, a local "
+                   ".jsonl/.json/.parquet file, folder or glob with one, or 'builtin' (no download)")
+    g.add_argument("--dataset_subset", default=None, help="subset(s) of a hub dataset, comma-separated to mix "
+                   "(default: all for SmolTalk, the dataset's own otherwise)")
+    g.add_argument("--dataset_path", default="./datasets", help="folder for the tokenized conversations")
+    g.add_argument("--num_dataset_processes", type=positive_int, default=8,
+                   help="workers for loading and tokenizing the conversations")
+    g.add_argument("--max_tokens_per_sample", type=positive_int, default=1024,
+                   help="tokens per training row; conversations are packed into rows, longer ones truncated")
+    g.add_argument("--mask_input", action="store_true",
+                   help="train only on the assistant's tokens (default: on every token of the conversation)")
+    g = p.add_argument_group("training")
+    g.add_argument("--base_model_path", default="./checkpoints/checkpoint.pt", help="the pretrained checkpoint")
+    g.add_argument("--batch_size", type=positive_int, default=1, help="rows per forward pass")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=64,
+                   help="forward passes per optimizer step")
+    g.add_argument("--num_epochs", type=positive_int, default=4, help="passes over the training conversations")
+    g.add_argument("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate of Adafactor")
+    g.add_argument("--warmup_steps", type=non_negative_int, default=10,
+                   help="optimizer steps of linear learning-rate warmup")
+    g.add_argument("--lr_schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="learning-rate decay after warmup")
+    g.add_argument("--min_lr_ratio", type=probability, default=0.1,
+                   help="final learning rate as a fraction of the peak (cosine/linear)")
+    g.add_argument("--rms_decay", type=non_positive_float, default=-0.8,
+                   help="Adafactor's decay exponent of the second-moment (RMS) average; at most 0")
+    g.add_argument("--optimizer_low_memory", action="store_true",
+                   help="single-tensor Adafactor updates: less memory, a little slower")
+    g.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
+                   help="clip the global gradient norm to this value")
+    g.add_argument("--eval_interval", type=positive_int, default=1, help="evaluate test perplexity every this many epochs")
+    g.add_argument("--eval_samples", type=positive_int, default=256, help="test rows per evaluation (at most)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=positive_int, default=8, help="rank of the LoRA matrices")
+    g.add_argument("--alpha", type=float_in(1e-6, 1e6), default=1.0, help="strength of the LoRA update: it is "
+                   "scaled by alpha / rank")
+    g.add_argument("--dropout", type=probability, default=0.05, help="dropout on the adapters' inputs")
+    g.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute block activations in backward to save memory")
+    g = p.add_argument_group("system")
+    g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
+                   help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
+    g.add_argument("--collective_timeout", type=positive_float, default=10.0,
+                   help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
+    g.add_argument("--checkpoint_interval", type=positive_int, default=1, help="save a checkpoint every this many epochs")
+    g.add_argument("--checkpoint_path", default="./checkpoints/lora_instruction.pt", help="the LoRA checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
+    g.add_argument("--merge_path", default=None, help="after training (or, with --resume, from a finished run), "
+                   "also write base + adapters + new tokens as one checkpoint that every script loads")
+    g.add_argument("--run_dir_path", default="./runs/instruction-tune", help="TensorBoard run folder")
+    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args) -> list[tuple[int, float]]:
+    with StopFlag() as stop:  # as in pretrain.py: set-up abandoned at once, training stopped after a step
+        ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
+        try:
+            check_merge_path(args)
+            with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):
+                run, base = set_up(args, ctx, device)
+                with lost_rank_is_one_line(ctx):
+                    history = train(*run, ctx, device, stop) if run else []
+                    if ctx.enabled:
+                        dist.barrier(group=ctx.control_group)
+                if args.merge_path:
+                    agree(ctx, partial(write_merged, args, base), who="rank0")
+            return history
+        finally:
+            teardown_distributed()
+
+
+def check_merge_path(args) -> None:
+    if args.merge_path is None:
+        return
+    if os.path.abspath(args.merge_path) in (os.path.abspath(args.checkpoint_path), os.path.abspath(args.base_model_path)):
+        raise UserError(f"--merge_path {args.merge_path} would overwrite --checkpoint_path or --base_model_path; "
+                        f"name a new file")
+    if os.path.isdir(args.merge_path):
+        raise UserError(f"--merge_path: {args.merge_path} is a directory; name the checkpoint file")
+
+
+def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, dict]:
+    """(what training.train() needs, or None for a finished run; the base checkpoint). Every rank runs it
+    in the same order; a user error on any rank stops all of them."""
+    base = agree(ctx, partial(load_checkpoint, args.base_model_path, "pretrain", "--base_model_path", MODEL_ENTRIES),
+                 who="rank0")
+    if "special_tokens" in base:
+        raise UserError(f"--base_model_path {args.base_model_path} is already a chat model (merged); tune its "
+                        f"LoRA checkpoint further with --resume, or start from the pretrained base")
+    checkpoint = agree(ctx, partial(resume_state, args, base), who="rank0")
+    seed = run_seed(ctx, checkpoint, args.seed)
+    torch.manual_seed(seed)  # the seed decides the adapters' initial weights, the same on every rank
+    tokenizer = ChatTokenizer(load_encoding(base["token_encoding"]))
+    if tokenizer.base_vocabulary_size != base["config"]["vocabulary_size"]:
+        raise UserError(f"--base_model_path: its vocabulary ({base['config']['vocabulary_size']:,}) is not its "
+                        f"tokenizer's {base['token_encoding']} ({tokenizer.base_vocabulary_size:,})")
+    rows, test = packed_data(args, ctx, tokenizer, base["token_encoding"])
+    layout = (args.batch_size, args.gradient_accumulation_steps, len(rows), ctx.world_size)
+    accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(*layout))
+    if checkpoint and checkpoint["step"] >= steps_per_epoch * args.num_epochs:
+        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,}; --num_epochs "
+               f"{args.num_epochs} ends at step {steps_per_epoch * args.num_epochs:,}: nothing to train")
+        return None, base
+    rows_per_epoch = steps_per_epoch * args.batch_size * accumulation * ctx.world_size
+    sampler = RowSampler(rows, args.batch_size, rows_per_epoch, seed, ctx.rank, ctx.world_size)
+    eval_rows = eval_share(args, ctx, test)
+    parallel, optimizer = build_model(args, base, checkpoint, ctx, device)
+    step = 0
+    start_rng_streams(ctx, seed, checkpoint, checkpoint["step"] if checkpoint else 0)
+    if checkpoint:
+        step = checkpoint["step"]
+        sampler.load_state_dict(checkpoint["sampler"])
+        print0(f"resumed {args.checkpoint_path} at step {step:,} ({epoch_position(step, steps_per_epoch)})")
+    del checkpoint
+    batches = BatchPrefetcher(sampler, device)
+    print_summary(args, parallel, rows, ctx, device, accumulation, steps_per_epoch)
+
+    total_steps = steps_per_epoch * args.num_epochs
+    plan = Plan(start_step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch, num_epochs=args.num_epochs,
+                accumulation=accumulation, max_gradient_norm=args.max_gradient_norm, eval_interval=args.eval_interval,
+                checkpoint_interval=args.checkpoint_interval, checkpoint_path=args.checkpoint_path,
+                run_dir=args.run_dir_path, description="instruction tuning")
+    hooks = Hooks(
+        next_batch=batches.next,
+        learning_rate=lambda step: learning_rate_at(step, total_steps, args.learning_rate, args.warmup_steps,
+                                                    args.lr_schedule, args.min_lr_ratio),
+        eval_batches=partial(eval_batches, eval_rows, args.batch_size, device),
+        state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, base, tokenizer, ctx),
+    )
+    return (plan, hooks, parallel, optimizer), base
+
+
+# ----------------------------------------------------------------------------- set-up steps
+
+
+def resume_state(args, base: dict) -> dict | None:
+    """The LoRA checkpoint to continue (with --resume), which must adapt this very base."""
+    state = read_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, args.resume, required=(*LORA_ENTRIES,
+                                                                                         *TRAINING_ENTRIES))
+    if state:
+        check_base(state, args.checkpoint_path, base, args.base_model_path, "--base_model_path")
+        saved = state["lora"]
+        changed = [f"--{k}" for k in ("rank", "alpha", "dropout") if getattr(args, k) != saved[k]]
+        if changed:
+            print0(f"note: resuming with the checkpoint's LoRA settings; ignoring {', '.join(changed)}")
+    return state
+
+
+def packed_data(args, ctx: Distributed, tokenizer: ChatTokenizer, encoding_spec: str):
+    """The conversations tokenized (once per node, cached on disk) and packed into rows: (train, test)."""
+    subset = args.dataset_subset or ("all" if args.dataset == SMOLTALK else None)
+    prepare = partial(prepare_chat_data, args.dataset, subset, encoding_spec, args.dataset_path,
+                      args.num_dataset_processes)
+    data = agree(ctx, prepare, who="local0")
+    data = agree(ctx, lambda: data if ctx.local_rank == 0 else prepare())
+    T = args.max_tokens_per_sample
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0)).tolist()  # mixes sources
+    train_rows = pack(data.train, T, args.mask_input, tokenizer.pad, order)
+    test_rows = pack(data.test, T, args.mask_input, tokenizer.pad)
+    for name, rows in (("training", train_rows), ("test", test_rows)):
+        if rows.truncated or rows.dropped:
+            print0(f"note: {rows.truncated:,} {name} conversations longer than --max_tokens_per_sample {T} were cut "
+                   f"short, {rows.dropped:,} of them dropped (nothing of the assistant's was left)")
+        if not len(rows):
+            raise UserError(f"--dataset {args.dataset}: no {name} conversation is left to train on")
+    return train_rows, test_rows
+
+
+def eval_share(args, ctx: Distributed, test) -> tuple[torch.Tensor, ...]:
+    """This rank's share of up to --eval_samples test rows (spread over the split, the same every time)."""
+    n = min(args.eval_samples, len(test))
+    chosen = torch.linspace(0, len(test) - 1, n).round().long().unique()
+    chosen = chosen[: len(chosen) // ctx.world_size * ctx.world_size]
+    if not len(chosen):
+        raise UserError(f"the test split has fewer rows ({len(test)}) than the {ctx.world_size} processes")
+    return test.batch(chosen[ctx.rank :: ctx.world_size].tolist())
+
+
+def lora_model(args, base: dict, checkpoint: dict | None) -> GPT:
+    """The base model grown by the special tokens and wrapped with adapters: the checkpoint's, or fresh ones."""
+    if checkpoint:
+        return adapted_model(base, checkpoint)
+    model = grow_vocabulary(model_from_checkpoint(base), len(SPECIAL_TOKENS))
+    return add_lora(model, args.rank, args.alpha, args.dropout,
+                    (base["config"]["vocabulary_size"], len(SPECIAL_TOKENS)))
+
+
+def build_model(args, base: dict, checkpoint: dict | None, ctx: Distributed,
+                device: torch.device) -> tuple[Parallel, Adafactor]:
+    model = lora_model(args, base, checkpoint)
+    check_fits(args, model, ctx, device)
+    table = model.token_embeddings.base[: base["config"]["vocabulary_size"]]
+    row_scale = table.float().square().mean().sqrt().item()  # before sharding: the whole table
+    model.to(device).set_activation_checkpointing(args.activation_checkpointing)
+    allow_tf32(device)
+    parallel = Parallel(model, ctx, device, args.ddp_sharding_level, compile_enabled(args.compile, device))
+    optimizer = parallel.optimizer(lr=args.learning_rate, beta2_decay=args.rms_decay,
+                                   foreach=not args.optimizer_low_memory,
+                                   params=param_groups(parallel.model, row_scale))
+    if checkpoint:
+        parallel.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
+    return parallel, optimizer
+
+
+def param_groups(model: GPT, row_scale: float) -> list[dict]:
+    """The trainable weights: the A matrices, the B matrices and the new embedding rows, each group with
+    the floor of Adafactor's relative step size it needs (see LORA_B_SCALE_FLOOR)."""
+    kinds = trainable_by_kind(model)
+    return [{"params": kinds["lora_a"]}, {"params": kinds["lora_b"], "eps": (None, LORA_B_SCALE_FLOOR)},
+            {"params": kinds["new_rows"], "eps": (None, row_scale)}]
+
+
+def check_fits(args, model: GPT, ctx: Distributed, device: torch.device) -> None:
+    """Refuse in one line a model the device cannot hold: the whole fp32 weights (FSDP shards them only
+    after they are built), and gradients and optimizer state (at most two more copies) of the trainable
+    ones. Activations are not counted."""
+    shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    c = model.config
+    check_memory(weights + 2 * trainable // shards, device,
+                 f"LoRA tuning --base_model_path {args.base_model_path} ({c.num_hidden_layers} layers, width "
+                 f"{c.embedding_dimensions}: its weights, and gradients and optimizer state of the adapters)")
+
+
+def print_summary(args, parallel: Parallel, rows, ctx: Distributed, device: torch.device, accumulation: int,
+                  steps_per_epoch: int) -> None:
+    model, c = parallel.model, parallel.model.config
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    compiled = ", compiled" if compile_enabled(args.compile, device) else ""
+    world = f"; {ctx.world_size} processes, {parallel.kind}" if ctx.enabled else ""
+    print0(f"model: {c.num_hidden_layers} layers, width {c.embedding_dimensions}, vocabulary {c.vocabulary_size:,}; "
+           f"LoRA rank {model.blocks[0].attn.qkv.rank} on {', '.join(LORA_TARGETS)}: {trainable:,} trainable "
+           f"parameters; {device.type} {precision_name(device)}{compiled}{world}")
+    targets = rows.target_count()
+    print0(f"data: {rows.conversations:,} training conversations packed into {len(rows):,} rows of "
+           f"{args.max_tokens_per_sample} tokens ({targets:,} targets{', assistant only' if args.mask_input else ''})")
+    print0(f"training: {args.num_epochs} epochs x {steps_per_epoch} steps x "
+           f"{args.batch_size * accumulation * ctx.world_size} rows")
+
+
+# ----------------------------------------------------------------------------- hooks for the loop
+
+
+def eval_batches(rows: tuple[torch.Tensor, ...], batch_size: int, device: torch.device):
+    for i in range(0, len(rows[0]), batch_size):
+        yield to_device(tuple(t[i : i + batch_size] for t in rows), device)
+
+
+def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: BatchPrefetcher, seed: int,
+                     base: dict, tokenizer: ChatTokenizer, ctx: Distributed, step: int) -> dict:
+    """What an exact resume and chatting need, and nothing of the frozen base but its identity."""
+    model = parallel.model
+    weights = parallel.model_state_dict()  # a collective under FSDP; only the trained entries are kept
+    adapters = {k: weights[k] for k in lora_state_dict(model)} if weights else {}
+    first = model.blocks[0].attn.qkv
+    return {
+        "kind": CHECKPOINT_KIND,
+        "config": model.config.to_dict(),  # the grown vocabulary
+        "adapters": adapters,
+        "lora": {"rank": first.rank, "alpha": first.alpha, "dropout": first.dropout.p, "targets": list(LORA_TARGETS)},
+        "special_tokens": list(SPECIAL_TOKENS),
+        "base": {"sha256": base["sha256"], "vocabulary_size": base["config"]["vocabulary_size"],
+                 "path": os.path.abspath(args.base_model_path)},
+        "token_encoding": base["token_encoding"],
+        "eot_id": base["eot_id"],
+        "optimizer": parallel.optimizer_state_dict(optimizer),
+        "step": step,
+        "sampler": batches.state_dict(),
+        "rng": rng_states(ctx),
+        "seed": seed,
+        "world_size": ctx.world_size,
+        "dataset": args.dataset,
+        "args": vars(args),
+    }
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def write_merged(args, base: dict) -> None:
+    """Base + adapters + new tokens as one ordinary checkpoint (rank 0), from the saved LoRA checkpoint."""
+    lora = load_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, required=LORA_ENTRIES)
+    check_base(lora, args.checkpoint_path, base, args.base_model_path, "--base_model_path")
+    model = merge_lora(adapted_model(base, lora))
+    save_checkpoint({
+        "kind": "pretrain",
+        "config": model.config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "token_encoding": lora["token_encoding"],
+        "eot_id": lora["eot_id"],
+        "special_tokens": lora["special_tokens"],
+        "args": vars(args),
+    }, args.merge_path, flag="--merge_path")
+    print0(f"saved the merged model to {args.merge_path}")
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)

@@ -1,0 +1,225 @@
+"""instruction-tune.py end to end on tiny models, and chatting through generate.py / beam_search.py."""
+
+import importlib
+import io
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import beam_search
+import generate
+import pretrain
+from chat import ChatTokenizer, render_prompt
+from common import load_checkpoint, save_checkpoint
+from conftest import fails_with_one_line, tiny_pretrain_args
+from data import load_encoding
+from generate import Conversation, Decoder, Sampler, Sampling, load_for_inference
+
+tune = importlib.import_module("instruction-tune")
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "forest", "candle", "silver"]
+
+
+def write_chats(path, n=80, system_every=4):
+    """Conversations a tiny model learns in seconds: the answer depends only on whether a system
+    message came first, a second turn gets an answer of its own, and no letter repeats among the
+    answers (each next character follows from the last one)."""
+    with open(path, "w") as f:
+        for i in range(n):
+            word = WORDS[i % len(WORDS)]
+            system = i % system_every == 0
+            messages = [{"role": "system", "content": "Be brief."}] if system else []
+            messages += [{"role": "user", "content": f"Say {word}."},
+                         {"role": "assistant", "content": "ok." if system else "yes."}]
+            if i % 3 == 0:
+                messages += [{"role": "user", "content": "Again."}, {"role": "assistant", "content": "hi!"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(builtin_data, tmp_path_factory):
+    """A tiny pretrained model. Trained for seconds, its logits are nearly flat (small weights), and a
+    frozen output layer could not become confident whatever the adapters do; a real base has the range.
+    Its final norm's gain is raised to give it that range, as training longer would."""
+    run = tmp_path_factory.mktemp("base")
+    pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(run), "--num_epochs", "2")))
+    state = load_checkpoint(str(run / "checkpoint.pt"), "pretrain")
+    state.pop("sha256")
+    state["model"]["output_norm.weight"] *= 8
+    save_checkpoint(state, str(run / "base.pt"))
+    return str(run / "base.pt")
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    return write_chats(tmp_path_factory.mktemp("chats") / "chats.jsonl")
+
+
+def tune_args(base, chats, out, *extra):
+    return ["--base_model_path", base, "--dataset", chats, "--dataset_path", str(out / "datasets"),
+            "--device", "cpu", "--max_tokens_per_sample", "128", "--batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--num_epochs", "6", "--learning_rate", "5e-2",
+            "--warmup_steps", "2", "--rank", "4", "--alpha", "8", "--eval_samples", "8", "--mask_input",
+            "--checkpoint_path", str(out / "lora.pt"), "--run_dir_path", str(out / "runs"), "--seed", "3",
+            "--num_dataset_processes", "1", *extra]
+
+
+def run_tune(*argv):
+    return tune.main(tune.parse_args(list(argv)))
+
+
+@pytest.fixture(scope="module")
+def tuned(base, chats, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tuned")
+    history = run_tune(*tune_args(base, chats, out, "--merge_path", str(out / "merged.pt")))
+    return out, history
+
+
+def test_tuning_lowers_test_loss_and_saves_only_what_trained(base, tuned):
+    out, history = tuned
+    assert history[0][0] == 0 and history[-1][1] < 0.7 * history[0][1], history
+    lora = load_checkpoint(str(out / "lora.pt"), "lora")
+    assert set(lora["adapters"]) == {"token_embeddings.new"} | {
+        f"blocks.{i}.{t}.lora_{ab}" for i in range(2) for t in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
+        for ab in "ab"}
+    assert lora["lora"]["rank"] == 4 and lora["lora"]["alpha"] == 8.0
+    assert lora["special_tokens"] == ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+    assert lora["base"]["sha256"] == load_checkpoint(base, "pretrain")["sha256"]
+    assert lora["config"]["vocabulary_size"] == 257 + 3
+    assert os.path.getsize(out / "lora.pt") < os.path.getsize(base) / 2  # adapters only, not the base's weights
+
+
+def test_merged_checkpoint_answers_as_base_plus_adapters(base, tuned, capsys):
+    out, _ = tuned
+    flags = ["--device", "cpu", "--prompt", "Say river.", "--temperature", "0", "--max_tokens", "12"]
+    with_lora = generate.main(generate.parse_args(["--checkpoint_path", base, "--lora_path", str(out / "lora.pt"),
+                                                   *flags]))
+    merged = generate.main(generate.parse_args(["--checkpoint_path", str(out / "merged.pt"), *flags]))
+    plain = generate.main(generate.parse_args(["--checkpoint_path", base, *flags]))
+    assert with_lora == merged and with_lora != plain
+    capsys.readouterr()
+
+
+def test_answers_come_in_the_assistant_role_and_stop_at_im_end(base, tuned):
+    out, _ = tuned
+    loaded = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt"))
+    chat = loaded.chat
+    decoder = Decoder(loaded.model, 256, 1, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0), False)
+    answer = Conversation(loaded, decoder, None).reply("Say tiger.", max_tokens=40)
+    # the tuned model learned the pattern: it answers, and ends its turn, as the assistant
+    assert chat.decode(answer) == "yes.", chat.decode(answer)
+
+
+def test_multi_turn_chat_with_the_cached_conversation_equals_a_fresh_prefill(base, tuned):
+    """The second turn is prefilled after what the cache holds; the same whole conversation rendered
+    afresh and prefilled from scratch gives the same answer."""
+    out, _ = tuned
+    loaded = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt"))
+    tok = loaded.chat
+
+    def decoder():
+        return Decoder(loaded.model, 256, 1, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0), False)
+
+    chat = Conversation(loaded, decoder(), "Be brief.")
+    opening = chat.turn_tokens("Say lemon.")
+    first = chat.reply("Say lemon.", max_tokens=40)
+    follow_up = chat.turn_tokens("Again.")
+    second = chat.reply("Again.", max_tokens=40)
+    assert chat.pending == [tok.im_end]  # both answers ended their turn (none cut at max_tokens)
+    whole = opening + first + follow_up
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say lemon."},
+                {"role": "assistant", "content": tok.decode(first)}, {"role": "user", "content": "Again."}]
+    assert whole == render_prompt(tok, messages)  # the cache holds exactly the rendered conversation
+    fresh = generate.generate(decoder(), whole, loaded.stop, 40)
+    assert fresh[-1] == tok.im_end and fresh[:-1] == second and second
+
+
+def test_resume_continues_exactly(base, chats, tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    common = ("--lr_schedule", "constant", "--dropout", "0.2")
+    run_tune(*tune_args(base, chats, straight, "--num_epochs", "2", *common))
+    run_tune(*tune_args(base, chats, halves, "--num_epochs", "1", *common))
+    run_tune(*tune_args(base, chats, halves, "--num_epochs", "2", "--resume", *common))
+    a, b = load_checkpoint(str(straight / "lora.pt"), "lora"), load_checkpoint(str(halves / "lora.pt"), "lora")
+    assert a["step"] == b["step"] > 0
+    for name in a["adapters"]:
+        assert torch.equal(a["adapters"][name], b["adapters"][name]), name
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][key]), (index, key)
+
+
+def test_packed_rows_hold_only_valid_ids(base, chats, tmp_path):
+    from chat import pack, prepare_chat_data
+
+    tok = ChatTokenizer(load_encoding("bytes"))
+    data = prepare_chat_data(chats, None, "bytes", str(tmp_path), 1)
+    rows = pack(data.train, 64, True, tok.pad)
+    assert rows.inputs.min() >= 0 and rows.inputs.max() < tok.vocabulary_size
+    valid = rows.targets[rows.targets != -100]
+    assert valid.min() >= 0 and valid.max() < tok.vocabulary_size
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def no_progress_bars():
+    """datasets' progress bars share stderr with the error line (a \\r counts as a line break there)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    yield
+    datasets.enable_progress_bars()
+
+
+def test_bad_inputs_end_with_one_line(base, chats, tuned, tmp_path, capsys, no_progress_bars):
+    out, _ = tuned
+    fails = lambda argv, *fragments: fails_with_one_line(capsys, tune, argv, *fragments)  # noqa: E731
+    run = tmp_path / "run"
+    fails(tune_args(str(tmp_path / "none.pt"), chats, run), "--base_model_path: no checkpoint at")
+    no_messages = tmp_path / "plain.jsonl"
+    no_messages.write_text('{"text": "hello"}\n')
+    fails(tune_args(base, str(no_messages), run), "messages", "text")
+    unknown = tmp_path / "roles.jsonl"
+    unknown.write_text(json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n")
+    fails(tune_args(base, str(unknown), run), "bot")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    fails(tune_args(base, str(empty), run), "holds no conversations")
+    fails(tune_args(base, chats, run, "--merge_path", str(run / "lora.pt"), "--checkpoint_path", str(run / "lora.pt")),
+          "--merge_path")
+    # a LoRA checkpoint trained on another base: here the same base with one weight changed
+    other_base = tmp_path / "other.pt"
+    state = load_checkpoint(base, "pretrain")
+    state.pop("sha256")
+    state["model"]["output_norm.weight"] = state["model"]["output_norm.weight"] * 2
+    save_checkpoint(state, str(other_base))
+    for module in (generate, beam_search):
+        fails_with_one_line(capsys, module, ["--checkpoint_path", str(other_base), "--lora_path", str(out / "lora.pt"),
+                                             "--device", "cpu", "--prompt", "x"], "adapts another base model")
+    fails(tune_args(str(other_base), chats, out, "--resume"), "adapts another base model")
+
+
+def test_chat_flags_in_scripts(base, tuned, monkeypatch, capsys):
+    """Piped lines are one conversation; /reset starts another; beam search answers a user turn."""
+    out, _ = tuned
+    lora = str(out / "lora.pt")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Say stone.\nAgain.\n/reset\nSay stone.\n"))
+    answers = generate.main(generate.parse_args(["--checkpoint_path", base, "--lora_path", lora, "--device", "cpu",
+                                                 "--temperature", "0", "--max_tokens", "16"]))
+    printed = capsys.readouterr().out
+    tok = ChatTokenizer(load_encoding("bytes"))
+    # after /reset the first question is asked afresh: the same answer as at first
+    texts = [tok.decode(a) for a in answers]
+    assert texts[0] == texts[2] == "yes." and texts[1]
+    assert "> Say stone.\n" in printed and "(a new conversation)" in printed
+    found = beam_search.main(beam_search.parse_args(["--checkpoint_path", base, "--lora_path", lora, "--device",
+                                                     "cpu", "--prompt", "Say stone.", "--beam_width", "4",
+                                                     "--num_candidates", "2", "--max_tokens", "12"]))[0]
+    assert found[0].finished and found[0].tokens[-1] == tok.im_end
+    assert capsys.readouterr().out.split("\n")[1] == "yes."  # the best candidate, without its <|im_end|>
