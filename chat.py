@@ -128,7 +128,7 @@ def check_messages(messages, where: str) -> list[dict]:
 # do", and code or grammar blocks answer requests for an example or the syntax. Deterministic: the same
 # phrasings are taken in turn, so a given Python always gives the same set.
 
-MAX_ANSWER = 400  # characters of prose in an answer, cut at a sentence: short enough for a tiny model
+MAX_ANSWER = 160  # characters of prose in an answer, cut at a sentence: short enough for the quick start's model to end
 MAX_CODE = 300  # characters of a code or grammar block in an answer
 MAX_WITH_CODE = 600  # characters of a paragraph and the block it leads into
 SYSTEM_PROMPTS = (
@@ -252,7 +252,7 @@ def _section_items(section: _Section) -> tuple[list[str], list[tuple[str, str]],
 
 
 def builtin_conversations() -> list[list[dict]]:
-    """Some 600 conversations about the Python language, built from data.builtin_documents() with no
+    """Some 570 conversations about the Python language, built from data.builtin_documents() with no
     download: single questions, multi-turn follow-ups and, now and then, a system message."""
     conversations, seen = [], set()
 

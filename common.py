@@ -728,6 +728,7 @@ CHECKPOINT_ENTRIES = {
     "eot_id": (int, lambda v: v >= 0, "an integer >= 0"),
     "optimizer": (dict, None, "torch.optim's state dict"),
     "step": (int, lambda v: v >= 0, "an integer >= 0"),
+    "steps_per_epoch": (int, lambda v: v >= 1, "a positive integer"),
     "sampler": (dict, lambda v: isinstance(v.get("generator"), torch.Tensor)
                 and isinstance(v.get("samples_drawn"), int),
                 "a dict with a generator state and samples_drawn"),

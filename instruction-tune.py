@@ -71,6 +71,7 @@ from training import (
     Plan,
     allow_tf32,
     batch_layout,
+    check_same_flags,
     claim_outputs,
     epoch_position,
     learning_rate_at,
@@ -83,6 +84,7 @@ from training import (
 
 CHECKPOINT_KIND = "lora"
 SMOLTALK = "HuggingFaceTB/smoltalk"
+DATA_FLAGS = ("dataset", "dataset_subset", "max_tokens_per_sample", "mask_input")  # they choose the rows: fixed on resume
 # Adafactor scales each step by the parameter's own RMS, floored at 1e-3. B starts at zero, so at that
 # floor it would move by lr / 1000 per step and the adapters would sleep for thousands of steps; its
 # floor is 1 instead: absolute steps of lr, as Adam takes, until B has grown. The new embedding rows
@@ -121,8 +123,8 @@ def parse_args(argv=None):
                    help="final learning rate as a fraction of the peak (cosine/linear)")
     g.add_argument("--rms_decay", type=non_positive_float, default=-0.8,
                    help="Adafactor's decay exponent of the second-moment (RMS) average; at most 0")
-    g.add_argument("--optimizer_low_memory", action="store_true",
-                   help="single-tensor Adafactor updates: less memory, a little slower")
+    g.add_argument("--optimizer_low_memory", "--low_memory_optimizer", action="store_true",
+                   help="single-tensor Adafactor updates: less memory, a little slower (pretrain.py's name works too)")
     g.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
                    help="clip the global gradient norm to this value")
     g.add_argument("--eval_interval", type=positive_int, default=1, help="evaluate test perplexity every this many epochs")
@@ -189,6 +191,10 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, 
         raise UserError(f"--base_model_path {args.base_model_path} is already a chat model (merged); tune its "
                         f"LoRA checkpoint further with --resume, or start from the pretrained base")
     checkpoint = agree(ctx, partial(resume_state, args, base), who="rank0")
+    if checkpoint and checkpoint["step"] >= checkpoint["steps_per_epoch"] * args.num_epochs:
+        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,}; --num_epochs "
+               f"{args.num_epochs} ends at step {checkpoint['steps_per_epoch'] * args.num_epochs:,}: nothing to train")
+        return None, base
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed decides the adapters' initial weights, the same on every rank
     tokenizer = ChatTokenizer(load_encoding(base["token_encoding"]))
@@ -197,11 +203,11 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, 
                         f"tokenizer's {base['token_encoding']} ({tokenizer.base_vocabulary_size:,})")
     rows, test = packed_data(args, ctx, tokenizer, base["token_encoding"])
     layout = (args.batch_size, args.gradient_accumulation_steps, len(rows), ctx.world_size)
-    accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(*layout))
-    if checkpoint and checkpoint["step"] >= steps_per_epoch * args.num_epochs:
-        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,}; --num_epochs "
-               f"{args.num_epochs} ends at step {steps_per_epoch * args.num_epochs:,}: nothing to train")
-        return None, base
+    accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(*layout, samples="{} packed training rows"))
+    if checkpoint and checkpoint["steps_per_epoch"] != steps_per_epoch:
+        raise UserError(f"{args.checkpoint_path} was trained with {checkpoint['steps_per_epoch']} steps per epoch; these "
+                        f"flags and data give {steps_per_epoch}: resume with the run's --batch_size and "
+                        f"--gradient_accumulation_steps on the same data")
     rows_per_epoch = steps_per_epoch * args.batch_size * accumulation * ctx.world_size
     sampler = RowSampler(rows, args.batch_size, rows_per_epoch, seed, ctx.rank, ctx.world_size)
     eval_rows = eval_share(args, ctx, test)
@@ -226,7 +232,7 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, 
         learning_rate=lambda step: learning_rate_at(step, total_steps, args.learning_rate, args.warmup_steps,
                                                     args.lr_schedule, args.min_lr_ratio),
         eval_batches=partial(eval_batches, eval_rows, args.batch_size, device),
-        state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, base, tokenizer, ctx),
+        state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, base, steps_per_epoch, ctx),
     )
     return (plan, hooks, parallel, optimizer), base
 
@@ -236,12 +242,13 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, 
 
 def resume_state(args, base: dict) -> dict | None:
     """The LoRA checkpoint to continue (with --resume), which must adapt this very base."""
-    state = read_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, args.resume, required=(*LORA_ENTRIES,
-                                                                                         *TRAINING_ENTRIES))
+    state = read_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, args.resume,
+                            required=(*LORA_ENTRIES, *TRAINING_ENTRIES, "steps_per_epoch", "args"))
     if state:
         check_base(state, args.checkpoint_path, base, args.base_model_path, "--base_model_path")
-        saved = state["lora"]
-        changed = [f"--{k}" for k in ("rank", "alpha", "dropout") if getattr(args, k) != saved[k]]
+        saved = state["args"]
+        check_same_flags([(f"--{k}", getattr(args, k), saved.get(k)) for k in DATA_FLAGS], args.checkpoint_path)
+        changed = [f"--{k}" for k in ("rank", "alpha", "dropout") if getattr(args, k) != state["lora"][k]]
         if changed:
             print0(f"note: resuming with the checkpoint's LoRA settings; ignoring {', '.join(changed)}")
     return state
@@ -349,7 +356,7 @@ def eval_batches(rows: tuple[torch.Tensor, ...], batch_size: int, device: torch.
 
 
 def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: BatchPrefetcher, seed: int,
-                     base: dict, tokenizer: ChatTokenizer, ctx: Distributed, step: int) -> dict:
+                     base: dict, steps_per_epoch: int, ctx: Distributed, step: int) -> dict:
     """What an exact resume and chatting need, and nothing of the frozen base but its identity."""
     model = parallel.model
     weights = parallel.model_state_dict()  # a collective under FSDP; only the trained entries are kept
@@ -367,6 +374,7 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
         "eot_id": base["eot_id"],
         "optimizer": parallel.optimizer_state_dict(optimizer),
         "step": step,
+        "steps_per_epoch": steps_per_epoch,
         "sampler": batches.state_dict(),
         "rng": rng_states(ctx),
         "seed": seed,

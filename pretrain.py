@@ -74,6 +74,7 @@ from training import (
     Plan,
     allow_tf32,
     batch_layout,
+    check_same_flags,
     claim_outputs,
     epoch_position,
     learning_rate_at,
@@ -220,11 +221,7 @@ def resume_state(args) -> dict | None:
         pairs[:0] = [("--dataset", args.dataset, saved["dataset"]),
                      ("--dataset_subset", corpus_subset(args.dataset, args.dataset_subset),
                       corpus_subset(saved["dataset"], saved.get("dataset_subset")))]
-    for flag, value, was in pairs:
-        if not same_source(value, was):
-            way = f"pass {flag} {was}" if was is not None else f"leave out {flag}"
-            raise UserError(f"{flag} {value or '(none)'} differs from the checkpoint's {was or '(none)'}; {way} to "
-                            f"continue {args.checkpoint_path}, or choose another --checkpoint_path for a new run")
+    check_same_flags(pairs, args.checkpoint_path)
     return state
 
 
@@ -235,12 +232,6 @@ def corpus_subset(dataset: str | None, subset: str | None) -> str | None:
     if dataset == "builtin" or (dataset and (os.path.exists(dataset) or glob.has_magic(dataset))):
         return None
     return subset
-
-
-def same_source(a: str | None, b: str | None) -> bool:
-    """The same flag value, or two spellings of one local path."""
-    return a == b or (a is not None and b is not None and os.path.exists(a) and os.path.exists(b)
-                      and os.path.samefile(a, b))
 
 
 def token_files(args, ctx: Distributed) -> TokenFiles:

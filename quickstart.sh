@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# LightGPT in one command: set up a virtual environment, train a small model offline, sample from it.
+# LightGPT in one command: set up a virtual environment, train a small model offline, sample from it,
+# instruction-tune it with LoRA and chat with it.
 #
 #   bash quickstart.sh                         # the README's quick start: minutes on a CPU (7 on 2 shared cores)
 #   TINY=1 bash quickstart.sh                  # the same steps at a tiny shape, in seconds (CI runs this)
@@ -8,7 +9,9 @@
 # The steps: 1. create .venv with $PYTHON, or reuse it; 2. install PyTorch, unless it imports there
 # already; 3. install requirements.txt; 4. pretrain on the builtin corpus with byte tokens
 # (pretrain.py --model quickstart: nothing is downloaded); 5. sample from the checkpoint with generate.py;
-# then say where the checkpoint and the TensorBoard run went and what to try next.
+# 6. instruction-tune it with LoRA on the builtin conversations (instruction-tune.py --dataset builtin);
+# 7. ask the base model and the tuned one the same question, then chat with the tuned one for two turns;
+# then say where the checkpoints and the TensorBoard runs went and what to try next.
 #
 # PyTorch: with an NVIDIA GPU (nvidia-smi -L lists one), PyPI's default build, which is the CUDA one.
 # Without one, the CPU build only, never PyPI's default (the multi-GB CUDA build on Linux): a wheel on
@@ -97,7 +100,7 @@ python_at_least_3_10() {
 
 # ----------------------------------------------------------------------------- set-up
 
-say "1/5 Python environment: $venv"
+say "1/7 Python environment: $venv"
 if [ -x "$py" ]; then
     python_at_least_3_10 "$py" || die "$venv holds Python $("$py" -V 2>&1); LightGPT needs 3.10 or newer: remove $venv and set PYTHON="
     echo "reusing $venv ($("$py" -V 2>&1))"
@@ -110,10 +113,10 @@ if [ "$dry" != 1 ] && ! "$py" -m pip --version > /dev/null 2>&1; then
     die "$venv has no pip (on Debian and Ubuntu: apt install python3-venv, then remove $venv and run again)"
 fi
 
-say "2/5 PyTorch for device $device"
+say "2/7 PyTorch for device $device"
 install_torch
 
-say "3/5 requirements.txt"
+say "3/7 requirements.txt"
 # Pinning torch to the installed build keeps it (a CPU build stays a CPU build) and brings in any of its
 # dependencies a --no-deps install left out.
 if ! torch_version=$("$py" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null); then
@@ -129,14 +132,21 @@ if [ "${TINY:-0}" = 1 ]; then
     shape=(--embedding_dimensions 64 --num_attention_heads 4 --num_hidden_layers 2 --batch_size 8
            --tokens_per_sample 64 --samples_per_epoch 128 --eval_samples 32 --warmup_steps 4)
     epochs=2 max_tokens=64
+    tune=(--max_tokens_per_sample 64 --batch_size 16 --eval_samples 16)
 elif [[ $device == cuda* ]]; then  # a GPU: a larger shape, 4 epochs of 2048 x 512 tokens
     shape=(--embedding_dimensions 512 --num_attention_heads 8 --num_hidden_layers 8 --batch_size 16
            --gradient_accumulation_steps 2 --tokens_per_sample 512 --samples_per_epoch 2048 --learning_rate 1e-2)
     max_tokens=300
+    tune=(--max_tokens_per_sample 1024 --batch_size 8 --num_epochs 2)
 else  # the quick start's own: width 256, 4 heads, 4 layers, 4 epochs of 1024 x 256 tokens
     shape=()
     max_tokens=200
+    tune=(--max_tokens_per_sample 512 --batch_size 8)
 fi
+# LoRA on the builtin conversations: one pass (rows of packed conversations, only the answers learned),
+# a learning rate for a short run; the card's defaults (5e-4, 64-row steps) suit SmolTalk on a GPU.
+tune_flags=(--dataset builtin --device "$device" --mask_input --gradient_accumulation_steps 1 --num_epochs 1
+            --learning_rate 3e-2 --warmup_steps 5 --seed 0 "${tune[@]}")
 train_flags=(--model quickstart --device "$device" ${shape[@]+"${shape[@]}"})
 
 name=${RUN_NAME:-quickstart-$(date +%Y%m%d-%H%M%S)}
@@ -145,22 +155,46 @@ while [ -e "checkpoints/$name.pt" ] || [ -e "runs/$name" ]; do  # a fresh name, 
     n=$((n + 1)) name=$base-$n
 done
 checkpoint=./checkpoints/$name.pt run_dir=./runs/$name
+lora=./checkpoints/$name-chat.pt lora_run_dir=./runs/$name-chat
 
-say "4/5 pretraining on the builtin corpus (offline), $device"
+say "4/7 pretraining on the builtin corpus (offline), $device"
 run "$py" pretrain.py "${train_flags[@]}" --num_epochs "$epochs" --checkpoint_path "$checkpoint" --run_dir_path "$run_dir"
 
-say "5/5 a sample from the model"
+say "5/7 a sample from the model"
 run "$py" generate.py --checkpoint_path "$checkpoint" --device "$device" --prompt "The class statement" \
     --max_tokens "$max_tokens" --seed 0
 
+say "6/7 instruction tuning with LoRA on the builtin conversations (offline), $device"
+run "$py" instruction-tune.py --base_model_path "$checkpoint" "${tune_flags[@]}" --checkpoint_path "$lora" \
+    --run_dir_path "$lora_run_dir"
+
+say "7/7 the same question to the base model (it continues the text) and to the tuned one (it answers)"
+question='What does the "del" statement do?'
+run "$py" generate.py --checkpoint_path "$checkpoint" --device "$device" --prompt "$question" \
+    --max_tokens "$max_tokens" --seed 0 --temperature 0.5
+run "$py" generate.py --checkpoint_path "$checkpoint" --lora_path "$lora" --device "$device" --prompt "$question" \
+    --max_tokens "$max_tokens" --seed 0 --temperature 0.5
+echo "a conversation of two turns, piped (each line a user turn; the answers stop at <|im_end|>):"
+if [ "$dry" = 1 ]; then
+    show printf '%s\n' 'Tell me about the "assert" statement.' 'Tell me more.' \| "$py" generate.py \
+        --checkpoint_path "$checkpoint" --lora_path "$lora" --device "$device" --max_tokens "$max_tokens" --seed 0 \
+        --temperature 0.5
+else
+    printf '%s\n' 'Tell me about the "assert" statement.' 'Tell me more.' | "$py" generate.py \
+        --checkpoint_path "$checkpoint" --lora_path "$lora" --device "$device" --max_tokens "$max_tokens" --seed 0 \
+        --temperature 0.5
+fi
+
 if [ "$dry" = 1 ]; then say "dry run: nothing ran"; else say "done in $((SECONDS / 60)) min $((SECONDS % 60)) s"; fi
 cat << EOF
-checkpoint:   $checkpoint
-TensorBoard:  $run_dir    (view it: $venv/bin/tensorboard --logdir ./runs)
+checkpoint:   $checkpoint   (LoRA: $lora)
+TensorBoard:  $run_dir and $lora_run_dir    (view them: $venv/bin/tensorboard --logdir ./runs)
 next:
   $py generate.py --checkpoint_path $checkpoint --device $device        # prompts, one a line
+  $py generate.py --checkpoint_path $checkpoint --lora_path $lora --device $device   # chat; /reset starts over
   $py beam_search.py --checkpoint_path $checkpoint --device $device --prompt "The return statement" --max_tokens 40
   $py pretrain.py ${train_flags[*]} --num_epochs $((epochs * 2)) --resume --checkpoint_path $checkpoint --run_dir_path $run_dir   # train on
   $py pretrain.py --model small        # the Small model on FineWeb: a download and a GPU
+  $py instruction-tune.py --base_model_path ./checkpoints/checkpoint.pt   # LoRA on SmolTalk: a download and a GPU
   bash .ci/run                                        # the tests
 EOF

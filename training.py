@@ -74,28 +74,30 @@ def learning_rate_at(step: int, total_steps: int, peak: float, warmup_steps: int
 
 
 def batch_layout(batch_size: int, gradient_accumulation_steps: int, samples_per_epoch: int,
-                 world_size: int) -> tuple[int, int]:
+                 world_size: int, samples: str = "--samples_per_epoch {}") -> tuple[int, int]:
     """Per-rank gradient accumulation and optimizer steps per epoch: gradient_accumulation_steps and
-    samples_per_epoch are global and are divided among the ranks."""
+    samples_per_epoch are global and are divided among the ranks. `samples` names the epoch's samples
+    in messages (a flag, or what the script's epoch is made of)."""
+    epoch = samples.format(samples_per_epoch)
     if world_size > gradient_accumulation_steps:
         raise UserError(f"--gradient_accumulation_steps {gradient_accumulation_steps} is smaller than the "
                         f"world size {world_size}: every rank needs at least one micro-batch per step")
     if world_size > samples_per_epoch:
-        raise UserError(f"--samples_per_epoch {samples_per_epoch} is smaller than the world size {world_size}")
+        raise UserError(f"{epoch}: fewer than the world size {world_size}")
     accumulation = gradient_accumulation_steps // world_size
     if gradient_accumulation_steps % world_size:
         print0(f"warning: --gradient_accumulation_steps {gradient_accumulation_steps} does not divide among "
                f"{world_size} processes; each does {accumulation} ({accumulation * world_size} in all)")
     if samples_per_epoch % world_size:
-        print0(f"warning: --samples_per_epoch {samples_per_epoch} does not divide among {world_size} processes")
+        print0(f"warning: {epoch}: does not divide among {world_size} processes")
     samples_per_step = batch_size * accumulation * world_size
     steps_per_epoch = samples_per_epoch // samples_per_step
     if steps_per_epoch == 0:
-        raise UserError(f"--samples_per_epoch {samples_per_epoch} is smaller than one optimizer step "
-                        f"(batch_size x gradient_accumulation_steps = {samples_per_step} samples)")
+        raise UserError(f"{epoch}: fewer than one optimizer step takes "
+                        f"(batch_size x gradient_accumulation_steps = {samples_per_step})")
     if samples_per_epoch % samples_per_step:
-        print0(f"warning: --samples_per_epoch {samples_per_epoch} is not a multiple of {samples_per_step}; "
-               f"each epoch takes {steps_per_epoch * samples_per_step} samples")
+        print0(f"warning: {epoch}: not a multiple of {samples_per_step}; "
+               f"each epoch takes {steps_per_epoch * samples_per_step} of them")
     return accumulation, steps_per_epoch
 
 
@@ -148,6 +150,26 @@ def read_checkpoint(path: str, kind: str, resume: bool, required: tuple[str, ...
             raise UserError(f"{path} exists; pass --resume to continue it, or choose another --checkpoint_path")
         return None
     return load_checkpoint(path, kind, required=required)
+
+
+def same_source(a, b) -> bool:
+    """The same flag value, or two spellings of one local path."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+                      and os.path.samefile(a, b))
+
+
+def check_same_flags(pairs: list[tuple[str, object, object]], checkpoint_path: str) -> None:
+    """(flag, value now, value in the checkpoint) for the flags a resumed run cannot change (they choose
+    its samples): one line naming the first that differs."""
+    for flag, value, was in pairs:
+        if not same_source(value, was):
+            if isinstance(was, bool):
+                way = f"{'pass' if was else 'leave out'} {flag}"
+            else:
+                way = f"pass {flag} {was}" if was is not None else f"leave out {flag}"
+            raise UserError(f"{flag} {value if value is not None else '(none)'} differs from the checkpoint's "
+                            f"{was if was is not None else '(none)'}; {way} to continue {checkpoint_path}, or "
+                            f"choose another --checkpoint_path for a new run")
 
 
 def run_seed(ctx: Distributed, checkpoint: dict | None, seed: int | None) -> int:

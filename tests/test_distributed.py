@@ -20,14 +20,14 @@ pytestmark = pytest.mark.slow  # every test launches torchrun processes
 SHAPE = ["--embedding_dimensions", "27", "--num_attention_heads", "3", "--dropout", "0", "--lr_schedule", "constant"]
 
 
-def launch(nproc, argv, timeout=240):
-    """Run pretrain.py under torchrun (or plainly for one process); returns the finished process."""
+def launch(nproc, argv, timeout=240, script="pretrain.py"):
+    """Run a trainer under torchrun (or plainly for one process); returns the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if nproc == 1:
-        command = [sys.executable, "pretrain.py", *argv]
+        command = [sys.executable, script, *argv]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "pretrain.py", *argv]
+                   script, *argv]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -164,6 +164,42 @@ def test_packed_rows_hold_only_valid_ids(base, chats, tmp_path):
     assert valid.min() >= 0 and valid.max() < tok.vocabulary_size
 
 
+def test_a_finished_run_merges_on_resume_and_keeps_its_data(base, chats, tuned, tmp_path, capsys):
+    out, _ = tuned
+    merged = tmp_path / "again.pt"
+    args = tune_args(base, chats, out, "--resume", "--merge_path", str(merged))
+    assert run_tune(*args) == []  # nothing left to train: only the merge
+    assert "already complete" in capsys.readouterr().out
+    a, b = load_checkpoint(str(out / "merged.pt"), "pretrain"), load_checkpoint(str(merged), "pretrain")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(chats).read())
+    fails_with_one_line(capsys, tune, tune_args(base, str(other), out, "--resume", "--num_epochs", "9"),
+                        f"--dataset {other} differs from the checkpoint's {chats}; pass --dataset {chats}")
+    unmasked = [a for a in tune_args(base, chats, out, "--resume", "--num_epochs", "9") if a != "--mask_input"]
+    fails_with_one_line(capsys, tune, unmasked, "--mask_input False differs from the checkpoint's True; pass --mask_input")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", [0, 3])
+def test_two_processes_tune_as_one_does(base, chats, tmp_path, level):
+    """torchrun with 2 CPU processes (gloo), DDP or FSDP sharding everything: the same losses and
+    adapters as one process (the global batch does not depend on the world size)."""
+    from test_distributed import check, launch, losses
+
+    flags = ("--dropout", "0", "--num_epochs", "2", "--gradient_accumulation_steps", "2")
+    one = check(launch(1, tune_args(base, chats, tmp_path / "one", *flags), script="instruction-tune.py"))
+    two = check(launch(2, tune_args(base, chats, tmp_path / "two", *flags, "--ddp_sharding_level", str(level)),
+                       script="instruction-tune.py"))
+    assert f"2 processes, {'ddp' if level == 0 else 'fsdp'}" in two.stdout
+    assert losses(two.stdout) == pytest.approx(losses(one.stdout), abs=1e-4)
+    a = load_checkpoint(str(tmp_path / "one" / "lora.pt"), "lora")
+    b = load_checkpoint(str(tmp_path / "two" / "lora.pt"), "lora")
+    assert a["adapters"].keys() == b["adapters"].keys()
+    for name in a["adapters"]:
+        torch.testing.assert_close(a["adapters"][name], b["adapters"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
