@@ -4,10 +4,13 @@
     python bench.py train --model medium          # a named shape (pretrain.py's --model)
     python bench.py decode                        # 256 tokens after a 16-token prompt, batch 1 and 8
     python bench.py tokenize --token_encoding r50k_base --dataset ./corpus.jsonl
+    python bench.py pack --token_encoding bytes   # LoRA steps on the builtin conversations, packed vs padded
     python bench.py train --device cpu --embedding_dimensions 128 --num_attention_heads 4 \\
         --num_hidden_layers 2 --batch_size 4 --tokens_per_sample 128 --compare_hf   # tiny, on a CPU
 
-Each measurement prints one JSON object on its own line of standard output (mode, system,
+`pack` times instruction tuning's LoRA steps on the builtin conversations packed into rows (as
+instruction-tune.py does) and one conversation per padded row, and counts the conversation tokens each
+processes per second. Each measurement prints one JSON object on its own line of standard output (mode, system,
 tokens_per_s, peak_memory_gib, and where they apply mfu, model_tflops, ms_per_step, ms_per_token),
 then a table. Model inputs are random tokens, so no tokenizer or corpus is needed except for
 `tokenize`. Flags share pretrain.py's and generate.py's names. `--compare_hf` times Hugging Face
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from adafactor import Adafactor
@@ -59,7 +63,7 @@ ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Benchmark LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", choices=("train", "decode", "tokenize"), help="what to measure")
+    p.add_argument("mode", choices=("train", "decode", "tokenize", "pack"), help="what to measure")
     g = p.add_argument_group("model")
     g.add_argument("--vocabulary_size", type=positive_int, default=50_257, help="vocabulary of the random model")
     add_model_args(g)
@@ -87,6 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--decode_compile_mode", choices=tuple(DECODE_COMPILE_MODES), default="plain",
                    help="torch.compile of the decode step: plain, or autotune (Triton matrix products tried too)")
     add_sampling_args(g)
+    g = p.add_argument_group("pack")
+    g.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of the instruction-tuning steps")
     g = p.add_argument_group("tokenize")
     g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
     g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")
@@ -243,6 +249,51 @@ def train_one(args, device, system: str, x, y) -> dict:
     return record
 
 
+# ----------------------------------------------------------------------------- pack
+
+
+def bench_pack(args, device, rows) -> None:
+    """The same conversations two ways: packed rows (several conversations each, a block-diagonal mask)
+    and one conversation per row padded to --tokens_per_sample; LoRA training steps over each, as
+    instruction-tune.py takes them. Counts conversation tokens (not padding) per second."""
+    from chat import ChatTokenizer, builtin_conversations, pack, padded, render_conversation
+    from data import load_encoding
+    from model import add_lora
+
+    tok = ChatTokenizer(load_encoding(args.token_encoding))
+    conversations = [tuple(map(np.asarray, render_conversation(tok, c))) for c in builtin_conversations()]
+    T, B = args.tokens_per_sample, args.batch_size
+    for layout, make in (("packed", pack), ("padded", padded)):
+        table = make(conversations, T, True, tok.pad)
+        torch.manual_seed(args.seed)
+        model = add_lora(GPT(model_config(args, tok.vocabulary_size)), args.rank, 1.0, 0.05,
+                         (tok.base_vocabulary_size, 3)).to(device).train()
+        module = torch.compile(model) if compile_enabled(args.compile, device) else model
+        optimizer = Adafactor([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
+        order = torch.randperm(len(table), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        batches = [tuple(t.to(device) for t in table.batch(order[i : i + B])) for i in range(0, len(order) - B + 1, B)]
+        used = [int((x != tok.pad).sum()) for x, _, _ in batches]
+        step_index = [0]
+
+        def step():
+            x, y, d = batches[step_index[0] % len(batches)]
+            step_index[0] += 1
+            with autocast(device):
+                loss = module(x, y, d)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = statistics.median(timed(step, args.iterations, args.warmup_iterations, device))
+        tokens = statistics.mean(used)
+        report(rows, {"mode": "pack", "system": layout, "device": device_name(device),
+                      "precision": precision_name(device), "compiled": compile_enabled(args.compile, device),
+                      "batch_size": B, "tokens_per_sample": T, "conversations": table.conversations,
+                      "rows": len(table), "fill": round(sum(used) / (len(batches) * B * T), 3),
+                      "tokens_per_s": round(tokens / seconds, 1), "ms_per_step": round(seconds * 1e3, 2),
+                      "epoch_s": round(len(table) / B * seconds, 1)})
+
+
 # ----------------------------------------------------------------------------- decode
 
 
@@ -353,7 +404,7 @@ def bench_tokenize(args, device, rows) -> None:
 
 def print_table(rows: list[dict]) -> None:
     columns = ["mode", "system", "batch_size", "tokens_per_s", "ms_per_step", "ms_per_token", "model_tflops", "mfu",
-               "peak_memory_gib", "fraction_of_raw"]
+               "peak_memory_gib", "fraction_of_raw", "rows", "fill", "epoch_s"]
     columns = [c for c in columns if any(c in r and r[c] is not None for r in rows)]
     cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -380,7 +431,8 @@ def main(args) -> list[dict]:
     rows: list[dict] = []
     try:
         with attention_backend(args.attention_backend):
-            {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize}[args.mode](args, device, rows)
+            modes = {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize, "pack": bench_pack}
+            modes[args.mode](args, device, rows)
     except RuntimeError as e:
         if not any(text in str(e) for text in ("No available kernel", "No viable backend")):
             raise

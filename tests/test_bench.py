@@ -80,3 +80,15 @@ def test_tokenize_leaves_out_rows_that_are_not_text(capsys, tmp_path):
     rows = run(capsys, "tokenize", "--dataset", str(corpus), "--token_encoding", "bytes",
                "--num_dataset_processes", "1", "--iterations", "1")
     assert rows[0]["tokens"] == len(text) * rows[0]["documents"]
+
+
+@pytest.mark.slow
+def test_pack_compares_packed_rows_with_padded_ones_on_the_same_conversations(capsys):
+    rows = run(capsys, "pack", *TINY, "--token_encoding", "bytes", "--batch_size", "4", "--tokens_per_sample", "256",
+               "--rank", "2")
+    packed, padded = rows
+    assert (packed["system"], padded["system"]) == ("packed", "padded")
+    assert packed["conversations"] == padded["conversations"] > 300  # the same conversations, the builtin set
+    assert packed["rows"] < padded["rows"] == padded["conversations"]  # one conversation a padded row
+    assert padded["fill"] < packed["fill"] <= 1
+    assert packed["tokens_per_s"] > 0 and packed["epoch_s"] > 0
