@@ -305,22 +305,7 @@ class GPT(nn.Module):
         that starts a new sequence, T = 1 decodes one token (position 0 starts a new sequence too).
         window limits attention to the last `window` keys (sliding-window causal attention; a cache of
         length L implies window L)."""
-        B, T = idx.shape
-        cache, mask = None, None
-        if input_pos is not None:
-            cache = self.kv_cache
-            if cache is None:
-                raise RuntimeError("call setup_cache() before decoding with input_pos")
-            if window is not None and window != cache.length:
-                raise ValueError(f"a KV cache fixes the window at the cache length ({cache.length}), not {window}")
-            mask = cache.begin(input_pos)
-        elif documents is not None:
-            if window is not None:
-                raise ValueError("documents and window cannot be combined")
-            mask = document_mask(documents)
-        elif window is not None and T > window:
-            mask = sliding_window_mask(T, window, idx.device)
-
+        cache, mask = self._attention(idx.size(1), documents, input_pos, window, idx.device)
         x = self.token_embeddings(idx)  # (B, T, C)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -334,6 +319,21 @@ class GPT(nn.Module):
             return logits[..., : self.config.vocabulary_size]  # padded ids are never predicted
         return linear_cross_entropy(x.reshape(-1, x.size(-1)), self.token_embeddings.weight, targets.reshape(-1),
                                     self.config.vocabulary_size)
+
+    def _attention(self, T: int, documents, input_pos, window, device) -> tuple["KVCache | None", torch.Tensor | None]:
+        """The KV cache a call uses (None: no cache) and its attention mask (None: plain causal)."""
+        if input_pos is not None:
+            cache = self.kv_cache
+            if cache is None:
+                raise RuntimeError("call setup_cache() before decoding with input_pos")
+            if window is not None and window != cache.length:
+                raise ValueError(f"a KV cache fixes the window at the cache length ({cache.length}), not {window}")
+            return cache, cache.begin(input_pos)
+        if documents is not None:
+            if window is not None:
+                raise ValueError("documents and window cannot be combined")
+            return None, document_mask(documents)
+        return None, sliding_window_mask(T, window, device) if window is not None and T > window else None
 
     # ------------------------------------------------------------------------- accounting
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks of the pretraining, scale-out, generation and speed work: about 8 minutes on one
+# The GPU checks of the pretraining, scale-out, generation, speed and instruction-tuning work: about 8 minutes on one
 # H200 for both parts. Prints a table per step and writes every log under $OUT (or ./gpu_check).
 #   bash tests/gpu_check.sh                 # on the GPU machine: PART=bench, then PART=runs
 #   PART=bench bash tests/gpu_check.sh      # CUDA-only tests and bench.py (PROFILE=1: also traces;
 #                                           # COMPARE=1: also flash/efficient attention, dropout 0 and
 #                                           # an autotuned decode step)
-#   PART=runs bash tests/gpu_check.sh       # pretraining, generation, beam search, torchrun levels
+#   PART=runs bash tests/gpu_check.sh       # pretraining, generation, beam search, torchrun levels,
+#                                           # instruction tuning, chat, packed vs padded rows
 #   DEVICE=cpu TINY=1 PYTHON=.venv/bin/python bash tests/gpu_check.sh   # dry run on a CPU, tiny shapes
 # Needs torch, tiktoken, numpy, tqdm, tensorboard, pytest (not datasets: it uses the builtin corpus).
 set -uo pipefail
@@ -21,7 +22,7 @@ step() {  # step NAME COMMAND...: run, keep the log, remember failures, go on
     local name=$1; shift
     echo "== $name: $*"
     if ! "$@" > "$out/$name.log" 2>&1; then echo "   FAILED (see $out/$name.log)"; tail -n 5 "$out/$name.log"; status=1; fi
-    grep -E '^(mode|train|decode|tokenize|step|epoch|model:|device:)|passed|failed|skipped' "$out/$name.log" | tail -n 12
+    grep -E '^(mode|train|decode|tokenize|pack|step|epoch|model:|data:|device:)|passed|failed|skipped' "$out/$name.log" | tail -n 12
 }
 
 if [ "${TINY:-0}" = 1 ]; then
@@ -83,11 +84,27 @@ step generate "$py" generate.py --checkpoint_path "$out/single/checkpoint.pt" --
 step beam_search "$py" beam_search.py --checkpoint_path "$out/single/checkpoint.pt" --device "$device" \
     --prompt "The class statement" --max_tokens 16 --beam_width 4
 
+# Instruction tuning of that model with LoRA on the builtin conversations (bf16, compile, packed rows with
+# their block-diagonal mask), chatting with it (the merged model in a CUDA-graph decoder), and its speed:
+# conversation tokens/s of packed rows against one conversation per padded row.
+tune=(--dataset builtin --dataset_path "$out/datasets" --device "$device" --compile "$compile" --mask_input
+      --max_tokens_per_sample 512 --batch_size 8 --gradient_accumulation_steps 2 --num_epochs 1 --eval_samples 16
+      --learning_rate 3e-2 --warmup_steps 2 --seed 0)
+step instruction_tune "$py" instruction-tune.py --base_model_path "$out/single/checkpoint.pt" "${tune[@]}" \
+    --checkpoint_path "$out/single/lora.pt" --run_dir_path "$out/single/lora-runs" --merge_path "$out/single/chat.pt"
+step chat "$py" generate.py --checkpoint_path "$out/single/checkpoint.pt" --lora_path "$out/single/lora.pt" \
+    --device "$device" --compile "$compile" --prompt 'What does the "del" statement do?' --max_tokens 64 --seed 0
+step bench_pack "$py" bench.py pack --device "$device" --compile "$compile" --token_encoding bytes "${shape[@]}" \
+    --batch_size 8 --tokens_per_sample 1024 --iterations 5 --warmup_iterations 2
+
 # torchrun with one process at every sharding level.
 for level in 0 2 3; do
     rm -rf "$out/level$level"
     step "torchrun_level$level" "$py" -m torch.distributed.run --standalone --nproc-per-node 1 pretrain.py "${run[@]}" \
         --ddp_sharding_level "$level" --checkpoint_path "$out/level$level/checkpoint.pt" --run_dir_path "$out/level$level/runs"
 done
+step torchrun_tune_level3 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 instruction-tune.py \
+    --base_model_path "$out/single/checkpoint.pt" "${tune[@]}" --ddp_sharding_level 3 \
+    --checkpoint_path "$out/level3/lora.pt" --run_dir_path "$out/level3/lora-runs"
 echo "gpu_check: $([ $status = 0 ] && echo all steps passed || echo some steps FAILED)"
 exit $status
