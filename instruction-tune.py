@@ -267,8 +267,8 @@ def packed_data(args, ctx: Distributed, tokenizer: ChatTokenizer, encoding_spec:
     test_rows = pack(data.test, T, args.mask_input, tokenizer.pad)
     for name, rows in (("training", train_rows), ("test", test_rows)):
         if rows.truncated or rows.dropped:
-            print0(f"note: {rows.truncated:,} {name} conversations longer than --max_tokens_per_sample {T} were cut "
-                   f"short, {rows.dropped:,} of them dropped (nothing of the assistant's was left)")
+            print0(f"note: of the {name} conversations, {rows.truncated:,} longer than --max_tokens_per_sample {T} "
+                   f"were cut short and {rows.dropped:,} left out (nothing to learn was left)")
         if not len(rows):
             raise UserError(f"--dataset {args.dataset}: no {name} conversation is left to train on")
     return train_rows, test_rows

@@ -2,6 +2,7 @@
 which PyTorch it installs, with and without an NVIDIA GPU (a fake nvidia-smi on PATH), and what it trains.
 CI runs the script for real (TINY=1 in .ci/run)."""
 
+import importlib
 import os
 import shlex
 import shutil
@@ -49,9 +50,10 @@ def torch_installs(commands: list[str]) -> list[str]:
     return [c.split(" -m pip install ", 1)[1] for c in commands if " -m pip install " in c and "requirements" not in c]
 
 
-def script_args(commands: list[str], script: str) -> list[str]:
-    (command,) = [c for c in commands if f" {script} " in c]
-    return shlex.split(command.split(f" {script} ", 1)[1])
+def script_args(commands: list[str], script: str, which: int = 0) -> list[str]:
+    """The arguments of the script's `which`-th command (generate.py runs more than once)."""
+    command = [c for c in commands if f" {script} " in c][which]
+    return shlex.split(command.split(f" {script} ", 1)[1].split(" | ")[0])
 
 
 def assert_cpu_build_only(installs: list[str]) -> None:
@@ -68,6 +70,10 @@ def test_a_gpu_gets_pypi_torch_and_a_larger_shape_on_cuda(tmp_path):
     model_config(args, 257)  # a shape GPTConfig accepts
     generate = script_args(commands, "generate.py")
     assert generate[generate.index("--device") + 1] == "cuda"
+    tune = importlib.import_module("instruction-tune").parse_args(script_args(commands, "instruction-tune.py"))
+    assert tune.device == "cuda" and tune.dataset == "builtin" and tune.base_model_path == args.checkpoint_path
+    chat = script_args(commands, "generate.py", which=2)
+    assert chat[chat.index("--lora_path") + 1] == tune.checkpoint_path
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="on macOS PyPI's torch is the CPU build")
