@@ -148,3 +148,27 @@ def test_packed_rows_train_through_activation_checkpointing_alike():
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_lora_checkpoint_round_trip(tmp_path):
+    """Adapters saved as instruction-tune.py saves them load back onto the same base and compute the same
+    logits; the checkpoint holds no base weight."""
+    from common import adapted_model, load_checkpoint, save_checkpoint
+
+    base_model = tiny()
+    save_checkpoint({"kind": "pretrain", "config": base_model.config.to_dict(), "model": base_model.state_dict(),
+                     "token_encoding": "bytes", "eot_id": 256}, str(tmp_path / "base.pt"))
+    base = load_checkpoint(str(tmp_path / "base.pt"), "pretrain")
+    model = adapted(tiny(), rank=4, alpha=2.0, dropout=0.1)
+    perturb(model)
+    save_checkpoint({"kind": "lora", "config": model.config.to_dict(), "adapters": lora_state_dict(model),
+                     "lora": {"rank": 4, "alpha": 2.0, "dropout": 0.1},
+                     "base": {"sha256": base["sha256"], "vocabulary_size": V},
+                     "special_tokens": ["<|im_start|>", "<|im_end|>", "<|pad|>"], "token_encoding": "bytes",
+                     "eot_id": 256}, str(tmp_path / "lora.pt"))
+    lora = load_checkpoint(str(tmp_path / "lora.pt"), "lora")
+    assert not any(k.endswith(".weight") or k == "token_embeddings.base" for k in lora["adapters"])
+    loaded = adapted_model(base, lora).eval()
+    x = torch.randint(0, V + NEW, (2, 12))
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    assert loaded.blocks[0].mlp.up.dropout.p == 0.1 and loaded.config.dropout == 0.0
