@@ -14,6 +14,7 @@ sharded, as PyTorch's FSDP2 guidance has it; without FSDP the whole model is com
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
