@@ -14,7 +14,6 @@ sharded, as PyTorch's FSDP2 guidance has it; without FSDP the whole model is com
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -23,23 +22,17 @@ from torch.distributed.tensor import DTensor
 
 from adafactor import Adafactor
 from common import Distributed, bf16_supported
-from model import GPT, GPTConfig
+from model import GPTConfig
+from sizing import adafactor_state_bytes, gradient_bytes, weight_bytes
 
 
 def training_memory(config: GPTConfig, shards: int) -> tuple[int, int]:
     """(bytes on one rank's device, bytes of the whole fp32 weights): the least a rank needs to train
     `config`, before activations. Every rank builds the whole fp32 model (FSDP shards it afterwards); the
-    fp32 gradients and Adafactor's state (row and column statistics of a matrix, the second moment of a
-    vector) come on top, divided among `shards` ranks (FSDP) or whole (DDP, one process). Counted on a
-    one-block model on the meta device, so a shape far too big to build costs nothing to measure."""
-    with torch.device("meta"):
-        one_block = GPT(replace(config, num_hidden_layers=1))
-    weights = state = 0
-    for name, p in one_block.named_parameters():
-        copies = config.num_hidden_layers if name.startswith("blocks.") else 1
-        weights += copies * p.numel()
-        state += copies * (sum(p.shape) if p.dim() == 2 else p.numel())
-    return 4 * weights + 4 * (weights + state) // shards, 4 * weights
+    fp32 gradients and Adafactor's state come on top, divided among `shards` ranks (FSDP) or whole (DDP,
+    one process). sizing.py counts them on the meta device, so a shape far too big to build costs nothing."""
+    weights = weight_bytes(config)
+    return weights + gradient_bytes(config, shards) + adafactor_state_bytes(config, shards), weights
 
 
 class Parallel:
