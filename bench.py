@@ -54,7 +54,7 @@ from common import (
     synchronize,
 )
 from generate import Decoder, Sampler, Sampling, add_sampling_args
-from model import GPT, GPTConfig, peak_tflops
+from model import GPT, peak_tflops
 
 DECODE_COMPILE_MODES = {"plain": "default", "autotune": "max-autotune-no-cudagraphs"}  # torch.compile modes
 ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",

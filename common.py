@@ -209,6 +209,31 @@ def add_system_args(g, compile_help: str | None = "torch.compile the model (auto
         g.add_argument("--seed", type=seed_int, default=seed_default, help=seed_help)
 
 
+def add_optimizer_args(g, warmup_steps: int, low_memory_names: tuple = ("--low_memory_optimizer",)) -> None:
+    """The learning-rate schedule, Adafactor and clipping flags the trainers share (each its own warmup;
+    the card names the low-memory flag differently for instruction tuning, so both names are taken there)."""
+    g.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
+                   help="optimizer steps of linear learning-rate warmup")
+    g.add_argument("--lr_schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="learning-rate decay after warmup")
+    g.add_argument("--min_lr_ratio", type=probability, default=0.1,
+                   help="final learning rate as a fraction of the peak (cosine/linear)")
+    g.add_argument("--rms_decay", type=non_positive_float, default=-0.8,
+                   help="Adafactor's decay exponent of the second-moment (RMS) average; at most 0")
+    g.add_argument(*low_memory_names, action="store_true",
+                   help="single-tensor Adafactor updates: less memory, a little slower")
+    g.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
+                   help="clip the global gradient norm to this value")
+
+
+def add_distributed_args(g) -> None:
+    """The torchrun flags the trainers share (ignored in a single process)."""
+    g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
+                   help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
+    g.add_argument("--collective_timeout", type=positive_float, default=10.0,
+                   help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
+
+
 def model_config(args, vocabulary_size: int) -> GPTConfig:
     """The GPTConfig the architecture flags describe; a shape GPTConfig rejects is a user error."""
     try:

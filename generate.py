@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch

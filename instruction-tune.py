@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from datetime import timedelta
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
 from adafactor import Adafactor
 from chat import SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data
@@ -39,8 +37,9 @@ from common import (
     TRAINING_ENTRIES,
     ArgumentParser,
     Distributed,
-    StopFlag,
     UserError,
+    add_distributed_args,
+    add_optimizer_args,
     add_system_args,
     adapted_model,
     agree,
@@ -49,10 +48,7 @@ from common import (
     compile_enabled,
     float_in,
     load_checkpoint,
-    lost_rank_is_one_line,
     model_from_checkpoint,
-    non_negative_int,
-    non_positive_float,
     positive_float,
     positive_int,
     precision_name,
@@ -60,8 +56,6 @@ from common import (
     probability,
     run_main,
     save_checkpoint,
-    setup_distributed,
-    teardown_distributed,
 )
 from data import BatchPrefetcher, RowSampler, load_encoding, to_device
 from model import LORA_TARGETS, GPT, add_lora, grow_vocabulary, lora_state_dict, merge_lora, trainable_by_kind
@@ -72,14 +66,13 @@ from training import (
     allow_tf32,
     batch_layout,
     check_same_flags,
-    claim_outputs,
     epoch_position,
     learning_rate_at,
     read_checkpoint,
     rng_states,
     run_seed,
+    run_trainer,
     start_rng_streams,
-    train,
 )
 
 CHECKPOINT_KIND = "lora"
@@ -115,18 +108,7 @@ def parse_args(argv=None):
                    help="forward passes per optimizer step")
     g.add_argument("--num_epochs", type=positive_int, default=4, help="passes over the training conversations")
     g.add_argument("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate of Adafactor")
-    g.add_argument("--warmup_steps", type=non_negative_int, default=10,
-                   help="optimizer steps of linear learning-rate warmup")
-    g.add_argument("--lr_schedule", choices=("cosine", "linear", "constant"), default="cosine",
-                   help="learning-rate decay after warmup")
-    g.add_argument("--min_lr_ratio", type=probability, default=0.1,
-                   help="final learning rate as a fraction of the peak (cosine/linear)")
-    g.add_argument("--rms_decay", type=non_positive_float, default=-0.8,
-                   help="Adafactor's decay exponent of the second-moment (RMS) average; at most 0")
-    g.add_argument("--optimizer_low_memory", "--low_memory_optimizer", action="store_true",
-                   help="single-tensor Adafactor updates: less memory, a little slower (pretrain.py's name works too)")
-    g.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
-                   help="clip the global gradient norm to this value")
+    add_optimizer_args(g, warmup_steps=10, low_memory_names=("--optimizer_low_memory", "--low_memory_optimizer"))
     g.add_argument("--eval_interval", type=positive_int, default=1, help="evaluate test perplexity every this many epochs")
     g.add_argument("--eval_samples", type=positive_int, default=256, help="test rows per evaluation (at most)")
     g = p.add_argument_group("LoRA")
@@ -137,10 +119,7 @@ def parse_args(argv=None):
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute block activations in backward to save memory")
     g = p.add_argument_group("system")
-    g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
-                   help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
-    g.add_argument("--collective_timeout", type=positive_float, default=10.0,
-                   help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
+    add_distributed_args(g)
     g.add_argument("--checkpoint_interval", type=positive_int, default=1, help="save a checkpoint every this many epochs")
     g.add_argument("--checkpoint_path", default="./checkpoints/lora_instruction.pt", help="the LoRA checkpoint")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
@@ -155,21 +134,18 @@ def parse_args(argv=None):
 
 
 def main(args) -> list[tuple[int, float]]:
-    with StopFlag() as stop:  # as in pretrain.py: set-up abandoned at once, training stopped after a step
-        ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
-        try:
-            check_merge_path(args)
-            with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):
-                run, base = set_up(args, ctx, device)
-                with lost_rank_is_one_line(ctx):
-                    history = train(*run, ctx, device, stop) if run else []
-                    if ctx.enabled:
-                        dist.barrier(group=ctx.control_group)
-                if args.merge_path:
-                    agree(ctx, partial(write_merged, args, base), who="rank0")
-            return history
-        finally:
-            teardown_distributed()
+    check_merge_path(args)
+    base = {}  # set_up's base checkpoint, which the merge reads after training
+
+    def set_up_run(ctx: Distributed, device: torch.device):
+        run, base["state"] = set_up(args, ctx, device)
+        return run
+
+    def merge(ctx: Distributed) -> None:
+        if args.merge_path:
+            agree(ctx, partial(write_merged, args, base["state"]), who="rank0")
+
+    return run_trainer(args, set_up_run, merge)
 
 
 def check_merge_path(args) -> None:

@@ -22,39 +22,32 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-from datetime import timedelta
 from functools import partial
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from adafactor import Adafactor
 from common import (
     ARCHITECTURE_FLAGS,
     ArgumentParser,
     Distributed,
-    StopFlag,
     UserError,
+    add_distributed_args,
     add_model_args,
+    add_optimizer_args,
     add_system_args,
     agree,
     check_memory,
     compile_enabled,
-    lost_rank_is_one_line,
     model_config,
-    non_negative_int,
-    non_positive_float,
     parse_with_preset,
     positive_float,
     positive_int,
     precision_name,
     print0,
-    probability,
     run_main,
-    setup_distributed,
-    teardown_distributed,
 )
 from data import (
     FINEWEB,
@@ -75,14 +68,13 @@ from training import (
     allow_tf32,
     batch_layout,
     check_same_flags,
-    claim_outputs,
     epoch_position,
     learning_rate_at,
     read_checkpoint,
     rng_states,
     run_seed,
+    run_trainer,
     start_rng_streams,
-    train,
 )
 
 CHECKPOINT_KIND = "pretrain"
@@ -109,18 +101,7 @@ def parse_args(argv=None):
     g.add_argument("--samples_per_epoch", type=positive_int, default=4096, help="training samples per epoch")
     g.add_argument("--num_epochs", type=positive_int, default=1686, help="epochs to train for")
     g.add_argument("--learning_rate", type=positive_float, default=1e-2, help="peak learning rate of Adafactor")
-    g.add_argument("--warmup_steps", type=non_negative_int, default=100,
-                   help="optimizer steps of linear learning-rate warmup")
-    g.add_argument("--lr_schedule", choices=("cosine", "linear", "constant"), default="cosine",
-                   help="learning-rate decay after warmup")
-    g.add_argument("--min_lr_ratio", type=probability, default=0.1,
-                   help="final learning rate as a fraction of the peak (cosine/linear)")
-    g.add_argument("--rms_decay", type=non_positive_float, default=-0.8,
-                   help="Adafactor's decay exponent of the second-moment (RMS) average; at most 0")
-    g.add_argument("--low_memory_optimizer", action="store_true",
-                   help="single-tensor Adafactor updates: less memory, a little slower")
-    g.add_argument("--max_gradient_norm", type=positive_float, default=1.0,
-                   help="clip the global gradient norm to this value")
+    add_optimizer_args(g, warmup_steps=100)
     g.add_argument("--eval_interval", type=positive_int, default=10,
                    help="evaluate test perplexity every this many epochs")
     g.add_argument("--eval_samples", type=positive_int, default=256,
@@ -130,10 +111,7 @@ def parse_args(argv=None):
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute block activations in backward to save memory")
     g = p.add_argument_group("system")
-    g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
-                   help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
-    g.add_argument("--collective_timeout", type=positive_float, default=10.0,
-                   help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
+    add_distributed_args(g)
     g.add_argument("--checkpoint_interval", type=positive_int, default=20,
                    help="save a checkpoint every this many epochs")
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
@@ -147,20 +125,7 @@ def parse_args(argv=None):
 
 
 def main(args) -> list[tuple[int, float]]:
-    # SIGINT/SIGTERM from the start: a signal during set-up or tokenizing abandons it in one line, with
-    # nothing half written; from the first evaluation on, train() stops where every rank can stop.
-    with StopFlag() as stop:
-        ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
-        try:
-            with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):  # the lock, for the whole run
-                run = set_up(args, ctx, device)
-                with lost_rank_is_one_line(ctx):  # a rank that hangs in training: one line on the others
-                    history = train(*run, ctx, device, stop) if run else []
-                    if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
-                        dist.barrier(group=ctx.control_group)
-            return history
-        finally:
-            teardown_distributed()
+    return run_trainer(args, partial(set_up, args))
 
 
 def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, Parallel, Adafactor] | None:

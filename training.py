@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Callable, Iterable
 
 import torch
@@ -43,6 +44,7 @@ from common import (
     check_writable,
     first_line,
     load_checkpoint,
+    lost_rank_is_one_line,
     os_reason,
     out_of_memory_is_one_line,
     print0,
@@ -50,8 +52,10 @@ from common import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    setup_distributed,
     shorten_timeouts,
     synchronize,
+    teardown_distributed,
 )
 from parallel import Parallel
 
@@ -318,6 +322,31 @@ def quiet_event_writer_threads() -> None:
 
     excepthook.lightgpt = True
     threading.excepthook = excepthook
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def run_trainer(args, set_up: Callable, finish: Callable | None = None) -> list[tuple[int, float]]:
+    """A trainer script's main: SIGINT/SIGTERM handled from the start (a signal during set-up or tokenizing
+    abandons it in one line, with nothing half written; from the first evaluation on, train() stops
+    where every rank can stop), the process group, the checkpoint's lock for the whole run, then
+    set_up(ctx, device) -> train()'s first four arguments (None: nothing to train), the loop, and
+    finish(ctx) (None: nothing), every rank alike. Returns train()'s history."""
+    with StopFlag() as stop:
+        ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
+        try:
+            with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):
+                run = set_up(ctx, device)
+                with lost_rank_is_one_line(ctx):  # a rank that hangs in training: one line on the others
+                    history = train(*run, ctx, device, stop) if run else []
+                    if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
+                        dist.barrier(group=ctx.control_group)
+                if finish is not None:
+                    finish(ctx)
+            return history
+        finally:
+            teardown_distributed()
 
 
 # ----------------------------------------------------------------------------- the loop

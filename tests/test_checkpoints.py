@@ -18,7 +18,7 @@ import torch
 import common
 import generate
 import pretrain
-from common import load_checkpoint, run_main
+from common import load_checkpoint
 from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
 
 
