@@ -360,7 +360,10 @@ def load_local_dataset(files: list[str], builder: str, processes: int):
     failure = None
     with _datasets_error_log() as logged, _forking_workers():
         try:
-            dataset = datasets.load_dataset(builder, data_files=files, split="train", num_proc=processes, **options)
+            # datasets splits work by file: more processes than files only earns a warning on stderr
+            workers = min(processes, len(files))
+            dataset = datasets.load_dataset(builder, data_files=files, split="train",
+                                            num_proc=workers if workers > 1 else None, **options)
         except Exception as e:
             failure = e
     if failure is not None:  # name the file datasets failed on, where it logged one
