@@ -259,3 +259,14 @@ def test_chat_flags_in_scripts(base, tuned, monkeypatch, capsys):
                                                      "--num_candidates", "2", "--max_tokens", "12"]))[0]
     assert found[0].finished and found[0].tokens[-1] == tok.im_end
     assert capsys.readouterr().out.split("\n")[1] == "yes."  # the best candidate, without its <|im_end|>
+
+
+def test_a_chat_longer_than_the_cache_slides_on(base, tuned):
+    """Turns keep coming after the conversation outgrows --context_length: the oldest tokens slide out of
+    the ring and every turn is still answered."""
+    out, _ = tuned
+    loaded = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt"))
+    decoder = Decoder(loaded.model, 24, 1, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0), False)
+    chat = Conversation(loaded, decoder, "Be brief.")
+    answers = [chat.reply(text, max_tokens=8) for text in ("Say apple.", "Again.", "Say river.", "Again.")]
+    assert all(answers) and decoder.next_position > 24 * 2
