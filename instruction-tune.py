@@ -246,7 +246,8 @@ def packed_data(args, ctx: Distributed, tokenizer: ChatTokenizer, encoding_spec:
             print0(f"note: of the {name} conversations, {rows.truncated:,} longer than --max_tokens_per_sample {T} "
                    f"were cut short and {rows.dropped:,} left out (nothing to learn was left)")
         if not len(rows):
-            raise UserError(f"--dataset {args.dataset}: no {name} conversation is left to train on")
+            use = "train on" if name == "training" else "evaluate on"
+            raise UserError(f"--dataset {args.dataset}: no {name} conversation is left to {use}")
     return train_rows, test_rows
 
 
