@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of the pretraining, scale-out, generation, speed and instruction-tuning work: about 8 minutes on one
-# H200 for both parts. Prints a table per step and writes every log under $OUT (or ./gpu_check).
+# The GPU checks of the pretraining, scale-out, generation, speed and instruction-tuning work: about 10 minutes
+# on one H200 for both parts, estimated (8 were measured before instruction tuning was added). Prints a table
+# per step and writes every log under $OUT (or ./gpu_check).
 #   bash tests/gpu_check.sh                 # on the GPU machine: PART=bench, then PART=runs
 #   PART=bench bash tests/gpu_check.sh      # CUDA-only tests and bench.py (PROFILE=1: also traces;
 #                                           # COMPARE=1: also flash/efficient attention, dropout 0 and

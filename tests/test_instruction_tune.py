@@ -191,7 +191,7 @@ def test_two_processes_tune_as_one_does(base, chats, tmp_path, level):
     one = check(launch(1, tune_args(base, chats, tmp_path / "one", *flags), script="instruction-tune.py"))
     two = check(launch(2, tune_args(base, chats, tmp_path / "two", *flags, "--ddp_sharding_level", str(level)),
                        script="instruction-tune.py"))
-    assert f"2 processes, {'ddp' if level == 0 else 'fsdp'}" in two.stdout
+    assert f"2 processes, {'ddp' if level == 0 else 'fsdp level 3'}" in two.stdout
     assert losses(two.stdout) == pytest.approx(losses(one.stdout), abs=1e-4)
     a = load_checkpoint(str(tmp_path / "one" / "lora.pt"), "lora")
     b = load_checkpoint(str(tmp_path / "two" / "lora.pt"), "lora")
