@@ -12,6 +12,7 @@ import model as model_module
 import pretrain
 from common import load_checkpoint, model_from_checkpoint
 from conftest import fails_with_one_line, tiny_pretrain_args
+from beam_search import beam_search
 from model import GPT, GPTConfig, alibi_slopes
 from test_generate import greedy_by_recomputation, greedy_with_cache
 
@@ -214,6 +215,36 @@ def test_non_power_of_two_heads_decode_like_recomputation():
     m = random_model("alibi", heads=6)
     prompt = tokens(4).tolist()
     assert greedy_with_cache(m, prompt, 20, 8) == greedy_by_recomputation(m, prompt, 20, 8)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_beam_width_one_is_greedy_past_the_window(encoding):
+    """Beam search reorders the ring's rows; the positions are shared by every beam."""
+    m = random_model(encoding)
+    prompt = [1, 2, 3]
+    found = beam_search(m, prompt, end=299, beam_width=1, num_candidates=1, max_tokens=20, context_length=8)[0]
+    assert found.tokens == greedy_by_recomputation(m, prompt, 20, window=8)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_beam_search_scores_equal_recomputed_log_probabilities(encoding):
+    m = random_model(encoding)
+    prompt = [4, 1, 7]
+    for found in beam_search(m, prompt, end=299, beam_width=4, num_candidates=3, max_tokens=6, context_length=16):
+        with torch.no_grad():
+            logp = torch.log_softmax(m(torch.tensor([prompt + found.tokens]))[0].float(), -1)
+        total = sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(found.tokens))
+        assert found.score == pytest.approx(total / len(found.tokens), abs=1e-4)
+
+
+@pytest.mark.slow  # torch.compile of the decode step: inductor builds C++ kernels
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_compiled_decode_step_equals_recomputation(encoding):
+    """The decode step a GPU runs as a CUDA graph: positions come in as a tensor, through three spans
+    (64, 128, 130) and past the wrap."""
+    m = random_model(encoding)
+    prompt = [5, 6, 7]
+    assert greedy_with_cache(m, prompt, 140, 130, use_compile=True) == greedy_by_recomputation(m, prompt, 140, 130)
 
 
 # ----------------------------------------------------------------------------- scripts and checkpoints
