@@ -196,7 +196,8 @@ def add_model_args(g) -> None:
                    help="MLP hidden width / model width")
     g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
     g.add_argument("--position_encoding", choices=POSITION_ENCODINGS, default="none",
-                   help="an ablation switch: rope or alibi add positions to attention; none (NoPE) is LightGPT's design")
+                   help="an ablation switch: rope or alibi add positions to attention; "
+                        "none (NoPE) is LightGPT's design")
 
 
 def add_system_args(g, compile_help: str | None = "torch.compile the model (auto: on for CUDA)",

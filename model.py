@@ -416,11 +416,10 @@ class GPT(nn.Module):
             k_pos = cache.slot_pos[: cache.span or cache.length]  # -1: empty, masked by begin()'s mask
         elif cache is not None and cache.continuing:
             k_pos = torch.cat([cache.ring_pos, input_pos])  # the ring as it was, then this chunk
-        if mask is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         weight = self.token_embeddings.weight
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
-        return alibi_mask(alibi_slopes(self.config.num_attention_heads, device), q_pos, k_pos, mask, dtype), None
+        slopes = alibi_slopes(self.config.num_attention_heads, device)
+        return alibi_mask(slopes, q_pos, k_pos, mask, dtype), None  # mask None (plain causal): q_pos >= k_pos
 
     # ------------------------------------------------------------------------- accounting
 

@@ -251,8 +251,8 @@ def test_compiled_decode_step_equals_recomputation(encoding):
 
 
 def test_bad_value_is_one_line(capsys, builtin_data, tmp_path):
-    fails_with_one_line(capsys, pretrain, tiny_pretrain_args(builtin_data, str(tmp_path), "--position_encoding", "xpos"),
-                        "--position_encoding", "rope")
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--position_encoding", "xpos")
+    fails_with_one_line(capsys, pretrain, argv, "--position_encoding", "rope")
 
 
 def test_rope_with_an_odd_head_width_is_one_line(capsys, builtin_data, tmp_path):
