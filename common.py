@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from model import GPT, GPTConfig, add_lora, grow_vocabulary, lora_state_dict, trainable_by_kind
+from model import POSITION_ENCODINGS, GPT, GPTConfig, add_lora, grow_vocabulary, lora_state_dict, trainable_by_kind
 
 CHECKPOINT_VERSION = 1
 
@@ -195,6 +195,9 @@ def add_model_args(g) -> None:
     g.add_argument("--feed_forward_ratio", type=int, choices=(1, 2, 4), default=4,
                    help="MLP hidden width / model width")
     g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
+    g.add_argument("--position_encoding", choices=POSITION_ENCODINGS, default="none",
+                   help="an ablation switch: rope or alibi add positions to attention; "
+                        "none (NoPE) is LightGPT's design")
 
 
 def add_system_args(g, compile_help: str | None = "torch.compile the model (auto: on for CUDA)",
@@ -794,6 +797,9 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind)
 
 
+LATER_CONFIG_FIELDS = ("position_encoding",)  # GPTConfig fields older checkpoints lack; they mean the default
+
+
 def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | None:
     """What is wrong with a loaded LightGPT checkpoint (kind and version already checked), in words that
     follow "its file is not usable: ", or None. The one place the checkpoint's schema is checked."""
@@ -808,11 +814,13 @@ def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | Non
     config = state["config"]
     for f in fields(GPTConfig):
         if f.name not in config:
+            if f.name in LATER_CONFIG_FIELDS:
+                continue  # a checkpoint from before the field: from_dict takes its default
             return f"its config has no {f.name!r}"
         kind = type(f.default)
         if not _is(config[f.name], kind):
-            return (f"its config's {f.name!r} is {_shown(config[f.name])}, "
-                    f"expected {'an integer' if kind is int else 'a number'}")
+            words = {int: "an integer", float: "a number", str: "a string"}[kind]
+            return f"its config's {f.name!r} is {_shown(config[f.name])}, expected {words}"
     try:
         config = GPTConfig.from_dict(config)
     except ValueError as e:

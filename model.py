@@ -17,6 +17,11 @@ Design, bottom-up in this file:
   This equals recomputing the whole sequence with sliding-window causal attention of that width.
   Until the ring is full a decode step attends only over its filled prefix, rounded up to one of a
   few power-of-two spans so that a compiled decoder needs only a few shapes.
+- Position encodings, an ablation switch (position_encoding, default "none": NoPE is the design).
+  "rope" rotates queries and keys by their absolute positions (keys before they enter the ring, so
+  the ring still works unchanged: only q_pos - k_pos reaches the scores); "alibi" adds -m_h x
+  (q_pos - k_pos) to head h's scores through a float mask, key positions read from the ring's slot_pos.
+  Positions restart at every packed document, so packed rows still equal separate runs.
 - Accounting: parameters, training FLOPs per token, MFU, KV-cache bytes per token.
 - Packed sequences (instruction tuning): several conversations share a row, each attending only to
   itself through a block-diagonal causal mask built from per-position document ids. With NoPE this
@@ -37,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+POSITION_ENCODINGS = ("none", "rope", "alibi")  # NoPE, rotary (RoFormer), linear biases (ALiBi)
+ROPE_BASE = 10_000.0  # the rotary frequencies: base ** (-2i / head_dim)
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, masked prompts)
 VOCAB_MULTIPLE = 64  # the embedding table is padded up to a multiple of this many rows
 LOGITS_CHUNK_BYTES = 2**29  # the loss computes fp32 logits for at most this many bytes at a time
@@ -58,6 +65,7 @@ class GPTConfig:
     num_hidden_layers: int = 24
     feed_forward_ratio: int = 4
     dropout: float = 0.1
+    position_encoding: str = "none"  # an ablation switch; checkpoints from before it have none
 
     def __post_init__(self):
         problems = []
@@ -78,6 +86,13 @@ class GPTConfig:
             problems.append(f"feed_forward_ratio must be 1, 2 or 4, got {self.feed_forward_ratio}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            problems.append(f"position_encoding must be one of {', '.join(POSITION_ENCODINGS)}, "
+                            f"got {self.position_encoding!r}")
+        elif (self.position_encoding == "rope" and self.num_attention_heads >= 1
+              and not self.embedding_dimensions % self.num_attention_heads and self.head_dimensions % 2):
+            problems.append(f"position_encoding rope needs an even head width "
+                            f"(embedding_dimensions / num_attention_heads), got {self.head_dimensions}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -116,6 +131,52 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that restart at 0 where each packed document starts."""
+    t = torch.arange(documents.size(1), device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T): minus the start of its document
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles at these positions ((T,) or (B, T)), fp32, shaped to broadcast
+    over (B, n_head, T, head_dim // 2). Computed from the positions, so no length caps them and a
+    decode step's position tensor needs no host sync."""
+    inv_freq = ROPE_BASE ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., T, head_dim // 2)
+    angles = angles.view(1, 1, *angles.shape) if positions.dim() == 1 else angles.unsqueeze(1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x (B, n_head, T, head_dim) rotated pairwise (first half with second half) by its angles, in fp32."""
+    cos, sin = rope
+    x1, x2 = x.float().chunk(2, dim=-1)  # 2 x (B, n_head, T, head_dim // 2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def alibi_slopes(n_head: int, device) -> torch.Tensor:
+    """ALiBi's per-head slopes, (n_head,) fp32: 2^(-8 / n) ... 2^(-8) for n a power of two; otherwise the
+    power of two p below n's slopes, then every other slope of 2p (as in the paper's code). Built on
+    the device from constants: no host copy in a decode step."""
+    p = 2 ** math.floor(math.log2(n_head))
+    exponents = torch.cat([torch.arange(1, p + 1, device=device, dtype=torch.float32) * (8 / p),
+                           (2 * torch.arange(n_head - p, device=device, dtype=torch.float32) + 1) * (4 / p)])
+    return torch.exp2(-exponents)
+
+
+def alibi_mask(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, allowed: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor:
+    """(1 or B, n_head, T, S) float attention mask: -slope x (q_pos - k_pos) where `allowed` (a boolean
+    mask broadcasting to (B, 1, T, S); None: causal), -inf elsewhere."""
+    distance = (q_pos[:, None] - k_pos[None, :]).float()  # (T, S)
+    if allowed is None:
+        allowed = distance >= 0
+    bias = -slopes.view(1, -1, 1, 1) * distance  # (1, n_head, T, S)
+    return torch.where(allowed, bias, float("-inf")).to(dtype)  # (1 or B, n_head, T, S)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
@@ -128,10 +189,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, mask=None, rope=None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, n_head, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, n_head, T, head_dim)
+        if rope is not None:  # keys rotated at their absolute positions before they enter the ring
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # decode: the cached keys and values, this one included
         dropout = self.dropout if self.training else 0.0
@@ -166,8 +229,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.embedding_dimensions)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache=None, mask=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, mask)
+    def forward(self, x: torch.Tensor, cache=None, mask=None, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, mask, rope)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -306,12 +369,15 @@ class GPT(nn.Module):
         window limits attention to the last `window` keys (sliding-window causal attention; a cache of
         length L implies window L)."""
         cache, mask = self._attention(idx.size(1), documents, input_pos, window, idx.device)
+        rope = None
+        if self.config.position_encoding != "none":
+            mask, rope = self._positions(idx.size(1), documents, input_pos, cache, mask, idx.device)
         x = self.token_embeddings(idx)  # (B, T, C)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cache, mask, use_reentrant=False)
+                x = checkpoint(block, x, cache, mask, rope, use_reentrant=False)
             else:
-                x = block(x, cache, mask)
+                x = block(x, cache, mask, rope)
         x = self.output_norm(x)
         if targets is None:
             faster = None if cache is None else cache.output_weight  # a CPU decoder's column-major copy
@@ -328,12 +394,32 @@ class GPT(nn.Module):
                 raise RuntimeError("call setup_cache() before decoding with input_pos")
             if window is not None and window != cache.length:
                 raise ValueError(f"a KV cache fixes the window at the cache length ({cache.length}), not {window}")
+            if self.config.position_encoding == "alibi" and input_pos.numel() > 1:
+                cache.ring_pos = cache.slot_pos.clone()  # the ring's positions before this chunk overwrites them
             return cache, cache.begin(input_pos)
         if documents is not None:
             if window is not None:
                 raise ValueError("documents and window cannot be combined")
             return None, document_mask(documents)
         return None, sliding_window_mask(T, window, device) if window is not None and T > window else None
+
+    def _positions(self, T: int, documents, input_pos, cache, mask, device) -> tuple[torch.Tensor | None, tuple | None]:
+        """RoPE or ALiBi's share of a call: (the attention mask, ALiBi's biases folded in; the rotary cos and
+        sin or None). Queries sit at input_pos with a cache, else at 0 .. T-1, restarting per document."""
+        q_pos = input_pos if input_pos is not None else torch.arange(T, device=device)
+        if self.config.position_encoding == "rope":
+            if documents is not None:
+                q_pos = document_positions(documents)  # (B, T)
+            return mask, rope_angles(q_pos, self.config.head_dimensions)
+        k_pos = q_pos  # the keys of a call without a cache, or of a prefill that starts a sequence
+        if cache is not None and T == 1:
+            k_pos = cache.slot_pos[: cache.span or cache.length]  # -1: empty, masked by begin()'s mask
+        elif cache is not None and cache.continuing:
+            k_pos = torch.cat([cache.ring_pos, input_pos])  # the ring as it was, then this chunk
+        weight = self.token_embeddings.weight
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        slopes = alibi_slopes(self.config.num_attention_heads, device)
+        return alibi_mask(slopes, q_pos, k_pos, mask, dtype), None  # mask None (plain causal): q_pos >= k_pos
 
     # ------------------------------------------------------------------------- accounting
 
@@ -401,6 +487,7 @@ class KVCache(nn.Module):
         self.span: int | None = None
         self.slots: torch.Tensor | None = None  # where this call's tokens go, set by begin()
         self.continuing = False  # whether this multi-token call continues the sequence in the ring
+        self.ring_pos: torch.Tensor | None = None  # ALiBi: slot_pos before a multi-token call, set by GPT
         self.output_weight: torch.Tensor | None = None  # a faster layout of the output layer, if any
         self.layers = nn.ModuleList(LayerKV(shape, device, dtype) for _ in range(config.num_hidden_layers))
         self._buffers_by_layer = [(kv.k, kv.v) for kv in self.layers]  # plain tuples: cheaper per step than

@@ -236,12 +236,18 @@ def eval_share(args, ctx: Distributed, test_tokens: np.ndarray) -> list[int]:
 def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: WindowSampler, seed: int,
                    steps_per_epoch: int) -> int:
     """The step to start from. A resumed run's sampler and RNG streams continue where they were saved,
-    so it draws the same samples and dropout masks as a run that never stopped."""
+    so it draws the same samples and dropout masks as a run that never stopped; at a new --tokens_per_sample
+    (growing the context) the same generator goes on drawing windows of the new length."""
     start_rng_streams(ctx, seed, checkpoint, checkpoint["step"] if checkpoint else 0)
     if not checkpoint:
         return 0
     step, rng = checkpoint["step"], checkpoint["rng"]
-    sampler.load_state_dict(checkpoint["sampler"])
+    sampler.load_state_dict(checkpoint["sampler"])  # its generator draws starts for windows of any length
+    saved = checkpoint.get("args")
+    trained_at = saved.get("tokens_per_sample") if isinstance(saved, dict) else None
+    if isinstance(trained_at, int) and trained_at != args.tokens_per_sample:  # growing (or shrinking) the context
+        print0(f"note: resuming at --tokens_per_sample {args.tokens_per_sample} (the checkpoint trained at "
+               f"{trained_at}): samples are drawn afresh at the new length")
     other_world = f", written by {len(rng)} process(es), now {ctx.world_size}" if len(rng) != ctx.world_size else ""
     print0(f"resumed {args.checkpoint_path} at step {step:,} ({epoch_position(step, steps_per_epoch)}){other_world}")
     return step
