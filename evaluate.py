@@ -114,9 +114,9 @@ def parse_args(argv=None):
 
 def window_starts(tokens: np.ndarray, boundaries: np.ndarray, length: int, windows: int,
                   rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """Start offsets of windows of length + 1 tokens: about half right after an end-of-text token
-    (`boundaries` holds those positions; drawn without repeats, as many as there are documents long
-    enough to start one), the rest at uniformly random offsets."""
+    """Start offsets of windows of length + 1 tokens: about half at the start of a document, 0 or right
+    after an end-of-text token (`boundaries` holds those positions; drawn without repeats, as many as
+    there are documents far enough from the end), the rest at uniformly random offsets."""
     last = len(tokens) - (length + 1)  # the last offset a whole window starts at
     if last < 0:
         raise UserError(f"--context_lengths: the test split holds {len(tokens):,} tokens, too few for a window of "
@@ -153,7 +153,8 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray, eot: int, lengths: list[int
     with perplexity, loss, windows, boundary_windows, tokens, loss_by_position (every window),
     boundary_loss_by_position and random_loss_by_position (None when there are no such windows), and the
     window starts. `progress` (a tqdm) is advanced by one per window."""
-    boundaries = np.flatnonzero(np.asarray(tokens) == eot) + 1  # a document starts after each end-of-text
+    # A document starts at 0 (a split holds whole documents) and after each end-of-text token.
+    boundaries = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eot) + 1])
     vocabulary = model.config.vocabulary_size
     results = {}
     for length in lengths:
