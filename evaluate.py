@@ -222,14 +222,15 @@ def corpus(args, state: dict) -> tuple[str, str | None, str]:
     pretrained on."""
     encoding = args.token_encoding or state["token_encoding"]
     dataset, subset = args.dataset, args.dataset_subset
+    saved = saved_args(state)
+    recorded = saved.get("dataset") if isinstance(saved.get("dataset"), str) and "tokens_per_sample" in saved else None
     if dataset is None:
-        saved = saved_args(state)
-        if not isinstance(saved.get("dataset"), str) or "tokens_per_sample" not in saved:
+        if recorded is None:
             raise UserError(f"--dataset: {args.checkpoint_path} does not record the corpus it was pretrained on "
                             f"(an instruction-tuned or older checkpoint); pass --dataset")
-        dataset = saved["dataset"]
-        if subset is None and isinstance(saved.get("dataset_subset"), str):
-            subset = saved["dataset_subset"]
+        dataset = recorded
+    if subset is None and dataset == recorded and isinstance(saved.get("dataset_subset"), str):
+        subset = saved["dataset_subset"]  # the checkpoint's corpus: its subset too
     if dataset == FINEWEB and subset is None:
         subset = "sample-10BT"  # pretrain.py's default
     return dataset, subset, encoding

@@ -118,6 +118,10 @@ def test_scores_match_the_models_own_loss(checkpoint, builtin_data):
 
 def test_bad_flags_and_files_are_one_line(checkpoint, builtin_data, tmp_path, capsys):
     base = ["--device", "cpu", "--dataset_path", builtin_data, "--output_path", str(tmp_path / "out")]
+    state = load_checkpoint(checkpoint, "pretrain")
+    del state["sha256"], state["args"]
+    unrecorded = str(tmp_path / "unrecorded.pt")  # neither its corpus nor its training length
+    save_checkpoint(state, unrecorded)
     cases = [
         (["--context_lengths", "16,0"], "--context_lengths", "positive integers"),
         (["--context_lengths", "abc"], "--context_lengths"),
@@ -127,6 +131,9 @@ def test_bad_flags_and_files_are_one_line(checkpoint, builtin_data, tmp_path, ca
         (["--checkpoint_path", checkpoint, "--lora_path", checkpoint], "--lora_path", "expected a 'lora' checkpoint"),
         (["--checkpoint_path", checkpoint, "--context_lengths", "100000"], "--context_lengths", "too few"),
         (["--checkpoint_path", checkpoint, "--device", "nonsense"], "--device"),
+        (["--checkpoint_path", unrecorded], "--context_lengths", "--training_length"),
+        (["--checkpoint_path", unrecorded, "--training_length", "16"], "--dataset", "pass --dataset"),
+        (["--checkpoint_path", checkpoint, "--output_path", checkpoint], "--output_path", "cannot write"),
     ]
     for argv, *fragments in cases:
         fails_with_one_line(capsys, evaluate, [*base, *argv], *fragments)
