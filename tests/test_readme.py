@@ -92,9 +92,22 @@ def test_model_shapes_use_real_vocabularies_and_exact_parameter_counts():
         assert parameters == rounded(num_parameters(config)), name
 
 
+def length_experiment_config() -> GPTConfig:
+    """The shape experiments/length_generalisation.sh trains (byte tokens: a vocabulary of 257)."""
+    with open(os.path.join(ROOT, "experiments", "length_generalisation.sh")) as f:
+        script = f.read()
+
+    def flag(name: str) -> int:
+        return int(re.search(rf"--{name} (\d+)", script).group(1))
+
+    return GPTConfig(vocabulary_size=257, embedding_dimensions=flag("embedding_dimensions"),
+                     num_attention_heads=flag("num_attention_heads"), num_hidden_layers=flag("num_hidden_layers"))
+
+
 def test_every_parameter_count_in_the_readme_is_a_real_one():
     counts = {name: rounded(num_parameters(config)) for name, config, _, _ in model_shapes()}
-    known = {*counts.values(), rounded(num_parameters(quick_start_config()))}
+    known = {*counts.values(), rounded(num_parameters(quick_start_config())),
+             rounded(num_parameters(length_experiment_config()))}
     mentions = re.findall(r"(\d[\d.]*[MB])(?:[- ]parameter| Small\b)", README)
     assert len(mentions) >= 4  # the model card, the quick start, generation and the sharding section
     for mention in mentions:
