@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from model import POSITION_ENCODINGS, GPT, GPTConfig, add_lora, grow_vocabulary, lora_state_dict, trainable_by_kind
+from model import (POSITION_ENCODINGS, GPT, GPTConfig, add_lora, grow_vocabulary, lora_state_dict, merge_lora,
+                   trainable_by_kind)
 
 CHECKPOINT_VERSION = 1
 
@@ -947,16 +948,42 @@ def check_base(lora: dict, lora_path: str, base: dict, base_path: str, base_flag
                         f"checkpoint it was trained on")
 
 
+def lora_model(base: dict, rank: int, alpha: float, dropout: float, new_tokens: int) -> GPT:
+    """The base checkpoint's model, its vocabulary grown by `new_tokens` (the chat special tokens), with
+    fresh adapters (add_lora) that train together with the new rows."""
+    model = grow_vocabulary(model_from_checkpoint(base), new_tokens)
+    return add_lora(model, rank, alpha, dropout, (base["config"]["vocabulary_size"], new_tokens))
+
+
 def adapted_model(base: dict, lora: dict) -> GPT:
-    """The base checkpoint's model, grown by the LoRA checkpoint's special tokens, with its adapters (not
-    merged; merge_lora folds them in). Both states checked by load_checkpoint, the pair by check_base."""
-    model = grow_vocabulary(model_from_checkpoint(base), len(lora["special_tokens"]))
+    """The base checkpoint's model with a LoRA checkpoint's adapters (not merged; merge_lora folds them
+    in). Both states checked by load_checkpoint, the pair by check_base."""
     settings = lora["lora"]
-    add_lora(model, settings["rank"], settings["alpha"], settings["dropout"],
-             (base["config"]["vocabulary_size"], len(lora["special_tokens"])))
+    model = lora_model(base, settings["rank"], settings["alpha"], settings["dropout"], len(lora["special_tokens"]))
     missing = set(model.load_state_dict(lora["adapters"], strict=False).missing_keys)
     assert not missing & set(lora_state_dict(model)), "load_checkpoint checked the adapters"
     return model
+
+
+def inference_model(checkpoint_path: str, device: torch.device,
+                    lora_path: str | None = None) -> tuple[GPT, dict, dict | None]:
+    """The model of a checkpoint, or of a base checkpoint with a LoRA checkpoint's adapters merged in (so
+    it runs as fast as any model), in eval mode on the device with bf16 weights where bf16 is native; and
+    the checkpoint states (the LoRA's None without one)."""
+    state = load_checkpoint(checkpoint_path, "pretrain", required=MODEL_ENTRIES)  # checked: config, weights, ...
+    lora = None
+    if lora_path is not None:
+        if state.get("special_tokens"):
+            raise UserError(f"--lora_path: --checkpoint_path {checkpoint_path} is already a merged chat model; "
+                            f"use it alone, or pass the base checkpoint the LoRA was trained on")
+        lora = load_checkpoint(lora_path, "lora", flag="--lora_path", required=LORA_ENTRIES)
+        check_base(lora, lora_path, state, checkpoint_path, "--checkpoint_path")
+        model = merge_lora(adapted_model(state, lora))
+    else:
+        model = model_from_checkpoint(state)
+    if bf16_supported(device):
+        model = model.to(torch.bfloat16)
+    return model.to(device).eval(), state, lora
 
 
 def rng_state() -> dict:

@@ -38,7 +38,7 @@ import torch
 from common import Stopped, UserError, atomic_path, first_line, print0
 
 FINEWEB = "HuggingFaceFW/fineweb"
-FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT", "all")
+FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT", "all")  # the first is the default
 NAMED_ENCODINGS = ("r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 ENDOFTEXT = "<|endoftext|>"
 LOCAL_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -400,6 +400,16 @@ def local_files(pattern: str) -> list[str] | None:
     if pattern.startswith((".", "/", "~")) or os.path.splitext(pattern)[1].lower() in LOCAL_EXTENSIONS:
         raise UserError(f"--dataset: no such file or folder: {pattern}")
     return None
+
+
+def corpus_subset(dataset: str | None, subset: str | None) -> str | None:
+    """The subset a run reads: FineWeb's default one, none for the builtin corpus or local files (they
+    have no subsets), a hub dataset's as given."""
+    if dataset == FINEWEB:
+        return subset or FINEWEB_SUBSETS[0]
+    if dataset == "builtin" or (dataset and (os.path.exists(dataset) or glob.has_magic(dataset))):
+        return None
+    return subset
 
 
 def resolve_corpus(dataset: str, subset: str | None) -> Corpus:

@@ -28,26 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    LORA_ENTRIES,
-    MODEL_ENTRIES,
     ArgumentParser,
     UserError,
-    adapted_model,
     add_system_args,
     atomic_path,
     autocast,
-    bf16_supported,
-    check_base,
     check_writable,
-    load_checkpoint,
-    model_from_checkpoint,
+    inference_model,
     positive_int,
     precision_name,
     resolve_device,
     run_main,
 )
-from data import FINEWEB, open_tokens, prepare_token_files
-from model import GPT, merge_lora
+from data import corpus_subset, open_tokens, prepare_token_files
+from model import GPT
 
 DEFAULT_MULTIPLES = "0.5,1,1.5,2,3,4"
 LOGITS_BUDGET = 1 << 28  # logits elements one forward may produce (1 GiB in fp32): longer windows go fewer at a time
@@ -197,20 +191,7 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray, eot: int, lengths: list[int
 def load_model(args, device: torch.device) -> tuple[GPT, dict, dict | None]:
     """The model to evaluate (a LoRA merged into its base), eval mode on the device, bf16 weights where
     bf16 is native; and the checkpoint states, for their records."""
-    state = load_checkpoint(args.checkpoint_path, "pretrain", required=MODEL_ENTRIES)
-    lora = None
-    if args.lora_path is not None:
-        if state.get("special_tokens"):
-            raise UserError(f"--lora_path: --checkpoint_path {args.checkpoint_path} is already a merged chat model; "
-                            f"use it alone, or pass the base checkpoint the LoRA was trained on")
-        lora = load_checkpoint(args.lora_path, "lora", flag="--lora_path", required=LORA_ENTRIES)
-        check_base(lora, args.lora_path, state, args.checkpoint_path, "--checkpoint_path")
-        model = merge_lora(adapted_model(state, lora))
-    else:
-        model = model_from_checkpoint(state)
-    if bf16_supported(device):
-        model = model.to(torch.bfloat16)
-    return model.to(device).eval(), state, lora
+    return inference_model(args.checkpoint_path, device, args.lora_path)
 
 
 def saved_args(state: dict) -> dict:
@@ -231,9 +212,7 @@ def corpus(args, state: dict) -> tuple[str, str | None, str]:
         dataset = recorded
     if subset is None and dataset == recorded and isinstance(saved.get("dataset_subset"), str):
         subset = saved["dataset_subset"]  # the checkpoint's corpus: its subset too
-    if dataset == FINEWEB and subset is None:
-        subset = "sample-10BT"  # pretrain.py's default
-    return dataset, subset, encoding
+    return dataset, corpus_subset(dataset, subset), encoding  # pretrain.py's rule, FineWeb's default included
 
 
 def training_length(args, state: dict, lora: dict | None) -> int | None:

@@ -29,18 +29,12 @@ import torch.nn.functional as F
 
 from chat import SPECIAL_TOKENS, ChatTokenizer, render_prompt
 from common import (
-    LORA_ENTRIES,
-    MODEL_ENTRIES,
     ArgumentParser,
     UserError,
-    adapted_model,
     add_system_args,
-    bf16_supported,
-    check_base,
     check_memory,
     compile_enabled,
-    load_checkpoint,
-    model_from_checkpoint,
+    inference_model,
     non_negative_float,
     positive_int,
     resolve_device,
@@ -48,10 +42,9 @@ from common import (
     unit_interval,
 )
 from data import load_encoding
-from model import GPT, merge_lora
+from model import GPT
 
 RESET = "/reset"  # typed as a prompt: a chat starts a new conversation
-
 
 
 # ----------------------------------------------------------------------------- shared with beam_search.py
@@ -97,17 +90,8 @@ def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: st
                        system: str | None = None) -> Loaded:
     """The model of a checkpoint, or of a base checkpoint and a LoRA checkpoint (merged on load, so it
     decodes as fast as any model), with its tokenizer."""
-    state = load_checkpoint(checkpoint_path, "pretrain", required=MODEL_ENTRIES)  # checked: config, weights, ...
-    special = state.get("special_tokens")
-    if lora_path is not None:
-        if special:
-            raise UserError(f"--lora_path: --checkpoint_path {checkpoint_path} is already a merged chat model; "
-                            f"use it alone, or pass the base checkpoint the LoRA was trained on")
-        lora = load_checkpoint(lora_path, "lora", flag="--lora_path", required=LORA_ENTRIES)
-        check_base(lora, lora_path, state, checkpoint_path, "--checkpoint_path")
-        model, special = merge_lora(adapted_model(state, lora)), lora["special_tokens"]
-    else:
-        model = model_from_checkpoint(state)
+    model, state, lora = inference_model(checkpoint_path, device, lora_path)
+    special = (lora or state).get("special_tokens")
     encoding = load_encoding(state["token_encoding"])
     chat = None
     if special:
@@ -117,9 +101,6 @@ def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: st
         encoding = chat.encoding
     elif system is not None:
         raise UserError("--system needs a chat model: pass --lora_path, or a checkpoint merged by instruction-tune.py")
-    if bf16_supported(device):
-        model = model.to(torch.bfloat16)
-    model.to(device).eval()
     return Loaded(model, encoding, state["eot_id"], chat)
 
 

@@ -48,7 +48,7 @@ from common import (
     compile_enabled,
     float_in,
     load_checkpoint,
-    model_from_checkpoint,
+    lora_model,
     positive_float,
     positive_int,
     precision_name,
@@ -58,8 +58,8 @@ from common import (
     save_checkpoint,
 )
 from data import BatchPrefetcher, RowSampler, load_encoding, to_device
-from model import LORA_TARGETS, GPT, add_lora, grow_vocabulary, lora_state_dict, merge_lora, trainable_by_kind
-from parallel import Parallel
+from model import LORA_TARGETS, GPT, lora_state_dict, merge_lora, trainable_by_kind
+from parallel import Parallel, training_memory
 from training import (
     Hooks,
     Plan,
@@ -135,17 +135,12 @@ def parse_args(argv=None):
 
 def main(args) -> list[tuple[int, float]]:
     check_merge_path(args)
-    base = {}  # set_up's base checkpoint, which the merge reads after training
-
-    def set_up_run(ctx: Distributed, device: torch.device):
-        run, base["state"] = set_up(args, ctx, device)
-        return run
 
     def merge(ctx: Distributed) -> None:
         if args.merge_path:
-            agree(ctx, partial(write_merged, args, base["state"]), who="rank0")
+            agree(ctx, partial(write_merged, args), who="rank0")
 
-    return run_trainer(args, set_up_run, merge)
+    return run_trainer(args, partial(set_up, args), merge)
 
 
 def check_merge_path(args) -> None:
@@ -158,9 +153,9 @@ def check_merge_path(args) -> None:
         raise UserError(f"--merge_path: {args.merge_path} is a directory; name the checkpoint file")
 
 
-def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, dict]:
-    """(what training.train() needs, or None for a finished run; the base checkpoint). Every rank runs it
-    in the same order; a user error on any rank stops all of them."""
+def set_up(args, ctx: Distributed, device: torch.device) -> tuple | None:
+    """What training.train() needs, or None for a finished run. Every rank runs it in the same order; a
+    user error on any rank stops all of them."""
     base = agree(ctx, partial(load_checkpoint, args.base_model_path, "pretrain", "--base_model_path", MODEL_ENTRIES),
                  who="rank0")
     if "special_tokens" in base:
@@ -170,7 +165,7 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, 
     if checkpoint and checkpoint["step"] >= checkpoint["steps_per_epoch"] * args.num_epochs:
         print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,}; --num_epochs "
                f"{args.num_epochs} ends at step {checkpoint['steps_per_epoch'] * args.num_epochs:,}: nothing to train")
-        return None, base
+        return None
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed decides the adapters' initial weights, the same on every rank
     tokenizer = ChatTokenizer(load_encoding(base["token_encoding"]))
@@ -188,6 +183,8 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, 
     sampler = RowSampler(rows, args.batch_size, rows_per_epoch, seed, ctx.rank, ctx.world_size)
     eval_rows = eval_share(args, ctx, test)
     parallel, optimizer = build_model(args, base, checkpoint, ctx, device)
+    # What the checkpoints need of the base: its identity, not its weights, which the run need not hold.
+    base = {k: base[k] for k in ("sha256", "config", "token_encoding", "eot_id")}
     step = 0
     start_rng_streams(ctx, seed, checkpoint, checkpoint["step"] if checkpoint else 0)
     if checkpoint:
@@ -210,7 +207,7 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[tuple | None, 
         eval_batches=partial(eval_batches, eval_rows, args.batch_size, device),
         state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, base, steps_per_epoch, ctx),
     )
-    return (plan, hooks, parallel, optimizer), base
+    return plan, hooks, parallel, optimizer
 
 
 # ----------------------------------------------------------------------------- set-up steps
@@ -261,18 +258,12 @@ def eval_share(args, ctx: Distributed, test) -> tuple[torch.Tensor, ...]:
     return test.batch(chosen[ctx.rank :: ctx.world_size].tolist())
 
 
-def lora_model(args, base: dict, checkpoint: dict | None) -> GPT:
-    """The base model grown by the special tokens and wrapped with adapters: the checkpoint's, or fresh ones."""
-    if checkpoint:
-        return adapted_model(base, checkpoint)
-    model = grow_vocabulary(model_from_checkpoint(base), len(SPECIAL_TOKENS))
-    return add_lora(model, args.rank, args.alpha, args.dropout,
-                    (base["config"]["vocabulary_size"], len(SPECIAL_TOKENS)))
-
-
 def build_model(args, base: dict, checkpoint: dict | None, ctx: Distributed,
                 device: torch.device) -> tuple[Parallel, Adafactor]:
-    model = lora_model(args, base, checkpoint)
+    if checkpoint:
+        model = adapted_model(base, checkpoint)
+    else:
+        model = lora_model(base, args.rank, args.alpha, args.dropout, len(SPECIAL_TOKENS))
     check_fits(args, model, ctx, device)
     table = model.token_embeddings.base[: base["config"]["vocabulary_size"]]
     row_scale = table.float().square().mean().sqrt().item()  # before sharding: the whole table
@@ -297,15 +288,14 @@ def param_groups(model: GPT, row_scale: float) -> list[dict]:
 
 def check_fits(args, model: GPT, ctx: Distributed, device: torch.device) -> None:
     """Refuse in one line a model the device cannot hold: the whole fp32 weights (FSDP shards them only
-    after they are built), and gradients and optimizer state (at most two more copies) of the trainable
-    ones. Activations are not counted."""
+    after they are built), and the adapters' gradients and Adafactor state (parallel.training_memory,
+    pretraining's count). Activations are not counted."""
     shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need, _ = training_memory(model.config, shards, lora_rank=model.blocks[0].attn.qkv.rank)
     c = model.config
-    check_memory(weights + 2 * trainable // shards, device,
-                 f"LoRA tuning --base_model_path {args.base_model_path} ({c.num_hidden_layers} layers, width "
-                 f"{c.embedding_dimensions}: its weights, and gradients and optimizer state of the adapters)")
+    check_memory(need, device, f"LoRA tuning --base_model_path {args.base_model_path} ({c.num_hidden_layers} layers, "
+                               f"width {c.embedding_dimensions}: its weights, and gradients and optimizer state of the "
+                               f"adapters)")
 
 
 def print_summary(args, parallel: Parallel, rows, ctx: Distributed, device: torch.device, accumulation: int,
@@ -367,8 +357,9 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
 # ----------------------------------------------------------------------------- merging
 
 
-def write_merged(args, base: dict) -> None:
-    """Base + adapters + new tokens as one ordinary checkpoint (rank 0), from the saved LoRA checkpoint."""
+def write_merged(args) -> None:
+    """Base + adapters + new tokens as one ordinary checkpoint (rank 0), from the saved checkpoints."""
+    base = load_checkpoint(args.base_model_path, "pretrain", "--base_model_path", MODEL_ENTRIES)
     lora = load_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, required=LORA_ENTRIES)
     check_base(lora, args.checkpoint_path, base, args.base_model_path, "--base_model_path")
     model = merge_lora(adapted_model(base, lora))

@@ -26,13 +26,16 @@ from model import GPTConfig
 from sizing import adafactor_state_bytes, gradient_bytes, weight_bytes
 
 
-def training_memory(config: GPTConfig, shards: int) -> tuple[int, int]:
+def training_memory(config: GPTConfig, shards: int, lora_rank: int = 0) -> tuple[int, int]:
     """(bytes on one rank's device, bytes of the whole fp32 weights): the least a rank needs to train
     `config`, before activations. Every rank builds the whole fp32 model (FSDP shards it afterwards); the
-    fp32 gradients and Adafactor's state come on top, divided among `shards` ranks (FSDP) or whole (DDP,
-    one process). sizing.py counts them on the meta device, so a shape far too big to build costs nothing."""
-    weights = weight_bytes(config)
-    return weights + gradient_bytes(config, shards) + adafactor_state_bytes(config, shards), weights
+    fp32 gradients and Adafactor's state of the trainable weights (all of them, or with lora_rank the
+    adapters and new token rows of a LoRA model whose config has the grown vocabulary) come on top, divided
+    among `shards` ranks (FSDP) or whole (DDP, one process). sizing.py counts them on the meta device, so a
+    shape far too big to build costs nothing."""
+    weights = weight_bytes(config, lora_rank=lora_rank)
+    trained = gradient_bytes(config, shards, lora_rank) + adafactor_state_bytes(config, shards, lora_rank)
+    return weights + trained, weights
 
 
 class Parallel:

@@ -20,7 +20,6 @@ that instruction tuning shares.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 from functools import partial
 from typing import Iterator
@@ -54,6 +53,7 @@ from data import (
     BatchPrefetcher,
     TokenFiles,
     WindowSampler,
+    corpus_subset,
     eval_windows,
     open_tokens,
     prepare_token_files,
@@ -190,19 +190,10 @@ def resume_state(args) -> dict | None:
     return state
 
 
-def corpus_subset(dataset: str | None, subset: str | None) -> str | None:
-    """The subset a run reads: FineWeb's default one, none for the builtin corpus or local files."""
-    if dataset == FINEWEB:
-        return subset or "sample-10BT"
-    if dataset == "builtin" or (dataset and (os.path.exists(dataset) or glob.has_magic(dataset))):
-        return None
-    return subset
-
-
 def token_files(args, ctx: Distributed) -> TokenFiles:
     """The corpus as token files. One process per node tokenizes (nodes need not share a disk); the
     others then reuse its files."""
-    subset = args.dataset_subset or ("sample-10BT" if args.dataset == FINEWEB else None)
+    subset = corpus_subset(args.dataset, args.dataset_subset)
     prepare = partial(prepare_token_files, args.dataset, subset, args.token_encoding, args.dataset_path,
                       args.num_dataset_processes)
     files = agree(ctx, prepare, who="local0")
