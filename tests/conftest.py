@@ -1,5 +1,7 @@
 """Shared fixtures: tiny seeded models and corpora, all offline and on the CPU."""
 
+import importlib
+import json
 import os
 import sys
 import tempfile
@@ -80,6 +82,67 @@ def tiny_pretrain_args(data_path, run_path, *extra):
         "--checkpoint_path", os.path.join(run_path, "checkpoint.pt"),
         "--run_dir_path", os.path.join(run_path, "runs"), "--seed", "7", *extra,
     ]
+
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "forest", "candle", "silver"]
+
+
+def write_chats(path, n=80, system_every=4):
+    """Conversations a tiny model learns in seconds: the answer depends only on whether a system
+    message came first, a second turn gets an answer of its own, and no letter repeats among the
+    answers (each next character follows from the last one)."""
+    with open(path, "w") as f:
+        for i in range(n):
+            word = WORDS[i % len(WORDS)]
+            system = i % system_every == 0
+            messages = [{"role": "system", "content": "Be brief."}] if system else []
+            messages += [{"role": "user", "content": f"Say {word}."},
+                         {"role": "assistant", "content": "ok." if system else "yes."}]
+            if i % 3 == 0:
+                messages += [{"role": "user", "content": "Again."}, {"role": "assistant", "content": "hi!"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)
+
+
+def tune_args(base, chats, out, *extra):
+    return ["--base_model_path", base, "--dataset", chats, "--dataset_path", str(out / "datasets"),
+            "--device", "cpu", "--max_tokens_per_sample", "128", "--batch_size", "4",
+            "--gradient_accumulation_steps", "1", "--num_epochs", "6", "--learning_rate", "5e-2",
+            "--warmup_steps", "2", "--rank", "4", "--alpha", "8", "--eval_samples", "8", "--mask_input",
+            "--checkpoint_path", str(out / "lora.pt"), "--run_dir_path", str(out / "runs"), "--seed", "3",
+            "--num_dataset_processes", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def base(builtin_data, tmp_path_factory):
+    """A tiny pretrained model. Trained for seconds, its logits are nearly flat (small weights), and a
+    frozen output layer could not become confident whatever the adapters do; a real base has the range.
+    Its final norm's gain is raised to give it that range, as training longer would."""
+    import pretrain
+    from common import load_checkpoint, save_checkpoint
+
+    run = tmp_path_factory.mktemp("base")
+    pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(run), "--num_epochs", "2")))
+    state = load_checkpoint(str(run / "checkpoint.pt"), "pretrain")
+    state.pop("sha256")
+    state["model"]["output_norm.weight"] *= 8
+    save_checkpoint(state, str(run / "base.pt"))
+    return str(run / "base.pt")
+
+
+@pytest.fixture(scope="session")
+def chats(tmp_path_factory):
+    return write_chats(tmp_path_factory.mktemp("chats") / "chats.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tuned(base, chats, tmp_path_factory):
+    """base instruction-tuned on chats with LoRA: (its folder, holding lora.pt and merged.pt; the history).
+    Shared by the session: tests read it and write elsewhere."""
+    tune = importlib.import_module("instruction-tune")
+    out = tmp_path_factory.mktemp("tuned")
+    history = tune.main(tune.parse_args(tune_args(base, chats, out, "--merge_path", str(out / "merged.pt"))))
+    return out, history
 
 
 def fails_with_one_line(capsys, module, argv, *fragments) -> str:
