@@ -1,0 +1,579 @@
+"""Serve a LightGPT model over HTTP with OpenAI's API, and a chat page.
+
+    python serve.py --checkpoint_path ./checkpoints/base.pt --lora_path ./checkpoints/lora_instruction.pt
+    python serve.py --checkpoint_path ./checkpoints/checkpoint.pt --device cpu --port 8080   # a base model
+    LIGHTGPT_API_KEY=secret python serve.py --checkpoint_path ./checkpoints/chat.pt --host 0.0.0.0
+
+Endpoints in OpenAI's shape: POST /v1/chat/completions (a chat model: the messages rendered in ChatML by
+chat.render_prompt, the renderer training used), POST /v1/completions (text continued as generate.py
+continues a prompt: end-of-text first), GET /v1/models, GET /health, and the chat page at / (web/chat.html).
+`stream: true` sends server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
+
+Every request is a row of one batch (engine.py): a single decode step advances all of them, each at its
+own position in the KV cache; new requests join and finished ones leave between steps (continuous
+batching). Listens on 127.0.0.1 unless --host says otherwise; --api_key (or LIGHTGPT_API_KEY) makes
+/v1/* ask for `Authorization: Bearer <key>`. A bad request gets OpenAI's error shape and a 4xx status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import codecs
+import contextlib
+import hmac
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from chat import render_prompt
+from common import (
+    ArgumentParser,
+    UserError,
+    add_system_args,
+    compile_enabled,
+    os_reason,
+    positive_int,
+    resolve_device,
+    run_main,
+)
+from engine import Engine, EngineBusy, Event, Request
+from generate import Loaded, Sampling, add_sampling_args, load_for_inference
+
+PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
+API_KEY_ENV = "LIGHTGPT_API_KEY"
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+# ----------------------------------------------------------------------------- settings and errors
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the server answers with when a request leaves a field out, and its limits."""
+    model_name: str
+    max_tokens: int = 1000  # a request's default, and the most it may ask for
+    sampling: Sampling = field(default_factory=Sampling)
+    api_key: str | None = None
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": error_body(self.message, self.kind, self.param, self.code)}, self.status,
+                            headers=headers)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"message": message, "type": kind, "param": param, "code": code}
+
+
+# ----------------------------------------------------------------------------- request bodies
+# Strict types: "stream": "yes" or "temperature": "0.5" is an error, not a guess. Fields OpenAI has that
+# this server does not use (user, presence_penalty, ...) are ignored, as are unknown ones.
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class Message(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class Common(_Body):
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # an extension: OpenAI has no top-k
+    max_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
+
+
+class ChatBody(Common):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+
+
+class CompletionBody(Common):
+    prompt: str | list[str]
+    echo: bool | None = False
+
+
+def _param(loc) -> str:
+    """A pydantic error location as OpenAI names a parameter: messages[0].content. Union members'
+    tags (str, list[str], ...) are not parameters."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not any(c in part for c in "[]-") and part not in ("str", "int", "float", "bool", "none"):
+            out += f".{part}" if out else part
+    return out
+
+
+async def parse_body(request: HTTPRequest, model: type[_Body]) -> _Body:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError:  # also UnicodeDecodeError
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body is a JSON {type(data).__name__}, not an object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = _param(first["loc"])
+        raise APIError(400, f"{param or 'body'}: {first['msg']}", param or None) from None
+
+
+# ----------------------------------------------------------------------------- from a body to a Request
+
+
+def sampling_of(body: Common, settings: Settings) -> Sampling:
+    d = settings.sampling
+    return Sampling(d.temperature if body.temperature is None else body.temperature,
+                    d.top_k if body.top_k is None else body.top_k, d.top_p if body.top_p is None else body.top_p)
+
+
+def stops_of(body: Common) -> tuple[str, ...]:
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if len(stop) > MAX_STOPS:
+        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(stop)}", "stop")
+    if any(s == "" for s in stop):
+        raise APIError(400, "stop: a stop string must not be empty", "stop")
+    return tuple(stop)
+
+
+def max_tokens_of(requested: int | None, name: str, settings: Settings) -> int:
+    if requested is None:
+        return settings.max_tokens
+    if requested <= 0:
+        raise APIError(400, f"{name}: must be at least 1, got {requested}", name)
+    return min(requested, settings.max_tokens)  # the server's --max_tokens caps every answer
+
+
+def check_common(body: Common) -> None:
+    if body.n is not None and body.n != 1:
+        raise APIError(400, f"n: only n=1 is supported, got {body.n}", "n")
+    if body.logprobs:
+        raise APIError(400, "logprobs: log probabilities are not supported", "logprobs")
+
+
+def chat_messages(body: ChatBody) -> list[dict]:
+    """The messages as chat.render_prompt takes them: roles system (or OpenAI's developer), user or
+    assistant; content a string or a list of text parts."""
+    if not body.messages:
+        raise APIError(400, "messages: at least one message is needed", "messages")
+    out = []
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role: {m.role!r} is not supported; use system, user or assistant",
+                           f"messages[{i}].role")
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p.text for p in content)
+        if content is None:
+            raise APIError(400, f"messages[{i}].content: a {role} message needs content", f"messages[{i}].content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def check_room(prompt: list[int], context_length: int, param: str) -> None:
+    if len(prompt) >= context_length:
+        raise APIError(400, f"{param}: the prompt is {len(prompt)} tokens and the context holds {context_length}, "
+                            f"which leaves no room for an answer", param, "context_length_exceeded")
+
+
+# ----------------------------------------------------------------------------- tokens to text
+
+
+class Answer:
+    """Generated tokens as text in whole characters (bytes of an unfinished character are held back, as
+    generate.TokenPrinter holds them), cut before the first stop string. Text that could be the start of a
+    stop string is held back until it is known not to be one."""
+
+    def __init__(self, encoding, stops: tuple[str, ...]):
+        self.encoding, self.stops = encoding, stops
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.text, self.sent, self.tokens, self.stopped = "", 0, 0, False
+
+    def add(self, token: int) -> str:
+        """The text this token makes ready to send (often "", or a few characters)."""
+        self.tokens += 1
+        self.text += self.decoder.decode(self.encoding.decode_single_token_bytes(token))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.text += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        if self.stops:
+            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+            if hits:  # no stop string can begin in text already sent: its start would have been held back
+                self.text, self.stopped, end = self.text[: min(hits)], True, min(hits)
+            elif not final:
+                end -= self._held()
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+    def _held(self) -> int:
+        """Characters at the end that begin some stop string."""
+        for k in range(min(max(map(len, self.stops)) - 1, len(self.text) - self.sent), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+
+class Generation:
+    """One request in the engine: the text pieces as they come, then finish_reason and usage."""
+
+    def __init__(self, engine: Engine, loaded: Loaded, request: Request, stops: tuple[str, ...]):
+        self.engine, self.request = engine, request
+        self.answer = Answer(loaded.encoding, stops)
+        self.finish_reason: str | None = None
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            self.ticket = engine.submit(request, self._emit)
+        except EngineBusy:
+            raise APIError(503, "the server is busy (every batch row and the waiting queue are taken); retry "
+                                "later", code="server_busy", kind="server_error") from None
+        except ValueError as e:  # what the engine refuses (the body's checks should have caught it)
+            raise APIError(400, str(e)) from None
+
+    def _emit(self, event: Event) -> None:  # on the engine's thread: hand over, never block
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is shutting down
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Text as it is generated; finish_reason is set once it is done. Leaving early (a client gone)
+        cancels the request, which frees its batch row before the next step."""
+        try:
+            while True:
+                event = await self.events.get()
+                if event.token is None:
+                    reason = event.finish_reason
+                    if reason not in ("stop", "length"):
+                        raise APIError(503 if reason == "cancelled" else 500,
+                                       f"generation ended early ({reason})", kind="server_error", code=reason)
+                    self.finish_reason = reason
+                    tail = self.answer.finish()
+                    if tail:
+                        yield tail
+                    return
+                piece = self.answer.add(event.token)
+                if self.answer.stopped:  # a stop string: its text is cut, the rest is not generated
+                    self.finish_reason = "stop"
+                    self.engine.cancel(self.ticket)
+                if piece:
+                    yield piece
+                if self.finish_reason:
+                    return
+        finally:
+            if self.finish_reason is None:
+                self.engine.cancel(self.ticket)
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self.pieces()])
+
+    @property
+    def usage(self) -> dict:
+        prompt, completion = len(self.request.prompt), self.answer.tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def check_key(request: HTTPRequest, settings: Settings) -> None:
+    if settings.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        raise APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
+async def until_disconnected(request: HTTPRequest) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def sse(data) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
+    """The server's routes over a started engine. main runs it under uvicorn; tests and bench.py run it
+    in a thread (BackgroundServer)."""
+    app = FastAPI(title="LightGPT", docs_url=None, redoc_url=None, openapi_url=None)
+    with open(PAGE_PATH, encoding="utf-8") as f:
+        page = f.read()
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return e.response({"Retry-After": "1"} if e.status == 503 else None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # 404, 405: in the same shape
+        return JSONResponse({"error": error_body(f"{request.method} {request.url.path}: {e.detail}")}, e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        return JSONResponse({"error": error_body(f"internal error: {type(e).__name__}", "server_error")}, 500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, "chat": loaded.chat is not None,
+                "active": engine.active, "waiting": engine.waiting, "max_batch": engine.max_batch,
+                "context_length": engine.context_length, "max_tokens": settings.max_tokens,
+                "auth": settings.api_key is not None}
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        check_key(request, settings)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
+                                            "owned_by": "lightgpt"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        check_key(request, settings)
+        body = await parse_body(request, ChatBody)
+        if loaded.chat is None:
+            raise APIError(400, "this is a base model with no chat template; use /v1/completions (or serve a chat "
+                                "model: --lora_path, or a merged checkpoint)", "messages", "model_not_chat")
+        check_common(body)
+        messages = chat_messages(body)
+        prompt = render_prompt(loaded.chat, messages)
+        check_room(prompt, engine.context_length, "messages")
+        name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        request_ = Request(prompt, max_tokens_of(body.max_completion_tokens or body.max_tokens, name, settings),
+                           sampling_of(body, settings), body.seed, frozenset(loaded.stop))
+        stops = stops_of(body)
+        return await respond(request, body, Generation(engine, loaded, request_, stops), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        check_key(request, settings)
+        body = await parse_body(request, CompletionBody)
+        check_common(body)
+        text = body.prompt
+        if isinstance(text, list):
+            if len(text) != 1:
+                raise APIError(400, f"prompt: one prompt per request, got a list of {len(text)}", "prompt")
+            text = text[0]
+        if body.echo:
+            raise APIError(400, "echo: not supported", "echo")
+        prompt = [loaded.eot] + loaded.encoding.encode_ordinary(text)  # generate.encode_prompt's base-model form
+        check_room(prompt, engine.context_length, "prompt")
+        request_ = Request(prompt, max_tokens_of(body.max_tokens, "max_tokens", settings),
+                           sampling_of(body, settings), body.seed, frozenset(loaded.stop))
+        stops = stops_of(body)
+        return await respond(request, body, Generation(engine, loaded, request_, stops), chat=False)
+
+    async def respond(request: HTTPRequest, body: Common, gen: Generation, chat: bool) -> Response:
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": settings.model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(stream(gen, head, chat, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        collect = asyncio.ensure_future(gen.text())
+        gone = asyncio.ensure_future(until_disconnected(request))
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not collect.done():  # the client left: stop generating for it
+            collect.cancel()
+            return Response(status_code=499)
+        text = collect.result()
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": gen.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
+        return JSONResponse({**head, "choices": [choice], "usage": gen.usage})
+
+    async def stream(gen: Generation, head: dict, chat: bool, include_usage: bool):
+        """Server-sent events: a chunk per piece of text (the first chat chunk names the role), a last
+        chunk with the finish reason and the usage, with stream_options.include_usage OpenAI's usage chunk
+        (no choices), then [DONE]. A client that leaves cancels the generator here, which frees the row."""
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def chunk(piece: str | None, finish=None, role=False) -> dict:
+            if chat:
+                delta = ({"role": "assistant"} if role else {}) | ({} if piece is None else {"content": piece})
+                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return {**head, "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
+
+        if chat:
+            yield sse(chunk("", role=True))
+        try:
+            async for piece in gen.pieces():
+                yield sse(chunk(piece))
+        except APIError as e:  # the status is sent already: say it in the stream, as OpenAI does
+            yield sse({"error": error_body(e.message, e.kind, e.param, e.code)})
+            yield sse("[DONE]")
+            return
+        yield sse({**chunk(None, gen.finish_reason), "usage": gen.usage})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": gen.usage})
+        yield sse("[DONE]")
+
+    return app
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one), or one line saying why it cannot be."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({os_reason(e)})") from None
+
+
+class BackgroundServer:
+    """The app under uvicorn in a thread of this process, on a loopback port of its own: for the tests and
+    bench.py. A context manager: serving inside the with block."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        self.sock = listening_socket(host, port)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535] (0: any free port), got {text!r}")
+    return value
+
+
+def default_model_name(args) -> str:
+    path = (args.lora_path or args.checkpoint_path).rstrip("/\\")
+    name = os.path.basename(path)
+    return name[:-3] if name.endswith(".pt") else name
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Serve a LightGPT model with OpenAI's API and a chat page.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
+                   help="the model checkpoint (a merged chat model, or the base of --lora_path)")
+    p.add_argument("--lora_path", default=None,
+                   help="a LoRA checkpoint from instruction-tune.py for the base --checkpoint_path: serve the chat model")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--model_name", default=None,
+                   help="the model id /v1/models reports and responses name (default: the checkpoint's file name, "
+                        "the LoRA's with --lora_path)")
+    p.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
+                   help=f"ask /v1/* for 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}, else no key)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--context_length", type=positive_int, default=1024,
+                   help="tokens each request's row of the KV cache holds; a longer prompt is refused")
+    g.add_argument("--max_batch", type=positive_int, default=16, help="requests decoded together (batch rows)")
+    g.add_argument("--max_waiting", type=positive_int, default=256,
+                   help="requests queued for a free row; beyond that a request gets 503")
+    g.add_argument("--max_tokens", type=positive_int, default=1000,
+                   help="tokens per answer when a request does not say, and the most it may ask for")
+    add_sampling_args(g)
+    add_system_args(g, compile_help="compile the batched decode step (auto: on for CUDA)", seed_help=None)
+    return p.parse_args(argv)
+
+
+def main(args) -> None:
+    if args.api_key == "":
+        raise UserError(f"--api_key is empty (check ${API_KEY_ENV}); give a key, or leave both unset for none")
+    device = resolve_device(args.device)
+    loaded = load_for_inference(args.checkpoint_path, device, args.lora_path)
+    sock = listening_socket(args.host, args.port)
+    settings = Settings(args.model_name or default_model_name(args), args.max_tokens,
+                        Sampling(args.temperature, args.top_k, args.top_p), args.api_key)
+    with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
+                compile_enabled(args.compile, device)) as engine:
+        app = create_app(engine, loaded, settings)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        kind = "chat model" if loaded.chat else "base model (use /v1/completions)"
+        print(f"serving {settings.model_name} ({kind}) at http://{shown}:{port}/ : the chat page there, "
+              f"the API under /v1; Ctrl-C stops", flush=True)
+        if args.host not in LOOPBACK and not args.api_key:
+            print(f"warning: --host {args.host} is reachable from other machines and no --api_key is set",
+                  file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)

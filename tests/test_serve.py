@@ -1,0 +1,355 @@
+"""serve.py: the OpenAI-compatible server in this process on a free loopback port, talked to with the
+official openai package and raw HTTP, on the tiny pretrained model and its instruction-tuned LoRA."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+import generate
+import serve
+from conftest import fails_with_one_line
+from data import load_encoding
+from engine import Engine, EngineBusy, Request
+from generate import Decoder, Sampler, Sampling, decode_text, load_for_inference
+
+openai = pytest.importorskip("openai")
+
+CONTEXT = 256
+
+
+def client(server, **kwargs):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0,
+                         timeout=30, **kwargs)
+
+
+def started(loaded, settings, **engine_args):
+    """An engine and the app on it, serving on a free loopback port until the with block ends."""
+    engine = Engine(loaded, **{"context_length": CONTEXT, "max_batch": 4, **engine_args})  # started by with
+    server = serve.BackgroundServer(serve.create_app(engine, loaded, settings))
+    server.engine, server.loaded = engine, loaded
+    return engine, server
+
+
+@pytest.fixture(scope="module")
+def chat_server(base, tuned):
+    out, _ = tuned
+    loaded = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt"))
+    engine, server = started(loaded, serve.Settings("tiny-chat", max_tokens=64))
+    server.checkpoints = (base, str(out / "lora.pt"))
+    with engine, server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def base_server(base):
+    loaded = load_for_inference(base, torch.device("cpu"))
+    engine, server = started(loaded, serve.Settings("tiny-base", max_tokens=4000))
+    with engine, server:
+        yield server
+
+
+def greedy(server, prompt: list[int], max_tokens: int = 64) -> str:
+    """What generate.py's decoder answers to these prompt ids at temperature 0, on a copy of the model."""
+    loaded = load_for_inference(server.checkpoints[0], torch.device("cpu"), server.checkpoints[1])
+    decoder = Decoder(loaded.model, CONTEXT, 1, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0), False)
+    tokens = generate.generate(decoder, prompt, loaded.stop, max_tokens)
+    return decode_text(loaded.encoding, tokens[:-1] if tokens[-1] in loaded.stop else tokens)
+
+
+def healthy(server, timeout=10.0) -> dict:
+    """/health once the engine has no request left (a cancelled row leaves before the next step)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = httpx.get(server.url + "/health", timeout=10).json()
+        if (health["active"], health["waiting"]) == (0, 0) or time.monotonic() > deadline:
+            assert health["status"] == "ok"
+            return health
+        time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- the API through the openai package
+
+
+def test_chat_completion_plain_and_streamed(chat_server):
+    c = client(chat_server)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say apple."}]
+    done = c.chat.completions.create(model="tiny-chat", messages=messages, temperature=0)
+    assert done.object == "chat.completion" and done.model == "tiny-chat"
+    choice, prompt = done.choices[0], generate.render_prompt(chat_server.loaded.chat, messages)
+    answer = greedy(chat_server, prompt)
+    assert choice.message.role == "assistant" and choice.message.content == answer  # "ok." or "yes.": it learned
+    assert answer in ("ok.", "yes.") and choice.finish_reason == "stop"  # at <|im_end|>, which is not in the text
+    assert done.usage.prompt_tokens == len(prompt) and done.usage.completion_tokens == len(answer)  # byte tokens
+    assert done.usage.total_tokens == len(prompt) + len(answer)
+
+    chunks = list(c.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(chunk.object == "chat.completion.chunk" and chunk.id == chunks[0].id for chunk in chunks)
+    pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert pieces == list(answer)  # one chunk per (byte) token, as they are generated
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == done.usage.model_dump()
+
+
+def test_multi_turn_and_content_parts(chat_server):
+    c = client(chat_server)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "river."}]},
+                {"role": "assistant", "content": "yes."}, {"role": "user", "content": "Again."}]
+    done = c.chat.completions.create(model="x", messages=messages, temperature=0)
+    rendered = [{"role": "user", "content": "Say river."}] + messages[1:]
+    assert done.choices[0].message.content == greedy(chat_server, generate.render_prompt(chat_server.loaded.chat,
+                                                                                         rendered))
+
+
+def test_completion_models_and_the_page(base_server):
+    c = client(base_server)
+    done = c.completions.create(model="tiny-base", prompt="The ", max_tokens=12, temperature=0)
+    assert done.object == "text_completion" and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 12 and done.usage.prompt_tokens == 1 + len("The ")  # end-of-text first
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny-base", prompt="The ", max_tokens=12, temperature=0, stream=True))
+    assert streamed == done.choices[0].text and streamed
+    assert [m.id for m in c.models.list().data] == ["tiny-base"]
+    page = httpx.get(base_server.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>LightGPT</title>" in page.text and "http" not in page.text.split("<script>")[1]  # nothing remote
+    assert healthy(base_server)["chat"] is False
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_seed_gives_generate_py_text(base, tuned, base_server, chat_server, chat, capsys):
+    """The same seed and sampling settings: the text generate.py --seed prints, token for token."""
+    server = chat_server if chat else base_server
+    extra = ["--lora_path", str(tuned[0] / "lora.pt")] if chat else []
+    prompt = "Say stone." if chat else "The "
+    for seed in (1, 2):
+        tokens = generate.main(generate.parse_args(["--checkpoint_path", base, *extra, "--device", "cpu",
+                                                    "--prompt", prompt, "--max_tokens", "30", "--seed", str(seed),
+                                                    "--temperature", "1.5", "--top_k", "40"]))[0]
+        printed = capsys.readouterr().out
+        expected = decode_text(server.loaded.encoding, tokens)
+        assert printed == expected + "\n"
+        settings = dict(model="x", max_tokens=30, seed=seed, temperature=1.5, extra_body={"top_k": 40})
+        if chat:
+            done = client(server).chat.completions.create(messages=[{"role": "user", "content": prompt}], **settings)
+            text = done.choices[0].message.content
+        else:
+            done = client(server).completions.create(prompt=prompt, **settings)
+            text = done.choices[0].text
+        assert text == expected and done.usage.completion_tokens == len(tokens)
+
+
+def test_stop_strings(base_server):
+    c = client(base_server)
+    settings = dict(model="x", prompt="The ", max_tokens=40, seed=3)
+    full = c.completions.create(**settings).choices[0].text
+    stop = full[12:14]
+    cut = c.completions.create(**settings, stop=["\x00zz", stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 40
+    streamed = c.completions.create(**settings, stop=stop, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == full[: full.index(stop)]
+
+
+def test_answer_holds_back_what_may_begin_a_stop_string():
+    encoding = load_encoding("bytes")
+    answer = serve.Answer(encoding, ("END", "é!"))
+    out = [answer.add(t) for t in encoding.encode_ordinary("abE")]
+    assert out == ["a", "b", ""]  # "E" may begin "END"
+    assert answer.add(encoding.encode_ordinary("x")[0]) == "Ex"
+    out = [answer.add(t) for t in "é!".encode()]  # two bytes of é: no character until the second
+    assert out == ["", "", ""] and answer.stopped and answer.text == "abEx"
+    answer = serve.Answer(encoding, ("END",))
+    assert [answer.add(t) for t in encoding.encode_ordinary("xEN")] == ["x", "", ""] and answer.finish() == "EN"
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+
+def test_batched_serving_equals_serving_one_at_a_time(base_server, chat_server):
+    """Requests of different lengths arriving at different times, decoded together, get the tokens each
+    gets alone: at temperature 0, and sampled with a seed of their own."""
+    jobs = [("The ", 30, None), ("A class ", 7, 1), ("x", 45, None), ("The return statement ", 18, 2),
+            ("import ", 25, 3), ("If ", 12, None), ("Say apple.", 20, None), ("Say tiger.", 9, 4)]
+
+    def ask(job):
+        prompt, n, seed = job
+        settings = dict(model="x", max_tokens=n, temperature=0 if seed is None else 1.0, seed=seed)
+        if prompt.startswith("Say"):
+            done = client(chat_server).chat.completions.create(messages=[{"role": "user", "content": prompt}],
+                                                               **settings)
+            return done.choices[0].message.content, done.usage.completion_tokens
+        done = client(base_server).completions.create(prompt=prompt, **settings)
+        return done.choices[0].text, done.usage.completion_tokens
+
+    alone = [ask(job) for job in jobs]
+    assert healthy(base_server) and healthy(chat_server)
+
+    def staggered(i):
+        time.sleep(0.01 * i)
+        return ask(jobs[i])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(staggered, range(len(jobs))))
+    assert together == alone
+
+
+# ----------------------------------------------------------------------------- errors and limits
+
+GOOD = {"model": "x", "messages": [{"role": "user", "content": "Say apple."}]}
+BAD_REQUESTS = [
+    (b"{not json", None, "not valid JSON"),
+    (b"[1, 2]", None, "not an object"),
+    (b"", None, "not valid JSON"),
+    ({**GOOD, "messages": []}, "messages", "at least one message"),
+    ({"model": "x"}, "messages", "Field required"),
+    ({**GOOD, "messages": "hi"}, "messages", "valid list"),
+    ({**GOOD, "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid string"),
+    ({**GOOD, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "not supported"),
+    ({**GOOD, "messages": [{"role": "user"}]}, "messages[0].content", "needs content"),
+    ({**GOOD, "messages": [{"role": "user", "content": "x" * 400}]}, "messages", "no room for an answer"),
+    ({**GOOD, "max_tokens": 0}, "max_tokens", "at least 1"),
+    ({**GOOD, "max_completion_tokens": -5}, "max_completion_tokens", "at least 1"),
+    ({**GOOD, "max_tokens": "10"}, "max_tokens", "valid integer"),
+    ({**GOOD, "temperature": "hot"}, "temperature", "valid number"),
+    ({**GOOD, "temperature": 3}, "temperature", "less than or equal to 2"),
+    ({**GOOD, "top_p": 0}, "top_p", "greater than 0"),
+    ({**GOOD, "top_k": 0}, "top_k", "greater than or equal to 1"),
+    ({**GOOD, "stream": "yes"}, "stream", "valid boolean"),
+    ({**GOOD, "n": 2}, "n", "only n=1"),
+    ({**GOOD, "seed": -1}, "seed", "greater than or equal to 0"),
+    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({**GOOD, "stop": ""}, "stop", "must not be empty"),
+    ({**GOOD, "logprobs": True}, "logprobs", "not supported"),
+]
+
+
+@pytest.mark.parametrize("body, param, message", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
+def test_bad_requests_get_openai_errors(chat_server, body, param, message):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(chat_server.url + "/v1/chat/completions", content=content,
+                   headers={"Content-Type": "application/json"}, timeout=10)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and message in error["message"], error
+
+
+def test_more_errors_and_the_server_stays_healthy(base_server, chat_server):
+    c = client(base_server)
+    with pytest.raises(openai.BadRequestError, match="use /v1/completions"):
+        c.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="no room for an answer"):
+        c.completions.create(model="x", prompt="x" * CONTEXT)
+    with pytest.raises(openai.BadRequestError, match="one prompt per request"):
+        c.completions.create(model="x", prompt=["a", "b"])
+    r = httpx.get(base_server.url + "/v1/nothing", timeout=10)
+    assert r.status_code == 404 and "Not Found" in r.json()["error"]["message"]
+    assert httpx.get(base_server.url + "/v1/completions", timeout=10).status_code == 405
+    assert c.completions.create(model="x", prompt=["The "], max_tokens=3).usage.completion_tokens == 3
+    assert healthy(base_server) and healthy(chat_server)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(base_server):
+    body = {"model": "x", "prompt": "The ", "max_tokens": 4000, "stream": True, "seed": 0}
+    with httpx.Client(timeout=10) as http:
+        with http.stream("POST", base_server.url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            first = [next(lines) for _ in range(6)]  # three events, each a data line and a blank line
+            assert all(json.loads(line[6:])["choices"][0]["finish_reason"] is None for line in first[::2])
+            assert base_server.engine.active + base_server.engine.waiting == 1
+    health = healthy(base_server)
+    assert (health["active"], health["waiting"]) == (0, 0)
+
+
+def test_a_full_engine_answers_503(base):
+    loaded = load_for_inference(base, torch.device("cpu"))
+    engine, server = started(loaded, serve.Settings("tiny"), max_batch=1, max_waiting=1)
+    with engine, server:
+        tickets = []
+        for _ in range(2):  # fill every row and the queue with requests that run for a while; again once the
+            with pytest.raises(EngineBusy):  # engine has had time to move the first into its row
+                for _ in range(4):
+                    tickets.append(engine.submit(Request([loaded.eot], 4000), lambda event: None))
+            time.sleep(0.2)
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "a"}, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "server_error" and "busy" in r.json()["error"]["message"]
+        for ticket in tickets:
+            engine.cancel(ticket)
+        assert healthy(server)
+        assert client(server).completions.create(model="x", prompt="a", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_an_api_key_guards_the_api_but_not_the_page(base_server):
+    app = serve.create_app(base_server.engine, base_server.loaded, serve.Settings("tiny", api_key="s3cret"))
+    with serve.BackgroundServer(app) as server:
+        with pytest.raises(openai.AuthenticationError, match="Bearer"):
+            client(server).models.list()
+        with pytest.raises(openai.AuthenticationError):
+            client(server, api_key="wrong").completions.create(model="x", prompt="a")
+        assert client(server, api_key="s3cret").completions.create(model="x", prompt="a", max_tokens=2).choices
+        assert httpx.get(server.url + "/", timeout=10).status_code == 200
+        assert httpx.get(server.url + "/health", timeout=10).json()["auth"] is True
+
+
+def test_command_line_errors_are_one_line(base, capsys, monkeypatch):
+    fails_with_one_line(capsys, serve, ["--port", "70000"], "--port", "expected a port in [0, 65535]")
+    fails_with_one_line(capsys, serve, ["--max_batch", "0"], "--max_batch", "positive integer")
+    fails_with_one_line(capsys, serve, ["--top_p", "1.5"], "--top_p")
+    fails_with_one_line(capsys, serve, ["--checkpoint_path", "/nonexistent.pt", "--device", "cpu"], "/nonexistent.pt")
+    fails_with_one_line(capsys, serve, ["--checkpoint_path", base, "--device", "cpu", "--api_key", ""], "--api_key")
+    with serve.listening_socket("127.0.0.1", 0) as taken:
+        port = str(taken.getsockname()[1])
+        fails_with_one_line(capsys, serve, ["--checkpoint_path", base, "--device", "cpu", "--port", port],
+                            f"--host 127.0.0.1 --port {port}: cannot listen there")
+    monkeypatch.setenv(serve.API_KEY_ENV, "from-env")
+    assert serve.parse_args([]).api_key == "from-env" and serve.parse_args([]).host == "127.0.0.1"
+    assert "from-env" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@pytest.mark.slow
+def test_a_bounded_load_is_answered_or_refused_and_the_server_stays_healthy(base):
+    """200 requests from 16 clients (streaming and not, some malformed) on a small engine: each gets its
+    answer, its 400 or a clean 503, and the server is healthy and idle afterwards."""
+    loaded = load_for_inference(base, torch.device("cpu"))
+    engine, server = started(loaded, serve.Settings("tiny", max_tokens=24), max_batch=4, max_waiting=6)
+    outcomes, lock = [], threading.Lock()
+
+    def one(i):
+        body = {"model": "x", "prompt": f"The {i} ", "max_tokens": 8 + i % 17, "stream": i % 2 == 0}
+        if i % 10 == 9:
+            body["max_tokens"] = 0
+        with httpx.Client(timeout=30) as http:
+            r = http.post(server.url + "/v1/completions", json=body)
+            if r.status_code == 200 and body["stream"]:
+                events = [line for line in r.text.split("\n\n") if line]
+                last = json.loads(events[-2][6:])
+                assert events[-1] == "data: [DONE]" and last["choices"][0]["finish_reason"] in ("stop", "length")
+                assert 0 <= last["usage"]["completion_tokens"] <= body["max_tokens"]
+            elif r.status_code == 200:
+                assert 0 <= r.json()["usage"]["completion_tokens"] <= body["max_tokens"]
+            else:
+                assert r.json()["error"]["message"]
+        with lock:
+            outcomes.append(r.status_code)
+
+    with engine, server:
+        start = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, range(200)))
+        assert time.monotonic() - start < 120
+        assert len(outcomes) == 200 and set(outcomes) <= {200, 400, 503}
+        assert outcomes.count(400) == 20 and outcomes.count(200) > 20
+        health = healthy(server)
+        assert (health["active"], health["waiting"]) == (0, 0)
+        assert client(server).completions.create(model="x", prompt="a", max_tokens=2).usage.completion_tokens == 2
