@@ -169,11 +169,13 @@ def alibi_slopes(n_head: int, device) -> torch.Tensor:
 def alibi_mask(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, allowed: torch.Tensor | None,
                dtype: torch.dtype) -> torch.Tensor:
     """(1 or B, n_head, T, S) float attention mask: -slope x (q_pos - k_pos) where `allowed` (a boolean
-    mask broadcasting to (B, 1, T, S); None: causal), -inf elsewhere."""
-    distance = (q_pos[:, None] - k_pos[None, :]).float()  # (T, S)
+    mask broadcasting to (B, 1, T, S); None: causal), -inf elsewhere. Positions shared by every row are
+    (T,) and (S,); a cache's per-row positions are (B, T) and (B, S)."""
+    distance = (q_pos[..., :, None] - k_pos[..., None, :]).float()  # (T, S) or (B, T, S)
     if allowed is None:
         allowed = distance >= 0
-    bias = -slopes.view(1, -1, 1, 1) * distance  # (1, n_head, T, S)
+    distance = distance.view(-1, 1, *distance.shape[-2:])  # (1 or B, 1, T, S)
+    bias = -slopes.view(1, -1, 1, 1) * distance  # (1 or B, n_head, T, S)
     return torch.where(allowed, bias, float("-inf")).to(dtype)  # (1 or B, n_head, T, S)
 
 
@@ -365,7 +367,8 @@ class GPT(nn.Module):
         documents (B, T): packed rows, each position attending only to its own document (document_mask).
 
         input_pos (T,) absolute positions switch on the KV cache (setup_cache first): T > 1 is a prefill
-        that starts a new sequence, T = 1 decodes one token (position 0 starts a new sequence too).
+        that starts a new sequence (or continues one), T = 1 decodes one token (position 0 starts a new
+        sequence too); input_pos (B, 1) decodes each row at its own position (KVCache.begin).
         window limits attention to the last `window` keys (sliding-window causal attention; a cache of
         length L implies window L)."""
         cache, mask = self._attention(idx.size(1), documents, input_pos, window, idx.device)
@@ -395,7 +398,7 @@ class GPT(nn.Module):
             if window is not None and window != cache.length:
                 raise ValueError(f"a KV cache fixes the window at the cache length ({cache.length}), not {window}")
             if self.config.position_encoding == "alibi" and input_pos.numel() > 1:
-                cache.ring_pos = cache.slot_pos.clone()  # the ring's positions before this chunk overwrites them
+                cache.ring_pos = cache.row_view(cache.slot_pos).clone()  # the ring before this chunk overwrites it
             return cache, cache.begin(input_pos)
         if documents is not None:
             if window is not None:
@@ -407,15 +410,18 @@ class GPT(nn.Module):
         """RoPE or ALiBi's share of a call: (the attention mask, ALiBi's biases folded in; the rotary cos and
         sin or None). Queries sit at input_pos with a cache, else at 0 .. T-1, restarting per document."""
         q_pos = input_pos if input_pos is not None else torch.arange(T, device=device)
+        if cache is not None and T == 1:
+            q_pos = cache.positions[:, None]  # (B, 1): a decode step's rows each sit at their own position
         if self.config.position_encoding == "rope":
             if documents is not None:
                 q_pos = document_positions(documents)  # (B, T)
             return mask, rope_angles(q_pos, self.config.head_dimensions)
         k_pos = q_pos  # the keys of a call without a cache, or of a prefill that starts a sequence
         if cache is not None and T == 1:
-            k_pos = cache.slot_pos[: cache.span or cache.length]  # -1: empty, masked by begin()'s mask
+            k_pos = cache.row_view(cache.slot_pos)[:, : cache.span or cache.length]  # (B, S); -1: empty, masked
         elif cache is not None and cache.continuing:
-            k_pos = torch.cat([cache.ring_pos, input_pos])  # the ring as it was, then this chunk
+            q_pos = input_pos.expand(cache.ring_pos.size(0), -1)  # (B, T)
+            k_pos = torch.cat([cache.ring_pos, q_pos], dim=1)  # (B, length + T): the ring as it was, then this chunk
         weight = self.token_embeddings.weight
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         slopes = alibi_slopes(self.config.num_attention_heads, device)
@@ -470,29 +476,35 @@ class LayerKV(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Keys and values of the last `length` tokens of every layer, preallocated as module buffers (so
-    a compiled decode step can run as a CUDA graph).
+    """Keys and values of the last `length` tokens of every layer and batch row, preallocated as module
+    buffers (so a compiled decode step can run as a CUDA graph).
 
-    The cache owns the ring: the token at absolute position p lives in slot p % length, and slot_pos
-    records which position each slot holds (-1: empty). Slots fill from 0 up, so until the ring wraps
-    the filled ones are a prefix: a decode step attends over the first `span` slots only (the empty
-    ones among them masked), not over all `length`. `span` is None (every slot) unless a decoder sets
-    it for one step to a bucket from spans(), so that a compiled decode needs only a few shapes.
-    Not part of the model's state dict."""
+    The cache owns the ring: in each row the token at absolute position p lives in slot p % length,
+    and slot_pos (batch, length) records which position each slot holds (-1: empty). Each row keeps
+    its own positions, so rows can hold sequences of different lengths (a server's requests, each
+    joining when it arrives): a decode step takes one position per row. Slots fill from 0 up, so until
+    a ring wraps the filled ones are a prefix: a decode step attends over the first `span` slots only
+    (each row's empty ones masked), not over all `length`. `span` is None (every slot) unless a decoder
+    sets it for one step to a bucket from spans(), so that a compiled decode needs only a few shapes.
+    `rows` (None: all) limits the calls to a slice of the batch: a server prefills one new request into
+    its own row while the other rows keep theirs. Not part of the model's state dict."""
 
     def __init__(self, config: GPTConfig, batch_size: int, length: int, device, dtype: torch.dtype):
         super().__init__()
         shape = (batch_size, config.num_attention_heads, length, config.head_dimensions)
-        self.length = length
+        self.batch_size, self.length = batch_size, length
         self.span: int | None = None
+        self.rows: slice | None = None  # the batch rows the next calls use; None: every row
         self.slots: torch.Tensor | None = None  # where this call's tokens go, set by begin()
+        self.positions: torch.Tensor | None = None  # a decode step's position in each row, (B,), set by begin()
         self.continuing = False  # whether this multi-token call continues the sequence in the ring
         self.ring_pos: torch.Tensor | None = None  # ALiBi: slot_pos before a multi-token call, set by GPT
         self.output_weight: torch.Tensor | None = None  # a faster layout of the output layer, if any
         self.layers = nn.ModuleList(LayerKV(shape, device, dtype) for _ in range(config.num_hidden_layers))
         self._buffers_by_layer = [(kv.k, kv.v) for kv in self.layers]  # plain tuples: cheaper per step than
         # ModuleList indexing and module attribute lookups (the cache never moves; setup_cache makes it in place)
-        self.register_buffer("slot_pos", torch.full((length,), -1, device=device, dtype=torch.long), persistent=False)
+        self.register_buffer("slot_pos", torch.full((batch_size, length), -1, device=device, dtype=torch.long),
+                             persistent=False)
 
     def spans(self, smallest: int = 64) -> list[int]:
         """The decode spans: powers of two from `smallest` below the length, then the length."""
@@ -507,54 +519,68 @@ class KVCache(nn.Module):
         filled = min(position + 1, self.length)
         return next(s for s in self.spans() if s >= filled)
 
+    def row_view(self, t: torch.Tensor) -> torch.Tensor:
+        """t's batch rows that the calls use: t itself for every row (no slice, so a compiled step updates
+        the whole buffer in place), else a view of the rows."""
+        return t if self.rows is None else t[self.rows]
+
     def reset(self) -> None:
-        """Forget every slot: the next tokens start a new sequence."""
-        self.slot_pos.fill_(-1)
+        """Forget every slot of the rows in use: their next tokens start new sequences."""
+        self.row_view(self.slot_pos).fill_(-1)
 
     def begin(self, input_pos: torch.Tensor) -> torch.Tensor | None:
-        """Place a call's tokens (absolute positions input_pos, (T,), consecutive) in the ring and return
-        the attention mask. A call from position 0 starts a new sequence: None (plain causal) if it
-        fits the ring, else a sliding window. A later multi-token call (a chunk of a long prefill, at
-        most `length` tokens) continues the sequence: it attends to the ring as well, through a
-        (T, length + T) mask. A decode step (T = 1) attends over the span's filled slots, with no host
-        sync, so that it runs inside a CUDA graph."""
-        L, T = self.length, input_pos.numel()
+        """Place a call's tokens in the ring and return the attention mask.
+
+        A multi-token call has input_pos (T,) consecutive positions, the same in every row. From position 0
+        it starts a new sequence: mask None (plain causal) if it fits the ring, else a sliding window. A
+        later multi-token call (a chunk of a long prefill, at most `length` tokens) continues the sequence:
+        it attends to the ring as well, through a (B, 1, T, length + T) mask. A decode step (T = 1) takes
+        input_pos (1,), one position for every row, or (B, 1), each row's own; a row at position 0 starts a
+        new sequence. It attends over the span's filled slots of its row, with no host sync, so that it
+        runs inside a CUDA graph."""
+        L = self.length
+        slot_pos = self.row_view(self.slot_pos)  # (B, L)
+        B = slot_pos.size(0)
         self.continuing = False
+        T = input_pos.size(-1)
         if T > 1:
             start = int(input_pos[0])  # one host sync per prefill call, never inside a CUDA graph
             mask = None
             if start == 0:
-                self.reset()
+                slot_pos.fill_(-1)
                 mask = sliding_window_mask(T, L, input_pos.device) if T > L else None
             elif T > L:
                 raise ValueError(f"a call that continues a sequence takes at most the cache length ({L}) tokens")
             else:
                 self.continuing = True
-                recent = (self.slot_pos >= 0) & (self.slot_pos > input_pos[:, None] - L)  # (T, L) ring keys
-                causal = torch.ones(T, T, dtype=torch.bool, device=input_pos.device).tril()
-                mask = torch.cat([recent, causal], dim=1).view(1, 1, T, L + T)
+                recent = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] > input_pos[None, :, None] - L)
+                causal = torch.ones(T, T, dtype=torch.bool, device=input_pos.device).tril().expand(B, T, T)
+                mask = torch.cat([recent, causal], dim=2).unsqueeze(1)  # (B, 1, T, L + T): ring keys, then the chunk
             self.slots = input_pos[-L:] % L  # only the last L tokens stay in the ring
-            self.slot_pos.index_copy_(0, self.slots, input_pos[-L:])
+            slot_pos.index_copy_(1, self.slots, input_pos[-L:].expand(B, -1))
             return mask
-        self.slot_pos.masked_fill_(input_pos == 0, -1)  # position 0 starts a new sequence
-        self.slots = input_pos % L  # the oldest slot once the ring is full
-        self.slot_pos.index_copy_(0, self.slots, input_pos)
+        pos = input_pos.reshape(-1).expand(B)  # (B,): every row's position
+        self.positions = pos
+        slot_pos.masked_fill_((pos == 0)[:, None], -1)  # position 0 starts a new sequence in its row
+        self.slots = pos % L  # (B,): the oldest slot once a ring is full
+        slot_pos.scatter_(1, self.slots[:, None], pos[:, None])
         S = self.span or L
-        return (self.slot_pos[:S] >= 0).view(1, 1, 1, S)
+        return (slot_pos[:, :S] >= 0).view(B, 1, 1, S)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys and values (B, n_head, T, head_dim) into their slots and return what
         the queries attend over: a prefill its own keys, a decode step the span of the ring."""
-        cache_k, cache_v = self._buffers_by_layer[layer]
+        cache_k, cache_v = (self.row_view(t) for t in self._buffers_by_layer[layer])
         if self.continuing:  # read the ring before this chunk overwrites its oldest slots
             keys, values = torch.cat([cache_k.to(k.dtype), k], dim=2), torch.cat([cache_v.to(v.dtype), v], dim=2)
-        n = self.slots.numel()
-        cache_k.index_copy_(2, self.slots, k[:, :, -n:].to(cache_k.dtype))
-        cache_v.index_copy_(2, self.slots, v[:, :, -n:].to(cache_v.dtype))
-        if self.continuing:
-            return keys, values
-        if k.size(2) > 1:
-            return k, v
+        if k.size(2) > 1:  # a prefill: the same slots in every row
+            n = self.slots.numel()
+            cache_k.index_copy_(2, self.slots, k[:, :, -n:].to(cache_k.dtype))
+            cache_v.index_copy_(2, self.slots, v[:, :, -n:].to(cache_v.dtype))
+            return (keys, values) if self.continuing else (k, v)
+        index = self.slots.view(-1, 1, 1, 1).expand(k.shape)  # (B, n_head, 1, head_dim): each row's own slot
+        cache_k.scatter_(2, index, k.to(cache_k.dtype))
+        cache_v.scatter_(2, index, v.to(cache_v.dtype))
         S = self.span or self.length
         return cache_k[:, :, :S].to(k.dtype), cache_v[:, :, :S].to(v.dtype)
 
@@ -563,6 +589,7 @@ class KVCache(nn.Module):
         for kv in self.layers:
             kv.k.copy_(kv.k.index_select(0, rows))
             kv.v.copy_(kv.v.index_select(0, rows))
+        self.slot_pos.copy_(self.slot_pos.index_select(0, rows))
 
 
 # ----------------------------------------------------------------------------- adapters (LoRA)

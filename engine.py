@@ -1,0 +1,294 @@
+"""Continuous batching: many requests decoded together, one forward pass per step.
+
+    with Engine(load_for_inference(path, device), context_length=1024, max_batch=16) as engine:
+        tokens, finish_reason = engine.generate(Request(prompt_ids, max_tokens=200, sampling=Sampling(0.7)))
+
+The engine owns one KV cache of `max_batch` rows and a thread that decodes. Each request gets a row of
+its own and keeps its own position in it (KVCache keeps per-row positions), so requests of any length,
+arriving at any time, share one batched decode step. Between steps new requests join (their prompts are
+prefilled into their rows, one request at a time, while the other rows keep what they hold) and
+finished or cancelled ones leave; requests wait in a bounded queue while every row is busy.
+
+Each request samples with its own settings and its own seeded generator, drawing its noise exactly as
+generate.Decoder does, so a request with a seed gives the tokens `generate.py --seed` gives, and at
+temperature 0 batched decoding gives the tokens one-at-a-time decoding gives. A step runs only the rows
+up to the highest one in use (new requests take the lowest free row), so one request alone decodes at
+batch size 1.
+
+Tokens reach the caller through `emit`, called on the engine's thread: one Event per token, then one
+final Event with the finish reason. It must not block (an asyncio server hands events to its loop with
+call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from generate import Loaded, Sampler, Sampling, prefill, sample
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]  # rendered prompt ids: generate.encode_prompt or chat.render_prompt
+    max_tokens: int  # at least 1
+    sampling: Sampling = Sampling()  # temperature 0 is greedy
+    seed: int | None = None  # the request's own generator: the same seed gives generate.py --seed's tokens
+    stop_tokens: frozenset[int] = frozenset()  # ids that end the answer; they are not emitted
+
+
+@dataclass(frozen=True)
+class Event:
+    token: int | None  # a generated token, or None on the final event
+    finish_reason: str | None = None  # the final event's: "stop", "length", "cancelled" or "error"
+
+
+class EngineBusy(Exception):
+    """Every batch row is decoding and the waiting queue is full."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submitted request and its progress; a handle for cancel()."""
+
+    request: Request
+    emit: Callable[[Event], None]
+    id: int
+    sampling: Sampling  # the request's, top_k clamped to the vocabulary
+    row: int | None = None  # its batch row while decoding
+    position: int = 0  # where the next token goes in its row
+    token: int = 0  # the last sampled token, the next step's input
+    generated: int = 0  # tokens emitted
+    cancelled: bool = False
+    done: bool = False
+    sampler: Sampler | None = field(default=None, repr=False)
+    noise: torch.Tensor | None = field(default=None, repr=False)
+
+
+class Engine:
+    def __init__(self, loaded: Loaded, context_length: int = 1024, max_batch: int = 16, max_waiting: int = 256,
+                 use_compile: bool = False):
+        if context_length < 2:
+            raise ValueError("context_length must be at least 2: a prompt token and room to answer")
+        if max_batch < 1 or max_waiting < 0:
+            raise ValueError("max_batch must be at least 1 and max_waiting not negative")
+        self.loaded, self.model = loaded, loaded.model
+        self.context_length, self.max_batch, self.max_waiting = context_length, max_batch, max_waiting
+        self.device = self.model.token_embeddings.weight.device
+        self.vocabulary_size = self.model.config.vocabulary_size
+        self.cache = self.model.setup_cache(max_batch, context_length)
+        self._forward = torch.compile(self._decode, dynamic=True) if use_compile else self._decode
+        self._rows: list[Ticket | None] = [None] * max_batch
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._lock = threading.Condition()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.steps = 0  # batched decode steps run
+        self.tokens_generated = 0
+        self.last_error: str | None = None  # the latest failure of a step, for a health check
+
+    # ------------------------------------------------------------------------- the callers' side
+
+    @property
+    def active(self) -> int:
+        return sum(t is not None for t in self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lightgpt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop decoding; requests not finished yet end with "cancelled"."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for ticket in list(self._waiting) + [t for t in self._rows if t is not None]:
+            self._finish(ticket, "cancelled")
+        self._waiting.clear()
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, request: Request, emit: Callable[[Event], None]) -> Ticket:
+        """Queue a request; thread-safe. ValueError for a prompt that is empty or leaves no room to answer
+        in the context, or a bad max_tokens; EngineBusy when every row and the queue are taken."""
+        if not request.prompt:
+            raise ValueError("the prompt is empty")
+        if len(request.prompt) >= self.context_length:
+            raise ValueError(f"the prompt has {len(request.prompt)} tokens: no room to answer in a context of "
+                             f"{self.context_length} tokens")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {request.max_tokens}")
+        if not all(0 <= t < self.vocabulary_size for t in request.prompt):
+            raise ValueError(f"the prompt holds token ids outside the vocabulary (0 .. {self.vocabulary_size - 1})")
+        ticket = Ticket(request, emit, next(self._ids), request.sampling.clamped(self.vocabulary_size))
+        with self._lock:
+            if self._closing:
+                raise EngineBusy("the engine is shutting down")
+            if self.active + len(self._waiting) >= self.max_batch + self.max_waiting:
+                raise EngineBusy(f"all {self.max_batch} batch rows and {self.max_waiting} waiting places are taken")
+            self._waiting.append(ticket)
+            self._lock.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop a request; thread-safe. Its row is free before the next step; its final event is "cancelled"
+        (unless it had already finished)."""
+        with self._lock:
+            ticket.cancelled = True
+            self._lock.notify_all()
+
+    def generate(self, request: Request, timeout: float | None = None) -> tuple[list[int], str]:
+        """Submit a request and wait for it: (its tokens, stop tokens left out; its finish reason)."""
+        tokens, finished = [], threading.Event()
+        reason = []
+
+        def emit(event: Event) -> None:
+            if event.token is not None:
+                tokens.append(event.token)
+            else:
+                reason.append(event.finish_reason)
+                finished.set()
+
+        ticket = self.submit(request, emit)
+        if not finished.wait(timeout):
+            self.cancel(ticket)
+            finished.wait()
+        return tokens, reason[0]
+
+    # ------------------------------------------------------------------------- the engine's thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._closing and not self._waiting and not any(self._rows):
+                        self._lock.wait()
+                    if self._closing:
+                        return
+                    joining = []
+                    free = [row for row, t in enumerate(self._rows) if t is None]
+                    while free and self._waiting:
+                        ticket = self._waiting.popleft()
+                        if ticket.cancelled:
+                            joining.append(ticket)  # finished below, outside the lock
+                            continue
+                        ticket.row = free.pop(0)  # the lowest free row, so the rows in use stay a prefix
+                        self._rows[ticket.row] = ticket
+                        joining.append(ticket)
+                for ticket in joining:
+                    if ticket.cancelled:
+                        self._finish(ticket, "cancelled")
+                    else:
+                        self._guarded(self._join, ticket)
+                for ticket in self._rows:
+                    if ticket is not None and ticket.cancelled:
+                        self._finish(ticket, "cancelled")
+                if any(self._rows):
+                    self._guarded(self._step)
+
+    def _guarded(self, work: Callable, *args) -> None:
+        """Run a prefill or a step; a failure (out of memory, say) ends the requests it touched with
+        "error" and the engine goes on serving the others."""
+        try:
+            work(*args)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the server must stay up
+            self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.cache.rows, self.cache.span = None, None
+            touched = args if args else [t for t in self._rows if t is not None]
+            for ticket in touched:
+                self._finish(ticket, "error")
+
+    def _join(self, ticket: Ticket) -> None:
+        """Prefill a new request into its row and sample its first token."""
+        request = ticket.request
+        ticket.sampler = Sampler(self.device, request.seed)
+        ticket.noise = torch.ones(1, ticket.sampling.top_k, device=self.device)
+        self.cache.rows = slice(ticket.row, ticket.row + 1)  # the other rows keep their sequences
+        try:
+            logits = prefill(self.model, torch.tensor([request.prompt], device=self.device))  # (1, V)
+        finally:
+            self.cache.rows = None
+        ticket.position = len(request.prompt)
+        self._advance([ticket], [self._sample(ticket, logits)])
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, input_pos=positions)[:, -1]  # (B, V)
+
+    def _step(self) -> None:
+        """One batched decode step for every row up to the highest in use, each at its own position."""
+        top = max(row for row, t in enumerate(self._rows) if t is not None) + 1
+        rows = self._rows[:top]
+        tokens = torch.tensor([[t.token if t else 0] for t in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[t.position if t else 1] for t in rows], device=self.device)  # (B, 1); a free
+        # row decodes a dummy token at position 1 in its own row, which its next request's prefill clears
+        self.cache.rows = None if top == self.max_batch else slice(0, top)
+        self.cache.span = self.cache.span_for(max(t.position for t in rows if t))
+        try:
+            logits = self._forward(tokens, positions)
+        finally:
+            self.cache.rows, self.cache.span = None, None
+        active = [t for t in rows if t is not None]
+        for t in active:
+            t.position += 1
+        self.steps += 1
+        self._advance(active, [self._sample(t, logits[t.row: t.row + 1]) for t in active])
+
+    def _sample(self, ticket: Ticket, logits: torch.Tensor) -> torch.Tensor:
+        """The request's next token from its logits (1, V), its noise drawn as generate.Decoder draws it."""
+        noise = None if ticket.sampling.greedy else ticket.sampler.fill(ticket.noise)
+        return sample(logits, ticket.sampling, noise)
+
+    def _advance(self, tickets: list[Ticket], next_tokens: list[torch.Tensor]) -> None:
+        """Hand each request its new token (one host sync for all of them) and retire the finished."""
+        for ticket, token in zip(tickets, torch.cat(next_tokens).tolist()):
+            if ticket.cancelled:
+                self._finish(ticket, "cancelled")
+            elif token in ticket.request.stop_tokens:
+                self._finish(ticket, "stop")
+            else:
+                ticket.token = token
+                ticket.generated += 1
+                self.tokens_generated += 1
+                self._emit(ticket, Event(token))
+                if ticket.generated == ticket.request.max_tokens:
+                    self._finish(ticket, "length")
+
+    def _finish(self, ticket: Ticket, reason: str) -> None:
+        if ticket.done:
+            return
+        ticket.done = True
+        with self._lock:
+            if ticket.row is not None and self._rows[ticket.row] is ticket:
+                self._rows[ticket.row] = None
+        self._emit(ticket, Event(None, reason))
+
+    @staticmethod
+    def _emit(ticket: Ticket, event: Event) -> None:
+        try:
+            ticket.emit(event)
+        except Exception:  # noqa: BLE001 - a caller's broken callback must not stop the other requests
+            ticket.cancelled = True

@@ -1,0 +1,217 @@
+"""Continuous batching: per-row cache positions, and batched serving equal to one request at a time."""
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import TINY
+from engine import Engine, EngineBusy, Event, Request
+from generate import Decoder, Loaded, Sampler, Sampling, generate
+from model import GPT, GPTConfig
+
+EOT = 0
+
+
+def tiny(encoding="none", seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**TINY, dropout=0.0, position_encoding=encoding)).eval()
+
+
+def loaded(model):
+    return Loaded(model, encoding=None, eot=EOT)
+
+
+def prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, TINY["vocabulary_size"], (n,), generator=g).tolist() for n in lengths]
+
+
+def one_at_a_time(model, request, context_length):
+    """What generate.py gives for a request: a batch-1 decoder, the stop token left out."""
+    decoder = Decoder(copy.deepcopy(model), context_length, 1, request.sampling, Sampler(torch.device("cpu"),
+                      request.seed), use_compile=False)
+    with torch.inference_mode():
+        out = generate(decoder, request.prompt, set(request.stop_tokens), request.max_tokens)
+    return out[:-1] if out[-1] in request.stop_tokens else out
+
+
+@pytest.mark.parametrize("encoding", ["none", "rope", "alibi"])
+def test_rows_at_their_own_positions_decode_as_if_alone(encoding):
+    """Three rows holding sequences of different lengths (one past the ring's wrap) decoded in one step,
+    each at its own position, give the logits each row gives decoded alone."""
+    model, L = tiny(encoding), 16
+    seqs = prompts([5, 11, 21])
+    alone = []
+    for s in seqs:
+        model.setup_cache(1, L)
+        with torch.inference_mode():
+            for start in range(0, len(s), L):  # a prefill in chunks of at most the ring
+                model(torch.tensor([s[start:start + L]]), input_pos=torch.arange(start, min(len(s), start + L)))
+            alone.append(model(torch.tensor([[7]]), input_pos=torch.tensor([len(s)]))[0, -1])
+    cache = model.setup_cache(3, L)
+    with torch.inference_mode():
+        for row, s in enumerate(seqs):
+            cache.rows = slice(row, row + 1)
+            for start in range(0, len(s), L):
+                model(torch.tensor([s[start:start + L]]), input_pos=torch.arange(start, min(len(s), start + L)))
+        cache.rows = None
+        together = model(torch.tensor([[7]] * 3), input_pos=torch.tensor([[len(s)] for s in seqs]))[:, -1]
+    for row in range(3):
+        torch.testing.assert_close(together[row], alone[row], rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefill_into_one_row_leaves_the_others_alone():
+    model = tiny()
+    cache = model.setup_cache(2, 16)
+    a, b = prompts([6, 9])
+    with torch.inference_mode():
+        cache.rows = slice(0, 1)
+        model(torch.tensor([a]), input_pos=torch.arange(6))
+        keys, slots = cache.layers[0].k[0].clone(), cache.slot_pos[0].clone()
+        cache.rows = slice(1, 2)
+        model(torch.tensor([b]), input_pos=torch.arange(9))
+        model(torch.tensor([[3]]), input_pos=torch.tensor([0]))  # a one-token prompt: a new sequence in row 1 only
+    cache.rows = None
+    assert torch.equal(cache.layers[0].k[0], keys) and torch.equal(cache.slot_pos[0], slots)
+    assert cache.slot_pos[1].tolist() == [0] + [-1] * 15
+
+
+def staggered(engine, requests, gap_tokens=3):
+    """Submit the requests one after another, each when the one before has produced gap_tokens tokens
+    (or finished): requests of different lengths arriving while others are decoding."""
+    outputs = [[] for _ in requests]
+    reasons = [None] * len(requests)
+    done = [threading.Event() for _ in requests]
+
+    def submit(i):
+        started = [False]
+
+        def emit(event: Event):
+            if event.token is not None:
+                outputs[i].append(event.token)
+            else:
+                reasons[i] = event.finish_reason
+                done[i].set()
+            if i + 1 < len(requests) and not started[0] and (len(outputs[i]) >= gap_tokens or done[i].is_set()):
+                started[0] = True
+                submit(i + 1)  # from the engine's own thread, between steps
+
+        engine.submit(requests[i], emit)
+
+    submit(0)
+    for d in done:
+        assert d.wait(60)
+    return outputs, reasons
+
+
+def test_batched_greedy_equals_one_at_a_time():
+    model, L = tiny(), 32
+    plain = [Request(p, max_tokens=m, sampling=Sampling(temperature=0.0))
+             for p, m in zip(prompts([3, 17, 1, 30, 8, 12]), [40, 9, 25, 6, 50, 1])]
+    stop = frozenset({one_at_a_time(model, plain[0], L)[10]})  # a token the first answer meets mid-way
+    requests = [Request(r.prompt, r.max_tokens, r.sampling, stop_tokens=stop) for r in plain]
+    expected = [one_at_a_time(model, r, L) for r in requests]
+    with Engine(loaded(model), context_length=L, max_batch=4) as engine:
+        outputs, reasons = staggered(engine, requests)
+        assert engine.steps > 0 and engine.active == 0 and engine.waiting == 0
+    assert outputs == expected
+    assert [len(o) for o in outputs] != [r.max_tokens for r in requests]  # some stopped early, some ran past L
+    for out, r, reason in zip(outputs, requests, reasons):
+        assert reason == ("length" if len(out) == r.max_tokens else "stop")
+
+
+def test_seeded_sampling_gives_what_generate_gives():
+    model, L = tiny(), 64
+    settings = [Sampling(1.0, 50, 0.9), Sampling(0.7, 500, 1.0), Sampling(1.3, 5, 0.5)]
+    requests = [Request(p, max_tokens=20, sampling=s, seed=seed)
+                for p, s, seed in zip(prompts([4, 9, 2]), settings, [1, 2, 3])]
+    expected = [one_at_a_time(model, r, L) for r in requests]
+    with Engine(loaded(model), context_length=L, max_batch=3) as engine:
+        outputs, _ = staggered(engine, requests, gap_tokens=2)
+        again = engine.generate(requests[0])[0]
+    assert outputs == expected and again == expected[0]
+    assert len({tuple(o) for o in outputs}) == 3
+
+
+def test_more_requests_than_rows_wait_and_a_full_queue_refuses():
+    model = tiny()
+    requests = [Request(p, max_tokens=6, sampling=Sampling(0.0)) for p in prompts([2, 3, 4, 5, 6])]
+    engine = Engine(loaded(model), context_length=32, max_batch=2, max_waiting=3)  # not started: nothing decodes
+    events = [[] for _ in requests]
+    for i, r in enumerate(requests):
+        engine.submit(r, events[i].append)
+    with pytest.raises(EngineBusy, match="2 batch rows and 3 waiting places"):
+        engine.submit(requests[0], print)
+    assert engine.waiting == 5
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not all(e and e[-1].token is None for e in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.close()
+    for i, r in enumerate(requests):
+        assert [e.token for e in events[i][:-1]] == one_at_a_time(model, r, 32)
+        assert events[i][-1] == Event(None, "length")
+
+
+def test_cancel_frees_the_row_and_ends_with_cancelled():
+    model = tiny()
+    engine = Engine(loaded(model), context_length=32, max_batch=1).start()
+    got, cancelled = [], threading.Event()
+
+    def emit(event):
+        got.append(event)
+        if event.token is not None and len(got) == 3:
+            engine.cancel(ticket)
+        if event.finish_reason:
+            cancelled.set()
+
+    ticket = engine.submit(Request(prompts([4])[0], max_tokens=10_000, sampling=Sampling(0.0)), emit)
+    assert cancelled.wait(60)
+    assert got[-1] == Event(None, "cancelled") and len(got) <= 5
+    tokens, reason = engine.generate(Request([1, 2], max_tokens=3, sampling=Sampling(0.0)), timeout=60)
+    assert reason == "length" and len(tokens) == 3 and engine.active == 0
+    engine.close()
+
+
+@pytest.mark.parametrize("prompt, max_tokens, message", [
+    ([], 5, "the prompt is empty"),
+    (list(range(1, 33)), 5, "32 tokens: no room to answer in a context of 32"),
+    ([1, 2], 0, "max_tokens must be at least 1"),
+    ([1, 999], 5, "outside the vocabulary"),
+])
+def test_bad_requests_are_refused_at_submit(prompt, max_tokens, message):
+    engine = Engine(loaded(tiny()), context_length=32, max_batch=1)
+    with pytest.raises(ValueError, match=message):
+        engine.submit(Request(prompt, max_tokens=max_tokens), print)
+
+
+def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(monkeypatch):
+    model = tiny()
+    with Engine(loaded(model), context_length=32, max_batch=2) as engine:
+        real = engine._forward
+        calls = []
+
+        def flaky(tokens, positions):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(tokens, positions)
+
+        engine._forward = flaky
+        tokens, reason = engine.generate(Request([1, 2, 3], max_tokens=5, sampling=Sampling(0.0)), timeout=60)
+        assert reason == "error" and engine.last_error.startswith("RuntimeError: CUDA out of memory")
+        tokens, reason = engine.generate(Request([1, 2, 3], max_tokens=5, sampling=Sampling(0.0)), timeout=60)
+        assert reason == "length" and tokens == one_at_a_time(model, Request([1, 2, 3], 5, Sampling(0.0)), 32)
+
+
+def test_close_cancels_what_is_left():
+    engine = Engine(loaded(tiny()), context_length=32, max_batch=1)
+    events = []
+    engine.submit(Request([1, 2], max_tokens=3), events.append)
+    engine.close()
+    assert events == [Event(None, "cancelled")]
+    with pytest.raises(EngineBusy, match="shutting down"):
+        engine.submit(Request([1, 2], max_tokens=3), events.append)
