@@ -1,0 +1,104 @@
+"""The chat page in a real browser: Debian's chromium, headless, driven by Selenium through chromedriver,
+against serve.py in this process on a loopback port. Skipped where chromium or chromedriver is missing,
+except under CI (the CI environment variable set), where .ci/run installs them and a skip would hide a
+failure."""
+
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+import serve
+from engine import Engine
+from generate import load_for_inference
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def browser_or_skip():
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
+    try:
+        import selenium.webdriver  # noqa: F401 - importable is all this asks
+    except ImportError:
+        missing.append("the selenium package (requirements-dev.txt)")
+    if missing:
+        why = f"no {', '.join(missing)}: apt-get install chromium chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and the browser test cannot run: {why}")
+        pytest.skip(why)
+
+
+def headless_chromium(width=1100, height=720):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 f"--window-size={width},{height}", "--no-first-run", "--disable-extensions"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def chat_in_the_page(url: str, message: str, screenshot: str | None = None, system: str | None = None,
+                     temperature: float | None = None, timeout: float = 60) -> dict:
+    """Open the page, type a message (and a system message), send it, and watch the answer stream in:
+    returns the answer's text, the lengths it was seen at while streaming, and its chunk count."""
+    from selenium.webdriver.common.by import By
+
+    driver = headless_chromium()
+    try:
+        driver.set_page_load_timeout(timeout)
+        driver.get(url)
+        deadline = time.monotonic() + timeout
+        while "connecting" in driver.find_element(By.ID, "model").text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if system is not None:
+            driver.find_element(By.ID, "system").send_keys(system)
+        if temperature is not None:  # a range input: set its value as a user's drag would
+            driver.execute_script("const t = document.getElementById('temperature'); t.value = arguments[0];"
+                                  "t.dispatchEvent(new Event('input'));", temperature)
+        driver.find_element(By.ID, "input").send_keys(message)
+        driver.find_element(By.ID, "send").click()
+        seen, state = [], None
+        while time.monotonic() < deadline:
+            bubbles = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+            if bubbles:
+                text = bubbles[-1].find_element(By.CLASS_NAME, "text").text
+                if not seen or seen[-1] != len(text):
+                    seen.append(len(text))
+                state = bubbles[-1].get_attribute("data-state")
+                if state == "done":
+                    break
+            time.sleep(0.005)
+        bubble = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.error")]
+        if screenshot:
+            driver.save_screenshot(screenshot)
+        return {"text": bubble.find_element(By.CLASS_NAME, "text").text, "lengths": seen, "state": state,
+                "chunks": int(bubble.get_attribute("data-chunks")), "errors": errors,
+                "user": [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.user")]}
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
+def test_the_chat_page_streams_an_answer_in_headless_chromium(base, tuned, tmp_path):
+    browser_or_skip()
+    loaded = load_for_inference(base, torch.device("cpu"), str(tuned[0] / "lora.pt"))
+    # The tiny model answers in a few milliseconds; a pause before every forward pass (prefill and decode
+    # steps) makes its answer arrive slowly enough for the page to be seen growing.
+    loaded.model.register_forward_pre_hook(lambda module, inputs: time.sleep(0.08))
+    with Engine(loaded, context_length=256, max_batch=4) as engine, \
+            serve.BackgroundServer(serve.create_app(engine, loaded, serve.Settings("tiny-chat", 200))) as server:
+        seen = chat_in_the_page(server.url + "/", "Say apple.", str(tmp_path / "page.png"), system="Be brief.",
+                                temperature=0.0)
+    assert seen["state"] == "done" and not seen["errors"], seen
+    assert "Say apple." in seen["user"][0]
+    assert seen["text"] in ("ok.", "yes.") and seen["chunks"] == len(seen["text"])  # what the tuned model says
+    growing = [n for n in seen["lengths"] if n > 0]
+    assert len(set(growing)) >= 2, seen  # seen at two lengths at least: it streamed, not all at once
+    assert os.path.getsize(tmp_path / "page.png") > 1000
