@@ -5,12 +5,17 @@
     python bench.py decode                        # 256 tokens after a 16-token prompt, batch 1 and 8
     python bench.py tokenize --token_encoding r50k_base --dataset ./corpus.jsonl
     python bench.py pack --token_encoding bytes   # LoRA steps on the builtin conversations, packed vs padded
+    python bench.py serve --device cpu --checkpoint_path ./checkpoints/quickstart.pt   # serve.py, 1/4/16 clients
     python bench.py train --device cpu --embedding_dimensions 128 --num_attention_heads 4 \\
         --num_hidden_layers 2 --batch_size 4 --tokens_per_sample 128 --compare_hf   # tiny, on a CPU
 
 `pack` times instruction tuning's LoRA steps on the builtin conversations packed into rows (as
 instruction-tune.py does) and one conversation per padded row, and counts the conversation tokens each
-processes per second. Each measurement prints one JSON object on its own line of standard output (mode, system,
+processes per second. `serve` sends the same --requests streaming completions from 1, 4 and 16 concurrent
+clients (--clients) to serve.py in this process on a loopback port, batched (continuous batching, up to
+--max_batch rows) and served one at a time (one row), and counts completion tokens per second of wall
+time; `--through engine` skips HTTP and submits to engine.py directly (needs neither fastapi nor uvicorn).
+Each request samples with a seed of its own, so both servings generate the same tokens. Each measurement prints one JSON object on its own line of standard output (mode, system,
 tokens_per_s, peak_memory_gib, and where they apply mfu, model_tflops, ms_per_step, ms_per_token),
 then a table. Model inputs are random tokens, so no tokenizer or corpus is needed except for
 `tokenize`. Flags share pretrain.py's and generate.py's names. `--compare_hf` times Hugging Face
@@ -56,6 +61,16 @@ from common import (
 from generate import Decoder, Sampler, Sampling, add_sampling_args
 from model import GPT, peak_tflops
 
+def client_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return counts
+
+
 DECODE_COMPILE_MODES = {"plain": "default", "autotune": "max-autotune-no-cudagraphs"}  # torch.compile modes
 ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                       "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
@@ -63,7 +78,7 @@ ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Benchmark LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", choices=("train", "decode", "tokenize", "pack"), help="what to measure")
+    p.add_argument("mode", choices=("train", "decode", "tokenize", "pack", "serve"), help="what to measure")
     g = p.add_argument_group("model")
     g.add_argument("--vocabulary_size", type=positive_int, default=50_257, help="vocabulary of the random model")
     add_model_args(g)
@@ -93,6 +108,16 @@ def parse_args(argv=None):
     add_sampling_args(g)
     g = p.add_argument_group("pack")
     g.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of the instruction-tuning steps")
+    g = p.add_argument_group("serve")
+    g.add_argument("--checkpoint_path", default=None,
+                   help="serve this checkpoint (default: a random model of the shape flags, ids shown as characters)")
+    g.add_argument("--lora_path", default=None, help="with --checkpoint_path: its LoRA checkpoint")
+    g.add_argument("--requests", type=positive_int, default=16, help="streaming completions per measurement")
+    g.add_argument("--clients", type=client_counts, default=(1, 4, 16),
+                   help="concurrent clients, a comma-separated list")
+    g.add_argument("--max_batch", type=positive_int, default=16, help="the batched server's rows")
+    g.add_argument("--through", choices=("http", "engine"), default="http",
+                   help="requests over HTTP to serve.py, or submitted to engine.py directly")
     g = p.add_argument_group("tokenize")
     g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
     g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")
@@ -354,6 +379,126 @@ def decode_one(args, device, system: str, prompt) -> dict:
             "peak_memory_gib": round(peak_memory_gib(device), 3), "kv_cache_gib": kv_cache_gib}
 
 
+# ----------------------------------------------------------------------------- serve
+
+
+class _IdsAsCharacters:
+    """A stand-in tokenizer for a random model: id i is the character U+0100 + i (below the surrogates
+    for any vocabulary up to 55,040), so any id decodes and a text of such characters encodes back."""
+
+    def __init__(self, vocabulary_size: int):
+        if vocabulary_size > 0xD800 - 0x100:
+            raise UserError(f"--vocabulary_size {vocabulary_size}: bench.py serve's random model takes at most "
+                            f"{0xD800 - 0x100:,}; pass --checkpoint_path for a larger vocabulary")
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return chr(0x100 + token).encode()
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return [ord(c) - 0x100 for c in text]
+
+
+def serving_model(args, device):
+    """(the Loaded model to serve, the prompts as text): --checkpoint_path's with printable random prompts,
+    or a random model of the shape flags."""
+    from generate import Loaded, load_for_inference
+
+    rng = np.random.default_rng(args.seed)
+    if args.checkpoint_path:
+        loaded = load_for_inference(args.checkpoint_path, device, args.lora_path)
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz     "))
+        texts = ["".join(rng.choice(letters, args.prompt_tokens)) for _ in range(args.requests)]
+        return loaded, texts
+    encoding = _IdsAsCharacters(args.vocabulary_size)
+    torch.manual_seed(args.seed)
+    model = GPT(model_config(args, args.vocabulary_size))
+    if bf16_supported(device):
+        model = model.to(torch.bfloat16)
+    loaded = Loaded(model.to(device).eval(), encoding, args.vocabulary_size - 1)
+    texts = ["".join(chr(0x100 + int(i)) for i in rng.integers(0, args.vocabulary_size - 1, args.prompt_tokens))
+             for _ in range(args.requests)]
+    return loaded, texts
+
+
+def _stream_completion(url: str, body: dict) -> int:
+    """POST a streaming completion with the standard library; the completion tokens its usage reports."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"the server answered {response.status}: {response.read()[:200]!r}")
+        usage = None
+        for line in response:
+            if line.startswith(b"data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
+        return usage["completion_tokens"]
+    finally:
+        connection.close()
+
+
+def bench_serve(args, device, rows) -> None:
+    """The same requests from each number of concurrent clients, served one at a time and batched."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine import Engine, Request
+    from generate import Sampling
+
+    loaded, texts = serving_model(args, device)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    use_compile = compile_enabled(args.compile, device)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    one_at_a_time = {}
+    for system, max_batch in (("one-at-a-time", 1), ("batched", args.max_batch)):
+        with contextlib.ExitStack() as stack:
+            engine = stack.enter_context(Engine(loaded, args.context_length, max_batch, max(args.requests, 1),
+                                                use_compile))
+            if args.through == "http":
+                try:
+                    import serve
+                except ImportError as e:
+                    raise UserError(f"bench.py serve --through http needs fastapi and uvicorn ({e}); install "
+                                    f"requirements.txt, or use --through engine") from None
+                settings = serve.Settings("bench", args.max_tokens, sampling)
+                server = stack.enter_context(serve.BackgroundServer(serve.create_app(engine, loaded, settings)))
+
+                def one(i: int) -> int:
+                    return _stream_completion(server.url, {"prompt": texts[i], "max_tokens": args.max_tokens,
+                                                           "seed": args.seed + i, "stream": True,
+                                                           "stream_options": {"include_usage": True}})
+            else:
+                prompts = [[loaded.eot] + loaded.encoding.encode_ordinary(t) for t in texts]
+
+                def one(i: int) -> int:
+                    request = Request(prompts[i], args.max_tokens, sampling, args.seed + i, frozenset(loaded.stop))
+                    return len(engine.generate(request)[0])
+
+            one(0)  # warm-up: allocator, first compilation
+            for clients in args.clients:
+                with ThreadPoolExecutor(clients) as pool:
+                    start = time.perf_counter()
+                    tokens = sum(pool.map(one, range(args.requests)))
+                    seconds = time.perf_counter() - start
+                record = {"mode": "serve", "system": system, "through": args.through, "device": device_name(device),
+                          "precision": precision_name(device), "compiled": use_compile, "parameters": params,
+                          "clients": clients, "requests": args.requests, "max_batch": max_batch,
+                          "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "tokens": tokens,
+                          "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+                if system == "one-at-a-time":
+                    one_at_a_time[clients] = record
+                else:
+                    base = one_at_a_time[clients]
+                    if base["tokens"] != tokens:
+                        raise RuntimeError(f"batched serving generated {tokens} tokens, one at a time "
+                                           f"{base['tokens']}: the same seeded requests must give the same tokens")
+                    record["speedup"] = round(record["tokens_per_s"] / base["tokens_per_s"], 2)
+                report(rows, record)
+
+
 # ----------------------------------------------------------------------------- tokenize
 
 
@@ -403,8 +548,8 @@ def bench_tokenize(args, device, rows) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ["mode", "system", "batch_size", "tokens_per_s", "ms_per_step", "ms_per_token", "model_tflops", "mfu",
-               "peak_memory_gib", "fraction_of_raw", "rows", "fill", "epoch_s"]
+    columns = ["mode", "system", "clients", "batch_size", "tokens_per_s", "ms_per_step", "ms_per_token", "model_tflops", "mfu",
+               "peak_memory_gib", "fraction_of_raw", "rows", "fill", "epoch_s", "speedup"]
     columns = [c for c in columns if any(c in r and r[c] is not None for r in rows)]
     cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -428,10 +573,13 @@ def attention_backend(name: str):
 
 def main(args) -> list[dict]:
     device = resolve_device(args.device) if args.mode != "tokenize" else torch.device("cpu")
+    if (args.checkpoint_path or args.lora_path) and args.mode != "serve":
+        raise UserError(f"--checkpoint_path and --lora_path are for bench.py serve, not {args.mode}")
     rows: list[dict] = []
     try:
         with attention_backend(args.attention_backend):
-            modes = {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize, "pack": bench_pack}
+            modes = {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize, "pack": bench_pack,
+                     "serve": bench_serve}
             modes[args.mode](args, device, rows)
     except RuntimeError as e:
         if not any(text in str(e) for text in ("No available kernel", "No viable backend")):

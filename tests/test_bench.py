@@ -92,3 +92,16 @@ def test_pack_compares_packed_rows_with_padded_ones_on_the_same_conversations(ca
     assert packed["rows"] < padded["rows"] == padded["conversations"]  # one conversation a padded row
     assert padded["fill"] < packed["fill"] <= 1
     assert packed["tokens_per_s"] > 0 and packed["epoch_s"] > 0
+
+
+@pytest.mark.parametrize("through", ["engine", "http"])
+def test_serve_compares_batched_with_one_at_a_time(capsys, through):
+    rows = run(capsys, "serve", *TINY, "--requests", "4", "--clients", "1,2", "--max_tokens", "5",
+               "--prompt_tokens", "3", "--context_length", "16", "--max_batch", "4", "--through", through)
+    assert [(r["system"], r["clients"]) for r in rows] == [("one-at-a-time", 1), ("one-at-a-time", 2),
+                                                          ("batched", 1), ("batched", 2)]
+    for r in rows:
+        assert r["through"] == through and r["tokens_per_s"] > 0 and 0 < r["tokens"] <= 4 * 5
+    for alone, batched in zip(rows[:2], rows[2:]):  # seeded requests: the same tokens either way
+        assert batched["tokens"] == alone["tokens"]
+        assert batched["speedup"] == pytest.approx(batched["tokens_per_s"] / alone["tokens_per_s"], abs=0.01)

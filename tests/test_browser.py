@@ -3,6 +3,7 @@ against serve.py in this process on a loopback port. Skipped where chromium or c
 except under CI (the CI environment variable set), where .ci/run installs them and a skip would hide a
 failure."""
 
+import importlib.util
 import os
 import shutil
 import time
@@ -20,9 +21,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 def browser_or_skip():
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
-    try:
-        import selenium.webdriver  # noqa: F401 - importable is all this asks
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         missing.append("the selenium package (requirements-dev.txt)")
     if missing:
         why = f"no {', '.join(missing)}: apt-get install chromium chromium-driver"
