@@ -375,7 +375,7 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
         return {"status": "ok", "model": settings.model_name, "chat": loaded.chat is not None,
                 "active": engine.active, "waiting": engine.waiting, "max_batch": engine.max_batch,
                 "context_length": engine.context_length, "max_tokens": settings.max_tokens,
-                "auth": settings.api_key is not None}
+                "auth": settings.api_key is not None, "last_error": engine.last_error}
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
@@ -478,9 +478,14 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port (port 0: a free one), or one line saying why it cannot be."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.create_server((host, port), family=family)
+        sock = socket.create_server((host, port), family=family)
     except OSError as e:
         raise UserError(f"--host {host} --port {port}: cannot listen there ({os_reason(e)})") from None
+    # No Nagle delay on the connections it accepts (they inherit this): asyncio sets TCP_NODELAY only on
+    # sockets it made itself, and without it every response written in two parts (headers, then body) and
+    # every streamed chunk after the first waited 40 ms for the client's delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class BackgroundServer:
@@ -566,8 +571,8 @@ def main(args) -> None:
         app = create_app(engine, loaded, settings)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        kind = "chat model" if loaded.chat else "base model (use /v1/completions)"
-        print(f"serving {settings.model_name} ({kind}) at http://{shown}:{port}/ : the chat page there, "
+        kind = "a chat model" if loaded.chat else "a base model (no chat template: /v1/completions only)"
+        print(f"serving {settings.model_name}, {kind}, at http://{shown}:{port}/ : the chat page there, "
               f"the API under /v1; Ctrl-C stops", flush=True)
         if args.host not in LOOPBACK and not args.api_key:
             print(f"warning: --host {args.host} is reachable from other machines and no --api_key is set",

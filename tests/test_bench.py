@@ -94,7 +94,7 @@ def test_pack_compares_packed_rows_with_padded_ones_on_the_same_conversations(ca
     assert packed["tokens_per_s"] > 0 and packed["epoch_s"] > 0
 
 
-@pytest.mark.parametrize("through", ["engine", "http"])
+@pytest.mark.parametrize("through", ["engine", pytest.param("http", marks=pytest.mark.slow)])
 def test_serve_compares_batched_with_one_at_a_time(capsys, through):
     rows = run(capsys, "serve", *TINY, "--requests", "4", "--clients", "1,2", "--max_tokens", "5",
                "--prompt_tokens", "3", "--context_length", "16", "--max_batch", "4", "--through", through)

@@ -2,6 +2,7 @@
 official openai package and raw HTTP, on the tiny pretrained model and its instruction-tuned LoRA."""
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -175,8 +176,8 @@ def test_answer_holds_back_what_may_begin_a_stop_string():
 def test_batched_serving_equals_serving_one_at_a_time(base_server, chat_server):
     """Requests of different lengths arriving at different times, decoded together, get the tokens each
     gets alone: at temperature 0, and sampled with a seed of their own."""
-    jobs = [("The ", 30, None), ("A class ", 7, 1), ("x", 45, None), ("The return statement ", 18, 2),
-            ("import ", 25, 3), ("If ", 12, None), ("Say apple.", 20, None), ("Say tiger.", 9, 4)]
+    jobs = [("The ", 16, None), ("A class ", 5, 1), ("x", 24, None), ("The return statement ", 11, 2),
+            ("import ", 14, 3), ("Say apple.", 12, None), ("Say tiger.", 9, 4)]
 
     def ask(job):
         prompt, n, seed = job
@@ -230,15 +231,16 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("body, param, message", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
-def test_bad_requests_get_openai_errors(chat_server, body, param, message):
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    r = httpx.post(chat_server.url + "/v1/chat/completions", content=content,
-                   headers={"Content-Type": "application/json"}, timeout=10)
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
-    assert error["param"] == param and message in error["message"], error
+def test_bad_requests_get_openai_errors(chat_server):
+    with httpx.Client(base_url=chat_server.url, timeout=10) as http:
+        for body, param, message in BAD_REQUESTS:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = http.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (body, r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+            assert error["param"] == param and message in error["message"], (body, error)
+    assert healthy(chat_server)
 
 
 def test_more_errors_and_the_server_stays_healthy(base_server, chat_server):
@@ -256,7 +258,15 @@ def test_more_errors_and_the_server_stays_healthy(base_server, chat_server):
     assert healthy(base_server) and healthy(chat_server)
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(base_server):
+def cancels(engine, monkeypatch) -> list:
+    """The tickets the server cancels on this engine, recorded as it does."""
+    cancelled, real = [], engine.cancel
+    monkeypatch.setattr(engine, "cancel", lambda ticket: (cancelled.append(ticket), real(ticket))[1])
+    return cancelled
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(base_server, monkeypatch):
+    cancelled = cancels(base_server.engine, monkeypatch)
     body = {"model": "x", "prompt": "The ", "max_tokens": 4000, "stream": True, "seed": 0}
     with httpx.Client(timeout=10) as http:
         with http.stream("POST", base_server.url + "/v1/completions", json=body) as r:
@@ -265,7 +275,22 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(base_server):
             assert all(json.loads(line[6:])["choices"][0]["finish_reason"] is None for line in first[::2])
             assert base_server.engine.active + base_server.engine.waiting == 1
     health = healthy(base_server)
-    assert (health["active"], health["waiting"]) == (0, 0)
+    assert (health["active"], health["waiting"]) == (0, 0) and len(cancelled) == 1
+    assert cancelled[0].generated < 4000
+
+
+def test_a_client_that_leaves_before_a_plain_answer_frees_its_row(base_server, monkeypatch):
+    cancelled = cancels(base_server.engine, monkeypatch)
+    body = json.dumps({"model": "x", "prompt": "The ", "max_tokens": 4000, "seed": 0}).encode()
+    with socket.create_connection(("127.0.0.1", base_server.port), timeout=10) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while base_server.engine.active == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)  # until it decodes
+    health = healthy(base_server)
+    assert (health["active"], health["waiting"]) == (0, 0) and len(cancelled) == 1
+    assert cancelled[0].generated < 4000
 
 
 def test_a_full_engine_answers_503(base):
