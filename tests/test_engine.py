@@ -137,15 +137,15 @@ def test_compiled_batched_greedy_equals_one_at_a_time():
 
 def test_seeded_sampling_gives_what_generate_gives():
     model, L = tiny(), 64
-    settings = [Sampling(1.0, 50, 0.9), Sampling(0.7, 500, 1.0), Sampling(1.3, 5, 0.5)]
+    settings = [Sampling(1.0, 50, 0.9), Sampling(1.0, 50, 0.9), Sampling(0.7, 500, 1.0), Sampling(1.3, 5, 0.5)]
     requests = [Request(p, max_tokens=20, sampling=s, seed=seed)
-                for p, s, seed in zip(prompts([4, 9, 2]), settings, [1, 2, 3])]
+                for p, s, seed in zip(prompts([4, 9, 2, 6]), settings, [1, 2, 3, 4])]
     expected = [one_at_a_time(model, r, L) for r in requests]
-    with Engine(loaded(model), context_length=L, max_batch=3) as engine:
+    with Engine(loaded(model), context_length=L, max_batch=4) as engine:
         outputs, _ = staggered(engine, requests, gap_tokens=2)
         again = engine.generate(requests[0])[0]
     assert outputs == expected and again == expected[0]
-    assert len({tuple(o) for o in outputs}) == 3
+    assert len({tuple(o) for o in outputs}) == 4
 
 
 def test_more_requests_than_rows_wait_and_a_full_queue_refuses():
