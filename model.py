@@ -23,6 +23,9 @@ Design, bottom-up in this file:
   (q_pos - k_pos) to head h's scores through a float mask, key positions read from the ring's slot_pos.
   Positions restart at every packed document, so packed rows still equal separate runs.
 - Accounting: parameters, training FLOPs per token, MFU, KV-cache bytes per token.
+- Sharing: GPT is a huggingface_hub PyTorchModelHubMixin, so from_pretrained, save_pretrained and
+  push_to_hub read and write an exported folder (model.safetensors, config.json, README.md); the
+  folder's format and checks live in common.py with the checkpoints', export.py writes one.
 - Packed sequences (instruction tuning): several conversations share a row, each attending only to
   itself through a block-diagonal causal mask built from per-position document ids. With NoPE this
   is exactly running them one by one: no position offsets to correct.
@@ -39,6 +42,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -322,7 +326,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 # ----------------------------------------------------------------------------- model
 
 
-class GPT(nn.Module):
+class GPT(nn.Module, PyTorchModelHubMixin, library_name="pytorch", license="apache-2.0",
+          pipeline_tag="text-generation", tags=["lightgpt", "nope", "text-generation"]):
+    export_info: dict = {}  # what a saved folder records beside the architecture (tokenizer, corpora, ...); replaced, never mutated
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -448,6 +455,34 @@ class GPT(nn.Module):
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Bytes of KV cache one token takes: a key and a value of the model width in every layer."""
         return 2 * self.config.num_hidden_layers * self.config.embedding_dimensions * bytes_per_value
+
+    # ------------------------------------------------------------------------- saving and sharing
+    # huggingface_hub's mixin supplies save_pretrained and push_to_hub around these hooks. The folder's
+    # format lives in common.py beside the checkpoints' (common.py imports this module, hence the late imports).
+
+    def _save_pretrained(self, save_directory) -> None:
+        """model.safetensors (the weights, the tied table once) and config.json (the architecture, the
+        weights' sha256 and export_info), for save_pretrained and push_to_hub."""
+        from common import save_exported
+
+        save_exported(self, str(save_directory))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None, **_) -> "GPT":
+        """The model of an exported folder or its HuggingFace Hub id (a cached one loads offline), in eval mode
+        on the CPU with the weights as saved; a damaged or foreign folder raises common.UserError, one line."""
+        from common import load_exported, model_from_checkpoint
+
+        state = load_exported(str(pretrained_model_name_or_path), revision=revision)
+        model = model_from_checkpoint(state)
+        model.export_info = state["export_info"]
+        return model.eval()
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The README.md save_pretrained writes (export.py's model card)."""
+        from export import model_card
+
+        return ModelCard(model_card(self, **kwargs))
 
 
 def peak_tflops(device_name: str) -> float | None:
