@@ -1030,7 +1030,7 @@ def hub_download(repo_id: str, flag: str, revision: str | None = None) -> str:
     from data import HUB_TIMEOUT, _hub_offline, hub_reachable
 
     files = dict(repo_id=repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE], revision=revision)
-    offline = _hub_offline()
+    offline = _hub_offline(("HF_HUB_OFFLINE",))
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     if offline is None and not hub_reachable(endpoint, HUB_TIMEOUT):  # seconds, not minutes of retries
         offline = f"{endpoint} cannot be reached"

@@ -335,7 +335,7 @@ def push_to_hub(folder: str, repo: str, private: bool) -> str:
     from data import HUB_TIMEOUT, _hub_offline, hub_reachable
 
     later = f"{folder} is written; upload it later with: hf upload {repo} {folder} ."
-    offline = _hub_offline()
+    offline = _hub_offline(("HF_HUB_OFFLINE",))
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     if offline is not None or not hub_reachable(endpoint, HUB_TIMEOUT):
         why = f"{offline} is set" if offline else f"{endpoint} cannot be reached"

@@ -473,7 +473,7 @@ class GPT(nn.Module, PyTorchModelHubMixin, library_name="pytorch", license="apac
         on the CPU with the weights as saved; a damaged or foreign folder raises common.UserError, one line."""
         from common import load_exported, model_from_checkpoint
 
-        state = load_exported(str(pretrained_model_name_or_path), revision=revision)
+        state = load_exported(str(pretrained_model_name_or_path), required=(), revision=revision)
         model = model_from_checkpoint(state)
         model.export_info = state["export_info"]
         return model.eval()
