@@ -288,7 +288,7 @@ def test_push_to_hub_offline_is_one_line_and_online_uploads_the_folder(checkpoin
 
 
 @pytest.mark.slow  # torch's ONNX exporter: about 10 s
-@pytest.mark.parametrize("position_encoding", ["none", "alibi"])
+@pytest.mark.parametrize("position_encoding", ["none", "rope", "alibi"])
 def test_onnx_graph_matches_pytorch(position_encoding, tmp_path, capsys):
     import numpy as np
     import onnxruntime
