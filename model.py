@@ -478,6 +478,15 @@ class GPT(nn.Module, PyTorchModelHubMixin, library_name="pytorch", license="apac
         model.export_info = state["export_info"]
         return model.eval()
 
+    def save_pretrained(self, save_directory, *, model_card_kwargs: dict | None = None, **kwargs):
+        """The mixin's save_pretrained, its model card's usage naming this folder."""
+        card = {"where": str(save_directory), **(model_card_kwargs or {})}
+        return super().save_pretrained(save_directory, model_card_kwargs=card, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict | None = None, **kwargs) -> str:
+        """The mixin's push_to_hub, its model card's usage naming the repository."""
+        return super().push_to_hub(repo_id, model_card_kwargs={"where": repo_id, **(model_card_kwargs or {})}, **kwargs)
+
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The README.md save_pretrained writes (export.py's model card)."""
         from export import model_card

@@ -110,6 +110,31 @@ def test_save_pretrained_round_trip_keeps_the_records(tiny_model, exported, tmp_
     assert again.export_info == loaded.export_info and torch.equal(logits(again), logits(loaded))
 
 
+def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, monkeypatch):
+    import huggingface_hub.hub_mixin
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            for name in os.listdir(folder_path):
+                with open(os.path.join(folder_path, name), "rb") as f:
+                    uploaded[name] = f.read()
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    GPT.from_pretrained(exported).push_to_hub("someone/tiny")
+    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
+    assert b"GPT.from_pretrained('someone/tiny')" in uploaded["README.md"]
+    with open(os.path.join(exported, "model.safetensors"), "rb") as f:
+        assert uploaded["model.safetensors"] == f.read()
+
+
 # ----------------------------------------------------------------------------- the scripts
 
 
