@@ -1037,15 +1037,16 @@ def hub_download(repo_id: str, flag: str, revision: str | None = None) -> str:
     try:
         return snapshot_download(**files, local_files_only=offline is not None)
     except RepositoryNotFoundError:
-        raise UserError(f"{flag}: no model {repo_id} on the HuggingFace Hub (a private or gated one needs a login: "
-                        f"hf auth login, or HF_TOKEN)") from None
+        raise UserError(f"{flag}: no local file or folder {repo_id}, and no model {repo_id} on the HuggingFace Hub "
+                        f"(a private or gated one needs a login: hf auth login, or HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise UserError(f"{flag}: {repo_id} has no revision {revision} on the HuggingFace Hub") from None
     except Exception as e:
         if offline is not None:
             why = f"{offline} is set" if offline.startswith("HF_") else offline
-            raise UserError(f"{flag}: no network: cannot download {repo_id} from the HuggingFace Hub ({why}) and "
-                            f"the HuggingFace cache has no copy; pass an exported folder, or connect and retry") from None
+            raise UserError(f"{flag}: no network: cannot download {repo_id} from the HuggingFace Hub ({why}), the "
+                            f"HuggingFace cache has no copy and no local file or folder has that name; pass an exported "
+                            f"folder, or connect and retry") from None
         raise UserError(f"{flag}: cannot download {repo_id} from the HuggingFace Hub ({first_line(e)})") from None
 
 
@@ -1073,6 +1074,9 @@ def load_exported(name: str, flag: str = "--checkpoint_path", required: tuple[st
     try:
         with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as f:
             config = json.load(f)
+        weights_digest = file_sha256(os.path.join(folder, WEIGHTS_FILE))
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {name} ({os_reason(e)})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{flag}: {config_path} is not valid JSON ({first_line(e)})") from None
     if not isinstance(config, dict) or "lightgpt_format" not in config:
@@ -1085,7 +1089,7 @@ def load_exported(name: str, flag: str = "--checkpoint_path", required: tuple[st
     digest = config.get("weights_sha256")
     if not isinstance(digest, str):
         raise UserError(f"{flag}: {config_path} has no 'weights_sha256' string to check {WEIGHTS_FILE} against")
-    if file_sha256(os.path.join(folder, WEIGHTS_FILE)) != digest:
+    if weights_digest != digest:
         raise UserError(f"{flag}: {weights_path} is damaged: its sha256 is not the one {CONFIG_FILE} records (a "
                         f"changed or truncated file); export or download it again")
     from safetensors import SafetensorError

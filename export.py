@@ -40,6 +40,7 @@ from common import (
     fsync_path,
     inference_model,
     is_hub_id,
+    os_reason,
     positive_int,
     run_main,
 )
@@ -360,13 +361,19 @@ def main(args) -> str:
     model, state, lora = inference_model(args.checkpoint_path, torch.device("cpu"), args.lora_path)  # fp32 on the CPU
     model.export_info = export_info(state, lora, args.license)
     where = args.push_to_hub or args.output_path
-    with atomic_folder(args.output_path) as tmp:
-        if args.onnx:
-            model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
-        model.save_pretrained(tmp, model_card_kwargs={"where": where})  # model.safetensors, config.json, README.md
-        saved = GPT.from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
-        weights = model.state_dict()
-        assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_folder(args.output_path) as tmp:
+            if args.onnx:
+                model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
+            model.save_pretrained(tmp, model_card_kwargs={"where": where})  # model.safetensors, config.json, README.md
+            saved = GPT.from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
+            weights = model.state_dict()
+            assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"
+    except (OSError, SafetensorError) as e:  # a full disk, a quota
+        why = os_reason(e) if isinstance(e, OSError) else first_line(e)
+        raise UserError(f"--output_path: cannot write {args.output_path} ({why}); nothing was written") from None
     files = sorted(os.listdir(args.output_path))
     size = os.path.getsize(os.path.join(args.output_path, WEIGHTS_FILE))
     print(f"exported {args.lora_path + ' merged into ' if args.lora_path else ''}{args.checkpoint_path} "

@@ -2,6 +2,7 @@
 the scripts reading a folder as they read a checkpoint, damaged folders refused in one line, the hub
 offline and monkeypatched, and the ONNX graph against PyTorch."""
 
+import errno
 import json
 import os
 import sys
@@ -262,6 +263,14 @@ def test_export_flags_and_folders_are_one_line(checkpoint, exported, tmp_path, m
         fails_with_one_line(capsys, export, [*ok, *argv], *fragments)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     fails_with_one_line(capsys, export, [*ok, "--onnx"], "onnxruntime missing", "pip install -r requirements-onnx.txt")
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    fails_with_one_line(capsys, export, ok, f"--output_path: cannot write {out} (no space left on device); nothing")
+    assert os.listdir(tmp_path) == []
     monkeypatch.setattr(GPT, "save_pretrained", lambda *a, **k: 1 / 0)  # a failure mid-write leaves nothing behind
     with pytest.raises(ZeroDivisionError):
         run_export(*ok)
