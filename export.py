@@ -4,8 +4,9 @@ the HuggingFace Hub's layout; optionally with a LoRA's adapters merged in, an ON
     python export.py --checkpoint_path ./checkpoints/quickstart.pt                # -> ./exports/quickstart
     python export.py --checkpoint_path ./checkpoints/quickstart.pt \\
         --lora_path ./checkpoints/quickstart-chat.pt                               # -> ./exports/quickstart-chat
-    python export.py --checkpoint_path ./checkpoints/quickstart.pt --onnx         # and model.onnx, checked
-    python export.py --checkpoint_path ./checkpoints/quickstart.pt --push_to_hub you/lightgpt-quickstart
+    python export.py --checkpoint_path ./checkpoints/quickstart.pt --overwrite --onnx   # again, with model.onnx
+    python export.py --checkpoint_path ./checkpoints/quickstart.pt --output_path ./exports/upload \\
+        --push_to_hub you/lightgpt-quickstart                                       # export, then upload
 
 The folder loads with GPT.from_pretrained(folder or hub id), and as --checkpoint_path in generate.py,
 beam_search.py and evaluate.py. It is built in a temporary folder beside --output_path and renamed into
