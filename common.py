@@ -969,7 +969,7 @@ def adapted_model(base: dict, lora: dict) -> GPT:
 # ----------------------------------------------------------------------------- exported models
 # An exported folder (export.py, GPT.save_pretrained) holds model.safetensors, the weights alone (safetensors:
 # a JSON header and raw tensor bytes, nothing to unpickle), config.json and a README.md model card. config.json
-# has the GPTConfig fields at its top level (as huggingface_hub's mixin writes a config), the sha256 of
+# has the GPTConfig fields at its top level (as huggingface_hub's PyTorchModelHubMixin writes a config), the sha256 of
 # model.safetensors (sha256sum's, and the Hub's LFS hash) and the records inference and evaluation read.
 
 EXPORT_FORMAT = 1

@@ -177,7 +177,7 @@ def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
     pretraining, tuning = info.get("pretraining") or {}, info.get("instruction_tuning") or {}
     datasets = [d for d in (hub_dataset(pretraining.get("dataset")), hub_dataset(tuning.get("dataset"))) if d]
     position = {"none": "nope", "rope": "rope", "alibi": "alibi"}[c.position_encoding]
-    tags = ["lightgpt", position, "causal-lm", "safetensors", "model_hub_mixin", "pytorch_model_hub_mixin"]
+    tags = ["lightgpt", position, "causal-lm", "safetensors"]
     tags += ["chat", "lora"] if info.get("special_tokens") else []
     tags += ["onnx"] if info.get("onnx") else []
     data = ModelCardData(license=info.get("license", "apache-2.0"), library_name="pytorch",
@@ -368,7 +368,7 @@ def main(args) -> str:
         with atomic_folder(args.output_path) as tmp:
             if args.onnx:
                 model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
-            model.save_pretrained(tmp, model_card_kwargs={"where": where})  # model.safetensors, config.json, README.md
+            model.save_pretrained(tmp, where=where)  # model.safetensors, config.json, README.md
             saved = GPT.from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
             weights = model.state_dict()
             assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"

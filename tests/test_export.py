@@ -112,7 +112,7 @@ def test_save_pretrained_round_trip_keeps_the_records(tiny_model, exported, tmp_
 
 
 def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, monkeypatch):
-    import huggingface_hub.hub_mixin
+    import huggingface_hub
 
     uploaded = {}
 
@@ -121,6 +121,7 @@ def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, m
             pass
 
         def create_repo(self, repo_id, private, exist_ok):
+            assert exist_ok and not private
             return type("Repo", (), {"repo_id": repo_id})()
 
         def upload_folder(self, repo_id, folder_path, **kw):
@@ -128,7 +129,7 @@ def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, m
                 with open(os.path.join(folder_path, name), "rb") as f:
                     uploaded[name] = f.read()
 
-    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     GPT.from_pretrained(exported).push_to_hub("someone/tiny")
     assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
     assert b"GPT.from_pretrained('someone/tiny')" in uploaded["README.md"]
