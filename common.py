@@ -1005,9 +1005,11 @@ def save_exported(model: GPT, folder: str) -> None:
 
 def is_hub_id(name: str) -> bool:
     """Whether a --checkpoint_path that names no local file could be a HuggingFace Hub model id (owner/name)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if name.count("/") != 1 or name.endswith(".pt") or name.startswith((".", "~")):
+        return False
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # no hub library (training and decoding need none): a local path then
         return False
     try:
         validate_repo_id(name)
