@@ -95,6 +95,7 @@ def test_pack_compares_packed_rows_with_padded_ones_on_the_same_conversations(ca
     assert packed["tokens_per_s"] > 0 and packed["epoch_s"] > 0
 
 
+@pytest.mark.slow  # a fresh interpreter imports every script: seconds
 def test_the_gpu_machines_scripts_need_none_of_the_optional_libraries():
     """A GPU machine may have only torch, tiktoken, numpy, tqdm and tensorboard: training, decoding, serving's
     engine and the benchmark import without datasets, the hub, safetensors, the web stack or ONNX, and a
