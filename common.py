@@ -9,6 +9,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -965,12 +966,174 @@ def adapted_model(base: dict, lora: dict) -> GPT:
     return model
 
 
+# ----------------------------------------------------------------------------- exported models
+# An exported folder (export.py, GPT.save_pretrained) holds model.safetensors, the weights alone (safetensors:
+# a JSON header and raw tensor bytes, nothing to unpickle), config.json and a README.md model card. config.json
+# has the GPTConfig fields at its top level (as huggingface_hub's PyTorchModelHubMixin writes a config), the sha256 of
+# model.safetensors (sha256sum's, and the Hub's LFS hash) and the records inference and evaluation read.
+
+EXPORT_FORMAT = 1
+WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
+EXPORT_KEYS = ("lightgpt_format", "weights_sha256")  # config.json's own entries, besides the architecture and records
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_exported(model: GPT, folder: str) -> None:
+    """Write model.safetensors and config.json (the architecture, the weights' sha256, model.export_info)
+    into an existing folder. The output layer is the embedding table (tied), so it is stored once."""
+    from safetensors.torch import save_file
+
+    weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    if any(name.endswith((".lora_a", ".lora_b", ".base.weight", "token_embeddings.new")) for name in weights):
+        raise ValueError("an exported model holds plain weights: merge_lora(model) first")
+    path = os.path.join(folder, WEIGHTS_FILE)
+    save_file(weights, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors makes it private (0600); a shared model is not
+    config = {**model.config.to_dict(), "lightgpt_format": EXPORT_FORMAT, **model.export_info,
+              "weights_sha256": file_sha256(path)}
+    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a --checkpoint_path that names no local file could be a HuggingFace Hub model id (owner/name)."""
+    if name.count("/") != 1 or name.endswith(".pt") or name.startswith((".", "~")):
+        return False
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # no hub library (training and decoding need none): a local path then
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def is_exported(path: str) -> bool:
+    """Whether --checkpoint_path names an exported folder (or its hub id) rather than a checkpoint file."""
+    return os.path.isdir(path) or (not os.path.exists(path) and is_hub_id(path))
+
+
+def hub_download(repo_id: str, flag: str, revision: str | None = None) -> str:
+    """The local folder of a hub model's config.json and model.safetensors: from the HuggingFace cache
+    when offline or when the hub cannot be reached, else downloaded (and cached)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    from data import HUB_TIMEOUT, _hub_offline, hub_reachable
+
+    files = dict(repo_id=repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE], revision=revision)
+    offline = _hub_offline(("HF_HUB_OFFLINE",))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if offline is None and not hub_reachable(endpoint, HUB_TIMEOUT):  # seconds, not minutes of retries
+        offline = f"{endpoint} cannot be reached"
+    try:
+        return snapshot_download(**files, local_files_only=offline is not None)
+    except RepositoryNotFoundError:
+        raise UserError(f"{flag}: no local file or folder {repo_id}, and no model {repo_id} on the HuggingFace Hub "
+                        f"(a private or gated one needs a login: hf auth login, or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{flag}: {repo_id} has no revision {revision} on the HuggingFace Hub") from None
+    except Exception as e:
+        if offline is not None:
+            why = f"{offline} is set" if offline.startswith("HF_") else offline
+            raise UserError(f"{flag}: no network: cannot download {repo_id} from the HuggingFace Hub ({why}), the "
+                            f"HuggingFace cache has no copy and no local file or folder has that name; pass an exported "
+                            f"folder, or connect and retry") from None
+        raise UserError(f"{flag}: cannot download {repo_id} from the HuggingFace Hub ({first_line(e)})") from None
+
+
+def load_exported(name: str, flag: str = "--checkpoint_path", required: tuple[str, ...] = MODEL_ENTRIES,
+                  revision: str | None = None) -> dict:
+    """An exported folder, or a hub id's (hub_download), as a state like load_checkpoint's: "config",
+    "model" (the tensors), "token_encoding", "eot_id", "special_tokens" for a chat model, "args" (the
+    training records evaluate.py reads), "sha256" (its identity: the checkpoint it was exported from,
+    when no LoRA was merged in, so that the checkpoint's LoRA fits it too; else its weights' hash) and
+    "export_info" (config.json's records). Checked as load_checkpoint checks: the weights' sha256, the
+    safetensors file, the config, every weight's shape; any fault is one line naming the file."""
+    if os.path.isdir(name):
+        folder = name
+    elif os.path.exists(name):
+        raise UserError(f"{flag}: {name} is a file, not an exported folder")
+    elif is_hub_id(name):
+        folder = hub_download(name, flag, revision)
+    else:
+        raise UserError(f"{flag}: no exported folder at {name}")
+    config_path, weights_path = os.path.join(name, CONFIG_FILE), os.path.join(name, WEIGHTS_FILE)
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        if not os.path.isfile(os.path.join(folder, file)):
+            raise UserError(f"{flag}: {name} has no {file}: an exported folder (export.py) holds {WEIGHTS_FILE} "
+                            f"and {CONFIG_FILE}")
+    try:
+        with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as f:
+            config = json.load(f)
+        weights_digest = file_sha256(os.path.join(folder, WEIGHTS_FILE))
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {name} ({os_reason(e)})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{flag}: {config_path} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(config, dict) or "lightgpt_format" not in config:
+        raise UserError(f"{flag}: {config_path} does not describe a LightGPT model (no 'lightgpt_format' entry)")
+    version = config["lightgpt_format"]
+    if not _is(version, int) or version < 1:
+        raise UserError(f"{flag}: {config_path}: its 'lightgpt_format' {_shown(version)} is not a positive integer")
+    if version > EXPORT_FORMAT:
+        raise UserError(f"{flag}: {name} was exported by a newer LightGPT (format {version})")
+    digest = config.get("weights_sha256")
+    if not isinstance(digest, str):
+        raise UserError(f"{flag}: {config_path} has no 'weights_sha256' string to check {WEIGHTS_FILE} against")
+    if weights_digest != digest:
+        raise UserError(f"{flag}: {weights_path} is damaged: its sha256 is not the one {CONFIG_FILE} records (a "
+                        f"changed or truncated file); export or download it again")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(os.path.join(folder, WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{flag}: {weights_path} is not a readable safetensors file ({first_line(e)})") from None
+    architecture = {f.name for f in fields(GPTConfig)}
+    records = {k: v for k, v in config.items() if k not in architecture and k not in EXPORT_KEYS}
+    state = {"kind": "pretrain", "config": {k: v for k, v in config.items() if k in architecture}, "model": weights}
+    state.update({k: records[k] for k in ("token_encoding", "eot_id", "special_tokens") if k in records})
+    problem = checkpoint_problem(state, ("config", "model", *required))
+    for key in ("pretraining", "instruction_tuning"):
+        if problem is None and not isinstance(records.get(key, {}), dict):
+            problem = f"its {key!r} is {_shown(records[key])}, expected a dict"
+    if problem:
+        raise UserError(f"{flag}: {name} is not a usable exported model: {problem}")
+    state["args"] = dict(records.get("pretraining", {}))  # what evaluate.py reads of a checkpoint's "args"
+    tuning = records.get("instruction_tuning", {})
+    if "max_tokens_per_sample" in tuning:
+        state["args"]["max_tokens_per_sample"] = tuning["max_tokens_per_sample"]
+    source = records.get("checkpoint_sha256")
+    state["sha256"] = source if isinstance(source, str) and "lora_sha256" not in records else digest
+    state["export_info"] = records
+    return state
+
+
+def load_model_state(path: str, flag: str = "--checkpoint_path") -> dict:
+    """A pretrained (or merged) model's checked state: from a checkpoint file, an exported folder or a hub id."""
+    if is_exported(path):
+        return load_exported(path, flag)
+    return load_checkpoint(path, "pretrain", flag, required=MODEL_ENTRIES)  # checked: config, weights, ...
+
+
 def inference_model(checkpoint_path: str, device: torch.device,
                     lora_path: str | None = None) -> tuple[GPT, dict, dict | None]:
-    """The model of a checkpoint, or of a base checkpoint with a LoRA checkpoint's adapters merged in (so
-    it runs as fast as any model), in eval mode on the device with bf16 weights where bf16 is native; and
-    the checkpoint states (the LoRA's None without one)."""
-    state = load_checkpoint(checkpoint_path, "pretrain", required=MODEL_ENTRIES)  # checked: config, weights, ...
+    """The model of a checkpoint or an exported folder, or of a base with a LoRA checkpoint's adapters merged
+    in (so it runs as fast as any model), in eval mode on the device with bf16 weights where bf16 is native;
+    and the checkpoint states (the LoRA's None without one)."""
+    state = load_model_state(checkpoint_path)
     lora = None
     if lora_path is not None:
         if state.get("special_tokens"):

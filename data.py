@@ -198,9 +198,10 @@ def hub_reachable(endpoint: str, timeout: float) -> bool:
     return bool(answered)
 
 
-def _hub_offline() -> str | None:
-    """The variable that puts HuggingFace in offline mode, if one does (its truthy spellings)."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+def _hub_offline(names: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> str | None:
+    """The variable that puts HuggingFace in offline mode, if one does (its truthy spellings); models
+    (export.py, exported folders) heed HF_HUB_OFFLINE alone."""
+    for name in names:
         if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE"):
             return name
     return None

@@ -233,7 +233,7 @@ class Engine:
         finally:
             self.cache.rows = None
         ticket.position = len(request.prompt)
-        self._advance([ticket], [self._sample(ticket, logits)])
+        self._advance([ticket], [self._sample([ticket], logits)])
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, input_pos=positions)[:, -1]  # (B, V)
@@ -255,12 +255,22 @@ class Engine:
         for t in active:
             t.position += 1
         self.steps += 1
-        self._advance(active, [self._sample(t, logits[t.row: t.row + 1]) for t in active])
+        groups: dict[Sampling, list[Ticket]] = {}  # rows with the same settings sample in one call
+        for t in active:
+            groups.setdefault(t.sampling, []).append(t)
+        tickets, next_tokens = [], []
+        for sampling, group in groups.items():
+            rows = torch.tensor([t.row for t in group], device=self.device)
+            tickets += group
+            next_tokens.append(self._sample(group, logits.index_select(0, rows)))
+        self._advance(tickets, next_tokens)
 
-    def _sample(self, ticket: Ticket, logits: torch.Tensor) -> torch.Tensor:
-        """The request's next token from its logits (1, V), its noise drawn as generate.Decoder draws it."""
-        noise = None if ticket.sampling.greedy else ticket.sampler.fill(ticket.noise)
-        return sample(logits, ticket.sampling, noise)
+    def _sample(self, tickets: list[Ticket], logits: torch.Tensor) -> torch.Tensor:
+        """The next tokens of requests with the same settings from their logits (N, V), each request's noise
+        drawn from its own generator as generate.Decoder draws it."""
+        sampling = tickets[0].sampling
+        noise = None if sampling.greedy else torch.cat([t.sampler.fill(t.noise) for t in tickets])
+        return sample(logits, sampling, noise)
 
     def _advance(self, tickets: list[Ticket], next_tokens: list[torch.Tensor]) -> None:
         """Hand each request its new token (one host sync for all of them) and retire the finished."""

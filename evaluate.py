@@ -72,7 +72,8 @@ positive_floats = comma_list(float, "positive numbers", lambda v: 0 < v < float(
 def parse_args(argv=None):
     p = ArgumentParser(description="Perplexity and loss by position of a LightGPT checkpoint at several "
                                    "context lengths.")
-    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="the model checkpoint")
+    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
+                   help="the model checkpoint, or a folder export.py wrote (or its HuggingFace Hub id)")
     p.add_argument("--lora_path", default=None, help="a LoRA checkpoint from instruction-tune.py for the base "
                    "--checkpoint_path: evaluate the instruction-tuned model")
     g = p.add_argument_group("data")
@@ -366,7 +367,7 @@ def main(args) -> dict[int, dict]:
               "test_tokens": len(tokens), "training_length": trained, "seed": args.seed,
               "device": device.type, "precision": precision_name(device)}
     write_results(args.output_path, record, results, trained)
-    name = os.path.basename(args.lora_path or args.checkpoint_path)
+    name = os.path.basename((args.lora_path or args.checkpoint_path).rstrip("/"))
     write_plots(args.output_path, results, trained, f"{name} on {meta['source']}"[:80])
     write_tensorboard(args.output_path, results)
     print(f"{'length':>8} {'multiple':>8} {'perplexity':>10} {'windows':>7}")

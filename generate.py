@@ -52,7 +52,8 @@ RESET = "/reset"  # typed as a prompt: a chat starts a new conversation
 
 def add_inference_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags generate.py and beam_search.py share (each adds its own --device/--compile/--seed)."""
-    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="the model checkpoint")
+    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
+                   help="the model checkpoint, or a folder export.py wrote (or its HuggingFace Hub id)")
     p.add_argument("--lora_path", default=None, help="a LoRA checkpoint from instruction-tune.py for the base "
                    "--checkpoint_path: chat with the instruction-tuned model")
     p.add_argument("--system", default=None, help="a chat model's system message, before the first user turn")

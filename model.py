@@ -23,6 +23,10 @@ Design, bottom-up in this file:
   (q_pos - k_pos) to head h's scores through a float mask, key positions read from the ring's slot_pos.
   Positions restart at every packed document, so packed rows still equal separate runs.
 - Accounting: parameters, training FLOPs per token, MFU, KV-cache bytes per token.
+- Sharing: from_pretrained, save_pretrained and push_to_hub read and write an exported folder
+  (model.safetensors, config.json, README.md) in the HuggingFace Hub's layout, through huggingface_hub
+  and safetensors, imported only when used (training and decoding need neither); the folder's format
+  and checks live in common.py with the checkpoints', export.py writes one.
 - Packed sequences (instruction tuning): several conversations share a row, each attending only to
   itself through a block-diagonal causal mask built from per-position document ids. With NoPE this
   is exactly running them one by one: no position offsets to correct.
@@ -35,6 +39,7 @@ Design, bottom-up in this file:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -325,6 +330,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 class GPT(nn.Module):
+    export_info: dict = {}  # what a saved folder records beside the architecture (tokenizer, corpora, ...); replaced, never mutated
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -454,6 +461,49 @@ class GPT(nn.Module):
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Bytes of KV cache one token takes: a key and a value of the model width in every layer."""
         return 2 * self.config.num_hidden_layers * self.config.embedding_dimensions * bytes_per_value
+
+    # ------------------------------------------------------------------------- saving and sharing
+    # The HuggingFace Hub's model API (huggingface_hub's PyTorchModelHubMixin has the same three methods),
+    # written here so that importing the model needs no hub library. The folder's format lives in
+    # common.py beside the checkpoints' (common.py imports this module, hence the late imports).
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None, **_) -> "GPT":
+        """The model of an exported folder or its HuggingFace Hub id (a cached one loads offline), in eval mode
+        on the CPU with the weights as saved; a damaged or foreign folder raises common.UserError, one line."""
+        from common import load_exported, model_from_checkpoint
+
+        state = load_exported(str(pretrained_model_name_or_path), required=(), revision=revision)
+        model = model_from_checkpoint(state)
+        model.export_info = state["export_info"]
+        return model.eval()
+
+    def save_pretrained(self, save_directory, *, where: str | None = None) -> None:
+        """Write model.safetensors (the weights, the tied table once), config.json (the architecture, the
+        weights' sha256 and export_info) and a README.md model card whose usage names `where` (the folder)."""
+        from common import save_exported
+        from export import model_card
+
+        folder = str(save_directory)
+        os.makedirs(folder, exist_ok=True)
+        save_exported(self, folder)
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(self, where=where or folder))
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    commit_message: str = "Upload LightGPT model") -> str:
+        """Upload what save_pretrained writes to a HuggingFace Hub model repository (created if missing; the
+        token from HF_TOKEN or `hf auth login` unless given) and return the commit's URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, where=repo_id)
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                                         commit_message=commit_message))
 
 
 def peak_tflops(device_name: str) -> float | None:

@@ -534,7 +534,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Serve a LightGPT model with OpenAI's API and a chat page.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
-                   help="the model checkpoint (a merged chat model, or the base of --lora_path)")
+                   help="the model checkpoint, or a folder export.py wrote (a merged chat model, or the base of "
+                        "--lora_path)")
     p.add_argument("--lora_path", default=None,
                    help="a LoRA checkpoint from instruction-tune.py for the base --checkpoint_path: serve the chat model")
     p.add_argument("--host", default="127.0.0.1",

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -105,3 +106,27 @@ def test_serve_compares_batched_with_one_at_a_time(capsys, through):
     for alone, batched in zip(rows[:2], rows[2:]):  # seeded requests: the same tokens either way
         assert batched["tokens"] == alone["tokens"]
         assert batched["speedup"] == pytest.approx(batched["tokens_per_s"] / alone["tokens_per_s"], abs=0.01)
+
+
+@pytest.mark.slow  # a fresh interpreter imports every script: seconds
+def test_the_gpu_machines_scripts_need_none_of_the_optional_libraries():
+    """A GPU machine may have only torch, tiktoken, numpy, tqdm and tensorboard: training, decoding, serving's
+    engine and the benchmark import without datasets, the hub, safetensors, the web stack or ONNX, and a
+    missing checkpoint is still the plain one-line error."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('datasets', 'huggingface_hub', 'safetensors', 'fastapi', 'uvicorn', 'onnx', 'onnxruntime'):\n"
+            "    sys.modules[m] = None  # import m now raises ImportError\n"
+            "import bench, generate, pretrain, engine, beam_search, evaluate, importlib\n"
+            "importlib.import_module('instruction-tune')\n"
+            "from common import UserError, load_model_state\n"
+            "try:\n"
+            "    load_model_state('./checkpoints/none.pt')\n"
+            "except UserError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "--checkpoint_path: no checkpoint at ./checkpoints/none.pt"

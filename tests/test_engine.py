@@ -79,7 +79,7 @@ def test_a_prefill_into_one_row_leaves_the_others_alone():
     assert cache.slot_pos[1].tolist() == [0] + [-1] * 15
 
 
-def staggered(engine, requests, gap_tokens=3):
+def staggered(engine, requests, gap_tokens=3, timeout=60):
     """Submit the requests one after another, each when the one before has produced gap_tokens tokens
     (or finished): requests of different lengths arriving while others are decoding."""
     outputs = [[] for _ in requests]
@@ -103,7 +103,7 @@ def staggered(engine, requests, gap_tokens=3):
 
     submit(0)
     for d in done:
-        assert d.wait(60)
+        assert d.wait(timeout)
     return outputs, reasons
 
 
@@ -123,17 +123,29 @@ def test_batched_greedy_equals_one_at_a_time():
         assert reason == ("length" if len(out) == r.max_tokens else "stop")
 
 
+@pytest.mark.slow  # torch.compile: inductor builds C++ kernels
+def test_compiled_batched_greedy_equals_one_at_a_time():
+    model, L = tiny(), 32
+    requests = [Request(p, max_tokens=m, sampling=Sampling(temperature=0.0))
+                for p, m in zip(prompts([3, 17, 1, 30, 8]), [40, 9, 25, 6, 50])]
+    expected = [one_at_a_time(model, r, L) for r in requests]
+    with Engine(loaded(model), context_length=L, max_batch=4, use_compile=True) as engine:
+        outputs, _ = staggered(engine, requests, timeout=600)
+        assert engine.last_error is None
+    assert outputs == expected
+
+
 def test_seeded_sampling_gives_what_generate_gives():
     model, L = tiny(), 64
-    settings = [Sampling(1.0, 50, 0.9), Sampling(0.7, 500, 1.0), Sampling(1.3, 5, 0.5)]
+    settings = [Sampling(1.0, 50, 0.9), Sampling(1.0, 50, 0.9), Sampling(0.7, 500, 1.0), Sampling(1.3, 5, 0.5)]
     requests = [Request(p, max_tokens=20, sampling=s, seed=seed)
-                for p, s, seed in zip(prompts([4, 9, 2]), settings, [1, 2, 3])]
+                for p, s, seed in zip(prompts([4, 9, 2, 6]), settings, [1, 2, 3, 4])]
     expected = [one_at_a_time(model, r, L) for r in requests]
-    with Engine(loaded(model), context_length=L, max_batch=3) as engine:
+    with Engine(loaded(model), context_length=L, max_batch=4) as engine:
         outputs, _ = staggered(engine, requests, gap_tokens=2)
         again = engine.generate(requests[0])[0]
     assert outputs == expected and again == expected[0]
-    assert len({tuple(o) for o in outputs}) == 3
+    assert len({tuple(o) for o in outputs}) == 4
 
 
 def test_more_requests_than_rows_wait_and_a_full_queue_refuses():

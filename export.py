@@ -1,0 +1,391 @@
+"""Export a LightGPT model as a folder to share: model.safetensors, config.json and a README.md model card,
+the HuggingFace Hub's layout; optionally with a LoRA's adapters merged in, an ONNX graph, and an upload.
+
+    python export.py --checkpoint_path ./checkpoints/quickstart.pt                # -> ./exports/quickstart
+    python export.py --checkpoint_path ./checkpoints/quickstart.pt \\
+        --lora_path ./checkpoints/quickstart-chat.pt                               # -> ./exports/quickstart-chat
+    python export.py --checkpoint_path ./checkpoints/quickstart.pt --overwrite --onnx   # again, with model.onnx
+    python export.py --checkpoint_path ./checkpoints/quickstart.pt --output_path ./exports/upload \\
+        --push_to_hub you/lightgpt-quickstart                                       # export, then upload
+
+The folder loads with GPT.from_pretrained(folder or hub id), and as --checkpoint_path in generate.py,
+beam_search.py and evaluate.py. It is built in a temporary folder beside --output_path and renamed into
+place once whole: an export that fails or is interrupted leaves no half-written folder. --onnx writes the
+prefill forward (token ids -> logits, no cache) with dynamic batch and sequence axes in fp32 and runs it in
+onnxruntime against PyTorch; a difference above 1e-4 fails the export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+
+import torch
+
+from common import (
+    CARD_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ArgumentParser,
+    UserError,
+    check_writable,
+    current_umask,
+    first_line,
+    fsync_path,
+    inference_model,
+    is_hub_id,
+    os_reason,
+    positive_int,
+    run_main,
+)
+from model import GPT
+
+ONNX_FILE = "model.onnx"
+ONNX_TOLERANCE = 1e-4  # the largest |ONNX - PyTorch| logit difference an fp32 export may show
+ONNX_CHECK_SHAPES = ((1, 7), (3, 45))  # (batch, tokens) run in both, unlike the traced example's (2, 16)
+ONNX_SINGLE_FILE_BYTES = 2**30  # larger weights go to model.onnx.data (protobuf files stop at 2 GiB)
+REPOSITORY = "LightGPT"  # how the card names the code that loads the model
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def license_id(text: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]*", text):
+        raise argparse.ArgumentTypeError(f"expected a lower-case licence id such as apache-2.0 or mit, got {text!r}")
+    return text
+
+
+license_id.__name__ = "a licence id"
+
+
+def repo_id(text: str) -> str:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise argparse.ArgumentTypeError(f"expected a HuggingFace Hub repository id (owner/name), got {text!r}") from None
+    return text
+
+
+repo_id.__name__ = "a repository id"
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description="Export a LightGPT checkpoint (a LoRA merged in, optionally) as safetensors, "
+                                   "config.json and a model card; optionally ONNX and an upload to the HuggingFace Hub.")
+    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
+                   help="the pretrained (or merged) checkpoint, or an exported folder or hub id")
+    p.add_argument("--lora_path", default=None, help="a LoRA checkpoint from instruction-tune.py for the base "
+                   "--checkpoint_path: its adapters are merged into the exported weights")
+    p.add_argument("--output_path", default=None,
+                   help="the folder to write (default: ./exports/ and the LoRA's or checkpoint's file name)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_path")
+    p.add_argument("--license", type=license_id, default="apache-2.0",
+                   help="the model card's licence (a HuggingFace licence id)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (the prefill forward) and check it against PyTorch with onnxruntime")
+    p.add_argument("--onnx_opset", type=positive_int, default=20, help="the ONNX opset of --onnx (18 or above)")
+    p.add_argument("--push_to_hub", type=repo_id, default=None, metavar="REPO_ID",
+                   help="then upload the folder to this HuggingFace Hub model repository (created if missing; "
+                        "the token from HF_TOKEN or hf auth login)")
+    p.add_argument("--private", action="store_true", help="create the --push_to_hub repository as private")
+    args = p.parse_args(argv)
+    if args.onnx_opset < 18:
+        p.error(f"argument --onnx_opset: torch's ONNX exporter needs opset 18 or above, got {args.onnx_opset}")
+    if args.private and args.push_to_hub is None:
+        p.error("argument --private: it needs --push_to_hub")
+    if args.output_path is None:
+        source = (args.lora_path or args.checkpoint_path).rstrip("/")
+        args.output_path = os.path.join(".", "exports", os.path.splitext(os.path.basename(source))[0])
+    return args
+
+
+def check_output(args) -> None:
+    """--output_path: a new or empty folder, or one --overwrite may replace; never the folder exported from."""
+    out = args.output_path
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_path: {out} is a file; name a folder")
+    if os.path.isdir(args.checkpoint_path) and os.path.realpath(out) == os.path.realpath(args.checkpoint_path):
+        raise UserError(f"--output_path {out} is the --checkpoint_path folder; name another one")
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        raise UserError(f"--output_path: {out} is not empty; pass --overwrite to replace it, or name another folder")
+    check_writable(os.path.dirname(os.path.abspath(out)), "--output_path")
+
+
+# ----------------------------------------------------------------------------- what the folder records
+
+
+def hub_dataset(dataset) -> str | None:
+    """A corpus the card can link: a hub dataset id, not the builtin corpus or a local file."""
+    if not isinstance(dataset, str) or dataset == "builtin" or os.path.exists(dataset) or not is_hub_id(dataset):
+        return None
+    return dataset
+
+
+def corpus_words(record: dict) -> str:
+    dataset, subset = record.get("dataset"), record.get("dataset_subset")
+    if dataset == "builtin":
+        return "LightGPT's builtin offline data (made from CPython's `pydoc_data` documentation)"
+    return f"`{dataset}`" + (f" ({subset})" if subset else "")
+
+
+def export_info(state: dict, lora: dict | None, license: str) -> dict:
+    """config.json's records beside the architecture: what generate.py and evaluate.py read of a checkpoint
+    (tokenizer, end-of-text, special tokens, training records) and where the weights came from."""
+    if "export_info" in state:  # re-exporting a folder: its records stand
+        return {**state["export_info"], "license": license}
+    info = {"token_encoding": state["token_encoding"], "eot_id": state["eot_id"]}
+    special = (lora or state).get("special_tokens")
+    if special:
+        info["special_tokens"] = list(special)
+    saved = state.get("args") if isinstance(state.get("args"), dict) else {}
+    tuning_args = (lora or {}).get("args") if isinstance((lora or {}).get("args"), dict) else {}
+    if "tokens_per_sample" in saved:  # a pretraining checkpoint's flags
+        info["pretraining"] = {k: saved.get(k) for k in ("dataset", "dataset_subset", "tokens_per_sample")}
+    elif special and "max_tokens_per_sample" in saved:  # a checkpoint merged by instruction-tune.py
+        tuning_args = saved
+    if tuning_args:
+        info["instruction_tuning"] = {k: tuning_args.get(k) for k in ("dataset", "dataset_subset", "max_tokens_per_sample")}
+        if lora is not None:
+            info["instruction_tuning"]["lora"] = {k: lora["lora"][k] for k in ("rank", "alpha")}
+    length = (info.get("instruction_tuning") or info.get("pretraining") or {})
+    length = length.get("max_tokens_per_sample", length.get("tokens_per_sample"))
+    if isinstance(length, int) and length > 0:
+        info["training_context_length"] = length
+    info["checkpoint_sha256"] = state["sha256"]
+    if lora is not None:
+        info["lora_sha256"] = lora["sha256"]
+    info["license"] = license
+    return info
+
+
+def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
+    """README.md: HuggingFace front matter (licence, corpora, library, task, tags), what the model is, its
+    shape and training, the files and how to load it. `where` is the folder or hub id the usage names."""
+    from huggingface_hub import ModelCardData
+
+    info, c = model.export_info, model.config
+    pretraining, tuning = info.get("pretraining") or {}, info.get("instruction_tuning") or {}
+    datasets = [d for d in (hub_dataset(pretraining.get("dataset")), hub_dataset(tuning.get("dataset"))) if d]
+    position = {"none": "nope", "rope": "rope", "alibi": "alibi"}[c.position_encoding]
+    tags = ["lightgpt", position, "causal-lm", "safetensors"]
+    tags += ["chat", "lora"] if info.get("special_tokens") else []
+    tags += ["onnx"] if info.get("onnx") else []
+    data = ModelCardData(license=info.get("license", "apache-2.0"), library_name="pytorch",
+                         pipeline_tag="text-generation", tags=tags, datasets=datasets or None)
+    chat = bool(info.get("special_tokens"))
+    design = ("no positional embeddings (NoPE): causal attention alone tells positions apart, so no weight depends "
+              "on a context length" if c.position_encoding == "none"
+              else f"{c.position_encoding.upper()} position encoding (LightGPT's ablation switch; its default is NoPE)")
+    lines = [f"---\n{data.to_yaml()}\n---", "", f"# {os.path.basename(where.rstrip('/')) or where}", "",
+             f"A {'chat ' if chat else ''}language model trained with {REPOSITORY}: a decoder-only Transformer with "
+             f"{design}; pre-norm RMSNorm, a SiLU MLP, no biases, and token embeddings tied to the output layer "
+             f"(stored once).", "",
+             "| vocabulary | width | heads | layers | MLP ratio | position encoding | parameters | training context |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| {c.vocabulary_size:,} | {c.embedding_dimensions} | {c.num_attention_heads} | {c.num_hidden_layers} | "
+             f"{c.feed_forward_ratio} | {c.position_encoding} | {model.num_parameters():,} | "
+             f"{info.get('training_context_length', 'not recorded')} |", ""]
+    encoding = info.get("token_encoding")
+    tokenizer = "bytes (one id per byte)" if encoding == "bytes" else f"tiktoken's `{encoding}`"
+    lines.append(f"- Tokenizer: {tokenizer if encoding else 'not recorded'}, end-of-text id "
+                 f"{info.get('eot_id', 'not recorded')}.")
+    if pretraining:
+        lines.append(f"- Pretraining: {corpus_words(pretraining)}, samples of {pretraining.get('tokens_per_sample')} tokens.")
+    if tuning:
+        lora = tuning.get("lora")
+        how = f"LoRA (rank {lora['rank']}, alpha {lora['alpha']:g}) merged into the weights" if lora else "LoRA, merged"
+        lines.append(f"- Instruction tuning: {corpus_words(tuning)}, rows of {tuning.get('max_tokens_per_sample')} "
+                     f"tokens, {how}; ChatML special tokens {', '.join(f'`{t}`' for t in info['special_tokens'])}.")
+    lines += ["", "Files: `model.safetensors` (the weights; `config.json` holds its sha256, checked at load), "
+              "`config.json` (the architecture, tokenizer and training records)"
+              + (f", `{ONNX_FILE}` (see below)" if info.get("onnx") else "") + ".", ""]
+    if info.get("onnx"):
+        o = info["onnx"]
+        lines += [f"`{ONNX_FILE}` is the prefill forward in fp32 (opset {o['opset']}): input `input_ids` "
+                  f"(batch, sequence) int64, output `logits` (batch, sequence, {c.vocabulary_size}), both axes dynamic, "
+                  f"no KV cache. Against PyTorch in onnxruntime its largest logit difference was {o['max_abs_diff']:.1e} "
+                  f"at shapes {', '.join('x'.join(map(str, s)) for s in o['checked_shapes'])}.", ""]
+    prompt = "What is a list comprehension?" if chat else "The meaning of life is"
+    lines += ["## Usage", "", f"In a clone of {REPOSITORY} (`pip install -r requirements.txt`):", "", "```python",
+              "import torch", "from model import GPT", "", f"model = GPT.from_pretrained({where!r})  # eval mode, CPU",
+              "logits = model(torch.tensor([[0, 1, 2]]))  # (batch, tokens, vocabulary)", "```", "", "```",
+              f"python generate.py --checkpoint_path {where} --device cpu --prompt {prompt!r}", "```", ""]
+    if chat:
+        lines += ["Each prompt is a user turn; the answer is the assistant's and ends at `<|im_end|>`.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+class Prefill(torch.nn.Module):
+    """The model's plain forward, token ids to logits: what model.onnx computes."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)  # (B, T, vocabulary_size)
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """torch's ONNX exporter logs and warns on stderr (missing torchvision, deprecations); errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")) as devnull:
+            warnings.simplefilter("ignore")
+            try:
+                yield
+            finally:
+                devnull.close()
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(model: GPT, folder: str, opset: int) -> dict:
+    """Write model.onnx (fp32, dynamic batch and sequence axes) and run it in onnxruntime on shapes other
+    than the traced one against PyTorch; the largest absolute logit difference must be within ONNX_TOLERANCE."""
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:  # onnxscript: torch's exporter builds the graph with it
+        raise UserError(f"--onnx needs onnx, onnxscript and onnxruntime ({', '.join(missing)} missing): "
+                        f"pip install -r requirements-onnx.txt")
+    import numpy as np
+    import onnxruntime
+
+    model = model.float().eval()
+    path = os.path.join(folder, ONNX_FILE)
+    V = model.config.vocabulary_size
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, V, (2, 16), generator=generator)
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    try:
+        with quiet_exporter(), torch.no_grad():
+            torch.onnx.export(Prefill(model), (example,), path, dynamo=True, opset_version=opset,
+                              input_names=["input_ids"], output_names=["logits"], dynamic_shapes=(dims,),
+                              external_data=weight_bytes > ONNX_SINGLE_FILE_BYTES, verbose=False)
+    except Exception as e:  # the exporter raises many types, with pages of diagnostics
+        raise UserError(f"--onnx: torch could not export the model to ONNX opset {opset} ({first_line(e)})") from None
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for shape in ONNX_CHECK_SHAPES:
+        ids = torch.randint(0, V, shape, generator=generator)
+        with torch.no_grad():
+            expected = model(ids).numpy()
+        got = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+        if got.shape != expected.shape:
+            raise UserError(f"--onnx: {ONNX_FILE} gives logits of shape {got.shape} for input {shape}; "
+                            f"PyTorch gives {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    print(f"{ONNX_FILE}: largest |onnxruntime - PyTorch| logit difference {worst:.2e} at shapes "
+          f"{', '.join('x'.join(map(str, s)) for s in ONNX_CHECK_SHAPES)} (fp32, tolerance {ONNX_TOLERANCE:g})")
+    if not worst <= ONNX_TOLERANCE:  # NaN fails too
+        raise UserError(f"--onnx: {ONNX_FILE} differs from PyTorch by up to {worst:.2e}, more than {ONNX_TOLERANCE:g}; "
+                        f"nothing was written")
+    return {"opset": opset, "max_abs_diff": worst, "checked_shapes": [list(s) for s in ONNX_CHECK_SHAPES]}
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str):
+    """Yield a temporary folder beside `path`; on success every file in it is synced and it is renamed to
+    `path` (an existing one, which check_output allowed, is replaced), on any failure it is removed."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    os.chmod(tmp, 0o777 & ~current_umask())  # the mode a new folder gets, not mkdtemp's private 0700
+    try:
+        yield tmp
+        for entry in os.scandir(tmp):
+            fsync_path(entry.path)
+        old = None
+        if os.path.isdir(path):  # --overwrite: move the old folder aside, the new one in, then delete the old
+            old = tmp[: -len(".tmp")] + ".old"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_path(parent, folder=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def push_to_hub(folder: str, repo: str, private: bool) -> str:
+    """Upload the folder as one commit to a hub model repository (created if missing); one line on failure."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    from data import HUB_TIMEOUT, _hub_offline, hub_reachable
+
+    later = f"{folder} is written; upload it later with: hf upload {repo} {folder} ."
+    offline = _hub_offline(("HF_HUB_OFFLINE",))
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    if offline is not None or not hub_reachable(endpoint, HUB_TIMEOUT):
+        why = f"{offline} is set" if offline else f"{endpoint} cannot be reached"
+        raise UserError(f"--push_to_hub: no network: cannot upload to the HuggingFace Hub ({why}); {later}")
+    try:
+        api = HfApi()
+        api.create_repo(repo, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
+                                   commit_message=f"Upload {os.path.basename(folder)} from LightGPT's export.py")
+    except LocalTokenNotFoundError:
+        raise UserError(f"--push_to_hub: not logged in to the HuggingFace Hub (hf auth login, or HF_TOKEN); {later}") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise UserError(f"--push_to_hub: cannot upload to {repo} ({first_line(e)}); {later}") from None
+    return getattr(commit, "commit_url", None) or f"{endpoint}/{repo}"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args) -> str:
+    check_output(args)
+    model, state, lora = inference_model(args.checkpoint_path, torch.device("cpu"), args.lora_path)  # fp32 on the CPU
+    model.export_info = export_info(state, lora, args.license)
+    where = args.push_to_hub or args.output_path
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_folder(args.output_path) as tmp:
+            if args.onnx:
+                model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
+            model.save_pretrained(tmp, where=where)  # model.safetensors, config.json, README.md
+            saved = GPT.from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
+            weights = model.state_dict()
+            assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"
+    except (OSError, SafetensorError) as e:  # a full disk, a quota
+        why = os_reason(e) if isinstance(e, OSError) else first_line(e)
+        raise UserError(f"--output_path: cannot write {args.output_path} ({why}); nothing was written") from None
+    files = sorted(os.listdir(args.output_path))
+    size = os.path.getsize(os.path.join(args.output_path, WEIGHTS_FILE))
+    print(f"exported {args.lora_path + ' merged into ' if args.lora_path else ''}{args.checkpoint_path} "
+          f"({model.num_parameters():,} parameters, {size / 2**20:,.1f} MiB of safetensors) to {args.output_path}: "
+          f"{', '.join(files)}")
+    assert {WEIGHTS_FILE, CONFIG_FILE, CARD_FILE} <= set(files)
+    if args.push_to_hub:
+        url = push_to_hub(args.output_path, args.push_to_hub, args.private)
+        print(f"uploaded to {url}")
+    return args.output_path
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)

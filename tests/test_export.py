@@ -1,0 +1,343 @@
+"""export.py and exported folders: round trips to identical logits (plain, LoRA-merged, save_pretrained),
+the scripts reading a folder as they read a checkpoint, damaged folders refused in one line, the hub
+offline and monkeypatched, and the ONNX graph against PyTorch."""
+
+import errno
+import json
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import beam_search
+import evaluate
+import export
+import generate
+import test_evaluate
+from common import UserError, inference_model, load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import fails_with_one_line
+from model import GPT, lora_state_dict
+from test_lora import NEW, V, adapted, perturb, tiny
+
+checkpoint = test_evaluate.checkpoint  # a fixture: a tiny byte model saved with its training records
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+IDS = torch.tensor([[256, 84, 104, 101, 32], [256, 1, 2, 3, 4]])  # end-of-text first, as prompts start
+
+
+def run_export(*argv) -> str:
+    return export.main(export.parse_args(list(argv)))
+
+
+def logits(model: GPT, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("exports") / "tiny")
+    run_export("--checkpoint_path", checkpoint, "--output_path", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_and_lora(tmp_path_factory):
+    """A base checkpoint and trained-looking LoRA adapters for it, saved as instruction-tune.py saves them."""
+    folder = tmp_path_factory.mktemp("lora")
+    base_model, base_path, lora_path = tiny(), str(folder / "base.pt"), str(folder / "lora.pt")
+    save_checkpoint({"kind": "pretrain", "config": base_model.config.to_dict(), "model": base_model.state_dict(),
+                     "token_encoding": "bytes", "eot_id": 256}, base_path)
+    model = adapted(tiny(), rank=4, alpha=2.0)
+    perturb(model)
+    save_checkpoint({"kind": "lora", "config": model.config.to_dict(), "adapters": lora_state_dict(model),
+                     "lora": {"rank": 4, "alpha": 2.0, "dropout": 0.0},
+                     "base": {"sha256": load_checkpoint(base_path, "pretrain")["sha256"], "vocabulary_size": V},
+                     "special_tokens": SPECIAL, "token_encoding": "bytes", "eot_id": 256,
+                     "args": {"dataset": "HuggingFaceTB/smoltalk", "max_tokens_per_sample": 48}}, lora_path)
+    return base_path, lora_path
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_export_then_from_pretrained_gives_identical_logits(checkpoint, exported):
+    from safetensors import safe_open
+
+    original = model_from_checkpoint(load_checkpoint(checkpoint, "pretrain"))
+    loaded = GPT.from_pretrained(exported)
+    assert not loaded.training and torch.equal(logits(loaded), logits(original))
+    assert sorted(os.listdir(exported)) == ["README.md", "config.json", "model.safetensors"]
+    with safe_open(os.path.join(exported, "model.safetensors"), "pt") as f:  # the tied table, once
+        assert set(f.keys()) == set(original.state_dict())
+        assert sum(k.startswith("token_embeddings") for k in f.keys()) == 1
+    with open(os.path.join(exported, "config.json")) as f:
+        config = json.load(f)
+    assert {k: config[k] for k in original.config.to_dict()} == original.config.to_dict()
+    assert config["token_encoding"] == "bytes" and config["eot_id"] == 256 and config["training_context_length"] == 32
+    assert config["checkpoint_sha256"] == load_checkpoint(checkpoint, "pretrain")["sha256"]
+    with open(os.path.join(exported, "README.md")) as f:
+        card = f.read()
+    front = card.split("---")[1]
+    for line in ("license: apache-2.0", "library_name: pytorch", "pipeline_tag: text-generation", "- nope"):
+        assert line in front, front
+    assert "datasets" not in front  # the builtin corpus is no hub dataset
+    assert f"GPT.from_pretrained({exported!r})" in card and f"--checkpoint_path {exported}" in card
+
+
+def test_lora_merged_export_computes_what_base_plus_adapters_do(base_and_lora, tmp_path):
+    base, lora = base_and_lora
+    out = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "chat"))
+    reference = inference_model(base, torch.device("cpu"), lora)[0]
+    loaded = GPT.from_pretrained(out)
+    ids = torch.randint(0, V + NEW, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(loaded, ids), logits(reference, ids))
+    assert loaded.export_info["special_tokens"] == SPECIAL
+    assert loaded.export_info["instruction_tuning"]["lora"] == {"rank": 4, "alpha": 2.0}
+    with open(os.path.join(out, "README.md")) as f:
+        front = f.read().split("---")[1]
+    assert "- HuggingFaceTB/smoltalk" in front and "- chat" in front
+
+
+def test_save_pretrained_round_trip_keeps_the_records(tiny_model, exported, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "plain")
+    assert torch.equal(logits(GPT.from_pretrained(tmp_path / "plain"), IDS % 300), logits(tiny_model, IDS % 300))
+    with pytest.raises(UserError, match="no 'token_encoding'"):  # a bare model: the scripts need its tokenizer
+        inference_model(str(tmp_path / "plain"), torch.device("cpu"))
+    loaded = GPT.from_pretrained(exported)
+    loaded.save_pretrained(tmp_path / "again")
+    again = GPT.from_pretrained(tmp_path / "again")
+    assert again.export_info == loaded.export_info and torch.equal(logits(again), logits(loaded))
+
+
+def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            assert exist_ok and not private
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            for name in os.listdir(folder_path):
+                with open(os.path.join(folder_path, name), "rb") as f:
+                    uploaded[name] = f.read()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    GPT.from_pretrained(exported).push_to_hub("someone/tiny")
+    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
+    assert b"GPT.from_pretrained('someone/tiny')" in uploaded["README.md"]
+    with open(os.path.join(exported, "model.safetensors"), "rb") as f:
+        assert uploaded["model.safetensors"] == f.read()
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+
+def test_scripts_take_the_folder_as_they_take_the_checkpoint(checkpoint, exported, builtin_data, tmp_path,
+                                                              capsys):
+    def gen(path):
+        return generate.main(generate.parse_args(["--checkpoint_path", path, "--device", "cpu", "--prompt", "The ",
+                                                  "--max_tokens", "30", "--seed", "3"]))
+
+    assert gen(exported) == gen(checkpoint)
+    beams = [beam_search.main(beam_search.parse_args(["--checkpoint_path", path, "--device", "cpu", "--prompt", "a",
+                                                      "--max_tokens", "4", "--beam_width", "2",
+                                                      "--num_candidates", "2"]))[0]
+             for path in (exported, checkpoint)]
+    assert [c.tokens for c in beams[0]] == [c.tokens for c in beams[1]]
+    results = evaluate.main(evaluate.parse_args([  # its corpus and training length from the folder's records
+        "--checkpoint_path", exported, "--device", "cpu", "--dataset_path", builtin_data, "--output_path",
+        str(tmp_path / "eval"), "--windows", "2", "--multiples", "1"]))
+    assert list(results) == [test_evaluate.TRAINING_LENGTH]
+    with open(tmp_path / "eval" / "results.json") as f:
+        assert json.load(f)["dataset"] == "builtin"
+
+
+def test_a_lora_fits_the_folder_exported_from_its_base(base_and_lora, tmp_path, capsys):
+    base, lora = base_and_lora
+    folder = run_export("--checkpoint_path", base, "--output_path", str(tmp_path / "base"))
+    from_folder = inference_model(folder, torch.device("cpu"), lora)[0]
+    ids = torch.randint(0, V + NEW, (1, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(logits(from_folder, ids), logits(inference_model(base, torch.device("cpu"), lora)[0], ids))
+    other = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "merged"))
+    fails_with_one_line(capsys, generate, ["--checkpoint_path", other, "--lora_path", lora, "--device", "cpu",
+                                           "--prompt", "x"], "already a merged chat model")
+
+
+def test_a_hub_id_loads_from_the_cache_and_offline_is_one_line(exported, monkeypatch, capsys):
+    fails_with_one_line(capsys, generate, ["--checkpoint_path", "someone/lightgpt-tiny", "--device", "cpu",
+                                           "--prompt", "x"],
+                        "no network: cannot download someone/lightgpt-tiny from the HuggingFace Hub", "HF_HUB_OFFLINE")
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: asked.append(kw) or exported)
+    model = GPT.from_pretrained("someone/lightgpt-tiny")
+    assert asked[0]["repo_id"] == "someone/lightgpt-tiny" and asked[0]["local_files_only"]
+    assert torch.equal(logits(model), logits(GPT.from_pretrained(exported)))
+
+
+# ----------------------------------------------------------------------------- damaged folders
+
+
+def flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END if offset < 0 else os.SEEK_SET)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def rewrite_config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in config.items() if v is not None}, f)
+
+
+def truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def rehashed(folder, change):
+    """A damaged weights file whose new sha256 config.json records: the safetensors checks must catch it."""
+    from common import file_sha256
+
+    change(os.path.join(folder, "model.safetensors"))
+    rewrite_config(folder, weights_sha256=file_sha256(os.path.join(folder, "model.safetensors")))
+
+
+DAMAGE = {
+    "truncated weights": (lambda d: truncate(os.path.join(d, "model.safetensors")), "model.safetensors is damaged"),
+    "a flipped bit in a weight": (lambda d: flip(os.path.join(d, "model.safetensors"), -5), "is damaged"),
+    "a flipped bit in the header": (lambda d: flip(os.path.join(d, "model.safetensors"), 12), "is damaged"),
+    "truncated and rehashed": (lambda d: rehashed(d, truncate), "not a readable safetensors file"),
+    "no weights": (lambda d: os.remove(os.path.join(d, "model.safetensors")), "has no model.safetensors"),
+    "no config": (lambda d: os.remove(os.path.join(d, "config.json")), "has no config.json"),
+    "config not JSON": (lambda d: open(os.path.join(d, "config.json"), "w").write('{"vocab'), "is not valid JSON"),
+    "config of another program": (lambda d: rewrite_config(d, lightgpt_format=None), "not describe a LightGPT model"),
+    "a newer format": (lambda d: rewrite_config(d, lightgpt_format=99), "newer LightGPT (format 99)"),
+    "an invalid config": (lambda d: rewrite_config(d, num_attention_heads=5), "must be divisible"),
+    "fewer layers than weights": (lambda d: rewrite_config(d, num_hidden_layers=1), "unexpected weight 'blocks.1."),
+    "another width": (lambda d: rewrite_config(d, embedding_dimensions=64), "has shape"),
+    "no tokenizer": (lambda d: rewrite_config(d, token_encoding=None), "no 'token_encoding'"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_folder_is_one_line_naming_the_file(exported, damage, tmp_path, capsys):
+    import shutil
+
+    folder = str(tmp_path / "copy")
+    shutil.copytree(exported, folder)
+    change, fragment = DAMAGE[damage]
+    change(folder)
+    fails_with_one_line(capsys, generate, ["--checkpoint_path", folder, "--device", "cpu", "--prompt", "x"],
+                        "--checkpoint_path", folder, fragment)
+
+
+# ----------------------------------------------------------------------------- export.py's flags and folder
+
+
+def test_export_flags_and_folders_are_one_line(checkpoint, exported, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    ok = ["--checkpoint_path", checkpoint, "--output_path", out]
+    cases = [
+        (["--onnx_opset", "17"], "--onnx_opset", "18 or above"),
+        (["--private"], "--private", "--push_to_hub"),
+        (["--push_to_hub", "a/b/c"], "--push_to_hub", "repository id"),
+        (["--license", "MIT License"], "--license"),
+        (["--output_path", exported], "not empty", "--overwrite"),
+        (["--output_path", checkpoint], "--output_path", "is a file"),
+        (["--checkpoint_path", str(tmp_path / "none.pt")], "--checkpoint_path", "no checkpoint at"),
+    ]
+    for argv, *fragments in cases:
+        fails_with_one_line(capsys, export, [*ok, *argv], *fragments)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    fails_with_one_line(capsys, export, [*ok, "--onnx"], "onnxruntime missing", "pip install -r requirements-onnx.txt")
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    fails_with_one_line(capsys, export, ok, f"--output_path: cannot write {out} (no space left on device); nothing")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(GPT, "save_pretrained", lambda *a, **k: 1 / 0)  # a failure mid-write leaves nothing behind
+    with pytest.raises(ZeroDivisionError):
+        run_export(*ok)
+    assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_replaces_the_folder_whole(checkpoint, base_and_lora, tmp_path):
+    out = run_export("--checkpoint_path", checkpoint, "--output_path", str(tmp_path / "m"))
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    run_export("--checkpoint_path", base_and_lora[0], "--output_path", out, "--overwrite")
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert GPT.from_pretrained(out).config.vocabulary_size == V and os.listdir(tmp_path) == ["m"]
+    assert export.parse_args(["--checkpoint_path", "runs/a.pt"]).output_path == os.path.join(".", "exports", "a")
+    assert export.parse_args(["--lora_path", "c/chat.pt"]).output_path == os.path.join(".", "exports", "chat")
+
+
+def test_push_to_hub_offline_is_one_line_and_online_uploads_the_folder(checkpoint, tmp_path, monkeypatch,
+                                                                       capsys):
+    out = str(tmp_path / "pushed")
+    fails_with_one_line(capsys, export, ["--checkpoint_path", checkpoint, "--output_path", out, "--push_to_hub",
+                                         "someone/tiny"], "--push_to_hub: no network", "HF_HUB_OFFLINE is set",
+                        f"hf upload someone/tiny {out}")
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))  # written before the upload was tried
+    import huggingface_hub
+
+    import data
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private))
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            calls.append(("upload", repo_id, sorted(os.listdir(folder_path))))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(data, "hub_reachable", lambda endpoint, timeout: True)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    run_export("--checkpoint_path", checkpoint, "--output_path", out, "--overwrite", "--push_to_hub",
+               "someone/tiny", "--private")
+    assert calls == [("create", "someone/tiny", True),
+                     ("upload", "someone/tiny", ["README.md", "config.json", "model.safetensors"])]
+    with open(os.path.join(out, "README.md")) as f:
+        assert "GPT.from_pretrained('someone/tiny')" in f.read()
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+@pytest.mark.slow  # torch's ONNX exporter: about 10 s
+@pytest.mark.parametrize("position_encoding", ["none", "rope", "alibi"])
+def test_onnx_graph_matches_pytorch(position_encoding, tmp_path, capsys):
+    import numpy as np
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model = GPT(replace(tiny().config, position_encoding=position_encoding)).eval()
+    path = str(tmp_path / "model.pt")
+    save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
+                     "token_encoding": "bytes", "eot_id": 256}, path)
+    out = run_export("--checkpoint_path", path, "--output_path", str(tmp_path / "onnx"), "--onnx")
+    assert "model.onnx: largest |onnxruntime - PyTorch| logit difference" in capsys.readouterr().out
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["onnx"]["max_abs_diff"] <= 1e-4
+    session = onnxruntime.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, V, (2, 70), generator=torch.Generator().manual_seed(5))
+    got = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+    assert np.abs(got - logits(model, ids).numpy()).max() <= 1e-4
