@@ -272,6 +272,7 @@ class Generation:
         self.engine, self.request = engine, request
         self.answer = Answer(loaded.encoding, stops)
         self.finish_reason: str | None = None
+        self.closed = False
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         try:
@@ -311,8 +312,7 @@ class Generation:
                 if self.finish_reason:
                     return
         finally:
-            if self.finish_reason is None:
-                self.engine.cancel(self.ticket)
+            self.close()
 
     async def text(self) -> str:
         return "".join([piece async for piece in self.pieces()])
@@ -321,6 +321,29 @@ class Generation:
     def usage(self) -> dict:
         prompt, completion = len(self.request.prompt), self.answer.tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def close(self) -> None:
+        """Cancel the request unless it finished: for a response that ends before reading it all."""
+        if self.finish_reason is None and not self.closed:
+            self.closed = True
+            self.engine.cancel(self.ticket)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of a Generation, whose request is cancelled once the response ends, however it
+    ends: also if the response is cancelled before its generator starts, when no `finally` in the
+    generator would run."""
+
+    def __init__(self, content, generation: Generation):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
 
 
 # ----------------------------------------------------------------------------- the app
@@ -425,14 +448,17 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
                 "model": settings.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(gen, head, chat, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStream(stream(gen, head, chat, include_usage), gen)
         collect = asyncio.ensure_future(gen.text())
         gone = asyncio.ensure_future(until_disconnected(request))
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if not collect.done():  # the client left: stop generating for it
-            collect.cancel()
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():  # the client left: stop generating for it
+                collect.cancel()
+                gen.close()
+        if not collect.done() or collect.cancelled():
             return Response(status_code=499)
         text = collect.result()
         if chat:

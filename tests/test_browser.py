@@ -6,12 +6,14 @@ failure."""
 import importlib.util
 import os
 import shutil
+import threading
 import time
 
 import pytest
 import torch
 
 import serve
+from chat import render_prompt
 from engine import Engine
 from generate import load_for_inference
 
@@ -101,3 +103,72 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(base, tuned, tmp_p
     growing = [n for n in seen["lengths"] if n > 0]
     assert len(set(growing)) >= 2, seen  # seen at two lengths at least: it streamed, not all at once
     assert os.path.getsize(tmp_path / "page.png") > 1000
+
+
+@pytest.mark.slow
+def test_the_chat_page_keeps_the_conversation_stops_and_starts_anew(base, tuned):
+    browser_or_skip()
+    from selenium.webdriver.common.by import By
+
+    loaded = load_for_inference(base, torch.device("cpu"), str(tuned[0] / "lora.pt"))
+    running = threading.Event()  # cleared: the engine waits before its next forward pass
+    running.set()
+    loaded.model.register_forward_pre_hook(lambda module, inputs: None if running.wait(30) else None)  # None: inputs kept
+    requests = []
+    with Engine(loaded, context_length=256, max_batch=4) as engine:
+        cancelled, cancel, submit = [], engine.cancel, engine.submit  # what the server asks of the engine
+        engine.cancel = lambda ticket: (cancelled.append(ticket), cancel(ticket))[1]
+        engine.submit = lambda request, emit: (requests.append(request), submit(request, emit))[1]
+        app = serve.create_app(engine, loaded, serve.Settings("tiny-chat", 200))
+        with serve.BackgroundServer(app) as server:
+            driver = headless_chromium()
+            try:
+                driver.get(server.url + "/")
+
+                def wait_for(condition, timeout=30):
+                    deadline = time.monotonic() + timeout
+                    while not condition():
+                        assert time.monotonic() < deadline, "the page did not get there in time"
+                        time.sleep(0.01)
+
+                def answers():
+                    return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+
+                def send(text):
+                    driver.find_element(By.ID, "input").send_keys(text)
+                    driver.find_element(By.ID, "send").click()
+
+                wait_for(lambda: "chat model" in driver.find_element(By.ID, "model").text)
+                driver.execute_script("const t = document.getElementById('temperature'); t.value = 0;"
+                                      "t.dispatchEvent(new Event('input'));")
+                for turn, text in enumerate(("Say apple.", "Again.")):
+                    send(text)
+                    wait_for(lambda: len(answers()) == turn + 1 and answers()[-1].get_attribute("data-state") == "done")
+                first = answers()[0].find_element(By.CLASS_NAME, "text").text
+                assert first and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+                conversation = [{"role": "user", "content": "Say apple."}, {"role": "assistant", "content": first},
+                                {"role": "user", "content": "Again."}]
+                assert requests[1].prompt == render_prompt(loaded.chat, conversation)  # the whole chat so far
+                assert requests[1].sampling.temperature == 0 and requests[1].sampling.top_p == 0.9
+
+                running.clear()  # the next answer stays in progress until Stop is pressed
+                send("Tell me a long story.")
+                wait_for(lambda: len(answers()) == 3 and engine.active == 1)
+                assert "streaming" in answers()[-1].get_attribute("class")
+                driver.find_element(By.ID, "stop").click()
+                wait_for(lambda: answers()[-1].get_attribute("data-state") == "done")
+                assert driver.find_element(By.ID, "status").text == "stopped"
+                assert not driver.find_element(By.ID, "send").get_attribute("disabled")
+                wait_for(lambda: len(cancelled) >= 1)  # the server saw the page leave and cancelled the answer
+                assert len(cancelled) == 1
+                running.set()
+                wait_for(lambda: engine.active == 0)
+                assert cancelled[0].generated == 0
+
+                driver.find_element(By.ID, "new-chat").click()
+                assert answers() == [] and driver.find_elements(By.CSS_SELECTOR, ".msg.user") == []
+                send("Say river.")
+                wait_for(lambda: len(answers()) == 1 and answers()[-1].get_attribute("data-state") == "done")
+                assert requests[-1].prompt == render_prompt(loaded.chat, [{"role": "user", "content": "Say river."}])
+            finally:
+                driver.quit()

@@ -293,6 +293,19 @@ def test_a_client_that_leaves_before_a_plain_answer_frees_its_row(base_server, m
     assert cancelled[0].generated < 4000
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_at_once_frees_its_row(base_server, monkeypatch, stream):
+    """Gone before reading a byte of the answer."""
+    cancelled = cancels(base_server.engine, monkeypatch)
+    body = json.dumps({"model": "x", "prompt": "The ", "max_tokens": 4000, "seed": 0, "stream": stream}).encode()
+    with socket.create_connection(("127.0.0.1", base_server.port), timeout=10) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    health = healthy(base_server)
+    assert (health["active"], health["waiting"]) == (0, 0) and len(cancelled) == 1
+    assert cancelled[0].generated < 4000
+
+
 def test_a_full_engine_answers_503(base):
     loaded = load_for_inference(base, torch.device("cpu"))
     engine, server = started(loaded, serve.Settings("tiny"), max_batch=1, max_waiting=1)
