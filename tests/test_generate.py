@@ -311,6 +311,7 @@ def test_ctrl_c_ends_the_line_before_saying_interrupted(checkpoint, monkeypatch,
     assert captured.out.endswith("\n") and captured.err == "interrupted\n"
 
 
+@pytest.mark.slow  # three script processes, seconds each
 def test_scripts_run_piped_from_the_command_line(checkpoint):
     for script, extra in (("generate.py", ["--max_tokens", "8", "--seed", "0"]),
                           ("beam_search.py", ["--max_tokens", "6", "--beam_width", "4"])):

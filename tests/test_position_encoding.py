@@ -2,7 +2,6 @@
 wrap) against recomputation, chunked prefill, packed documents, NoPE untouched, checkpoints, and
 growing the context on --resume."""
 
-import shutil
 
 import pytest
 import torch

@@ -158,6 +158,7 @@ def test_resume_with_another_encoding_is_refused(capsys, builtin_data, tmp_path)
                "differs from the checkpoint")
 
 
+@pytest.mark.slow  # script processes
 def test_command_line_error_has_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "pretrain.py", "--dataset", str(tmp_path / "nothing.jsonl"), "--device", "cpu",

@@ -107,6 +107,7 @@ def test_torch_spec_and_index_override_the_choice(tmp_path):
     assert torch_installs(commands) == [f"torch==2.6.0 --index-url {url}"]
 
 
+@pytest.mark.slow  # a virtual environment is made
 def test_an_environment_where_torch_imports_is_reused_and_its_build_kept(tmp_path):
     venv = tmp_path / "env"
     (venv / "bin").mkdir(parents=True)
