@@ -23,7 +23,7 @@ step() {  # step NAME COMMAND...: run, keep the log, remember failures, go on
     local name=$1; shift
     echo "== $name: $*"
     if ! "$@" > "$out/$name.log" 2>&1; then echo "   FAILED (see $out/$name.log)"; tail -n 5 "$out/$name.log"; status=1; fi
-    grep -E '^(mode|train|decode|tokenize|pack|step|epoch|model:|data:|device:)|passed|failed|skipped' "$out/$name.log" | tail -n 12
+    grep -E '^(mode|clients|train|decode|tokenize|pack|serve|step|epoch|model:|data:|device:)|passed|failed|skipped' "$out/$name.log" | tail -n 12
 }
 
 if [ "${TINY:-0}" = 1 ]; then
@@ -48,7 +48,8 @@ if [ "${PROFILE:-0}" = 1 ]; then  # top ops printed in the logs, Chrome traces b
 fi
 
 if [ "$part" = all ] || [ "$part" = bench ]; then
-# What only a GPU can check: the CUDA-graph decoder equals the eager one (skipped on a CPU).
+# What only a GPU can check: the CUDA-graph decoder equals the eager one, the batched engine equals one
+# request at a time (skipped on a CPU).
 step test_gpu "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # Speed and memory (bench.py): training, with activation checkpointing, with torch's Adafactor; decoding.
 step bench_train "$py" bench.py train --device "$device" --compile "$compile" "${shape[@]}" "${train_batch[@]}" \
@@ -59,6 +60,10 @@ step bench_train_torch_adafactor "$py" bench.py train --device "$device" --compi
     "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
 step bench_decode "$py" bench.py decode --device "$device" --compile "$compile" "${shape[@]}" "${decode[@]}" \
     --iterations 3 --warmup_iterations 1 "${profile_decode[@]}"
+# Serving (engine.py, no HTTP: the GPU machine has no web stack): 32 streaming requests from 1, 4 and 16
+# clients, batched against one at a time.
+step bench_serve_engine "$py" bench.py serve --through engine --device "$device" --compile "$compile" "${shape[@]}" \
+    --requests 32 "${decode[@]}"
 if [ "${COMPARE:-0}" = 1 ]; then  # what the attention kernel and dropout cost: one training bench each
     backends=(flash efficient)
     [ "$device" = cpu ] && backends=()  # the CPU's fused kernels take no dropout

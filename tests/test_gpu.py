@@ -58,3 +58,24 @@ def test_a_new_prompt_reuses_the_graphs_and_starts_fresh():
             runs.append(out)
     assert runs[0] == runs[2] != runs[1]
     assert list(decoder.graphs) == [64]
+
+
+@pytest.mark.parametrize("use_compile", [False, True], ids=["eager", "compiled"])
+def test_batched_engine_on_cuda_equals_one_at_a_time(use_compile):
+    """engine.py on the GPU (bf16, per-row positions, rows joining and leaving): each request's greedy
+    tokens are those of the batch-1 decoder."""
+    import threading
+
+    from engine import Engine, Request
+    from generate import Loaded
+
+    model = peaked_model(torch.device("cuda"))
+    prompts = [[5, 6, 7, 8], list(range(10, 40)), [3], list(range(50, 60))]
+    requests = [Request(p, max_tokens=n, sampling=Sampling(temperature=0.0)) for p, n in zip(prompts, [90, 20, 140, 5])]
+    expected = [decode(model, r.prompt, r.max_tokens, 130, r.sampling, 0, use_compile=False)[0] for r in requests]
+    outputs, done = [[] for _ in requests], [threading.Event() for _ in requests]
+    with Engine(Loaded(model, None, 0), context_length=130, max_batch=3, use_compile=use_compile) as engine:
+        for i, r in enumerate(requests):  # four requests for three rows: the last waits for a free row
+            engine.submit(r, lambda e, i=i: outputs[i].append(e.token) if e.token is not None else done[i].set())
+        assert all(d.wait(600) for d in done) and engine.last_error is None
+    assert outputs == expected
