@@ -192,6 +192,8 @@ next:
   $py generate.py --checkpoint_path $checkpoint --device $device        # prompts, one a line
   $py generate.py --checkpoint_path $checkpoint --lora_path $lora --device $device   # chat; /reset starts over
   $py beam_search.py --checkpoint_path $checkpoint --device $device --prompt "The return statement" --max_tokens 40
+  $py serve.py --checkpoint_path $checkpoint --lora_path $lora --device $device   # OpenAI API + chat page: http://127.0.0.1:8000
+  $py export.py --checkpoint_path $checkpoint --lora_path $lora --output_path ./exports/$name-chat   # safetensors folder
   $py pretrain.py ${train_flags[*]} --num_epochs $((epochs * 2)) --resume --checkpoint_path $checkpoint --run_dir_path $run_dir   # train on
   $py pretrain.py --model small        # the Small model on FineWeb: a download and a GPU
   $py instruction-tune.py --base_model_path ./checkpoints/checkpoint.pt   # LoRA on SmolTalk: a download and a GPU
