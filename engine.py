@@ -11,9 +11,9 @@ finished or cancelled ones leave; requests wait in a bounded queue while every r
 
 Each request samples with its own settings and its own seeded generator, drawing its noise exactly as
 generate.Decoder does, so a request with a seed gives the tokens `generate.py --seed` gives, and at
-temperature 0 batched decoding gives the tokens one-at-a-time decoding gives. A step runs only the rows
-up to the highest one in use (new requests take the lowest free row), so one request alone decodes at
-batch size 1.
+temperature 0 batched decoding gives the tokens one-at-a-time decoding gives. An eager step runs only the
+rows up to the highest one in use (new requests take the lowest free row), so one request alone decodes
+at batch size 1; a compiled step runs every row, so that its shapes stay few.
 
 Tokens reach the caller through `emit`, called on the engine's thread: one Event per token, then one
 final Event with the finish reason. It must not block (an asyncio server hands events to its loop with
@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from common import check_memory
 from generate import Loaded, Sampler, Sampling, prefill, sample
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -81,10 +82,16 @@ class Engine:
             raise ValueError("max_batch must be at least 1 and max_waiting not negative")
         self.loaded, self.model = loaded, loaded.model
         self.context_length, self.max_batch, self.max_waiting = context_length, max_batch, max_waiting
-        self.device = self.model.token_embeddings.weight.device
+        weight = self.model.token_embeddings.weight
+        self.device = weight.device
         self.vocabulary_size = self.model.config.vocabulary_size
+        check_memory(self.model.kv_bytes_per_token(weight.element_size()) * max_batch * context_length, self.device,
+                     f"a KV cache of {max_batch} rows x {context_length} tokens")
         self.cache = self.model.setup_cache(max_batch, context_length)
-        self._forward = torch.compile(self._decode, dynamic=True) if use_compile else self._decode
+        # Compiled, a step runs every row (the rows in use vary, and each count would be a new graph); the span
+        # is the only shape that changes, through a few sizes (KVCache.spans). Eager, only the rows in use run.
+        self.use_compile = use_compile
+        self._forward = torch.compile(self._decode, dynamic=False) if use_compile else self._decode
         self._rows: list[Ticket | None] = [None] * max_batch
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._lock = threading.Condition()
@@ -155,8 +162,8 @@ class Engine:
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
-        """Stop a request; thread-safe. Its row is free before the next step; its final event is "cancelled"
-        (unless it had already finished)."""
+        """Stop a request; thread-safe. Its row (or its waiting place) is free before the next step; its final
+        event is "cancelled" (unless it had already finished)."""
         with self._lock:
             ticket.cancelled = True
             self._lock.notify_all()
@@ -176,7 +183,8 @@ class Engine:
         ticket = self.submit(request, emit)
         if not finished.wait(timeout):
             self.cancel(ticket)
-            finished.wait()
+            if not finished.wait(60 if self.running else 0):  # a cancel takes effect within a step
+                raise TimeoutError("the engine did not answer: it is not running")
         return tokens, reason[0]
 
     # ------------------------------------------------------------------------- the engine's thread
@@ -187,9 +195,12 @@ class Engine:
                 with self._lock:
                     while not self._closing and not self._waiting and not any(self._rows):
                         self._lock.wait()
+                    # (cancel() notifies, so a request cancelled while it waits wakes the loop to remove it)
                     if self._closing:
                         return
-                    joining = []
+                    joining = [t for t in self._waiting if t.cancelled]  # a cancelled request leaves the queue at once
+                    for ticket in joining:
+                        self._waiting.remove(ticket)
                     free = [row for row, t in enumerate(self._rows) if t is None]
                     while free and self._waiting:
                         ticket = self._waiting.popleft()
@@ -241,6 +252,8 @@ class Engine:
     def _step(self) -> None:
         """One batched decode step for every row up to the highest in use, each at its own position."""
         top = max(row for row, t in enumerate(self._rows) if t is not None) + 1
+        if self.use_compile:
+            top = self.max_batch
         rows = self._rows[:top]
         tokens = torch.tensor([[t.token if t else 0] for t in rows], device=self.device)  # (B, 1)
         positions = torch.tensor([[t.position if t else 1] for t in rows], device=self.device)  # (B, 1); a free

@@ -188,6 +188,36 @@ def test_cancel_frees_the_row_and_ends_with_cancelled():
     engine.close()
 
 
+def test_a_request_cancelled_while_it_waits_leaves_the_queue_at_once():
+    model = tiny()
+    engine = Engine(loaded(model), context_length=64, max_batch=1, max_waiting=1).start()
+    long_events, waiting_events, first = [], [], threading.Event()
+
+    def long_emit(event):
+        long_events.append(event)
+        first.set()
+
+    busy = engine.submit(Request([1, 2], max_tokens=10_000, sampling=Sampling(0.0)), long_emit)
+    assert first.wait(60)
+    waiting = engine.submit(Request([3, 4], max_tokens=5), waiting_events.append)
+    with pytest.raises(EngineBusy):
+        engine.submit(Request([5], max_tokens=5), print)
+    engine.cancel(waiting)
+    deadline = time.monotonic() + 60
+    while engine.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert waiting_events == [Event(None, "cancelled")] and engine.active == 1  # the long one still decodes
+    engine.submit(Request([5], max_tokens=5), print)  # its waiting place is free again
+    engine.cancel(busy)
+    engine.close()
+
+
+def test_generate_with_a_timeout_never_blocks_on_an_engine_that_does_not_run():
+    engine = Engine(loaded(tiny()), context_length=32, max_batch=1)  # never started
+    with pytest.raises(TimeoutError, match="not running"):
+        engine.generate(Request([1, 2], max_tokens=3), timeout=0.1)
+
+
 @pytest.mark.parametrize("prompt, max_tokens, message", [
     ([], 5, "the prompt is empty"),
     (list(range(1, 33)), 5, "32 tokens: no room to answer in a context of 32"),
