@@ -114,8 +114,13 @@ def check_output(args) -> None:
     out = args.output_path
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_path: {out} is a file; name a folder")
-    if os.path.isdir(args.checkpoint_path) and os.path.realpath(out) == os.path.realpath(args.checkpoint_path):
-        raise UserError(f"--output_path {out} is the --checkpoint_path folder; name another one")
+    target = os.path.realpath(out)
+    for flag, source in (("--checkpoint_path", args.checkpoint_path), ("--lora_path", args.lora_path)):
+        if source is not None and os.path.exists(source):
+            where = os.path.realpath(source)
+            if where == target or where.startswith(target.rstrip(os.sep) + os.sep):
+                raise UserError(f"--output_path {out} holds the {flag} {source} (replacing it would delete it); "
+                                f"name another folder")
     if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
         raise UserError(f"--output_path: {out} is not empty; pass --overwrite to replace it, or name another folder")
     check_writable(os.path.dirname(os.path.abspath(out)), "--output_path")
@@ -141,8 +146,18 @@ def corpus_words(record: dict) -> str:
 def export_info(state: dict, lora: dict | None, license: str) -> dict:
     """config.json's records beside the architecture: what generate.py and evaluate.py read of a checkpoint
     (tokenizer, end-of-text, special tokens, training records) and where the weights came from."""
-    if "export_info" in state:  # re-exporting a folder: its records stand
-        return {**state["export_info"], "license": license}
+    if "export_info" in state:  # re-exporting a folder: its records stand, but for what this export changes
+        info = {k: v for k, v in state["export_info"].items() if k != "onnx"}  # only if this export writes one
+        if lora is not None:  # the LoRA merged in now: its tokens, its tuning, and the new weights' identity
+            info["special_tokens"] = list(lora["special_tokens"])
+            tuning = lora.get("args") if isinstance(lora.get("args"), dict) else {}
+            info["instruction_tuning"] = {**{k: tuning.get(k) for k in ("dataset", "dataset_subset",
+                                                                         "max_tokens_per_sample")},
+                                          "lora": {k: lora["lora"][k] for k in ("rank", "alpha")}}
+            if isinstance(tuning.get("max_tokens_per_sample"), int):
+                info["training_context_length"] = tuning["max_tokens_per_sample"]
+            info["lora_sha256"] = lora["sha256"]
+        return {**info, "license": license}
     info = {"token_encoding": state["token_encoding"], "eot_id": state["eot_id"]}
     special = (lora or state).get("special_tokens")
     if special:

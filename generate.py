@@ -102,6 +102,9 @@ def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: st
         encoding = chat.encoding
     elif system is not None:
         raise UserError("--system needs a chat model: pass --lora_path, or a checkpoint merged by instruction-tune.py")
+    if model.config.vocabulary_size != encoding.n_vocab:  # ids the tokenizer could not decode, or never produce
+        raise UserError(f"{checkpoint_path}: the model has a vocabulary of {model.config.vocabulary_size:,} ids but its "
+                        f"tokenizer ({state['token_encoding']}{' + ChatML' if chat else ''}) has {encoding.n_vocab:,}")
     return Loaded(model, encoding, state["eot_id"], chat)
 
 

@@ -169,6 +169,14 @@ def test_a_lora_fits_the_folder_exported_from_its_base(base_and_lora, tmp_path, 
     other = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "merged"))
     fails_with_one_line(capsys, generate, ["--checkpoint_path", other, "--lora_path", lora, "--device", "cpu",
                                            "--prompt", "x"], "already a merged chat model")
+    # The base's folder with the LoRA merged on a second export: the same chat model as from the checkpoint.
+    again = run_export("--checkpoint_path", folder, "--lora_path", lora, "--output_path", str(tmp_path / "again"))
+    chat = GPT.from_pretrained(again)
+    assert torch.equal(logits(chat, ids), logits(GPT.from_pretrained(other), ids))
+    assert chat.export_info["special_tokens"] == SPECIAL and "lora_sha256" in chat.export_info
+    assert chat.export_info["instruction_tuning"]["lora"] == {"rank": 4, "alpha": 2.0}
+    fails_with_one_line(capsys, generate, ["--checkpoint_path", again, "--lora_path", lora, "--device", "cpu",
+                                           "--prompt", "x"], "already a merged chat model")
 
 
 def test_a_hub_id_loads_from_the_cache_and_offline_is_one_line(exported, monkeypatch, capsys):
@@ -259,6 +267,8 @@ def test_export_flags_and_folders_are_one_line(checkpoint, exported, tmp_path, m
         (["--output_path", exported], "not empty", "--overwrite"),
         (["--output_path", checkpoint], "--output_path", "is a file"),
         (["--checkpoint_path", str(tmp_path / "none.pt")], "--checkpoint_path", "no checkpoint at"),
+        (["--output_path", os.path.dirname(checkpoint), "--overwrite"], "holds the --checkpoint_path",
+         "would delete it"),
     ]
     for argv, *fragments in cases:
         fails_with_one_line(capsys, export, [*ok, *argv], *fragments)
@@ -341,3 +351,11 @@ def test_onnx_graph_matches_pytorch(position_encoding, tmp_path, capsys):
     ids = torch.randint(0, V, (2, 70), generator=torch.Generator().manual_seed(5))
     got = session.run(["logits"], {"input_ids": ids.numpy()})[0]
     assert np.abs(got - logits(model, ids).numpy()).max() <= 1e-4
+
+
+def test_a_model_whose_vocabulary_is_not_its_tokenizers_is_one_line(base_and_lora, capsys):
+    """A checkpoint or folder whose model has more ids than its tokenizer decodes (a hand-edited config.json,
+    say) would sample ids the tokenizer cannot print: refused before any decoding."""
+    base, _ = base_and_lora  # a 300-id model recorded with the 257-id byte tokenizer
+    fails_with_one_line(capsys, generate, ["--checkpoint_path", base, "--device", "cpu", "--prompt", "x"],
+                        "the model has a vocabulary of 300 ids but its tokenizer (bytes) has 257")
