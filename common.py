@@ -1037,7 +1037,11 @@ def hub_download(repo_id: str, flag: str, revision: str | None = None) -> str:
     if offline is None and not hub_reachable(endpoint, HUB_TIMEOUT):  # seconds, not minutes of retries
         offline = f"{endpoint} cannot be reached"
     try:
-        return snapshot_download(**files, local_files_only=offline is not None)
+        folder = snapshot_download(**files, local_files_only=offline is not None)
+        # Said, so that a mistyped local folder of the shape owner/name never loads a hub model silently.
+        print(f"{flag}: no local file or folder {repo_id}: the HuggingFace Hub model {repo_id} "
+              f"({'from the cache' if offline else 'downloaded or cached'})", file=sys.stderr, flush=True)
+        return folder
     except RepositoryNotFoundError:
         raise UserError(f"{flag}: no local file or folder {repo_id}, and no model {repo_id} on the HuggingFace Hub "
                         f"(a private or gated one needs a login: hf auth login, or HF_TOKEN)") from None

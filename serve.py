@@ -44,6 +44,7 @@ from common import (
     UserError,
     add_system_args,
     compile_enabled,
+    non_negative_int,
     os_reason,
     positive_int,
     resolve_device,
@@ -56,6 +57,7 @@ PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "cha
 API_KEY_ENV = "LIGHTGPT_API_KEY"
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SHUTDOWN_GRACE = 5  # seconds open streams get to finish after Ctrl-C
 
 
 # ----------------------------------------------------------------------------- settings and errors
@@ -395,6 +397,9 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not engine.running:  # the decode thread is gone: nothing would be answered
+            return JSONResponse({"status": "error", "error": "the decoding engine is not running",
+                                 "last_error": engine.last_error}, 503)
         return {"status": "ok", "model": settings.model_name, "chat": loaded.chat is not None,
                 "active": engine.active, "waiting": engine.waiting, "max_batch": engine.max_batch,
                 "context_length": engine.context_length, "max_tokens": settings.max_tokens,
@@ -418,7 +423,8 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
         prompt = render_prompt(loaded.chat, messages)
         check_room(prompt, engine.context_length, "messages")
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        request_ = Request(prompt, max_tokens_of(body.max_completion_tokens or body.max_tokens, name, settings),
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        request_ = Request(prompt, max_tokens_of(requested, name, settings),
                            sampling_of(body, settings), body.seed, frozenset(loaded.stop))
         stops = stops_of(body)
         return await respond(request, body, Generation(engine, loaded, request_, stops), chat=True)
@@ -470,8 +476,8 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
 
     async def stream(gen: Generation, head: dict, chat: bool, include_usage: bool):
         """Server-sent events: a chunk per piece of text (the first chat chunk names the role), a last
-        chunk with the finish reason and the usage, with stream_options.include_usage OpenAI's usage chunk
-        (no choices), then [DONE]. A client that leaves cancels the generator here, which frees the row."""
+        chunk with the finish reason and the usage, or with stream_options.include_usage the finish reason
+        alone and then OpenAI's usage chunk (no choices), then [DONE]. A client that leaves cancels the generator here, which frees the row."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
         def chunk(piece: str | None, finish=None, role=False) -> dict:
@@ -489,9 +495,11 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
             yield sse({"error": error_body(e.message, e.kind, e.param, e.code)})
             yield sse("[DONE]")
             return
-        yield sse({**chunk(None, gen.finish_reason), "usage": gen.usage})
-        if include_usage:
+        if include_usage:  # OpenAI's way: usage in a chunk of its own (no choices), none on the others
+            yield sse(chunk(None, gen.finish_reason))
             yield sse({**head, "choices": [], "usage": gen.usage})
+        else:  # usage in every response all the same: on the last chunk, counted once
+            yield sse({**chunk(None, gen.finish_reason), "usage": gen.usage})
         yield sse("[DONE]")
 
     return app
@@ -522,7 +530,8 @@ class BackgroundServer:
         self.sock = listening_socket(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=SHUTDOWN_GRACE))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "BackgroundServer":
@@ -576,7 +585,7 @@ def parse_args(argv=None):
     g.add_argument("--context_length", type=positive_int, default=1024,
                    help="tokens each request's row of the KV cache holds; a longer prompt is refused")
     g.add_argument("--max_batch", type=positive_int, default=16, help="requests decoded together (batch rows)")
-    g.add_argument("--max_waiting", type=positive_int, default=256,
+    g.add_argument("--max_waiting", type=non_negative_int, default=256,
                    help="requests queued for a free row; beyond that a request gets 503")
     g.add_argument("--max_tokens", type=positive_int, default=1000,
                    help="tokens per answer when a request does not say, and the most it may ask for")
@@ -604,7 +613,9 @@ def main(args) -> None:
         if args.host not in LOOPBACK and not args.api_key:
             print(f"warning: --host {args.host} is reachable from other machines and no --api_key is set",
                   file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        # Ctrl-C: streams still open get SHUTDOWN_GRACE seconds, then their requests are cancelled.
+        uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE)).run(
+            sockets=[sock])
 
 
 if __name__ == "__main__":

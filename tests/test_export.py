@@ -187,8 +187,10 @@ def test_a_hub_id_loads_from_the_cache_and_offline_is_one_line(exported, monkeyp
 
     asked = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: asked.append(kw) or exported)
+    capsys.readouterr()
     model = GPT.from_pretrained("someone/lightgpt-tiny")
     assert asked[0]["repo_id"] == "someone/lightgpt-tiny" and asked[0]["local_files_only"]
+    assert "no local file or folder someone/lightgpt-tiny: the HuggingFace Hub model" in capsys.readouterr().err
     assert torch.equal(logits(model), logits(GPT.from_pretrained(exported)))
 
 

@@ -96,6 +96,10 @@ def test_chat_completion_plain_and_streamed(chat_server):
     assert pieces == list(answer)  # one chunk per (byte) token, as they are generated
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == done.usage.model_dump()
+    assert [ch.usage for ch in chunks[:-1]] == [None] * (len(chunks) - 1)  # counted once, as OpenAI does
+    plain = list(c.chat.completions.create(model="tiny-chat", messages=messages, temperature=0, stream=True))
+    assert [ch.usage is not None for ch in plain] == [False] * (len(plain) - 1) + [True]  # on the finish chunk
+    assert plain[-1].choices[0].finish_reason == "stop" and plain[-1].usage.model_dump() == done.usage.model_dump()
 
 
 def test_multi_turn_and_content_parts(chat_server):
@@ -217,6 +221,7 @@ BAD_REQUESTS = [
     ({**GOOD, "messages": [{"role": "user", "content": "x" * 400}]}, "messages", "no room for an answer"),
     ({**GOOD, "max_tokens": 0}, "max_tokens", "at least 1"),
     ({**GOOD, "max_completion_tokens": -5}, "max_completion_tokens", "at least 1"),
+    ({**GOOD, "max_completion_tokens": 0, "max_tokens": 5}, "max_completion_tokens", "at least 1"),
     ({**GOOD, "max_tokens": "10"}, "max_tokens", "valid integer"),
     ({**GOOD, "temperature": "hot"}, "temperature", "valid number"),
     ({**GOOD, "temperature": 3}, "temperature", "less than or equal to 2"),
@@ -229,6 +234,14 @@ BAD_REQUESTS = [
     ({**GOOD, "stop": ""}, "stop", "must not be empty"),
     ({**GOOD, "logprobs": True}, "logprobs", "not supported"),
 ]
+
+
+def test_health_says_so_when_the_engine_does_not_run(base):
+    loaded = load_for_inference(base, torch.device("cpu"))
+    engine, server = started(loaded, serve.Settings("tiny-base"))
+    with server:  # the engine never started
+        r = httpx.get(server.url + "/health", timeout=10)
+    assert r.status_code == 503 and r.json()["status"] == "error" and "not running" in r.json()["error"]
 
 
 def test_bad_requests_get_openai_errors(chat_server):
