@@ -58,6 +58,7 @@ API_KEY_ENV = "LIGHTGPT_API_KEY"
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SHUTDOWN_GRACE = 5  # seconds open streams get to finish after Ctrl-C
+MAX_BODY = 4 * 2**20  # bytes of a request body: far more than any context's prompt, far less than a memory's
 
 
 # ----------------------------------------------------------------------------- settings and errors
@@ -149,7 +150,15 @@ def _param(loc) -> str:
 
 
 async def parse_body(request: HTTPRequest, model: type[_Body]) -> _Body:
-    raw = await request.body()
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(413, f"the request body is over {MAX_BODY // 2**20} MiB", code="request_too_large")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise too_large  # refused before it is read
+    raw = b""
+    async for part in request.stream():  # a body without a length (chunked) is counted as it comes
+        raw += part
+        if len(raw) > MAX_BODY:
+            raise too_large
     try:
         data = json.loads(raw)
     except ValueError:  # also UnicodeDecodeError

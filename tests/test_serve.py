@@ -236,6 +236,15 @@ BAD_REQUESTS = [
 ]
 
 
+def test_a_body_over_the_limit_is_refused_with_413(chat_server):
+    huge = json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * serve.MAX_BODY}]}).encode()
+    with httpx.Client(base_url=chat_server.url, timeout=30) as http:
+        for content in (huge, iter([huge[i:i + 2**20] for i in range(0, len(huge), 2**20)])):  # sized, then chunked
+            r = http.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert healthy(chat_server)
+
+
 def test_health_says_so_when_the_engine_does_not_run(base):
     loaded = load_for_inference(base, torch.device("cpu"))
     engine, server = started(loaded, serve.Settings("tiny-base"))
