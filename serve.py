@@ -71,6 +71,15 @@ class Settings:
     max_tokens: int = 1000  # a request's default, and the most it may ask for
     sampling: Sampling = field(default_factory=Sampling)
     api_key: str | None = None
+    hosts: tuple[str, ...] | None = None  # the Host names requests may carry (None: any); loopback names when
+    # listening on loopback, so that a web page cannot reach the server by rebinding its own name to 127.0.0.1
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "::1"."""
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class APIError(Exception):
@@ -387,6 +396,15 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
         page = f.read()
     created = int(time.time())
 
+    if settings.hosts is not None:
+        @app.middleware("http")
+        async def known_hosts_only(request: HTTPRequest, call_next):
+            name = host_name(request.headers.get("host", ""))
+            if name not in settings.hosts:
+                return APIError(403, f"this server answers requests to {', '.join(settings.hosts)} only, not to "
+                                     f"{name!r}", code="host_not_allowed").response()
+            return await call_next(request)
+
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
         return e.response({"Retry-After": "1"} if e.status == 503 else None)
@@ -610,7 +628,8 @@ def main(args) -> None:
     loaded = load_for_inference(args.checkpoint_path, device, args.lora_path)
     sock = listening_socket(args.host, args.port)
     settings = Settings(args.model_name or default_model_name(args), args.max_tokens,
-                        Sampling(args.temperature, args.top_k, args.top_p), args.api_key)
+                        Sampling(args.temperature, args.top_k, args.top_p), args.api_key,
+                        LOOPBACK if args.host in LOOPBACK else None)
     with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
                 compile_enabled(args.compile, device)) as engine:
         app = create_app(engine, loaded, settings)

@@ -245,6 +245,21 @@ def test_a_body_over_the_limit_is_refused_with_413(chat_server):
     assert healthy(chat_server)
 
 
+def test_on_loopback_only_loopback_host_names_are_answered(base_server):
+    """A page elsewhere that rebinds its own name to 127.0.0.1 sends its own name as Host: refused."""
+    app = serve.create_app(base_server.engine, base_server.loaded, serve.Settings("tiny", hosts=serve.LOOPBACK))
+    with serve.BackgroundServer(app) as server:
+        ok = httpx.get(server.url + "/health", timeout=10)
+        for host in (f"localhost:{server.port}", "127.0.0.1", f"[::1]:{server.port}"):
+            assert httpx.get(server.url + "/health", headers={"Host": host}, timeout=10).status_code == 200
+        r = httpx.post(server.url + "/v1/completions", headers={"Host": f"evil.example:{server.port}"},
+                       json={"prompt": "a", "max_tokens": 2}, timeout=10)
+    assert ok.status_code == 200
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert [serve.host_name(h) for h in ("127.0.0.1:80", "[::1]:8000", "localhost", "[::1]")] == \
+        ["127.0.0.1", "::1", "localhost", "::1"]
+
+
 def test_health_says_so_when_the_engine_does_not_run(base):
     loaded = load_for_inference(base, torch.device("cpu"))
     engine, server = started(loaded, serve.Settings("tiny-base"))
