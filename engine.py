@@ -23,7 +23,6 @@ call_soon_threadsafe).
 from __future__ import annotations
 
 import collections
-import itertools
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,9 +31,6 @@ import torch
 
 from common import check_memory
 from generate import Loaded, Sampler, Sampling, prefill, sample
-
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
-
 
 @dataclass(frozen=True)
 class Request:
@@ -61,7 +57,6 @@ class Ticket:
 
     request: Request
     emit: Callable[[Event], None]
-    id: int
     sampling: Sampling  # the request's, top_k clamped to the vocabulary
     row: int | None = None  # its batch row while decoding
     position: int = 0  # where the next token goes in its row
@@ -80,7 +75,7 @@ class Engine:
             raise ValueError("context_length must be at least 2: a prompt token and room to answer")
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be at least 1 and max_waiting not negative")
-        self.loaded, self.model = loaded, loaded.model
+        self.model = loaded.model
         self.context_length, self.max_batch, self.max_waiting = context_length, max_batch, max_waiting
         weight = self.model.token_embeddings.weight
         self.device = weight.device
@@ -95,11 +90,9 @@ class Engine:
         self._rows: list[Ticket | None] = [None] * max_batch
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._lock = threading.Condition()
-        self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closing = False
         self.steps = 0  # batched decode steps run
-        self.tokens_generated = 0
         self.last_error: str | None = None  # the latest failure of a step, for a health check
 
     # ------------------------------------------------------------------------- the callers' side
@@ -151,7 +144,7 @@ class Engine:
             raise ValueError(f"max_tokens must be at least 1, not {request.max_tokens}")
         if not all(0 <= t < self.vocabulary_size for t in request.prompt):
             raise ValueError(f"the prompt holds token ids outside the vocabulary (0 .. {self.vocabulary_size - 1})")
-        ticket = Ticket(request, emit, next(self._ids), request.sampling.clamped(self.vocabulary_size))
+        ticket = Ticket(request, emit, request.sampling.clamped(self.vocabulary_size))
         with self._lock:
             if self._closing:
                 raise EngineBusy("the engine is shutting down")
@@ -202,15 +195,12 @@ class Engine:
                     for ticket in joining:
                         self._waiting.remove(ticket)
                     free = [row for row, t in enumerate(self._rows) if t is None]
-                    while free and self._waiting:
+                    while free and self._waiting:  # none of them is cancelled: cancel() takes this lock too
                         ticket = self._waiting.popleft()
-                        if ticket.cancelled:
-                            joining.append(ticket)  # finished below, outside the lock
-                            continue
                         ticket.row = free.pop(0)  # the lowest free row, so the rows in use stay a prefix
                         self._rows[ticket.row] = ticket
                         joining.append(ticket)
-                for ticket in joining:
+                for ticket in joining:  # the cancelled finish outside the lock, the admitted prefill
                     if ticket.cancelled:
                         self._finish(ticket, "cancelled")
                     else:
@@ -272,10 +262,10 @@ class Engine:
         for t in active:
             groups.setdefault(t.sampling, []).append(t)
         tickets, next_tokens = [], []
-        for sampling, group in groups.items():
-            rows = torch.tensor([t.row for t in group], device=self.device)
+        for group in groups.values():
+            index = torch.tensor([t.row for t in group], device=self.device)
             tickets += group
-            next_tokens.append(self._sample(group, logits.index_select(0, rows)))
+            next_tokens.append(self._sample(group, logits.index_select(0, index)))
         self._advance(tickets, next_tokens)
 
     def _sample(self, tickets: list[Ticket], logits: torch.Tensor) -> torch.Tensor:
@@ -295,7 +285,6 @@ class Engine:
             else:
                 ticket.token = token
                 ticket.generated += 1
-                self.tokens_generated += 1
                 self._emit(ticket, Event(token))
                 if ticket.generated == ticket.request.max_tokens:
                     self._finish(ticket, "length")
