@@ -231,6 +231,15 @@ def add_optimizer_args(g, warmup_steps: int, low_memory_names: tuple = ("--low_m
                    help="clip the global gradient norm to this value")
 
 
+def add_model_path_args(p, lora_use: str) -> None:
+    """--checkpoint_path and --lora_path, as every script that loads a model for inference takes them
+    (inference_model); lora_use ends the --lora_path help: what the adapted model is used for."""
+    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
+                   help="the model checkpoint, or a folder export.py wrote (or its HuggingFace Hub id)")
+    p.add_argument("--lora_path", default=None,
+                   help=f"a LoRA checkpoint from instruction-tune.py for the base --checkpoint_path: {lora_use}")
+
+
 def add_distributed_args(g) -> None:
     """The torchrun flags the trainers share (ignored in a single process)."""
     g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,

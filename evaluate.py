@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from common import (
     ArgumentParser,
     UserError,
+    add_model_path_args,
     add_system_args,
     atomic_path,
     autocast,
@@ -72,10 +73,7 @@ positive_floats = comma_list(float, "positive numbers", lambda v: 0 < v < float(
 def parse_args(argv=None):
     p = ArgumentParser(description="Perplexity and loss by position of a LightGPT checkpoint at several "
                                    "context lengths.")
-    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
-                   help="the model checkpoint, or a folder export.py wrote (or its HuggingFace Hub id)")
-    p.add_argument("--lora_path", default=None, help="a LoRA checkpoint from instruction-tune.py for the base "
-                   "--checkpoint_path: evaluate the instruction-tuned model")
+    add_model_path_args(p, "evaluate the instruction-tuned model")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, help="the corpus whose test split is scored, as pretrain.py takes "
                    "it (default: the checkpoint's pretraining corpus)")

@@ -33,6 +33,7 @@ from common import (
     CARD_FILE,
     CONFIG_FILE,
     WEIGHTS_FILE,
+    add_model_path_args,
     ArgumentParser,
     UserError,
     check_writable,
@@ -82,10 +83,7 @@ repo_id.__name__ = "a repository id"
 def parse_args(argv=None):
     p = ArgumentParser(description="Export a LightGPT checkpoint (a LoRA merged in, optionally) as safetensors, "
                                    "config.json and a model card; optionally ONNX and an upload to the HuggingFace Hub.")
-    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
-                   help="the pretrained (or merged) checkpoint, or an exported folder or hub id")
-    p.add_argument("--lora_path", default=None, help="a LoRA checkpoint from instruction-tune.py for the base "
-                   "--checkpoint_path: its adapters are merged into the exported weights")
+    add_model_path_args(p, "its adapters are merged into the exported weights")
     p.add_argument("--output_path", default=None,
                    help="the folder to write (default: ./exports/ and the LoRA's or checkpoint's file name)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_path")

@@ -31,6 +31,7 @@ from chat import SPECIAL_TOKENS, ChatTokenizer, render_prompt
 from common import (
     ArgumentParser,
     UserError,
+    add_model_path_args,
     add_system_args,
     check_memory,
     compile_enabled,
@@ -52,10 +53,7 @@ RESET = "/reset"  # typed as a prompt: a chat starts a new conversation
 
 def add_inference_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     """The flags generate.py and beam_search.py share (each adds its own --device/--compile/--seed)."""
-    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
-                   help="the model checkpoint, or a folder export.py wrote (or its HuggingFace Hub id)")
-    p.add_argument("--lora_path", default=None, help="a LoRA checkpoint from instruction-tune.py for the base "
-                   "--checkpoint_path: chat with the instruction-tuned model")
+    add_model_path_args(p, "chat with the instruction-tuned model")
     p.add_argument("--system", default=None, help="a chat model's system message, before the first user turn")
     p.add_argument("--max_tokens", type=positive_int, default=max_tokens, help="most tokens to generate per prompt")
     p.add_argument("--context_length", type=positive_int, default=1024,

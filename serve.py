@@ -42,6 +42,7 @@ from chat import render_prompt
 from common import (
     ArgumentParser,
     UserError,
+    add_model_path_args,
     add_system_args,
     compile_enabled,
     non_negative_int,
@@ -595,11 +596,7 @@ def default_model_name(args) -> str:
 def parse_args(argv=None):
     p = ArgumentParser(description="Serve a LightGPT model with OpenAI's API and a chat page.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt",
-                   help="the model checkpoint, or a folder export.py wrote (a merged chat model, or the base of "
-                        "--lora_path)")
-    p.add_argument("--lora_path", default=None,
-                   help="a LoRA checkpoint from instruction-tune.py for the base --checkpoint_path: serve the chat model")
+    add_model_path_args(p, "serve the chat model")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=port_number, default=8000, help="port to listen on (0: any free port)")
