@@ -218,7 +218,6 @@ class Engine:
             work(*args)
         except Exception as e:  # noqa: BLE001 - whatever failed, the server must stay up
             self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            self.cache.rows, self.cache.span = None, None
             touched = args if args else [t for t in self._rows if t is not None]
             for ticket in touched:
                 self._finish(ticket, "error")

@@ -164,7 +164,7 @@ async def parse_body(request: HTTPRequest, model: type[_Body]) -> _Body:
     too_large = APIError(413, f"the request body is over {MAX_BODY // 2**20} MiB", code="request_too_large")
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise too_large  # refused before it is read
-    raw = b""
+    raw = bytearray()
     async for part in request.stream():  # a body without a length (chunked) is counted as it comes
         raw += part
         if len(raw) > MAX_BODY:
