@@ -61,6 +61,7 @@ from common import (
 from generate import Decoder, Sampler, Sampling, add_sampling_args
 from model import GPT, peak_tflops
 
+
 def client_counts(text: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(part) for part in text.split(","))
@@ -77,7 +78,7 @@ ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Benchmark LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Benchmark LightGPT.")
     p.add_argument("mode", choices=("train", "decode", "tokenize", "pack", "serve"), help="what to measure")
     g = p.add_argument_group("model")
     g.add_argument("--vocabulary_size", type=positive_int, default=50_257, help="vocabulary of the random model")
@@ -184,7 +185,8 @@ def timed(fn, iterations: int, warmup: int, device) -> list[float]:
 def profile(fn, path: str, steps: int, device, label: str) -> None:
     """Run fn `steps` more times under torch.profiler; print the ops that took the most device time (CPU
     time on the CPU) and write a Chrome trace (chrome://tracing, ui.perfetto.dev) to `path`."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
@@ -283,7 +285,7 @@ def bench_pack(args, device, rows) -> None:
     instruction-tune.py takes them. Counts conversation tokens (not padding) per second."""
     from chat import ChatTokenizer, builtin_conversations, pack, padded, render_conversation
     from data import load_encoding
-    from model import add_lora
+    from lora import LoRAConfig, add_lora
 
     tok = ChatTokenizer(load_encoding(args.token_encoding))
     conversations = [tuple(map(np.asarray, render_conversation(tok, c))) for c in builtin_conversations()]
@@ -291,7 +293,7 @@ def bench_pack(args, device, rows) -> None:
     for layout, make in (("packed", pack), ("padded", padded)):
         table = make(conversations, T, True, tok.pad)
         torch.manual_seed(args.seed)
-        model = add_lora(GPT(model_config(args, tok.vocabulary_size)), args.rank, 1.0, 0.05,
+        model = add_lora(GPT(model_config(args, tok.vocabulary_size)), LoRAConfig(args.rank, 1.0, 0.05),
                          (tok.base_vocabulary_size, 3)).to(device).train()
         module = torch.compile(model) if compile_enabled(args.compile, device) else model
         optimizer = Adafactor([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)

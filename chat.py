@@ -32,7 +32,8 @@ import tiktoken
 import torch
 
 import data
-from common import Stopped, UserError, atomic_path, first_line, print0
+from common import Stopped, UserError, first_line, print0
+from files import atomic_path
 from model import IGNORE_INDEX
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|pad|>")
@@ -507,11 +508,10 @@ def prepare_chat_data(dataset: str, subset: str | None, encoding_spec: str, data
     data._ensure_folder(dataset_path)
     paths = chat_file_paths(dataset_path, source.slug, encoding_spec)
     stem = os.path.splitext(paths["meta"])[0]
-    lock = data._PreparationLock(stem + ".lock")
+    lock = data.PreparationLock(stem + ".lock")
     try:
         for exclusive in (False, True):  # checked again once exclusive: another run may have made them meanwhile
-            if lock.acquire(exclusive):
-                data._remove_stale_temporary_files(tuple(paths.values()), dataset_path)
+            lock.claim(exclusive, tuple(paths.values()), dataset_path)
             meta, why = _check_chat_files(paths, tok)
             if meta is not None:
                 print0(f"reusing chat data {stem}.*")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import fcntl
 import glob
 import hashlib
 import json
@@ -35,7 +34,9 @@ import numpy as np
 import tiktoken
 import torch
 
-from common import Stopped, UserError, atomic_path, first_line, print0
+from common import Stopped, UserError, first_line, print0
+from files import FileLock, atomic_path, remove_stale_temporaries
+from hub import HUB_TIMEOUT, hub_endpoint, hub_offline, hub_reachable
 
 FINEWEB = "HuggingFaceFW/fineweb"
 FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT", "all")  # the first is the default
@@ -171,42 +172,6 @@ def _hf_batches(dataset, what: str) -> tuple[int, Iterator[list[str]]]:
     return len(texts), (batch["text"] for batch in texts.iter(batch_size=DOCUMENTS_PER_BATCH))
 
 
-HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before a download is given up
-
-
-def hub_reachable(endpoint: str, timeout: float) -> bool:
-    """Whether the hub answers at all (any HTTP status) within `timeout` seconds, through the proxies the
-    environment names. In a thread, so a slow name lookup is cut off too."""
-    import threading
-    import urllib.error
-    import urllib.request
-
-    answered = []
-
-    def probe():
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-            answered.append(True)
-        except urllib.error.HTTPError:  # an answer, even if not a welcome one
-            answered.append(True)
-        except (OSError, ValueError):  # no route, refused, timed out, or no URL at all
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answered)
-
-
-def _hub_offline(names: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> str | None:
-    """The variable that puts HuggingFace in offline mode, if one does (its truthy spellings); models
-    (export.py, exported folders) heed HF_HUB_OFFLINE alone."""
-    for name in names:
-        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE"):
-            return name
-    return None
-
-
 @contextlib.contextmanager
 def _quiet_hub():
     """huggingface_hub logs every retry of a failing request and both libraries warn on stderr: about ten
@@ -319,9 +284,9 @@ def load_hub_dataset(name: str, subset: str | None, processes: int, split: str |
         raise UserError("loading a HuggingFace dataset needs the `datasets` package: pip install datasets") from None
     what = hub_what(name, subset)
     ways_out = "or use --dataset builtin or a local file"
-    offline = _hub_offline()
+    offline = hub_offline()
     if offline is None:  # fail in seconds, not after half a minute of retries
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        endpoint = hub_endpoint()
         if not hub_reachable(endpoint, HUB_TIMEOUT):
             raise UserError(f"cannot reach the HuggingFace hub at {endpoint} to download {what}; check the "
                             f"network (or HF_ENDPOINT), set HF_HUB_OFFLINE=1 to use a copy in the HuggingFace cache, "
@@ -652,79 +617,37 @@ def _check_token_files(paths: tuple[str, str, str], encoding: tiktoken.Encoding)
 # ----------------------------------------------------------------------------- preparing token files
 
 
-class _PreparationLock:
-    """An flock on <token files>.lock: shared while a run checks the token files, exclusive while one
-    writes them, so a second run preparing the same files waits for the first and then reuses its work.
-    The kernel drops an flock when its process ends, even by kill -9: a temporary file that no held lock
-    covers is an orphan. The lock file is removed by whoever holds it last, exclusively; a run that then
-    finds its lock on a removed file opens the path afresh. In a folder where no lock file can be made (a
-    read-only one) token files can still be read, unlocked; writing them fails there anyway."""
+class PreparationLock(FileLock):
+    """The FileLock of prepared files (token files, chat data): shared while a run checks them, exclusive
+    while one writes them, so a second run preparing the same files waits for the first (saying so, once)
+    and then reuses its work. In a folder where no lock file can be made (a read-only one) prepared files
+    can still be read, unlocked; writing them fails there anyway."""
 
     def __init__(self, path: str):
-        self.path, self.fd, self.exclusive, self.told = path, None, False, False
+        super().__init__(path)
+        self.told = False
 
-    def acquire(self, exclusive: bool) -> bool:
-        """Take the lock (waiting, and saying so, while another run holds it); False when unlockable."""
-        if self.fd is not None:  # from shared to exclusive: let go first, as flock would
-            os.close(self.fd)
-            self.fd = None
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError:
-                try:
-                    fd = os.open(self.path, os.O_RDONLY)  # a read-only folder that has a lock file
-                except OSError:
-                    return False
-            try:
-                try:
-                    fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    if not self.told:
-                        print0(f"waiting for another run preparing these token files to finish (it holds {self.path})")
-                        self.told = True
-                    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-                if os.path.samestat(os.fstat(fd), os.stat(self.path)):  # not a lock file removed meanwhile
-                    self.fd, self.exclusive = fd, exclusive
-                    return True
-            except FileNotFoundError:
-                pass  # removed meanwhile: open it afresh
-            except OSError:  # a file system without flock
-                os.close(fd)
-                return False
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
+    def claim(self, exclusive: bool, paths: tuple[str, ...], dataset_path: str) -> None:
+        """Take the lock; then remove the temporary files (atomic_path's) of `paths` that a killed run left,
+        which no other run can be writing while we hold it."""
 
-    def release(self) -> None:
-        if self.fd is None:
+        def wait(holder: str) -> None:
+            if not self.told:
+                print0(f"waiting for another run preparing these token files to finish (it holds {self.path})")
+                self.told = True
+
+        try:
+            if not self.acquire(exclusive, when_held=wait):
+                return
+        except OSError:
             return
-        with contextlib.suppress(OSError):
-            if not self.exclusive:  # the last run holding it removes it; others still hold theirs
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.remove(self.path)
-        os.close(self.fd)
-        self.fd = None
-
-    @property
-    def held(self) -> bool:
-        return self.fd is not None
-
-
-def _remove_stale_temporary_files(paths: tuple[str, ...], dataset_path: str) -> None:
-    """Remove the temporary files (atomic_path's <token file>.<random>.tmp) of these token files. Called
-    with their lock held, when no other run can be writing them: they were left by a run that was killed."""
-    removed, freed = 0, 0
-    for path in paths:
-        for stale in glob.glob(glob.escape(path) + ".*.tmp"):
-            with contextlib.suppress(OSError):  # another run checking the files removed it first
-                size = os.path.getsize(stale)
-                os.remove(stale)
-                removed, freed = removed + 1, freed + size
-    if removed:
-        print0(f"removed {removed} stale temporary file{'s' if removed > 1 else ''} ({freed / 1e6:.1f} MB) "
-               f"that an interrupted run left in {dataset_path}")
+        removed = freed = 0
+        for path in paths:
+            count, size = remove_stale_temporaries(path, self.since)
+            removed, freed = removed + count, freed + size
+        if removed:
+            print0(f"removed {removed} stale temporary file{'s' if removed > 1 else ''} ({freed / 1e6:.1f} MB) "
+                   f"that an interrupted run left in {dataset_path}")
 
 
 _WRITE_ERRORS = {
@@ -778,11 +701,10 @@ def prepare_token_files(
     _ensure_folder(dataset_path)
     paths = token_file_paths(dataset_path, corpus, encoding_spec)
     train_path, test_path, meta_path = paths
-    lock = _PreparationLock(os.path.splitext(meta_path)[0] + ".lock")
+    lock = PreparationLock(os.path.splitext(meta_path)[0] + ".lock")
     try:
         for exclusive in (False, True):  # checked again once exclusive: another run may have made them meanwhile
-            if lock.acquire(exclusive):
-                _remove_stale_temporary_files(paths, dataset_path)
+            lock.claim(exclusive, paths, dataset_path)
             meta, why = _check_token_files(paths, encoding)
             if meta is not None:
                 print0(f"reusing token files {train_path} and {test_path}")

@@ -32,16 +32,15 @@ from common import (
     UserError,
     add_model_path_args,
     add_system_args,
-    atomic_path,
     autocast,
-    check_writable,
-    inference_model,
     positive_int,
     precision_name,
     resolve_device,
     run_main,
 )
 from data import corpus_subset, open_tokens, prepare_token_files
+from files import atomic_path, check_writable
+from generate import inference_model
 from model import GPT
 
 DEFAULT_MULTIPLES = "0.5,1,1.5,2,3,4"

@@ -8,7 +8,7 @@ the HuggingFace Hub's layout; optionally with a LoRA's adapters merged in, an ON
     python export.py --checkpoint_path ./checkpoints/quickstart.pt --output_path ./exports/upload \\
         --push_to_hub you/lightgpt-quickstart                                       # export, then upload
 
-The folder loads with GPT.from_pretrained(folder or hub id), and as --checkpoint_path in generate.py,
+The folder loads with hub.from_pretrained(folder or hub id), and as --checkpoint_path in generate.py,
 beam_search.py and evaluate.py. It is built in a temporary folder beside --output_path and renamed into
 place once whole: an export that fails or is interrupted leaves no half-written folder. --onnx writes the
 prefill forward (token ids -> logits, no cache) with dynamic batch and sequence axes in fp32 and runs it in
@@ -23,36 +23,19 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
 
 import torch
 
-from common import (
-    CARD_FILE,
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    ArgumentParser,
-    UserError,
-    add_model_path_args,
-    check_writable,
-    current_umask,
-    first_line,
-    fsync_path,
-    inference_model,
-    is_hub_id,
-    os_reason,
-    positive_int,
-    run_main,
-)
+from common import ArgumentParser, UserError, add_model_path_args, first_line, positive_int, run_main
+from files import atomic_folder, check_writable, os_reason
+from generate import inference_model
+from hub import CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, push_folder, save_pretrained
 from model import GPT
 
-ONNX_FILE = "model.onnx"
 ONNX_TOLERANCE = 1e-4  # the largest |ONNX - PyTorch| logit difference an fp32 export may show
 ONNX_CHECK_SHAPES = ((1, 7), (3, 45))  # (batch, tokens) run in both, unlike the traced example's (2, 16)
 ONNX_SINGLE_FILE_BYTES = 2**30  # larger weights go to model.onnx.data (protobuf files stop at 2 GiB)
-REPOSITORY = "LightGPT"  # how the card names the code that loads the model
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -127,20 +110,6 @@ def check_output(args) -> None:
 # ----------------------------------------------------------------------------- what the folder records
 
 
-def hub_dataset(dataset) -> str | None:
-    """A corpus the card can link: a hub dataset id, not the builtin corpus or a local file."""
-    if not isinstance(dataset, str) or dataset == "builtin" or os.path.exists(dataset) or not is_hub_id(dataset):
-        return None
-    return dataset
-
-
-def corpus_words(record: dict) -> str:
-    dataset, subset = record.get("dataset"), record.get("dataset_subset")
-    if dataset == "builtin":
-        return "LightGPT's builtin offline data (made from CPython's `pydoc_data` documentation)"
-    return f"`{dataset}`" + (f" ({subset})" if subset else "")
-
-
 def export_info(state: dict, lora: dict | None, license: str) -> dict:
     """config.json's records beside the architecture: what generate.py and evaluate.py read of a checkpoint
     (tokenizer, end-of-text, special tokens, training records) and where the weights came from."""
@@ -179,63 +148,6 @@ def export_info(state: dict, lora: dict | None, license: str) -> dict:
         info["lora_sha256"] = lora["sha256"]
     info["license"] = license
     return info
-
-
-def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
-    """README.md: HuggingFace front matter (licence, corpora, library, task, tags), what the model is, its
-    shape and training, the files and how to load it. `where` is the folder or hub id the usage names."""
-    from huggingface_hub import ModelCardData
-
-    info, c = model.export_info, model.config
-    pretraining, tuning = info.get("pretraining") or {}, info.get("instruction_tuning") or {}
-    datasets = [d for d in (hub_dataset(pretraining.get("dataset")), hub_dataset(tuning.get("dataset"))) if d]
-    position = {"none": "nope", "rope": "rope", "alibi": "alibi"}[c.position_encoding]
-    tags = ["lightgpt", position, "causal-lm", "safetensors"]
-    tags += ["chat", "lora"] if info.get("special_tokens") else []
-    tags += ["onnx"] if info.get("onnx") else []
-    data = ModelCardData(license=info.get("license", "apache-2.0"), library_name="pytorch",
-                         pipeline_tag="text-generation", tags=tags, datasets=datasets or None)
-    chat = bool(info.get("special_tokens"))
-    design = ("no positional embeddings (NoPE): causal attention alone tells positions apart, so no weight depends "
-              "on a context length" if c.position_encoding == "none"
-              else f"{c.position_encoding.upper()} position encoding (LightGPT's ablation switch; its default is NoPE)")
-    lines = [f"---\n{data.to_yaml()}\n---", "", f"# {os.path.basename(where.rstrip('/')) or where}", "",
-             f"A {'chat ' if chat else ''}language model trained with {REPOSITORY}: a decoder-only Transformer with "
-             f"{design}; pre-norm RMSNorm, a SiLU MLP, no biases, and token embeddings tied to the output layer "
-             f"(stored once).", "",
-             "| vocabulary | width | heads | layers | MLP ratio | position encoding | parameters | training context |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| {c.vocabulary_size:,} | {c.embedding_dimensions} | {c.num_attention_heads} | {c.num_hidden_layers} | "
-             f"{c.feed_forward_ratio} | {c.position_encoding} | {model.num_parameters():,} | "
-             f"{info.get('training_context_length', 'not recorded')} |", ""]
-    encoding = info.get("token_encoding")
-    tokenizer = "bytes (one id per byte)" if encoding == "bytes" else f"tiktoken's `{encoding}`"
-    lines.append(f"- Tokenizer: {tokenizer if encoding else 'not recorded'}, end-of-text id "
-                 f"{info.get('eot_id', 'not recorded')}.")
-    if pretraining:
-        lines.append(f"- Pretraining: {corpus_words(pretraining)}, samples of {pretraining.get('tokens_per_sample')} tokens.")
-    if tuning:
-        lora = tuning.get("lora")
-        how = f"LoRA (rank {lora['rank']}, alpha {lora['alpha']:g}) merged into the weights" if lora else "LoRA, merged"
-        lines.append(f"- Instruction tuning: {corpus_words(tuning)}, rows of {tuning.get('max_tokens_per_sample')} "
-                     f"tokens, {how}; ChatML special tokens {', '.join(f'`{t}`' for t in info['special_tokens'])}.")
-    lines += ["", "Files: `model.safetensors` (the weights; `config.json` holds its sha256, checked at load), "
-              "`config.json` (the architecture, tokenizer and training records)"
-              + (f", `{ONNX_FILE}` (see below)" if info.get("onnx") else "") + ".", ""]
-    if info.get("onnx"):
-        o = info["onnx"]
-        lines += [f"`{ONNX_FILE}` is the prefill forward in fp32 (opset {o['opset']}): input `input_ids` "
-                  f"(batch, sequence) int64, output `logits` (batch, sequence, {c.vocabulary_size}), both axes dynamic, "
-                  f"no KV cache. Against PyTorch in onnxruntime its largest logit difference was {o['max_abs_diff']:.1e} "
-                  f"at shapes {', '.join('x'.join(map(str, s)) for s in o['checked_shapes'])}.", ""]
-    prompt = "What is a list comprehension?" if chat else "The meaning of life is"
-    lines += ["## Usage", "", f"In a clone of {REPOSITORY} (`pip install -r requirements.txt`):", "", "```python",
-              "import torch", "from model import GPT", "", f"model = GPT.from_pretrained({where!r})  # eval mode, CPU",
-              "logits = model(torch.tensor([[0, 1, 2]]))  # (batch, tokens, vocabulary)", "```", "", "```",
-              f"python generate.py --checkpoint_path {where} --device cpu --prompt {prompt!r}", "```", ""]
-    if chat:
-        lines += ["Each prompt is a user turn; the answer is the assistant's and ends at `<|im_end|>`.", ""]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -317,56 +229,6 @@ def export_onnx(model: GPT, folder: str, opset: int) -> dict:
 # ----------------------------------------------------------------------------- the folder
 
 
-@contextlib.contextmanager
-def atomic_folder(path: str):
-    """Yield a temporary folder beside `path`; on success every file in it is synced and it is renamed to
-    `path` (an existing one, which check_output allowed, is replaced), on any failure it is removed."""
-    parent, name = os.path.split(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
-    os.chmod(tmp, 0o777 & ~current_umask())  # the mode a new folder gets, not mkdtemp's private 0700
-    try:
-        yield tmp
-        for entry in os.scandir(tmp):
-            fsync_path(entry.path)
-        old = None
-        if os.path.isdir(path):  # --overwrite: move the old folder aside, the new one in, then delete the old
-            old = tmp[: -len(".tmp")] + ".old"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        fsync_path(parent, folder=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def push_to_hub(folder: str, repo: str, private: bool) -> str:
-    """Upload the folder as one commit to a hub model repository (created if missing); one line on failure."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
-
-    from data import HUB_TIMEOUT, _hub_offline, hub_reachable
-
-    later = f"{folder} is written; upload it later with: hf upload {repo} {folder} ."
-    offline = _hub_offline(("HF_HUB_OFFLINE",))
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    if offline is not None or not hub_reachable(endpoint, HUB_TIMEOUT):
-        why = f"{offline} is set" if offline else f"{endpoint} cannot be reached"
-        raise UserError(f"--push_to_hub: no network: cannot upload to the HuggingFace Hub ({why}); {later}")
-    try:
-        api = HfApi()
-        api.create_repo(repo, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
-                                   commit_message=f"Upload {os.path.basename(folder)} from LightGPT's export.py")
-    except LocalTokenNotFoundError:
-        raise UserError(f"--push_to_hub: not logged in to the HuggingFace Hub (hf auth login, or HF_TOKEN); {later}") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise UserError(f"--push_to_hub: cannot upload to {repo} ({first_line(e)}); {later}") from None
-    return getattr(commit, "commit_url", None) or f"{endpoint}/{repo}"
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -381,8 +243,8 @@ def main(args) -> str:
         with atomic_folder(args.output_path) as tmp:
             if args.onnx:
                 model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
-            model.save_pretrained(tmp, where=where)  # model.safetensors, config.json, README.md
-            saved = GPT.from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
+            save_pretrained(model, tmp, where=where)  # model.safetensors, config.json, README.md
+            saved = from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
             weights = model.state_dict()
             assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"
     except (OSError, SafetensorError) as e:  # a full disk, a quota
@@ -395,7 +257,7 @@ def main(args) -> str:
           f"{', '.join(files)}")
     assert {WEIGHTS_FILE, CONFIG_FILE, CARD_FILE} <= set(files)
     if args.push_to_hub:
-        url = push_to_hub(args.output_path, args.push_to_hub, args.private)
+        url = push_folder(args.output_path, args.push_to_hub, args.private)
         print(f"uploaded to {url}")
     return args.output_path
 

@@ -13,7 +13,9 @@ Chat models (--lora_path, or a checkpoint merged by instruction-tune.py) take ea
 turn (after an optional --system message) and answer as the assistant, stopping at <|im_end|>. Lines
 typed or piped in one run are one conversation: each new turn is prefilled after what the KV cache
 already holds (the oldest turns slide out of a full cache, as the ring does), until `/reset`.
-This module also holds what beam_search.py shares: the inference flags, loading, prompts, sampling.
+This module also holds what beam_search.py, evaluate.py, export.py and serve.py share: loading a model for
+inference (a checkpoint, an exported folder or a hub id, a LoRA merged in), the inference flags, prompts,
+sampling.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from chat import SPECIAL_TOKENS, ChatTokenizer, render_prompt
+from checkpoint import LORA_ENTRIES, MODEL_ENTRIES, check_base, load_checkpoint, model_from_checkpoint
 from common import (
     ArgumentParser,
     UserError,
     add_model_path_args,
     add_system_args,
+    bf16_supported,
     check_memory,
     compile_enabled,
-    inference_model,
     non_negative_float,
     positive_int,
     resolve_device,
@@ -43,6 +46,8 @@ from common import (
     unit_interval,
 )
 from data import load_encoding
+from hub import is_exported, load_exported
+from lora import adapted_model, merge_lora
 from model import GPT
 
 RESET = "/reset"  # typed as a prompt: a chat starts a new conversation
@@ -69,6 +74,34 @@ def add_sampling_args(p) -> None:
     p.add_argument("--top_k", type=positive_int, default=500, help="sample only from the k most likely tokens")
     p.add_argument("--top_p", type=unit_interval, default=0.9,
                    help="then only from the smallest set whose probability reaches p")
+
+
+def load_model_state(path: str, flag: str = "--checkpoint_path") -> dict:
+    """A pretrained (or merged) model's checked state: from a checkpoint file, an exported folder or a hub id."""
+    if is_exported(path):
+        return load_exported(path, flag)
+    return load_checkpoint(path, "pretrain", flag, required=MODEL_ENTRIES)  # checked: config, weights, ...
+
+
+def inference_model(checkpoint_path: str, device: torch.device,
+                    lora_path: str | None = None) -> tuple[GPT, dict, dict | None]:
+    """The model of a checkpoint or an exported folder, or of a base with a LoRA checkpoint's adapters merged
+    in (so it runs as fast as any model), in eval mode on the device with bf16 weights where bf16 is native;
+    and the checkpoint states (the LoRA's None without one)."""
+    state = load_model_state(checkpoint_path)
+    lora = None
+    if lora_path is not None:
+        if state.get("special_tokens"):
+            raise UserError(f"--lora_path: --checkpoint_path {checkpoint_path} is already a merged chat model; "
+                            f"use it alone, or pass the base checkpoint the LoRA was trained on")
+        lora = load_checkpoint(lora_path, "lora", flag="--lora_path", required=LORA_ENTRIES)
+        check_base(lora, lora_path, state, checkpoint_path, "--checkpoint_path")
+        model = merge_lora(adapted_model(model_from_checkpoint(state), lora))
+    else:
+        model = model_from_checkpoint(state)
+    if bf16_supported(device):
+        model = model.to(torch.bfloat16)
+    return model.to(device).eval(), state, lora
 
 
 @dataclass
@@ -394,8 +427,7 @@ class Conversation:
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Generate text with LightGPT.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Generate text with LightGPT.")
     add_inference_args(p, max_tokens=1000)
     add_sampling_args(p)
     add_system_args(p, compile_help="compile the decode step into CUDA graphs (auto: on for CUDA)",

@@ -23,7 +23,6 @@ script loads like a pretrained one.
 
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
 
@@ -31,35 +30,37 @@ import torch
 
 from adafactor import Adafactor
 from chat import SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data
-from common import (
+from checkpoint import (
     LORA_ENTRIES,
     MODEL_ENTRIES,
     TRAINING_ENTRIES,
+    check_base,
+    load_checkpoint,
+    lora_checkpoint,
+    model_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from common import (
     ArgumentParser,
-    Distributed,
     UserError,
     add_distributed_args,
     add_optimizer_args,
     add_system_args,
-    adapted_model,
-    agree,
-    check_base,
     check_memory,
     compile_enabled,
     float_in,
-    load_checkpoint,
-    lora_model,
     positive_float,
     positive_int,
     precision_name,
     print0,
     probability,
     run_main,
-    save_checkpoint,
 )
 from data import BatchPrefetcher, RowSampler, load_encoding, to_device
-from model import LORA_TARGETS, GPT, lora_state_dict, merge_lora, trainable_by_kind
-from parallel import Parallel, training_memory
+from lora import LoRAConfig, adapted_model, lora_model, lora_state_dict, merge_lora, trainable_by_kind
+from model import GPT
+from parallel import Distributed, Parallel, agree, training_memory
 from training import (
     Hooks,
     Plan,
@@ -75,7 +76,7 @@ from training import (
     start_rng_streams,
 )
 
-CHECKPOINT_KIND = "lora"
+CHECKPOINT_KIND = "lora"  # checkpoint.lora_checkpoint builds it
 SMOLTALK = "HuggingFaceTB/smoltalk"
 DATA_FLAGS = ("dataset", "dataset_subset", "max_tokens_per_sample", "mask_input")  # they choose the rows: fixed on resume
 # Adafactor scales each step by the parameter's own RMS, floored at 1e-3. B starts at zero, so at that
@@ -87,8 +88,7 @@ LORA_B_SCALE_FLOOR = 1.0
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Instruction-tune LightGPT with LoRA.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Instruction-tune LightGPT with LoRA.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=SMOLTALK, help="HF hub dataset with a 'messages' column, a local "
                    ".jsonl/.json/.parquet file, folder or glob with one, or 'builtin' (no download)")
@@ -261,9 +261,9 @@ def eval_share(args, ctx: Distributed, test) -> tuple[torch.Tensor, ...]:
 def build_model(args, base: dict, checkpoint: dict | None, ctx: Distributed,
                 device: torch.device) -> tuple[Parallel, Adafactor]:
     if checkpoint:
-        model = adapted_model(base, checkpoint)
+        model = adapted_model(model_from_checkpoint(base), checkpoint)
     else:
-        model = lora_model(base, args.rank, args.alpha, args.dropout, len(SPECIAL_TOKENS))
+        model = lora_model(model_from_checkpoint(base), LoRAConfig(args.rank, args.alpha, args.dropout), len(SPECIAL_TOKENS))
     check_fits(args, model, ctx, device)
     table = model.token_embeddings.base[: base["config"]["vocabulary_size"]]
     row_scale = table.float().square().mean().sqrt().item()  # before sharding: the whole table
@@ -291,7 +291,7 @@ def check_fits(args, model: GPT, ctx: Distributed, device: torch.device) -> None
     after they are built), and the adapters' gradients and Adafactor state (parallel.training_memory,
     pretraining's count). Activations are not counted."""
     shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
-    need, _ = training_memory(model.config, shards, lora_rank=model.blocks[0].attn.qkv.rank)
+    need, _ = training_memory(model.config, shards, lora_rank=model.lora_config.rank)
     c = model.config
     check_memory(need, device, f"LoRA tuning --base_model_path {args.base_model_path} ({c.num_hidden_layers} layers, "
                                f"width {c.embedding_dimensions}: its weights, and gradients and optimizer state of the "
@@ -308,7 +308,7 @@ def print_summary(args, parallel: Parallel, rows, ctx: Distributed, device: torc
         level = f" level {args.ddp_sharding_level}" if parallel.kind == "fsdp" else ""
         world = f"; {ctx.world_size} process{'es' if ctx.world_size > 1 else ''}, {parallel.kind}{level}"
     print0(f"model: {c.num_hidden_layers} layers, width {c.embedding_dimensions}, vocabulary {c.vocabulary_size:,}; "
-           f"LoRA rank {model.blocks[0].attn.qkv.rank} on {', '.join(LORA_TARGETS)}: {trainable:,} trainable "
+           f"LoRA rank {model.lora_config.rank} on {', '.join(model.lora_config.targets)}: {trainable:,} trainable "
            f"parameters; {device.type} {precision_name(device)}{compiled}{world}")
     targets = rows.target_count()
     print0(f"data: {rows.conversations:,} training conversations packed into {len(rows):,} rows of "
@@ -331,27 +331,23 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
     model = parallel.model
     weights = parallel.model_state_dict()  # a collective under FSDP; only the trained entries are kept
     adapters = {k: weights[k] for k in lora_state_dict(model)} if weights else {}
-    first = model.blocks[0].attn.qkv
-    return {
-        "kind": CHECKPOINT_KIND,
-        "config": model.config.to_dict(),  # the grown vocabulary
-        "adapters": adapters,
-        "lora": {"rank": first.rank, "alpha": first.alpha, "dropout": first.dropout.p, "targets": list(LORA_TARGETS)},
-        "special_tokens": list(SPECIAL_TOKENS),
-        "base": {"sha256": base["sha256"], "vocabulary_size": base["config"]["vocabulary_size"],
-                 "path": os.path.abspath(args.base_model_path)},
-        "token_encoding": base["token_encoding"],
-        "eot_id": base["eot_id"],
-        "optimizer": parallel.optimizer_state_dict(optimizer),
-        "step": step,
-        "steps_per_epoch": steps_per_epoch,
-        "sampler": batches.state_dict(),
-        "rng": rng_states(ctx),
-        "seed": seed,
-        "world_size": ctx.world_size,
-        "dataset": args.dataset,
-        "args": vars(args),
-    }
+    return lora_checkpoint(
+        model.config,  # the grown vocabulary
+        adapters,
+        model.lora_config,
+        SPECIAL_TOKENS,
+        base,
+        args.base_model_path,
+        args=vars(args),
+        optimizer=parallel.optimizer_state_dict(optimizer),
+        step=step,
+        steps_per_epoch=steps_per_epoch,
+        sampler=batches.state_dict(),
+        rng=rng_states(ctx),
+        seed=seed,
+        world_size=ctx.world_size,
+        dataset=args.dataset,
+    )
 
 
 # ----------------------------------------------------------------------------- merging
@@ -362,16 +358,10 @@ def write_merged(args) -> None:
     base = load_checkpoint(args.base_model_path, "pretrain", "--base_model_path", MODEL_ENTRIES)
     lora = load_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, required=LORA_ENTRIES)
     check_base(lora, args.checkpoint_path, base, args.base_model_path, "--base_model_path")
-    model = merge_lora(adapted_model(base, lora))
-    save_checkpoint({
-        "kind": "pretrain",
-        "config": model.config.to_dict(),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "token_encoding": lora["token_encoding"],
-        "eot_id": lora["eot_id"],
-        "special_tokens": lora["special_tokens"],
-        "args": vars(args),
-    }, args.merge_path, flag="--merge_path")
+    model = merge_lora(adapted_model(model_from_checkpoint(base), lora))
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(model_checkpoint(model.config, weights, lora["token_encoding"], lora["eot_id"], vars(args),
+                                     special_tokens=lora["special_tokens"]), args.merge_path, flag="--merge_path")
     print0(f"saved the merged model to {args.merge_path}")
 
 

@@ -23,24 +23,17 @@ Design, bottom-up in this file:
   (q_pos - k_pos) to head h's scores through a float mask, key positions read from the ring's slot_pos.
   Positions restart at every packed document, so packed rows still equal separate runs.
 - Accounting: parameters, training FLOPs per token, MFU, KV-cache bytes per token.
-- Sharing: from_pretrained, save_pretrained and push_to_hub read and write an exported folder
-  (model.safetensors, config.json, README.md) in the HuggingFace Hub's layout, through huggingface_hub
-  and safetensors, imported only when used (training and decoding need neither); the folder's format
-  and checks live in common.py with the checkpoints', export.py writes one.
+- This module imports nothing of LightGPT's: sharing (hub.py: from_pretrained, save_pretrained,
+  push_to_hub) and adapters (lora.py) build on it from their own modules.
 - Packed sequences (instruction tuning): several conversations share a row, each attending only to
   itself through a block-diagonal causal mask built from per-position document ids. With NoPE this
   is exactly running them one by one: no position offsets to correct.
-- Adapters (LoRA): a frozen base layer plus a trainable low-rank update (alpha / rank) B A x, B at zero
-  so an adapted model starts out computing what its base does; the embedding grows by the chat special
-  tokens, whose rows alone train, and stays tied to the output layer. merge_lora folds both back into
-  a plain GPT.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -462,49 +455,6 @@ class GPT(nn.Module):
         """Bytes of KV cache one token takes: a key and a value of the model width in every layer."""
         return 2 * self.config.num_hidden_layers * self.config.embedding_dimensions * bytes_per_value
 
-    # ------------------------------------------------------------------------- saving and sharing
-    # The HuggingFace Hub's model API (huggingface_hub's PyTorchModelHubMixin has the same three methods),
-    # written here so that importing the model needs no hub library. The folder's format lives in
-    # common.py beside the checkpoints' (common.py imports this module, hence the late imports).
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, revision: str | None = None, **_) -> "GPT":
-        """The model of an exported folder or its HuggingFace Hub id (a cached one loads offline), in eval mode
-        on the CPU with the weights as saved; a damaged or foreign folder raises common.UserError, one line."""
-        from common import load_exported, model_from_checkpoint
-
-        state = load_exported(str(pretrained_model_name_or_path), required=(), revision=revision)
-        model = model_from_checkpoint(state)
-        model.export_info = state["export_info"]
-        return model.eval()
-
-    def save_pretrained(self, save_directory, *, where: str | None = None) -> None:
-        """Write model.safetensors (the weights, the tied table once), config.json (the architecture, the
-        weights' sha256 and export_info) and a README.md model card whose usage names `where` (the folder)."""
-        from common import save_exported
-        from export import model_card
-
-        folder = str(save_directory)
-        os.makedirs(folder, exist_ok=True)
-        save_exported(self, folder)
-        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(self, where=where or folder))
-
-    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
-                    commit_message: str = "Upload LightGPT model") -> str:
-        """Upload what save_pretrained writes to a HuggingFace Hub model repository (created if missing; the
-        token from HF_TOKEN or `hf auth login` unless given) and return the commit's URL."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, where=repo_id)
-            api = HfApi(token=token)
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return str(api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                                         commit_message=commit_message))
-
 
 def peak_tflops(device_name: str) -> float | None:
     """The data-sheet dense bf16 peak of a known GPU by its name, or None."""
@@ -640,133 +590,3 @@ class KVCache(nn.Module):
             kv.k.copy_(kv.k.index_select(0, rows))
             kv.v.copy_(kv.v.index_select(0, rows))
         self.slot_pos.copy_(self.slot_pos.index_select(0, rows))
-
-
-# ----------------------------------------------------------------------------- adapters (LoRA)
-
-LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")  # every projection of every block
-
-
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update: y = W x + (alpha / rank) B A dropout(x).
-    A (rank, in) starts random as nn.Linear's weights do, B (out, rank) at zero: at first the layer
-    computes exactly what W does, and the update grows from there."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's own initialisation
-        self.rank, self.alpha = rank, alpha
-        self.scale = alpha / rank
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)  # (..., rank) -> (..., out)
-        return self.base(x) + update * self.scale
-
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """The plain linear layer W + (alpha / rank) B A."""
-        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=False, device=self.lora_a.device)
-        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
-        linear.weight.copy_((self.base.weight.float() + delta).to(linear.weight.dtype))
-        return linear
-
-
-class GrownEmbedding(nn.Module):
-    """A frozen token table with a few trainable rows (ids start .. start + n - 1): the chat special
-    tokens a base model never saw. Embedding lookups and the tied output layer both read `weight`, the
-    frozen rows with the trainable ones in place."""
-
-    def __init__(self, table: torch.Tensor, start: int, n: int):
-        super().__init__()
-        self.start = start
-        self.base = nn.Parameter(table.detach().clone(), requires_grad=False)  # (padded_vocab, C)
-        self.new = nn.Parameter(table[start : start + n].detach().clone())  # (n, C)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        end = self.start + self.new.size(0)
-        return torch.cat([self.base[: self.start], self.new, self.base[end:]])  # (padded_vocab, C)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.weight)
-
-
-@torch.no_grad()
-def grow_vocabulary(model: GPT, new_tokens: int) -> GPT:
-    """A copy of `model` whose vocabulary has `new_tokens` more ids after its own. Their rows start at
-    the mean of the existing rows (an average token, not a random one the model would over-predict);
-    everything else is unchanged, so the old ids' logits are exactly the old model's."""
-    c = model.config
-    grown = GPT(replace(c, vocabulary_size=c.vocabulary_size + new_tokens)).to(model.token_embeddings.weight.device)
-    state = model.state_dict()
-    old = state["token_embeddings.weight"]
-    table = old.new_zeros(grown.token_embeddings.weight.shape)  # padded rows zero, as they never matter
-    table[: c.vocabulary_size] = old[: c.vocabulary_size]
-    table[c.vocabulary_size : c.vocabulary_size + new_tokens] = old[: c.vocabulary_size].float().mean(0).to(old.dtype)
-    state["token_embeddings.weight"] = table
-    grown.load_state_dict(state)
-    return grown.to(old.dtype)
-
-
-def add_lora(model: GPT, rank: int, alpha: float, dropout: float, trainable_rows: tuple[int, int] | None = None) -> GPT:
-    """Freeze `model` and wrap every projection (LORA_TARGETS) with a LoRALinear, in place. With
-    trainable_rows (start, n), those embedding rows train too (GrownEmbedding). The frozen network
-    runs as it does at inference, without its own dropout: the adapters learn to correct the model
-    that will answer, and `dropout` on their inputs is the regularisation."""
-    model.requires_grad_(False)
-    model.config = replace(model.config, dropout=0.0)
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        elif isinstance(module, CausalSelfAttention):
-            module.dropout = 0.0
-    for block in model.blocks:
-        for target in LORA_TARGETS:
-            parent_name, name = target.split(".")
-            parent = getattr(block, parent_name)
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
-    if trainable_rows is not None:
-        model.token_embeddings = GrownEmbedding(model.token_embeddings.weight, *trainable_rows)
-    return model
-
-
-def trainable_by_kind(model: GPT) -> dict[str, list[nn.Parameter]]:
-    """LoRA's trainable weights in model order, by kind (the optimizer's groups, in this order)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return {"lora_a": [p for n, p in named if n.endswith(".lora_a")],
-            "lora_b": [p for n, p in named if n.endswith(".lora_b")],
-            "new_rows": [p for n, p in named if n == "token_embeddings.new"]}
-
-
-def lora_state_dict(model: GPT) -> dict:
-    """Only what LoRA training changed: the adapters and the trainable embedding rows."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_a", ".lora_b", "token_embeddings.new"))}
-
-
-@torch.no_grad()
-def merge_lora(model: GPT) -> GPT:
-    """Fold the adapters and trainable rows into plain weights, in place: a GPT like any other, which
-    computes what the adapted model does (at inference, where dropout is off)."""
-    for block in model.blocks:
-        for target in LORA_TARGETS:
-            parent_name, name = target.split(".")
-            parent = getattr(block, parent_name)
-            layer = getattr(parent, name)
-            if isinstance(layer, LoRALinear):
-                setattr(parent, name, layer.merged())
-    if isinstance(model.token_embeddings, GrownEmbedding):
-        table = model.token_embeddings.weight.detach()
-        model.token_embeddings = nn.Embedding(*table.shape, device=table.device, dtype=table.dtype)
-        model.token_embeddings.weight.copy_(table)
-    return model.requires_grad_(True)
-
-
-def lora_parameters(config: GPTConfig, rank: int) -> int:
-    """Trainable adapter weights of a LoRA of this rank on every LORA_TARGETS projection."""
-    C, H = config.embedding_dimensions, config.feed_forward_ratio * config.embedding_dimensions
-    per_block = rank * ((C + 3 * C) + (C + C) + (C + H) + (H + C))  # rank x (in + out) for qkv, proj, up, down
-    return config.num_hidden_layers * per_block

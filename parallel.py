@@ -1,4 +1,6 @@
-"""Data parallelism for the training scripts: one process, DDP, or FSDP2 at sharding level 2 or 3.
+"""Several processes: joining torchrun's process group (and leaving it), agreeing on errors across ranks, a
+lost rank as one line; and data parallelism for the training scripts: one process, DDP, or FSDP2 at
+sharding level 2 or 3.
 
 - level 0: DistributedDataParallel; every rank keeps whole weights, gradients and optimizer state.
 - level 2: FSDP2 with parameters kept whole between forward and backward (reshard_after_forward=False):
@@ -14,6 +16,11 @@ sharded, as PyTorch's FSDP2 guidance has it; without FSDP the whole model is com
 from __future__ import annotations
 
 import contextlib
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,9 +28,168 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from adafactor import Adafactor
-from common import Distributed, bf16_supported
+from common import UserError, bf16_supported, first_line, resolve_device, synchronize
 from model import GPTConfig
 from sizing import adafactor_state_bytes, gradient_bytes, weight_bytes
+
+# ----------------------------------------------------------------------------- processes
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them everything runs as one process and
+# these helpers are no-ops. Printing and file writing go through rank 0 (common.print0).
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    control_group: object = None  # a gloo group for small CPU messages (stop flags, errors)
+    probe_group: object = None  # a gloo group left idle, to find out who still answers when a collective failed
+    collective_timeout: timedelta = timedelta(minutes=10)  # what collectives wait after shorten_timeouts()
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+# The other ranks wait on the gloo control group while each node's first process downloads and
+# tokenizes the corpus, which can take far longer than gloo's 30-minute default. shorten_timeouts()
+# brings it down to --collective_timeout once training is under way.
+CONTROL_TIMEOUT = timedelta(hours=6)
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def setup_distributed(device_name: str, collective_timeout: timedelta = timedelta(minutes=10)
+                      ) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun prepared (NCCL on CUDA, gloo on the CPU), one device per local
+    rank. Returns the rank layout and this process's device; collective_timeout is for shorten_timeouts()."""
+    device = resolve_device(device_name)
+    if not launched_by_torchrun():
+        return Distributed(), device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
+                            f"lower --nproc-per-node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    elif device.type == "cpu":
+        dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
+        control = dist.group.WORLD
+    else:
+        raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
+    probe = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Distributed(rank, local_rank, world, control, probe, collective_timeout), device
+
+
+def silent_ranks(ctx: Distributed) -> list[int]:
+    """After a collective failed: the ranks that do not answer within collective_timeout. Rank 0 collects
+    an answer from every rank and sends the list to those that answered; when rank 0 is silent, the others
+    name it. It runs on the probe group, which nothing else uses, so no half-done operation of the failed
+    collective is in its way."""
+    group, seconds = ctx.probe_group, ctx.collective_timeout.total_seconds()
+    deadline = time.monotonic() + seconds
+
+    def arrives(work) -> bool:
+        try:
+            return work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.001))) is not False
+        except RuntimeError:  # gloo: "Timed out waiting ... for recv operation to complete"
+            return False
+
+    verdict = torch.zeros(ctx.world_size)  # 1 marks a silent rank
+    if ctx.rank == 0:
+        answers = {r: dist.irecv(torch.zeros(1), src=r, group=group) for r in range(1, ctx.world_size)}
+        for r, work in answers.items():
+            verdict[r] = not arrives(work)
+        for r in range(1, ctx.world_size):
+            if not verdict[r]:
+                dist.send(verdict, dst=r, group=group)
+        return verdict.nonzero().flatten().tolist()
+    hello = dist.isend(torch.zeros(1), dst=0, group=group)  # not waited on: rank 0 may be the silent one
+    deadline += seconds  # rank 0 waits up to one timeout for the others before it answers
+    if not arrives(dist.irecv(verdict, src=0, group=group)):
+        return [0]
+    return verdict.nonzero().flatten().tolist()
+
+
+def lost_rank(error: BaseException) -> bool:
+    """Whether a collective failed because another rank stopped answering or went away."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
+
+
+def shorten_timeouts(ctx: Distributed, device: torch.device) -> None:
+    """Every rank calls this after its first optimizer step: from here on every collective (the default
+    group's, the control group's) waits at most collective_timeout for the other ranks. Set-up, the first
+    evaluation and the first step (tokenizing, building and compiling) keep the long timeouts, as
+    torchtitan does. The barrier comes first, under the long timeout, so that no rank waits with the
+    short one for a peer still finishing its first step."""
+    if not ctx.enabled:
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # private; torchtitan's way to do it
+
+    synchronize(device)
+    dist.barrier(group=ctx.control_group)
+    for group in (None, ctx.control_group):  # None: the default group
+        _set_pg_timeout(ctx.collective_timeout, group)
+
+
+@contextlib.contextmanager
+def lost_rank_is_one_line(ctx: Distributed):
+    """A collective that fails because a rank stopped answering (a timeout) or went away becomes one line
+    naming that rank, on every rank still running (UserError, exit status 2), instead of a traceback. On
+    GPUs NCCL's watchdog may end the process first, after the same timeout (torchrun sets
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo and NCCL raise RuntimeErrors (DistError among them)
+        if not (ctx.enabled and lost_rank(e)):
+            raise
+        silent = [r for r in silent_ranks(ctx) if r != ctx.rank]
+        limit = f"--collective_timeout {ctx.collective_timeout.total_seconds() / 60:g} minutes"
+        if not silent:
+            raise UserError(f"a collective failed in training: {first_line(e)} ({limit})") from None
+        ranks = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+        raise UserError(f"{ranks} stopped answering in training (no reply within {limit}); every rank stops, "
+                        f"saving nothing: continue from the last checkpoint with --resume") from None
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(ctx: Distributed, work: Callable, who: str = "all"):
+    """Run `work` on the ranks named by `who` ("all", "rank0" or "local0"), and make a UserError on any
+    of them a UserError on every rank, so all ranks stop together with the same one-line message
+    instead of some waiting forever. With who="rank0" the result is broadcast to every rank."""
+    if not ctx.enabled:
+        return work()
+    runs_here = who == "all" or (who == "rank0" and ctx.rank == 0) or (who == "local0" and ctx.local_rank == 0)
+    result, error = None, None
+    if runs_here:
+        try:
+            result = work()
+        except UserError as e:
+            error = str(e)
+    errors = [None] * ctx.world_size
+    dist.all_gather_object(errors, error, group=ctx.control_group)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise UserError(first, everywhere=True)
+    if who == "rank0":
+        box = [result]
+        dist.broadcast_object_list(box, src=0, group=ctx.control_group)
+        result = box[0]
+    return result
+
+
+# ----------------------------------------------------------------------------- data parallelism
 
 
 def training_memory(config: GPTConfig, shards: int, lora_rank: int = 0) -> tuple[int, int]:

@@ -19,7 +19,6 @@ that instruction tuning shares.
 
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
 from typing import Iterator
@@ -28,16 +27,15 @@ import numpy as np
 import torch
 
 from adafactor import Adafactor
+from checkpoint import model_checkpoint
 from common import (
     ARCHITECTURE_FLAGS,
     ArgumentParser,
-    Distributed,
     UserError,
     add_distributed_args,
     add_model_args,
     add_optimizer_args,
     add_system_args,
-    agree,
     check_memory,
     compile_enabled,
     model_config,
@@ -61,7 +59,7 @@ from data import (
     window_batch,
 )
 from model import GPT, GPTConfig
-from parallel import Parallel, training_memory
+from parallel import Distributed, Parallel, agree, training_memory
 from training import (
     Hooks,
     Plan,
@@ -77,11 +75,11 @@ from training import (
     start_rng_streams,
 )
 
-CHECKPOINT_KIND = "pretrain"
+CHECKPOINT_KIND = "pretrain"  # checkpoint.model_checkpoint builds it
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Pretrain LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Pretrain LightGPT.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=FINEWEB, help="HF hub dataset with a 'text' column, a local "
                    ".txt/.jsonl/.json/.parquet file, folder or glob, or 'builtin' (no download)")
@@ -314,21 +312,20 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
                      meta: dict, ctx: Distributed, step: int) -> dict:
     """Everything an exact resume needs. Every rank builds it (weights and optimizer state are gathered
     from the shards); rank 0 writes it."""
-    return {
-        "kind": CHECKPOINT_KIND,
-        "config": parallel.model.config.to_dict(),  # rebuilds the model with no flags (generate.py, --resume)
-        "model": parallel.model_state_dict(),
-        "optimizer": parallel.optimizer_state_dict(optimizer),  # torch.optim.Adafactor's format, whole tensors
-        "step": step,
-        "sampler": batches.state_dict(),  # from before the prefetched batch, which a resume draws again
-        "rng": rng_states(ctx),
-        "seed": seed,
-        "world_size": ctx.world_size,
-        "token_encoding": args.token_encoding,  # a resume must tokenize the same way; generate.py decodes with it
-        "eot_id": meta["eot_id"],
-        "dataset": meta["source"],
-        "args": vars(args),  # for the record; a resume takes its flags from its own command line
-    }
+    return model_checkpoint(
+        parallel.model.config,
+        parallel.model_state_dict(),
+        token_encoding=args.token_encoding,  # a resume must tokenize the same way; generate.py decodes with it
+        eot_id=meta["eot_id"],
+        args=vars(args),  # for the record; a resume takes its flags from its own command line
+        optimizer=parallel.optimizer_state_dict(optimizer),  # torch.optim.Adafactor's format, whole tensors
+        step=step,
+        sampler=batches.state_dict(),  # from before the prefetched batch, which a resume draws again
+        rng=rng_states(ctx),
+        seed=seed,
+        world_size=ctx.world_size,
+        dataset=meta["source"],
+    )
 
 
 if __name__ == "__main__":

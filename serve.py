@@ -46,12 +46,12 @@ from common import (
     add_system_args,
     compile_enabled,
     non_negative_int,
-    os_reason,
     positive_int,
     resolve_device,
     run_main,
 )
 from engine import Engine, EngineBusy, Event, Request
+from files import os_reason
 from generate import Loaded, Sampling, add_sampling_args, load_for_inference
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
@@ -594,8 +594,7 @@ def default_model_name(args) -> str:
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Serve a LightGPT model with OpenAI's API and a chat page.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Serve a LightGPT model with OpenAI's API and a chat page.")
     add_model_path_args(p, "serve the chat model")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")

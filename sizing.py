@@ -33,7 +33,8 @@ import torch
 
 from chat import SPECIAL_TOKENS
 from common import MODEL_PRESETS
-from model import GPT, GPTConfig, _chunk_rows, add_lora, lora_parameters, peak_tflops
+from lora import LoRAConfig, add_lora, lora_parameters
+from model import GPT, GPTConfig, _chunk_rows, peak_tflops
 
 GIB = 2**30
 GPU_SIZES_GIB = (24, 40, 80, 141)  # the common cards: RTX 4090 / L4 / A10G, A100 40GB, A100 / H100 80GB, H200
@@ -174,7 +175,7 @@ def parameter_shapes(config: GPTConfig, lora_rank: int = 0) -> tuple[tuple[tuple
     with torch.device("meta"):
         model = GPT(replace(config, num_hidden_layers=1))
     if lora_rank:
-        add_lora(model, lora_rank, 1.0, 0.0, trainable_rows=(config.vocabulary_size - len(SPECIAL_TOKENS),
+        add_lora(model, LoRAConfig(lora_rank, 1.0, 0.0), trainable_rows=(config.vocabulary_size - len(SPECIAL_TOKENS),
                                                              len(SPECIAL_TOKENS)))
     return tuple((tuple(p.shape), config.num_hidden_layers if name.startswith("blocks.") else 1, p.requires_grad)
                  for name, p in model.named_parameters())

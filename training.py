@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,34 +31,71 @@ import torch
 import torch.distributed as dist
 
 from adafactor import Adafactor
+from checkpoint import RESUME_ENTRIES, CheckpointLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common import (
     NOTHING_SAVED,
-    RESUME_ENTRIES,
-    CheckpointLock,
-    Distributed,
     Interrupted,
-    StopFlag,
     Stopped,
     UserError,
-    agree,
     autocast,
-    check_writable,
     first_line,
-    load_checkpoint,
-    lost_rank_is_one_line,
-    os_reason,
     out_of_memory_is_one_line,
     print0,
-    remove_stale_temporaries,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+    synchronize,
+)
+from files import check_writable, os_reason, remove_stale_temporaries
+from parallel import (
+    Distributed,
+    Parallel,
+    agree,
+    lost_rank_is_one_line,
     setup_distributed,
     shorten_timeouts,
-    synchronize,
     teardown_distributed,
 )
-from parallel import Parallel
+
+# ----------------------------------------------------------------------------- stopping
+
+
+class StopFlag:
+    """SIGINT and SIGTERM alike, from set-up to the end of training. At first a signal raises Stopped
+    at once: set-up and tokenizing are abandoned, leaving nothing half written, since there is nothing
+    to save yet. After defer() it only sets the flag, which the training loop checks between optimizer
+    steps, so that it can save a checkpoint and leave cleanly instead of dying mid-write."""
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self.deferred = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def _handle(self, signum, frame):
+        self.signal_number = signum
+        if not self.deferred:
+            self.deferred = True  # raise once: a second signal must not cut short the clean-up on the way out
+            raise Stopped(signum, NOTHING_SAVED)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    def exit_code(self) -> int:
+        return 128 + (self.signal_number or signal.SIGINT)
+
+    def name(self) -> str:
+        return signal.Signals(self.signal_number or signal.SIGINT).name
+
 
 # ----------------------------------------------------------------------------- schedule
 

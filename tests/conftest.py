@@ -119,7 +119,7 @@ def base(builtin_data, tmp_path_factory):
     frozen output layer could not become confident whatever the adapters do; a real base has the range.
     Its final norm's gain is raised to give it that range, as training longer would."""
     import pretrain
-    from common import load_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path_factory.mktemp("base")
     pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(run), "--num_epochs", "2")))

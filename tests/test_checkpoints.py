@@ -14,12 +14,13 @@ import zipfile
 
 import pytest
 import torch
+from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
 
-import common
+import checkpoint
+import files
 import generate
 import pretrain
-from common import load_checkpoint
-from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
+from checkpoint import load_checkpoint
 
 
 def run(argv):
@@ -88,7 +89,7 @@ def tmpfs(tmp_path):
 
 def test_a_second_run_on_a_held_checkpoint_stops_at_once_naming_the_holder(builtin_data, tmp_path, capsys):
     argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "1")
-    with common.CheckpointLock(str(tmp_path / "checkpoint.pt")):  # another run holds it
+    with checkpoint.CheckpointLock(str(tmp_path / "checkpoint.pt")):  # another run holds it
         fails_with(capsys, argv, f"{tmp_path / 'checkpoint.pt'} is in use by another run",
                    f"pid {os.getpid()} on {socket.gethostname()}")
     assert not os.path.exists(tmp_path / "checkpoint.pt")  # stopped before any work
@@ -122,7 +123,7 @@ def test_two_processes_on_one_checkpoint_path(builtin_data, tmp_path):
         if first.poll() is None:
             first.kill()
         first.stdout.close()
-    with common.CheckpointLock(str(tmp_path / "checkpoint.pt")):
+    with checkpoint.CheckpointLock(str(tmp_path / "checkpoint.pt")):
         pass
 
 
@@ -230,7 +231,7 @@ def test_atomic_writes_reach_the_disk_before_and_after_the_rename(tmp_path, monk
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     target = tmp_path / "notes.txt"
-    with common.atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+    with files.atomic_path(str(target)) as tmp, open(tmp, "w") as f:
         f.write("x")
     file, folder = os.stat(target).st_ino, os.stat(tmp_path).st_ino
     assert events == [("fsync", file), ("replace", file), ("fsync", folder)]
@@ -461,7 +462,7 @@ def our_errors(result):
 
 @pytest.mark.slow
 def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(builtin_data, tmp_path):
-    with common.CheckpointLock(str(tmp_path / "checkpoint.pt")):
+    with checkpoint.CheckpointLock(str(tmp_path / "checkpoint.pt")):
         result = torchrun(tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "1"))
     assert result.returncode != 0
     assert our_errors(result) == [  # rank 0 alone says why; no rank waits for the others

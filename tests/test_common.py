@@ -5,13 +5,15 @@ import zipfile
 
 import pytest
 import torch
+from conftest import ROOT
 
 import beam_search
 import bench
 import generate
 import pretrain
-from common import UserError, atomic_path, load_checkpoint, save_checkpoint
-from conftest import ROOT
+from checkpoint import load_checkpoint, save_checkpoint
+from common import UserError
+from files import atomic_path
 
 # ----------------------------------------------------------------------------- --help
 

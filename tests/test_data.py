@@ -353,9 +353,9 @@ def write_jsonl(path, rows):
 def test_a_malformed_json_file_is_named_with_the_cause_datasets_hides(tmp_path, capfd, processes):
     """datasets says only "An error occurred while generating the dataset" and logs the cause on stderr."""
     import datasets
+    from conftest import fails_with_one_line, tiny_pretrain_args
 
     import pretrain
-    from conftest import fails_with_one_line, tiny_pretrain_args
 
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -382,7 +382,7 @@ def test_a_worker_that_datasets_forks_ends_quietly_when_its_pool_is_terminated(t
 
     import datasets
 
-    from common import StopFlag
+    from training import StopFlag
 
     endings = []
 
@@ -498,8 +498,9 @@ def test_metadata_with_missing_or_invalid_keys_is_made_again(tmp_path, capsys, d
 @pytest.mark.slow
 def test_pretraining_on_a_garbled_token_file_tokenizes_again_instead_of_crashing(tmp_path, capsys):
     """The run that found ids past the vocabulary died mid-way with a traceback (IndexError in the embedding)."""
-    import pretrain
     from conftest import tiny_pretrain_args
+
+    import pretrain
 
     files, _ = fresh_builtin(tmp_path / "tokens", capsys)
     tokens = np.memmap(files.train, dtype=np.uint16, mode="r+")
@@ -698,8 +699,9 @@ def test_a_dataset_path_without_write_permission_is_one_line(tmp_path):
 
 
 def test_a_dataset_path_that_is_a_file_is_one_line(tmp_path, capsys):
-    import pretrain
     from conftest import fails_with_one_line, tiny_pretrain_args
+
+    import pretrain
 
     path = tmp_path / "datasets"
     path.write_text("not a folder")

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
-
-from common import load_checkpoint
 from conftest import ROOT, tiny_pretrain_args
+
+from checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow  # every test launches torchrun processes
 

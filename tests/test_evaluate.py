@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, fails_with_one_line
 
 import evaluate
-from common import load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import TINY, fails_with_one_line
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data import open_tokens, prepare_token_files
 from model import GPT, GPTConfig
 

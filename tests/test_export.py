@@ -9,17 +9,21 @@ import sys
 from dataclasses import replace
 
 import pytest
+import test_evaluate
 import torch
+from conftest import fails_with_one_line
+from test_lora import NEW, V, adapted, perturb, tiny
 
 import beam_search
 import evaluate
 import export
 import generate
-import test_evaluate
-from common import UserError, inference_model, load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import fails_with_one_line
-from model import GPT, lora_state_dict
-from test_lora import NEW, V, adapted, perturb, tiny
+import hub
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from common import UserError
+from generate import inference_model
+from lora import lora_state_dict
+from model import GPT
 
 checkpoint = test_evaluate.checkpoint  # a fixture: a tiny byte model saved with its training records
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -66,7 +70,7 @@ def test_export_then_from_pretrained_gives_identical_logits(checkpoint, exported
     from safetensors import safe_open
 
     original = model_from_checkpoint(load_checkpoint(checkpoint, "pretrain"))
-    loaded = GPT.from_pretrained(exported)
+    loaded = hub.from_pretrained(exported)
     assert not loaded.training and torch.equal(logits(loaded), logits(original))
     assert sorted(os.listdir(exported)) == ["README.md", "config.json", "model.safetensors"]
     with safe_open(os.path.join(exported, "model.safetensors"), "pt") as f:  # the tied table, once
@@ -83,14 +87,14 @@ def test_export_then_from_pretrained_gives_identical_logits(checkpoint, exported
     for line in ("license: apache-2.0", "library_name: pytorch", "pipeline_tag: text-generation", "- nope"):
         assert line in front, front
     assert "datasets" not in front  # the builtin corpus is no hub dataset
-    assert f"GPT.from_pretrained({exported!r})" in card and f"--checkpoint_path {exported}" in card
+    assert f"from_pretrained({exported!r})" in card and f"--checkpoint_path {exported}" in card
 
 
 def test_lora_merged_export_computes_what_base_plus_adapters_do(base_and_lora, tmp_path):
     base, lora = base_and_lora
     out = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "chat"))
     reference = inference_model(base, torch.device("cpu"), lora)[0]
-    loaded = GPT.from_pretrained(out)
+    loaded = hub.from_pretrained(out)
     ids = torch.randint(0, V + NEW, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(loaded, ids), logits(reference, ids))
     assert loaded.export_info["special_tokens"] == SPECIAL
@@ -101,13 +105,13 @@ def test_lora_merged_export_computes_what_base_plus_adapters_do(base_and_lora, t
 
 
 def test_save_pretrained_round_trip_keeps_the_records(tiny_model, exported, tmp_path):
-    tiny_model.save_pretrained(tmp_path / "plain")
-    assert torch.equal(logits(GPT.from_pretrained(tmp_path / "plain"), IDS % 300), logits(tiny_model, IDS % 300))
+    hub.save_pretrained(tiny_model, tmp_path / "plain")
+    assert torch.equal(logits(hub.from_pretrained(tmp_path / "plain"), IDS % 300), logits(tiny_model, IDS % 300))
     with pytest.raises(UserError, match="no 'token_encoding'"):  # a bare model: the scripts need its tokenizer
         inference_model(str(tmp_path / "plain"), torch.device("cpu"))
-    loaded = GPT.from_pretrained(exported)
-    loaded.save_pretrained(tmp_path / "again")
-    again = GPT.from_pretrained(tmp_path / "again")
+    loaded = hub.from_pretrained(exported)
+    hub.save_pretrained(loaded, tmp_path / "again")
+    again = hub.from_pretrained(tmp_path / "again")
     assert again.export_info == loaded.export_info and torch.equal(logits(again), logits(loaded))
 
 
@@ -130,9 +134,9 @@ def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, m
                     uploaded[name] = f.read()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    GPT.from_pretrained(exported).push_to_hub("someone/tiny")
+    hub.push_to_hub(hub.from_pretrained(exported), "someone/tiny")
     assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
-    assert b"GPT.from_pretrained('someone/tiny')" in uploaded["README.md"]
+    assert b"from_pretrained('someone/tiny')" in uploaded["README.md"]
     with open(os.path.join(exported, "model.safetensors"), "rb") as f:
         assert uploaded["model.safetensors"] == f.read()
 
@@ -171,8 +175,8 @@ def test_a_lora_fits_the_folder_exported_from_its_base(base_and_lora, tmp_path, 
                                            "--prompt", "x"], "already a merged chat model")
     # The base's folder with the LoRA merged on a second export: the same chat model as from the checkpoint.
     again = run_export("--checkpoint_path", folder, "--lora_path", lora, "--output_path", str(tmp_path / "again"))
-    chat = GPT.from_pretrained(again)
-    assert torch.equal(logits(chat, ids), logits(GPT.from_pretrained(other), ids))
+    chat = hub.from_pretrained(again)
+    assert torch.equal(logits(chat, ids), logits(hub.from_pretrained(other), ids))
     assert chat.export_info["special_tokens"] == SPECIAL and "lora_sha256" in chat.export_info
     assert chat.export_info["instruction_tuning"]["lora"] == {"rank": 4, "alpha": 2.0}
     fails_with_one_line(capsys, generate, ["--checkpoint_path", again, "--lora_path", lora, "--device", "cpu",
@@ -188,10 +192,10 @@ def test_a_hub_id_loads_from_the_cache_and_offline_is_one_line(exported, monkeyp
     asked = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: asked.append(kw) or exported)
     capsys.readouterr()
-    model = GPT.from_pretrained("someone/lightgpt-tiny")
+    model = hub.from_pretrained("someone/lightgpt-tiny")
     assert asked[0]["repo_id"] == "someone/lightgpt-tiny" and asked[0]["local_files_only"]
     assert "no local file or folder someone/lightgpt-tiny: the HuggingFace Hub model" in capsys.readouterr().err
-    assert torch.equal(logits(model), logits(GPT.from_pretrained(exported)))
+    assert torch.equal(logits(model), logits(hub.from_pretrained(exported)))
 
 
 # ----------------------------------------------------------------------------- damaged folders
@@ -220,7 +224,7 @@ def truncate(path):
 
 def rehashed(folder, change):
     """A damaged weights file whose new sha256 config.json records: the safetensors checks must catch it."""
-    from common import file_sha256
+    from files import file_sha256
 
     change(os.path.join(folder, "model.safetensors"))
     rewrite_config(folder, weights_sha256=file_sha256(os.path.join(folder, "model.safetensors")))
@@ -284,7 +288,7 @@ def test_export_flags_and_folders_are_one_line(checkpoint, exported, tmp_path, m
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     fails_with_one_line(capsys, export, ok, f"--output_path: cannot write {out} (no space left on device); nothing")
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(GPT, "save_pretrained", lambda *a, **k: 1 / 0)  # a failure mid-write leaves nothing behind
+    monkeypatch.setattr(export, "save_pretrained", lambda *a, **k: 1 / 0)  # a failure mid-write leaves nothing behind
     with pytest.raises(ZeroDivisionError):
         run_export(*ok)
     assert os.listdir(tmp_path) == []
@@ -295,7 +299,7 @@ def test_overwrite_replaces_the_folder_whole(checkpoint, base_and_lora, tmp_path
     (tmp_path / "m" / "notes.txt").write_text("mine")
     run_export("--checkpoint_path", base_and_lora[0], "--output_path", out, "--overwrite")
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
-    assert GPT.from_pretrained(out).config.vocabulary_size == V and os.listdir(tmp_path) == ["m"]
+    assert hub.from_pretrained(out).config.vocabulary_size == V and os.listdir(tmp_path) == ["m"]
     assert export.parse_args(["--checkpoint_path", "runs/a.pt"]).output_path == os.path.join(".", "exports", "a")
     assert export.parse_args(["--lora_path", "c/chat.pt"]).output_path == os.path.join(".", "exports", "chat")
 
@@ -309,8 +313,6 @@ def test_push_to_hub_offline_is_one_line_and_online_uploads_the_folder(checkpoin
     assert os.path.isfile(os.path.join(out, "model.safetensors"))  # written before the upload was tried
     import huggingface_hub
 
-    import data
-
     calls = []
 
     class FakeApi:
@@ -321,14 +323,14 @@ def test_push_to_hub_offline_is_one_line_and_online_uploads_the_folder(checkpoin
             calls.append(("upload", repo_id, sorted(os.listdir(folder_path))))
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(data, "hub_reachable", lambda endpoint, timeout: True)
+    monkeypatch.setattr(hub, "hub_reachable", lambda endpoint, timeout: True)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     run_export("--checkpoint_path", checkpoint, "--output_path", out, "--overwrite", "--push_to_hub",
                "someone/tiny", "--private")
     assert calls == [("create", "someone/tiny", True),
                      ("upload", "someone/tiny", ["README.md", "config.json", "model.safetensors"])]
     with open(os.path.join(out, "README.md")) as f:
-        assert "GPT.from_pretrained('someone/tiny')" in f.read()
+        assert "from_pretrained('someone/tiny')" in f.read()
 
 
 # ----------------------------------------------------------------------------- ONNX

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import fails_with_one_line, tune_args
 
 import beam_search
 import generate
 from chat import ChatTokenizer, render_prompt
-from common import load_checkpoint, save_checkpoint
-from conftest import fails_with_one_line, tune_args
+from checkpoint import load_checkpoint, save_checkpoint
 from data import load_encoding
 from generate import Conversation, Decoder, Sampler, Sampling, load_for_inference
 

@@ -4,8 +4,17 @@ block-diagonal attention over packed conversations."""
 import pytest
 import torch
 
-from model import (IGNORE_INDEX, GPT, GPTConfig, GrownEmbedding, LoRALinear, add_lora, grow_vocabulary,
-                   lora_parameters, lora_state_dict, merge_lora)
+from lora import (
+    GrownEmbedding,
+    LoRAConfig,
+    LoRALinear,
+    add_lora,
+    grow_vocabulary,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+)
+from model import GPT, IGNORE_INDEX, GPTConfig
 
 V, NEW = 300, 3
 
@@ -17,7 +26,7 @@ def tiny(dropout: float = 0.0, seed: int = 0) -> GPT:
 
 
 def adapted(model: GPT, rank: int = 4, alpha: float = 2.0, dropout: float = 0.0) -> GPT:
-    return add_lora(grow_vocabulary(model, NEW), rank, alpha, dropout, (V, NEW)).eval()
+    return add_lora(grow_vocabulary(model, NEW), LoRAConfig(rank, alpha, dropout), (V, NEW)).eval()
 
 
 def perturb(model: GPT, seed: int = 1) -> None:
@@ -153,7 +162,8 @@ def test_packed_rows_train_through_activation_checkpointing_alike():
 def test_lora_checkpoint_round_trip(tmp_path):
     """Adapters saved as instruction-tune.py saves them load back onto the same base and compute the same
     logits; the checkpoint holds no base weight."""
-    from common import adapted_model, load_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from lora import adapted_model
 
     base_model = tiny()
     save_checkpoint({"kind": "pretrain", "config": base_model.config.to_dict(), "model": base_model.state_dict(),
@@ -168,7 +178,7 @@ def test_lora_checkpoint_round_trip(tmp_path):
                      "eot_id": 256}, str(tmp_path / "lora.pt"))
     lora = load_checkpoint(str(tmp_path / "lora.pt"), "lora")
     assert not any(k.endswith(".weight") or k == "token_embeddings.base" for k in lora["adapters"])
-    loaded = adapted_model(base, lora).eval()
+    loaded = adapted_model(model_from_checkpoint(base), lora).eval()
     x = torch.randint(0, V + NEW, (2, 12))
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
     assert loaded.blocks[0].mlp.up.dropout.p == 0.1 and loaded.config.dropout == 0.0

@@ -5,15 +5,15 @@ growing the context on --resume."""
 
 import pytest
 import torch
+from conftest import fails_with_one_line, tiny_pretrain_args
+from test_generate import greedy_by_recomputation, greedy_with_cache
 
 import generate
 import model as model_module
 import pretrain
-from common import load_checkpoint, model_from_checkpoint
-from conftest import fails_with_one_line, tiny_pretrain_args
 from beam_search import beam_search
+from checkpoint import load_checkpoint, model_from_checkpoint
 from model import GPT, GPTConfig, alibi_slopes
-from test_generate import greedy_by_recomputation, greedy_with_cache
 
 ENCODINGS = ("rope", "alibi")
 

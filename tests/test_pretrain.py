@@ -7,10 +7,11 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
 
 import pretrain
-from common import load_checkpoint, run_main
-from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
+from checkpoint import load_checkpoint
+from common import run_main
 
 
 def run(argv):

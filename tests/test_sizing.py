@@ -9,14 +9,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import ROOT
 
 import model as model_module
 import sizing
 from adafactor import Adafactor
 from chat import SPECIAL_TOKENS
 from common import MODEL_PRESETS
-from conftest import ROOT
-from model import GPT, GPTConfig, add_lora, grow_vocabulary, trainable_by_kind
+from lora import LoRAConfig, add_lora, grow_vocabulary, trainable_by_kind
+from model import GPT, GPTConfig
 from parallel import training_memory
 from sizing import GIB, Plan
 
@@ -54,7 +55,7 @@ def test_parameter_counts_of_the_card_shapes_are_the_models(name):
     assert counts["total"] == (config.num_hidden_layers * counts["per_block"] + config.embedding_dimensions
                                + counts["embedding"])
     assert sizing.weight_bytes(config) == 4 * stored
-    adapted = add_lora(model, 8, 1.0, 0.0)
+    adapted = add_lora(model, LoRAConfig(8, 1.0, 0.0))
     assert counts["lora"] == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     assert counts["trainable"] == counts["lora"] + len(SPECIAL_TOKENS) * config.embedding_dimensions
 
@@ -98,7 +99,7 @@ def test_lora_activation_bytes_are_what_autograd_saves(shape, checkpointing):
     plan = tiny_plan(shape, dropout=0.0, lora_rank=4, lora_dropout=0.05, activation_checkpointing=checkpointing)
     torch.manual_seed(0)
     V, new = plan.vocabulary_size, len(SPECIAL_TOKENS)
-    model = add_lora(grow_vocabulary(GPT(plan.config), new), 4, 1.0, 0.05, trainable_rows=(V, new)).train()
+    model = add_lora(grow_vocabulary(GPT(plan.config), new), LoRAConfig(4, 1.0, 0.05), trainable_rows=(V, new)).train()
     model.set_activation_checkpointing(checkpointing)
     B, T = plan.batch_size, plan.tokens_per_sample
     idx = torch.randint(0, V, (B, T))
@@ -206,7 +207,7 @@ def test_lora_optimizer_state_bytes_are_the_optimizers(tiny_config):
     torch.manual_seed(0)
     new = len(SPECIAL_TOKENS)
     V = tiny_config.vocabulary_size
-    model = add_lora(grow_vocabulary(GPT(tiny_config), new), 4, 1.0, 0.0, trainable_rows=(V, new))
+    model = add_lora(grow_vocabulary(GPT(tiny_config), new), LoRAConfig(4, 1.0, 0.0), trainable_rows=(V, new))
     optimizer = Adafactor([{"params": ps} for ps in trainable_by_kind(model).values()])
     x = torch.randint(0, V, (2, 16))
     model(x, x).backward()

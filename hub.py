@@ -1,0 +1,350 @@
+"""LightGPT on the HuggingFace Hub: the exported-folder format and everything that talks to the Hub.
+
+An exported folder (export.py, GPT.save_pretrained) holds model.safetensors, the weights alone (safetensors:
+a JSON header and raw tensor bytes, nothing to unpickle), config.json and a README.md model card, the Hub's
+layout for a model. config.json has the GPTConfig fields at its top level (as huggingface_hub's
+PyTorchModelHubMixin writes a config), the sha256 of model.safetensors (sha256sum's, and the Hub's LFS hash)
+and the records inference and evaluation read. A folder loads as a checkpoint state (load_exported), checked
+as checkpoints are. huggingface_hub and safetensors are imported only where used: training and decoding need
+neither. Hub ids, downloads (from the cache when offline), uploads, and whether the Hub answers at all
+(hub_reachable: seconds, not minutes of retries) are here too; data.py asks them for hub datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import fields
+
+from checkpoint import MODEL_ENTRIES, _is, _shown, checkpoint_problem, model_from_checkpoint
+from common import UserError, first_line
+from files import current_umask, file_sha256, os_reason
+from model import GPT, GPTConfig
+
+REPOSITORY = "LightGPT"  # how the card names the code that loads the model
+ONNX_FILE = "model.onnx"  # export.py --onnx writes it beside the weights; the card describes it
+
+# ----------------------------------------------------------------------------- the Hub
+
+
+HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before a download is given up
+
+
+def hub_reachable(endpoint: str, timeout: float) -> bool:
+    """Whether the hub answers at all (any HTTP status) within `timeout` seconds, through the proxies the
+    environment names. In a thread, so a slow name lookup is cut off too."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:  # an answer, even if not a welcome one
+            answered.append(True)
+        except (OSError, ValueError):  # no route, refused, timed out, or no URL at all
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def hub_offline(names: tuple[str, ...] = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")) -> str | None:
+    """The variable that puts HuggingFace in offline mode, if one does (its truthy spellings); models
+    (export.py, exported folders) heed HF_HUB_OFFLINE alone."""
+    for name in names:
+        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    return None
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a --checkpoint_path that names no local file could be a HuggingFace Hub model id (owner/name)."""
+    if name.count("/") != 1 or name.endswith(".pt") or name.startswith((".", "~")):
+        return False
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # no hub library (training and decoding need none): a local path then
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def is_exported(path: str) -> bool:
+    """Whether --checkpoint_path names an exported folder (or its hub id) rather than a checkpoint file."""
+    return os.path.isdir(path) or (not os.path.exists(path) and is_hub_id(path))
+
+
+def hub_download(repo_id: str, flag: str, revision: str | None = None) -> str:
+    """The local folder of a hub model's config.json and model.safetensors: from the HuggingFace cache
+    when offline or when the hub cannot be reached, else downloaded (and cached)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    files = dict(repo_id=repo_id, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE], revision=revision)
+    offline = hub_offline(("HF_HUB_OFFLINE",))
+    endpoint = hub_endpoint()
+    if offline is None and not hub_reachable(endpoint, HUB_TIMEOUT):  # seconds, not minutes of retries
+        offline = f"{endpoint} cannot be reached"
+    try:
+        folder = snapshot_download(**files, local_files_only=offline is not None)
+        # Said, so that a mistyped local folder of the shape owner/name never loads a hub model silently.
+        print(f"{flag}: no local file or folder {repo_id}: the HuggingFace Hub model {repo_id} "
+              f"({'from the cache' if offline else 'downloaded or cached'})", file=sys.stderr, flush=True)
+        return folder
+    except RepositoryNotFoundError:
+        raise UserError(f"{flag}: no local file or folder {repo_id}, and no model {repo_id} on the HuggingFace Hub "
+                        f"(a private or gated one needs a login: hf auth login, or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{flag}: {repo_id} has no revision {revision} on the HuggingFace Hub") from None
+    except Exception as e:
+        if offline is not None:
+            why = f"{offline} is set" if offline.startswith("HF_") else offline
+            raise UserError(f"{flag}: no network: cannot download {repo_id} from the HuggingFace Hub ({why}), the "
+                            f"HuggingFace cache has no copy and no local file or folder has that name; pass an exported "
+                            f"folder, or connect and retry") from None
+        raise UserError(f"{flag}: cannot download {repo_id} from the HuggingFace Hub ({first_line(e)})") from None
+
+
+def push_folder(folder: str, repo: str, private: bool) -> str:
+    """Upload the folder as one commit to a hub model repository (created if missing); one line on failure."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    later = f"{folder} is written; upload it later with: hf upload {repo} {folder} ."
+    offline = hub_offline(("HF_HUB_OFFLINE",))
+    endpoint = hub_endpoint()
+    if offline is not None or not hub_reachable(endpoint, HUB_TIMEOUT):
+        why = f"{offline} is set" if offline else f"{endpoint} cannot be reached"
+        raise UserError(f"--push_to_hub: no network: cannot upload to the HuggingFace Hub ({why}); {later}")
+    try:
+        api = HfApi()
+        api.create_repo(repo, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
+                                   commit_message=f"Upload {os.path.basename(folder)} from LightGPT's export.py")
+    except LocalTokenNotFoundError:
+        raise UserError(f"--push_to_hub: not logged in to the HuggingFace Hub (hf auth login, or HF_TOKEN); {later}") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise UserError(f"--push_to_hub: cannot upload to {repo} ({first_line(e)}); {later}") from None
+    return getattr(commit, "commit_url", None) or f"{endpoint}/{repo}"
+
+
+# ----------------------------------------------------------------------------- exported folders
+
+EXPORT_FORMAT = 1
+WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
+EXPORT_KEYS = ("lightgpt_format", "weights_sha256")  # config.json's own entries, besides the architecture and records
+
+
+def save_exported(model: GPT, folder: str) -> None:
+    """Write model.safetensors and config.json (the architecture, the weights' sha256, model.export_info)
+    into an existing folder. The output layer is the embedding table (tied), so it is stored once."""
+    from safetensors.torch import save_file
+
+    weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    if any(name.endswith((".lora_a", ".lora_b", ".base.weight", "token_embeddings.new")) for name in weights):
+        raise ValueError("an exported model holds plain weights: merge_lora(model) first")
+    path = os.path.join(folder, WEIGHTS_FILE)
+    save_file(weights, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors makes it private (0600); a shared model is not
+    config = {**model.config.to_dict(), "lightgpt_format": EXPORT_FORMAT, **model.export_info,
+              "weights_sha256": file_sha256(path)}
+    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+def load_exported(name: str, flag: str = "--checkpoint_path", required: tuple[str, ...] = MODEL_ENTRIES,
+                  revision: str | None = None) -> dict:
+    """An exported folder, or a hub id's (hub_download), as a state like load_checkpoint's: "config",
+    "model" (the tensors), "token_encoding", "eot_id", "special_tokens" for a chat model, "args" (the
+    training records evaluate.py reads), "sha256" (its identity: the checkpoint it was exported from,
+    when no LoRA was merged in, so that the checkpoint's LoRA fits it too; else its weights' hash) and
+    "export_info" (config.json's records). Checked as load_checkpoint checks: the weights' sha256, the
+    safetensors file, the config, every weight's shape; any fault is one line naming the file."""
+    config, weights = _read_folder(name, flag, revision)
+    architecture = {f.name for f in fields(GPTConfig)}
+    records = {k: v for k, v in config.items() if k not in architecture and k not in EXPORT_KEYS}
+    state = {"kind": "pretrain", "config": {k: v for k, v in config.items() if k in architecture}, "model": weights}
+    state.update({k: records[k] for k in ("token_encoding", "eot_id", "special_tokens") if k in records})
+    problem = checkpoint_problem(state, ("config", "model", *required))
+    for key in ("pretraining", "instruction_tuning"):
+        if problem is None and not isinstance(records.get(key, {}), dict):
+            problem = f"its {key!r} is {_shown(records[key])}, expected a dict"
+    if problem:
+        raise UserError(f"{flag}: {name} is not a usable exported model: {problem}")
+    state["args"] = dict(records.get("pretraining", {}))  # what evaluate.py reads of a checkpoint's "args"
+    tuning = records.get("instruction_tuning", {})
+    if "max_tokens_per_sample" in tuning:
+        state["args"]["max_tokens_per_sample"] = tuning["max_tokens_per_sample"]
+    source = records.get("checkpoint_sha256")
+    state["sha256"] = source if isinstance(source, str) and "lora_sha256" not in records else config["weights_sha256"]
+    state["export_info"] = records
+    return state
+
+
+def _read_folder(name: str, flag: str, revision: str | None) -> tuple[dict, dict]:
+    """An exported folder's config.json and weights, the weights checked against the sha256 it records."""
+    if os.path.isdir(name):
+        folder = name
+    elif os.path.exists(name):
+        raise UserError(f"{flag}: {name} is a file, not an exported folder")
+    elif is_hub_id(name):
+        folder = hub_download(name, flag, revision)
+    else:
+        raise UserError(f"{flag}: no exported folder at {name}")
+    config_path, weights_path = os.path.join(name, CONFIG_FILE), os.path.join(name, WEIGHTS_FILE)
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        if not os.path.isfile(os.path.join(folder, file)):
+            raise UserError(f"{flag}: {name} has no {file}: an exported folder (export.py) holds {WEIGHTS_FILE} "
+                            f"and {CONFIG_FILE}")
+    try:
+        with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as f:
+            config = json.load(f)
+        weights_digest = file_sha256(os.path.join(folder, WEIGHTS_FILE))
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {name} ({os_reason(e)})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{flag}: {config_path} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(config, dict) or "lightgpt_format" not in config:
+        raise UserError(f"{flag}: {config_path} does not describe a LightGPT model (no 'lightgpt_format' entry)")
+    version = config["lightgpt_format"]
+    if not _is(version, int) or version < 1:
+        raise UserError(f"{flag}: {config_path}: its 'lightgpt_format' {_shown(version)} is not a positive integer")
+    if version > EXPORT_FORMAT:
+        raise UserError(f"{flag}: {name} was exported by a newer LightGPT (format {version})")
+    if not isinstance(config.get("weights_sha256"), str):
+        raise UserError(f"{flag}: {config_path} has no 'weights_sha256' string to check {WEIGHTS_FILE} against")
+    if weights_digest != config["weights_sha256"]:
+        raise UserError(f"{flag}: {weights_path} is damaged: its sha256 is not the one {CONFIG_FILE} records (a "
+                        f"changed or truncated file); export or download it again")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return config, load_file(os.path.join(folder, WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{flag}: {weights_path} is not a readable safetensors file ({first_line(e)})") from None
+
+
+def from_pretrained(name: str, revision: str | None = None) -> GPT:
+    """The model of an exported folder or its HuggingFace Hub id (a cached one loads offline), in eval mode on
+    the CPU with the weights as saved, its records in model.export_info; a damaged or foreign folder raises
+    UserError, one line. (A function of this module, not a GPT method, so that model.py imports nothing.)"""
+    state = load_exported(str(name), required=(), revision=revision)
+    model = model_from_checkpoint(state)
+    model.export_info = state["export_info"]
+    return model.eval()
+
+
+def save_pretrained(model: GPT, folder: str, where: str | None = None) -> None:
+    """Write model.safetensors (the weights, the tied table once), config.json (the architecture, the weights'
+    sha256 and model.export_info) and a README.md model card whose usage names `where` (the folder)."""
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    save_exported(model, folder)
+    with open(os.path.join(folder, CARD_FILE), "w", encoding="utf-8") as f:
+        f.write(model_card(model, where=where or folder))
+
+
+def push_to_hub(model: GPT, repo_id: str, private: bool = False, token: str | None = None,
+                commit_message: str = "Upload LightGPT model") -> str:
+    """Upload what save_pretrained writes to a HuggingFace Hub model repository (created if missing; the token
+    from HF_TOKEN or `hf auth login` unless given) and return the commit's URL."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(model, folder, where=repo_id)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                                     commit_message=commit_message))
+
+
+# ----------------------------------------------------------------------------- the model card
+
+
+def hub_dataset(dataset) -> str | None:
+    """A corpus the card can link: a hub dataset id, not the builtin corpus or a local file."""
+    if not isinstance(dataset, str) or dataset == "builtin" or os.path.exists(dataset) or not is_hub_id(dataset):
+        return None
+    return dataset
+
+
+def corpus_words(record: dict) -> str:
+    dataset, subset = record.get("dataset"), record.get("dataset_subset")
+    if dataset == "builtin":
+        return "LightGPT's builtin offline data (made from CPython's `pydoc_data` documentation)"
+    return f"`{dataset}`" + (f" ({subset})" if subset else "")
+
+
+def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
+    """README.md: HuggingFace front matter (licence, corpora, library, task, tags), what the model is, its
+    shape and training, the files and how to load it. `where` is the folder or hub id the usage names."""
+    from huggingface_hub import ModelCardData
+
+    info, c = model.export_info, model.config
+    pretraining, tuning = info.get("pretraining") or {}, info.get("instruction_tuning") or {}
+    datasets = [d for d in (hub_dataset(pretraining.get("dataset")), hub_dataset(tuning.get("dataset"))) if d]
+    position = {"none": "nope", "rope": "rope", "alibi": "alibi"}[c.position_encoding]
+    tags = ["lightgpt", position, "causal-lm", "safetensors"]
+    tags += ["chat", "lora"] if info.get("special_tokens") else []
+    tags += ["onnx"] if info.get("onnx") else []
+    data = ModelCardData(license=info.get("license", "apache-2.0"), library_name="pytorch",
+                         pipeline_tag="text-generation", tags=tags, datasets=datasets or None)
+    chat = bool(info.get("special_tokens"))
+    design = ("no positional embeddings (NoPE): causal attention alone tells positions apart, so no weight depends "
+              "on a context length" if c.position_encoding == "none"
+              else f"{c.position_encoding.upper()} position encoding (LightGPT's ablation switch; its default is NoPE)")
+    lines = [f"---\n{data.to_yaml()}\n---", "", f"# {os.path.basename(where.rstrip('/')) or where}", "",
+             f"A {'chat ' if chat else ''}language model trained with {REPOSITORY}: a decoder-only Transformer with "
+             f"{design}; pre-norm RMSNorm, a SiLU MLP, no biases, and token embeddings tied to the output layer "
+             f"(stored once).", "",
+             "| vocabulary | width | heads | layers | MLP ratio | position encoding | parameters | training context |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| {c.vocabulary_size:,} | {c.embedding_dimensions} | {c.num_attention_heads} | {c.num_hidden_layers} | "
+             f"{c.feed_forward_ratio} | {c.position_encoding} | {model.num_parameters():,} | "
+             f"{info.get('training_context_length', 'not recorded')} |", ""]
+    encoding = info.get("token_encoding")
+    tokenizer = "bytes (one id per byte)" if encoding == "bytes" else f"tiktoken's `{encoding}`"
+    lines.append(f"- Tokenizer: {tokenizer if encoding else 'not recorded'}, end-of-text id "
+                 f"{info.get('eot_id', 'not recorded')}.")
+    if pretraining:
+        lines.append(f"- Pretraining: {corpus_words(pretraining)}, samples of {pretraining.get('tokens_per_sample')} tokens.")
+    if tuning:
+        lora = tuning.get("lora")
+        how = f"LoRA (rank {lora['rank']}, alpha {lora['alpha']:g}) merged into the weights" if lora else "LoRA, merged"
+        lines.append(f"- Instruction tuning: {corpus_words(tuning)}, rows of {tuning.get('max_tokens_per_sample')} "
+                     f"tokens, {how}; ChatML special tokens {', '.join(f'`{t}`' for t in info['special_tokens'])}.")
+    lines += ["", "Files: `model.safetensors` (the weights; `config.json` holds its sha256, checked at load), "
+              "`config.json` (the architecture, tokenizer and training records)"
+              + (f", `{ONNX_FILE}` (see below)" if info.get("onnx") else "") + ".", ""]
+    if info.get("onnx"):
+        o = info["onnx"]
+        lines += [f"`{ONNX_FILE}` is the prefill forward in fp32 (opset {o['opset']}): input `input_ids` "
+                  f"(batch, sequence) int64, output `logits` (batch, sequence, {c.vocabulary_size}), both axes dynamic, "
+                  f"no KV cache. Against PyTorch in onnxruntime its largest logit difference was {o['max_abs_diff']:.1e} "
+                  f"at shapes {', '.join('x'.join(map(str, s)) for s in o['checked_shapes'])}.", ""]
+    prompt = "What is a list comprehension?" if chat else "The meaning of life is"
+    lines += ["## Usage", "", f"In a clone of {REPOSITORY} (`pip install -r requirements.txt`):", "", "```python",
+              "import torch", "from hub import from_pretrained", "", f"model = from_pretrained({where!r})  # eval mode, CPU",
+              "logits = model(torch.tensor([[0, 1, 2]]))  # (batch, tokens, vocabulary)", "```", "", "```",
+              f"python generate.py --checkpoint_path {where} --device cpu --prompt {prompt!r}", "```", ""]
+    if chat:
+        lines += ["Each prompt is a user turn; the answer is the assistant's and ends at `<|im_end|>`.", ""]
+    return "\n".join(lines)
