@@ -2,7 +2,7 @@
 # Length generalisation, NoPE against RoPE and ALiBi: three tiny models that differ only in
 # --position_encoding (same builtin corpus, byte tokens, steps and seed; 128-token samples), each
 # evaluated by evaluate.py at 0.5x to 4x its training length; then one table and one plot of the three.
-# Offline, on a CPU in about 10 minutes (2 cores). README "Length generalisation" shows its output.
+# Offline, on a CPU in about 10 minutes (2 cores). docs/evaluation.md ("Length generalisation") shows its output.
 #   bash experiments/length_generalisation.sh            # writes ./runs/length/...
 #   OUT=path PYTHON=python3 DEVICE=cuda bash experiments/length_generalisation.sh
 set -euo pipefail

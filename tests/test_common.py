@@ -53,9 +53,9 @@ def test_help_shows_real_defaults_but_not_python_ones(capsys, monkeypatch):
     assert "(default: False)" not in text and "(default: None)" not in text  # a switch is off; None says nothing
 
 
-def test_rms_decay_reads_the_same_in_help_and_readme(capsys, monkeypatch):
+def test_rms_decay_reads_the_same_in_help_and_docs(capsys, monkeypatch):
     assert "at most 0" in help_entries(pretrain, capsys, monkeypatch)["--rms_decay"]
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "pretraining.md")) as f:
         row = next(line for line in f if line.startswith("| --rms_decay |"))
     assert "at most 0" in row and "negative" not in row
 

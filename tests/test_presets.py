@@ -1,5 +1,5 @@
 """--model presets: a preset fills the flags a command line leaves out, explicit flags win, and the presets
-are the README's model shapes and quick start."""
+are the documentation's model shapes and quick start."""
 
 import shlex
 
@@ -54,7 +54,7 @@ def test_an_unknown_model_is_one_line(capsys):
 
 
 def test_model_quickstart_is_the_readme_quick_start_command():
-    text = section("## Quick start")
+    text = section("# Quick start")
     command = text[text.index("python pretrain.py --dataset builtin"):]
     command = command[: command.index("```")].replace("\\\n", " ")
     argv = shlex.split(command)[2:]  # past "python pretrain.py"

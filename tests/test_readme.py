@@ -1,8 +1,14 @@
-"""The README's numbers agree with the code: vocabularies with tiktoken, parameter counts with the model."""
+"""The documentation agrees with the code. README.md is a front door that links every page of docs/ and every
+relative link reaches its file; every flag of every script is in exactly one argument table of that script,
+with its real default (the convention is in docs/testing.md); the vocabularies agree with tiktoken and the
+parameter counts with the model."""
 
+import argparse
 import functools
+import importlib
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -10,23 +16,40 @@ from conftest import ROOT
 from data import NAMED_ENCODINGS
 from model import GPT, GPTConfig
 
-with open(os.path.join(ROOT, "README.md")) as f:
-    README = f.read()
+DOCS = os.path.join(ROOT, "docs")
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+# Every page of the documentation by its path from the root: README.md first, then docs/*.md in order.
+PAGES = {"README.md": _read(os.path.join(ROOT, "README.md"))} | {
+    f"docs/{name}": _read(os.path.join(DOCS, name)) for name in sorted(os.listdir(DOCS)) if name.endswith(".md")}
+README = PAGES["README.md"]
+
+# ----------------------------------------------------------------------------- reading Markdown
+
+
+def headings(text: str):
+    """(line number, level, title) of each heading outside code blocks."""
+    fenced = False
+    for number, line in enumerate(text.splitlines()):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"(#{1,6}) (.+)", line)):
+            yield number, len(m.group(1)), m.group(2).strip()
 
 
 def section(heading: str) -> str:
-    """From the heading that starts with `heading` to the next heading."""
-    start = re.search(rf"^{re.escape(heading)}.*\n", README, re.MULTILINE)
-    end = re.compile(r"^#", re.MULTILINE).search(README, start.end())
-    return README[start.start() : end.start() if end else None]
-
-
-def quick_start_config() -> GPTConfig:
-    """The shape the quick start's command trains (byte tokens: 257 ids)."""
-    text = section("## Quick start")
-    assert "--token_encoding bytes" in text
-    flags = ("embedding_dimensions", "num_attention_heads", "num_hidden_layers")
-    return GPTConfig(vocabulary_size=257, **{f: int(re.search(rf"--{f} (\d+)", text).group(1)) for f in flags})
+    """From the heading that starts with `heading` to the next heading, on the first page that has it."""
+    for text in PAGES.values():
+        start = re.search(rf"^{re.escape(heading)}.*\n", text, re.MULTILINE)
+        if start:
+            end = re.compile(r"^#", re.MULTILINE).search(text, start.end())
+            return text[start.start() : end.start() if end else None]
+    raise AssertionError(f"no page has a heading {heading!r}")
 
 
 def table(text: str) -> list[list[str]]:
@@ -35,8 +58,24 @@ def table(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in row] for row in rows[2:]]  # past the header and the rule
 
 
+def anchor(title: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+# ----------------------------------------------------------------------------- the numbers
+
+
+def quick_start_config() -> GPTConfig:
+    """The shape the quick start's command trains (byte tokens: 257 ids)."""
+    text = section("# Quick start")
+    assert "--token_encoding bytes" in text
+    flags = ("embedding_dimensions", "num_attention_heads", "num_hidden_layers")
+    return GPTConfig(vocabulary_size=257, **{f: int(re.search(rf"--{f} (\d+)", text).group(1)) for f in flags})
+
+
 def rounded(parameters: int) -> str:
-    """How the README writes a parameter count: one decimal, in millions below a billion."""
+    """How the documentation writes a parameter count: one decimal, in millions below a billion."""
     return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
 
 
@@ -56,15 +95,15 @@ def tiktoken_vocabulary(name: str, monkeypatch) -> int:
 
 
 def tokenizer_vocabularies() -> dict[str, int]:
-    """The README's tokenizer table: encoding name -> vocabulary (the row for a local file has none)."""
-    rows = table(section("### Tokenizers"))
+    """The tokenizer table: encoding name -> vocabulary (the row for a local file has none)."""
+    rows = table(section("## Tokenizers"))
     return {row[0].split("`")[1]: int(row[1].replace(",", ""))  # `name` (default)
             for row in rows if row[1][0].isdigit()}
 
 
 def model_shapes() -> list[tuple[str, GPTConfig, str, str]]:
-    """The README's suggested shapes: name, the config the row describes, its written parameter count and
-    its --model name."""
+    """The suggested shapes: name, the config the row describes, its written parameter count and its --model
+    name."""
     shapes = []
     for name, vocabulary, width, heads, layers, parameters, _, flag in table(section("## Suggested model shapes")):
         config = GPTConfig(vocabulary_size=int(vocabulary.replace(",", "")), embedding_dimensions=int(width),
@@ -94,8 +133,7 @@ def test_model_shapes_use_real_vocabularies_and_exact_parameter_counts():
 
 def length_experiment_config() -> GPTConfig:
     """The shape experiments/length_generalisation.sh trains (byte tokens: a vocabulary of 257)."""
-    with open(os.path.join(ROOT, "experiments", "length_generalisation.sh")) as f:
-        script = f.read()
+    script = _read(os.path.join(ROOT, "experiments", "length_generalisation.sh"))
 
     def flag(name: str) -> int:
         return int(re.search(rf"--{name} (\d+)", script).group(1))
@@ -104,12 +142,202 @@ def length_experiment_config() -> GPTConfig:
                      num_attention_heads=flag("num_attention_heads"), num_hidden_layers=flag("num_hidden_layers"))
 
 
-def test_every_parameter_count_in_the_readme_is_a_real_one():
+def test_every_parameter_count_in_the_documentation_is_a_real_one():
     counts = {name: rounded(num_parameters(config)) for name, config, _, _ in model_shapes()}
     known = {*counts.values(), rounded(num_parameters(quick_start_config())),
              rounded(num_parameters(length_experiment_config()))}
-    mentions = re.findall(r"(\d[\d.]*[MB])(?:[- ]parameter| Small\b)", README)
+    mentions = [(page, mention) for page, text in PAGES.items()
+                for mention in re.findall(r"(\d[\d.]*[MB])(?:[- ]parameter| Small\b)", text)]
     assert len(mentions) >= 4  # the model card, the quick start, generation and the sharding section
-    for mention in mentions:
-        assert mention in known, f"README mentions {mention} parameters; the models have {sorted(known)}"
-    assert f"{counts['Small']} parameters" in section("# LightGPT")  # the model card
+    for page, mention in mentions:
+        assert mention in known, f"{page} mentions {mention} parameters; the models have {sorted(known)}"
+    assert f"{counts['Small']} parameters" in section("## The model")  # the model card
+
+
+# ----------------------------------------------------------------------------- the front door and the links
+
+
+def test_the_readme_is_a_front_door():
+    lines = README.splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; the manual belongs in docs/"
+    top = "\n".join(lines[:30])
+    assert "bash quickstart.sh" in top and "bash .ci/run" in top
+    linked = {os.path.normpath(target) for target, _ in links("README.md")}
+    unlinked = [page for page in PAGES if page.startswith("docs/") and page not in linked]
+    assert not unlinked, f"README.md links no {unlinked}"
+
+
+def links(page: str) -> list[tuple[str, str]]:
+    """(path from the root, anchor) of every relative link and image of a page, outside code."""
+    text = re.sub(r"```.*?```", "", PAGES[page], flags=re.DOTALL)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    found = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, fragment = target.partition("#")
+        path = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        found.append((path, fragment))
+    return found
+
+
+def test_every_relative_link_reaches_a_file_and_its_heading():
+    broken = []
+    for page in PAGES:
+        for path, fragment in links(page):
+            if not os.path.exists(os.path.join(ROOT, path)):
+                broken.append(f"{page}: {path} does not exist")
+            elif fragment and path in PAGES and fragment not in {anchor(t) for _, _, t in headings(PAGES[path])}:
+                broken.append(f"{page}: {path} has no heading #{fragment}")
+    assert not broken, "\n".join(broken)
+
+
+# ----------------------------------------------------------------------------- argument tables
+
+
+@dataclass
+class Row:
+    page: str
+    heading: str
+    scripts: tuple[str, ...]  # the scripts its heading names, without .py
+    flags: tuple[str, ...]  # the flag and its aliases, from the first cell
+    default: str | None  # the Default cell, when the table has one
+
+
+def argument_rows() -> tuple[list[Row], list[str]]:
+    """Every table row that starts with a flag, with the scripts its heading attributes it to, and the rows
+    under no "... arguments" heading that names a script."""
+    rows, strays = [], []
+    for page, text in PAGES.items():
+        heading, scripts, header, fenced = "", (), None, False
+        for line in text.splitlines():
+            if line.startswith("```"):
+                fenced = not fenced
+            if fenced:
+                continue
+            if m := re.match(r"#{1,6} (.+)", line):
+                heading = m.group(1).strip()
+                scripts = tuple(re.findall(r"([\w-]+)\.py\b", heading)) if heading.endswith("arguments") else ()
+            if not line.startswith("|"):
+                header = None
+                continue
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if header is None:
+                header = [cell.lower() for cell in cells]
+                continue
+            if not re.match(r"--[A-Za-z]", cells[0]):
+                continue  # the rule under the header, or a table of values (corpora, tokenizers, levels)
+            if not scripts:
+                strays.append(f"{page}: {line[:60]} (under '{heading}')")
+                continue
+            default = cells[header.index("default")] if "default" in header else None
+            rows.append(Row(page, heading, scripts, tuple(re.findall(r"--[A-Za-z0-9][\w-]*", cells[0])), default))
+    return rows, strays
+
+
+def scripts() -> list[str]:
+    """The top-level scripts with a command line: a parse_args and a __main__ block."""
+    found = []
+    for name in sorted(os.listdir(ROOT)):
+        if name.endswith(".py"):
+            text = _read(os.path.join(ROOT, name))
+            if "def parse_args(" in text and "__main__" in text:
+                found.append(name[:-3])
+    return found
+
+
+class _Built(Exception):
+    pass
+
+
+@functools.cache
+def parser(script: str) -> argparse.ArgumentParser:
+    """The parser a script's parse_args builds, caught as it starts to parse (nothing is parsed or run)."""
+    module = importlib.import_module(script)
+    original = argparse.ArgumentParser.parse_known_args
+
+    def caught(self, *args, **kwargs):
+        raise _Built(self)
+
+    argparse.ArgumentParser.parse_known_args = caught
+    try:
+        module.parse_args([])
+    except _Built as built:
+        return built.args[0]
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
+    raise AssertionError(f"{script}.parse_args returned without parsing")
+
+
+def options(script: str) -> list[argparse.Action]:
+    """The script's flags (its positional arguments and --help aside)."""
+    return [a for a in parser(script)._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+def test_the_scripts_with_a_command_line_are_found():
+    assert {"pretrain", "instruction-tune", "generate", "beam_search", "evaluate", "serve", "export",
+            "bench"} <= set(scripts())
+
+
+def test_every_flag_of_every_script_is_in_exactly_one_table_of_that_script():
+    rows, _ = argument_rows()
+    problems = []
+    for script in scripts():
+        mine = [row for row in rows if script in row.scripts]
+        for action in options(script):
+            where = [f"{row.page} '{row.heading}'" for row in mine if set(action.option_strings) & set(row.flags)]
+            if len(where) != 1:
+                problems.append(f"{script}.py {action.option_strings[0]}: in {len(where)} tables {where}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_documented_flag_is_one_the_scripts_of_its_table_take():
+    rows, strays = argument_rows()
+    assert not strays, "flag rows under no '<script>.py arguments' heading:\n" + "\n".join(strays)
+    known, problems = set(scripts()), []
+    for row in rows:
+        for script in row.scripts:
+            if script not in known:
+                problems.append(f"{row.page} '{row.heading}': no script {script}.py")
+                continue
+            actions = {a for a in options(script) if set(a.option_strings) & set(row.flags)}
+            if len(actions) != 1 or not set(row.flags) <= set(next(iter(actions)).option_strings):
+                problems.append(f"{row.page} '{row.heading}': {script}.py does not take {', '.join(row.flags)} "
+                                "(as one flag)")
+    assert not problems, "\n".join(problems)
+
+
+def matches(action: argparse.Action, cell: str) -> bool:
+    """Whether a Default cell states the parser's default. The value is the cell's first `code` span, else
+    its first word; a switch's is `off`. A default the code works out (None: 'none', "the checkpoint's")
+    and one read from an environment variable (`$NAME`) are not compared."""
+    if isinstance(action, argparse._StoreTrueAction):
+        return cell == "off"
+    code = re.match(r"`([^`]*)`", cell)
+    text = code.group(1) if code else (cell.split() or [""])[0]
+    default = action.default
+    if default is None or text.startswith("$"):
+        return True
+    try:
+        if isinstance(default, (tuple, list)):
+            values = text.split(",")
+            return len(values) == len(default) and all(type(d)(v) == d for d, v in zip(default, values))
+        if isinstance(default, bool):
+            return text == str(default)
+        return type(default)(text) == default
+    except ValueError:
+        return False
+
+
+def test_every_documented_default_is_the_parsers():
+    rows, _ = argument_rows()
+    problems = []
+    for row in rows:
+        if row.default is None:
+            continue
+        for script in row.scripts:
+            for action in options(script):
+                if set(action.option_strings) & set(row.flags) and not matches(action, row.default):
+                    problems.append(f"{row.page} '{row.heading}': {row.flags[0]} documents {row.default!r}; "
+                                    f"{script}.py's default is {action.default!r}")
+    assert not problems, "\n".join(problems)

@@ -61,7 +61,7 @@ def test_parameter_counts_of_the_card_shapes_are_the_models(name):
 
 
 def test_the_card_shapes_have_the_cards_sizes():
-    """The README's parameter column, to one decimal, and the card's token budgets."""
+    """The suggested shapes' parameter column (docs/sizing.md), to one decimal, and the card's token budgets."""
     expected = {"small": "353.5M", "medium": "1.7B", "large": "6.9B", "xlarge": "13.3B", "xxlarge": "53.2B",
                 "xxxlarge": "104.7B"}
     for name, text in expected.items():
@@ -307,23 +307,24 @@ def test_a_plan_refuses_what_the_scripts_would():
         Plan(precision="fp16")
 
 
-# ----------------------------------------------------------------------------- the notebook and the README
+# ----------------------------------------------------------------------------- the notebook and the docs
 
 
-def test_the_predicted_and_measured_pairs_in_the_notebook_and_readme_are_current():
-    """The notebook's and the README's tables of the Small shape on the H200: the measured side is the
-    README's bench.py figure, the predicted side what sizing.py says now (to 0.1 GiB)."""
+def test_the_predicted_and_measured_pairs_in_the_notebook_and_docs_are_current():
+    """The notebook's and docs/sizing.md's tables of the Small shape on the H200: the measured side is
+    docs/performance.md's bench.py figure, the predicted side what sizing.py says now (to 0.1 GiB)."""
     nbformat = pytest.importorskip("nbformat")
     notebook = "\n".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "markdown")
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    h200 = readme[readme.index("### Measured on one NVIDIA H200"):]
+    sizing_page = open(os.path.join(ROOT, "docs", "sizing.md")).read()
+    performance = open(os.path.join(ROOT, "docs", "performance.md")).read()
+    h200 = performance[performance.index("## Measured on one NVIDIA H200"):]
     for checkpointing, measured in sizing.MEASURED_H200_GIB.items():
         predicted = sizing.memory(sizing.bench_plan(checkpointing))["peak"] / GIB
         assert abs(predicted / measured - 1) < 0.15
         kind = "with" if checkpointing else "without"
         row = f"| {kind} activation checkpointing | {predicted:.1f} GiB | {measured:.1f} GiB |"
-        assert row in notebook and row in readme
-        assert re.search(rf"\b{measured} GiB", h200)  # bench.py's figure, as the README reports it
+        assert row in notebook and row in sizing_page
+        assert re.search(rf"\b{measured} GiB", h200)  # bench.py's figure, as docs/performance.md reports it
 
 
 def test_the_committed_notebook_has_no_outputs():
