@@ -145,7 +145,7 @@ def float_in(low: float, high: float):
 ARCHITECTURE_FLAGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocabulary_size")
 
 
-# --model names a shape so nobody types its flags: the model card's six (README "Suggested model shapes"),
+# --model names a shape so nobody types its flags: the model card's six (docs/sizing.md "Suggested model shapes"),
 # each with the tokenizer it was sized for and that tokenizer's vocabulary (bench.py's random model takes
 # it; pretrain.py reads it from the token files), and the README's quick start, a whole offline run.
 # A preset fills only the flags a command line leaves out (parse_with_preset), and only those the script has.
