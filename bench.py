@@ -58,7 +58,7 @@ from common import (
     run_main,
     synchronize,
 )
-from generate import Decoder, Sampler, Sampling, add_sampling_args
+from generate import Decoder, Sampler, Sampling, add_sampling_args, kv_cache_bytes
 from model import GPT, peak_tflops
 
 def client_counts(text: str) -> tuple[int, ...]:
@@ -340,8 +340,7 @@ def decode_one(args, device, system: str, prompt) -> dict:
         if bf16_supported(device):
             model = model.to(torch.bfloat16)
         model = model.to(device).eval()
-        kv_bytes = model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch * args.context_length
-        kv_cache_gib = float(f"{kv_bytes / 2**30:.4g}")
+        kv_cache_gib = float(f"{kv_cache_bytes(model, batch, args.context_length) / 2**30:.4g}")
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled,
                           DECODE_COMPILE_MODES[args.decode_compile_mode])

@@ -236,6 +236,18 @@ class Sampler:
 
 # ----------------------------------------------------------------------------- decoding
 
+def kv_cache_bytes(model: GPT, batch_size: int, context_length: int) -> int:
+    """Bytes of a KV cache of batch_size rows x context_length tokens, in the precision of the model's weights."""
+    return model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch_size * context_length
+
+
+def setup_kv_cache(model: GPT, batch_size: int, context_length: int, what: str):
+    """The model's KV cache of batch_size rows x context_length tokens (GPT.setup_cache), after refusing in
+    one line (check_memory) a cache the device cannot hold; `what` names the cache in that line."""
+    check_memory(kv_cache_bytes(model, batch_size, context_length), model.token_embeddings.weight.device, what)
+    return model.setup_cache(batch_size, context_length)
+
+
 PREFILL_CHUNK = 1024  # prompt tokens per forward pass: bounds the attention mask and the logits a prompt needs
 
 
@@ -269,9 +281,8 @@ class Decoder:
         device = model.token_embeddings.weight.device
         self.model, self.device, self.sampler = model, device, sampler
         self.sampling = sampling.clamped(model.config.vocabulary_size)
-        check_memory(model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch_size
-                     * context_length, device, f"a KV cache of {batch_size} x --context_length {context_length} tokens")
-        self.cache = model.setup_cache(batch_size, context_length)
+        self.cache = setup_kv_cache(model, batch_size, context_length,
+                                    f"a KV cache of {batch_size} x --context_length {context_length} tokens")
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.noise = torch.ones(batch_size, self.sampling.top_k, device=device)
