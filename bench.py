@@ -58,7 +58,7 @@ from common import (
     run_main,
     synchronize,
 )
-from generate import Decoder, Sampler, Sampling, add_sampling_args, kv_cache_bytes
+from generate import Decoder, Sampler, Sampling, add_sampling_args, base_prompt, kv_cache_bytes
 from model import GPT, peak_tflops
 
 def client_counts(text: str) -> tuple[int, ...]:
@@ -470,7 +470,7 @@ def bench_serve(args, device, rows) -> None:
                                                            "seed": args.seed + i, "stream": True,
                                                            "stream_options": {"include_usage": True}})
             else:
-                prompts = [[loaded.eot] + loaded.encoding.encode_ordinary(t) for t in texts]
+                prompts = [base_prompt(loaded, t) for t in texts]
 
                 def one(i: int) -> int:
                     request = Request(prompts[i], args.max_tokens, sampling, args.seed + i, frozenset(loaded.stop))

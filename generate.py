@@ -142,11 +142,17 @@ def prompts(prompt: str | None) -> Iterator[str]:
 
 
 def encode_prompt(loaded: Loaded, text: str, system: str | None = None) -> list[int]:
-    """A prompt starts a document, as every training document did: end-of-text first. A chat model's
-    prompt is a user turn (after the system message) and the assistant's header, in ChatML."""
+    """A base model's prompt is plain text (base_prompt). A chat model's prompt is a user turn (after the
+    system message) and the assistant's header, in ChatML."""
     if loaded.chat is None:
-        return [loaded.eot] + loaded.encoding.encode_ordinary(text)
+        return base_prompt(loaded, text)
     return render_prompt(loaded.chat, chat_messages(text, system))
+
+
+def base_prompt(loaded: Loaded, text: str) -> list[int]:
+    """Text to continue, as a base model reads it: a prompt starts a document, as every training document
+    did, so end-of-text comes first. serve.py's /v1/completions encodes its prompts so, chat model or not."""
+    return [loaded.eot] + loaded.encoding.encode_ordinary(text)
 
 
 def chat_messages(text: str, system: str | None) -> list[dict]:

@@ -52,7 +52,7 @@ from common import (
     run_main,
 )
 from engine import Engine, EngineBusy, Event, Request
-from generate import Loaded, Sampling, add_sampling_args, load_for_inference
+from generate import Loaded, Sampling, add_sampling_args, base_prompt, load_for_inference
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 API_KEY_ENV = "LIGHTGPT_API_KEY"
@@ -505,7 +505,7 @@ async def completions(request: HTTPRequest):
         text = text[0]
     if body.echo:
         raise APIError(400, "echo: not supported", "echo")
-    prompt = [s.loaded.eot] + s.loaded.encoding.encode_ordinary(text)  # generate.encode_prompt's base-model form
+    prompt = base_prompt(s.loaded, text)
     check_room(prompt, s.engine.context_length, "prompt")
     request_ = Request(prompt, max_tokens_of(body.max_tokens, "max_tokens", s.settings),
                        sampling_of(body, s.settings), body.seed, frozenset(s.loaded.stop))
