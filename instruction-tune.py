@@ -30,7 +30,7 @@ from functools import partial
 import torch
 
 from adafactor import Adafactor
-from chat import SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data
+from chat import SMOLTALK, SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data
 from common import (
     LORA_ENTRIES,
     MODEL_ENTRIES,
@@ -76,7 +76,6 @@ from training import (
 )
 
 CHECKPOINT_KIND = "lora"
-SMOLTALK = "HuggingFaceTB/smoltalk"
 DATA_FLAGS = ("dataset", "dataset_subset", "max_tokens_per_sample", "mask_input")  # they choose the rows: fixed on resume
 # Adafactor scales each step by the parameter's own RMS, floored at 1e-3. B starts at zero, so at that
 # floor it would move by lr / 1000 per step and the adapters would sleep for thousands of steps; its

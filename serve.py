@@ -38,7 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from chat import render_prompt
+from chat import ROLES, render_prompt
 from common import (
     ArgumentParser,
     UserError,
@@ -224,9 +224,9 @@ def chat_messages(body: ChatBody) -> list[dict]:
     out = []
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role: {m.role!r} is not supported; use system, user or assistant",
-                           f"messages[{i}].role")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role: {m.role!r} is not supported; use {', '.join(ROLES[:-1])} or "
+                                f"{ROLES[-1]}", f"messages[{i}].role")
         content = m.content
         if isinstance(content, list):
             if any(p.type != "text" or p.text is None for p in content):
