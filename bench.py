@@ -341,7 +341,7 @@ def decode_one(args, device, system: str, prompt) -> dict:
             model = model.to(torch.bfloat16)
         model = model.to(device).eval()
         kv_cache_gib = float(f"{kv_cache_bytes(model, batch, args.context_length) / 2**30:.4g}")
-        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        sampling = Sampling.from_args(args)
         decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled,
                           DECODE_COMPILE_MODES[args.decode_compile_mode])
 
@@ -448,7 +448,7 @@ def bench_serve(args, device, rows) -> None:
     from generate import Sampling
 
     loaded, texts = serving_model(args, device)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling = Sampling.from_args(args)
     use_compile = compile_enabled(args.compile, device)
     params = sum(p.numel() for p in loaded.model.parameters())
     one_at_a_time = {}

@@ -63,11 +63,12 @@ def add_inference_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def add_sampling_args(p) -> None:
-    """The sampling flags generate.py and bench.py share."""
-    p.add_argument("--temperature", type=non_negative_float, default=1.0,
+    """The sampling flags generate.py, serve.py and bench.py share; their defaults are Sampling's."""
+    p.add_argument("--temperature", type=non_negative_float, default=Sampling.temperature,
                    help=f"softmax temperature; 0 (or below {GREEDY_BELOW:g}) is greedy")
-    p.add_argument("--top_k", type=positive_int, default=500, help="sample only from the k most likely tokens")
-    p.add_argument("--top_p", type=unit_interval, default=0.9,
+    p.add_argument("--top_k", type=positive_int, default=Sampling.top_k,
+                   help="sample only from the k most likely tokens")
+    p.add_argument("--top_p", type=unit_interval, default=Sampling.top_p,
                    help="then only from the smallest set whose probability reaches p")
 
 
@@ -194,6 +195,11 @@ class Sampling:
     temperature: float = 1.0
     top_k: int = 500
     top_p: float = 0.9
+
+    @classmethod
+    def from_args(cls, args) -> "Sampling":
+        """The settings add_sampling_args' flags give."""
+        return cls(args.temperature, args.top_k, args.top_p)
 
     @property
     def greedy(self) -> bool:
@@ -423,7 +429,7 @@ def parse_args(argv=None):
 def main(args) -> list[list[int]]:
     device = resolve_device(args.device)
     loaded = load_for_inference(args.checkpoint_path, device, args.lora_path, args.system)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling = Sampling.from_args(args)
     decoder = Decoder(loaded.model, args.context_length, 1, sampling, Sampler(device, args.seed),
                       compile_enabled(args.compile, device))
     conversation = Conversation(loaded, decoder, args.system) if loaded.chat else None

@@ -664,7 +664,7 @@ def main(args) -> None:
     loaded = load_for_inference(args.checkpoint_path, device, args.lora_path)
     sock = listening_socket(args.host, args.port)
     settings = Settings(args.model_name or default_model_name(args), args.max_tokens,
-                        Sampling(args.temperature, args.top_k, args.top_p), args.api_key,
+                        Sampling.from_args(args), args.api_key,
                         LOOPBACK if args.host in LOOPBACK else None)
     with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
                 compile_enabled(args.compile, device)) as engine:
