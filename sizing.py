@@ -33,15 +33,10 @@ import torch
 
 from chat import SPECIAL_TOKENS
 from common import MODEL_PRESETS
-from model import GPT, GPTConfig, _chunk_rows, add_lora, lora_parameters, peak_tflops
+from model import GPT, GPUS, GPTConfig, _chunk_rows, add_lora, gpu_spec, lora_parameters, peak_tflops
 
 GIB = 2**30
 GPU_SIZES_GIB = (24, 40, 80, 141)  # the common cards: RTX 4090 / L4 / A10G, A100 40GB, A100 / H100 80GB, H200
-# Data-sheet memory (GB as sold) and bandwidth (TB/s) of known GPUs, matched by name as model.PEAK_TFLOPS is.
-GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L40": 48, "L4": 24, "A10G": 24,
-                 "RTX 4090": 24, "RTX 3090": 24}
-GPU_BANDWIDTH_TBPS = {"H200": 4.8, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H100": 3.35, "A100": 2.04, "L40S": 0.864,
-                      "L40": 0.864, "L4": 0.3, "A10G": 0.6, "RTX 4090": 1.008, "RTX 3090": 0.936}
 # The model card's six shapes (common.MODEL_PRESETS) with their names and training-token budgets.
 CARD = {"small": ("Small", 7e9), "medium": ("Medium", 34e9), "large": ("Large", 132e9),
         "xlarge": ("X-large", 262e9), "xxlarge": ("XX-large", 1e12), "xxxlarge": ("XXX-large", 2e12)}
@@ -56,11 +51,6 @@ def bench_plan(activation_checkpointing: bool) -> "Plan":
     """The run behind MEASURED_H200_GIB: `python bench.py train --compile on [--activation_checkpointing]`."""
     return Plan.preset("small", batch_size=16, tokens_per_sample=1024, gradient_accumulation_steps=1,
                        activation_checkpointing=activation_checkpointing, compile=True, precision="bf16")
-
-
-def gpu_spec(table: dict, name: str):
-    """The entry of the first key contained in a GPU's name (model.peak_tflops's rule), or None."""
-    return next((v for k, v in table.items() if k in name), None)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -431,7 +421,7 @@ def compute(plan: Plan, num_gpus: int, gpu: str = "H100", mfu: float = 0.4, trai
             price_per_gpu_hour: float | None = None) -> dict:
     """Training FLOPs (GPT.flops_per_token at plan.tokens_per_sample) for training_tokens (default
     TOKENS_PER_PARAMETER per parameter), and the time, GPU-hours and cost on num_gpus GPUs of a kind
-    (its data-sheet bf16 peak from model.PEAK_TFLOPS) at a model-FLOPs utilisation."""
+    (its data-sheet bf16 peak from model.GPUS) at a model-FLOPs utilisation."""
     c = plan.config
     model = meta_model(c)
     n = model.num_parameters()
@@ -439,7 +429,7 @@ def compute(plan: Plan, num_gpus: int, gpu: str = "H100", mfu: float = 0.4, trai
     per_token = model.flops_per_token(plan.tokens_per_sample)
     peak = peak_tflops(gpu)
     if peak is None:
-        raise ValueError(f"unknown GPU {gpu!r}: one of {', '.join(sorted(GPU_MEMORY_GB))}")
+        raise ValueError(f"unknown GPU {gpu!r}: one of {', '.join(sorted(GPUS))}")
     seconds = per_token * tokens / (num_gpus * peak * 1e12 * mfu)
     out = {"parameters": n, "training_tokens": tokens, "tokens_per_parameter": tokens / n,
            "flops_per_token": per_token, "total_flops": per_token * tokens, "seconds": seconds,
@@ -461,8 +451,8 @@ def inference(plan: Plan, context_length: int, gpu: str = "H100", bytes_per_valu
     per_token = model.kv_bytes_per_token(bytes_per_value)
     weights = weight_bytes(c, bytes_per_value=bytes_per_value)
     logits = 4 * c.padded_vocabulary_size  # one row's fp32 logits per sequence in the batch
-    bandwidth = gpu_spec(GPU_BANDWIDTH_TBPS, gpu)
-    capacity = gpu_spec(GPU_MEMORY_GB, gpu)
+    spec = gpu_spec(gpu)
+    bandwidth, capacity = (spec.bandwidth_tbps, spec.memory_gb) if spec else (None, None)
     out = {"kv_bytes_per_token": per_token, "kv_bytes_per_context": per_token * context_length,
            "weight_bytes": weights}
     read = weights + per_token * context_length
