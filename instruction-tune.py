@@ -302,13 +302,9 @@ def print_summary(args, parallel: Parallel, rows, ctx: Distributed, device: torc
     model, c = parallel.model, parallel.model.config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     compiled = ", compiled" if compile_enabled(args.compile, device) else ""
-    world = ""
-    if ctx.enabled:
-        level = f" level {args.ddp_sharding_level}" if parallel.kind == "fsdp" else ""
-        world = f"; {ctx.world_size} process{'es' if ctx.world_size > 1 else ''}, {parallel.kind}{level}"
     print0(f"model: {c.num_hidden_layers} layers, width {c.embedding_dimensions}, vocabulary {c.vocabulary_size:,}; "
            f"LoRA rank {model.blocks[0].attn.qkv.rank} on {', '.join(LORA_TARGETS)}: {trainable:,} trainable "
-           f"parameters; {device.type} {precision_name(device)}{compiled}{world}")
+           f"parameters; {device.type} {precision_name(device)}{compiled}{parallel.summary}")
     targets = rows.target_count()
     print0(f"data: {rows.conversations:,} training conversations packed into {len(rows):,} rows of "
            f"{args.max_tokens_per_sample} tokens ({targets:,} targets{', assistant only' if args.mask_input else ''})")

@@ -288,14 +288,10 @@ def print_summary(args, parallel: Parallel, ctx: Distributed, device: torch.devi
                   steps_per_epoch: int) -> None:
     """Two lines on what is about to run: the model and where it runs, then the run's size."""
     model, c = parallel.model, parallel.model.config
-    world = ""
-    if ctx.enabled:
-        level = f" level {args.ddp_sharding_level}" if parallel.kind == "fsdp" else ""
-        world = f"; {ctx.world_size} process{'es' if ctx.world_size > 1 else ''}, {parallel.kind}{level}"
     compiled = ", compiled" if compile_enabled(args.compile, device) else ""
     print0(f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without embeddings), "
            f"{c.num_hidden_layers} layers, width {c.embedding_dimensions}, vocabulary {c.vocabulary_size:,}; "
-           f"{device.type} {precision_name(device)}{compiled}{world}")
+           f"{device.type} {precision_name(device)}{compiled}{parallel.summary}")
     print0(f"training: {args.num_epochs} epochs x {steps_per_epoch} steps x "
            f"{args.batch_size * accumulation * ctx.world_size} samples x {args.tokens_per_sample} tokens")
 
