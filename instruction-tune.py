@@ -59,7 +59,7 @@ from common import (
 )
 from data import BatchPrefetcher, RowSampler, load_encoding, to_device
 from model import LORA_TARGETS, GPT, lora_state_dict, merge_lora, trainable_by_kind
-from parallel import Parallel, training_memory
+from parallel import Parallel, eval_rank_share, training_memory
 from training import (
     Hooks,
     Plan,
@@ -251,10 +251,7 @@ def eval_share(args, ctx: Distributed, test) -> tuple[torch.Tensor, ...]:
     """This rank's share of up to --eval_samples test rows (spread over the split, the same every time)."""
     n = min(args.eval_samples, len(test))
     chosen = torch.linspace(0, len(test) - 1, n).round().long().unique()
-    chosen = chosen[: len(chosen) // ctx.world_size * ctx.world_size]
-    if not len(chosen):
-        raise UserError(f"the test split has fewer rows ({len(test)}) than the {ctx.world_size} processes")
-    return test.batch(chosen[ctx.rank :: ctx.world_size].tolist())
+    return test.batch(eval_rank_share(chosen, ctx, f"rows ({len(test)})").tolist())
 
 
 def build_model(args, base: dict, checkpoint: dict | None, ctx: Distributed,

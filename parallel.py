@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from adafactor import Adafactor
-from common import Distributed, bf16_supported
+from common import Distributed, UserError, bf16_supported
 from model import GPTConfig
 from sizing import adafactor_state_bytes, gradient_bytes, weight_bytes
 
@@ -36,6 +36,16 @@ def training_memory(config: GPTConfig, shards: int, lora_rank: int = 0) -> tuple
     weights = weight_bytes(config, lora_rank=lora_rank)
     trained = gradient_bytes(config, shards, lora_rank) + adafactor_state_bytes(config, shards, lora_rank)
     return weights + trained, weights
+
+
+def eval_rank_share(items, ctx: Distributed, what: str):
+    """This rank's share of the test examples `items` (a list or a tensor) for evaluation: every rank gets as
+    many as the others, the remainder is left out. `what` names the examples in the one-line error when
+    there are fewer of them than processes."""
+    items = items[: len(items) // ctx.world_size * ctx.world_size]  # equal shares
+    if not len(items):
+        raise UserError(f"the test split has fewer {what} than the {ctx.world_size} processes")
+    return items[ctx.rank :: ctx.world_size]
 
 
 class Parallel:

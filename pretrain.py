@@ -61,7 +61,7 @@ from data import (
     window_batch,
 )
 from model import GPT, GPTConfig
-from parallel import Parallel, training_memory
+from parallel import Parallel, eval_rank_share, training_memory
 from training import (
     Hooks,
     Plan,
@@ -218,10 +218,7 @@ def architecture(args, checkpoint: dict | None, vocabulary_size: int) -> GPTConf
 def eval_share(args, ctx: Distributed, test_tokens: np.ndarray) -> list[int]:
     """This rank's share of the fixed test windows; every rank gets as many as the others."""
     starts = agree(ctx, lambda: eval_windows(test_tokens, args.tokens_per_sample, args.eval_samples))
-    starts = starts[: len(starts) // ctx.world_size * ctx.world_size]  # equal shares
-    if not starts:
-        raise UserError(f"the test split has fewer --tokens_per_sample windows than the {ctx.world_size} processes")
-    return starts[ctx.rank :: ctx.world_size]
+    return eval_rank_share(starts, ctx, "--tokens_per_sample windows")
 
 
 def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: WindowSampler, seed: int,
