@@ -64,6 +64,7 @@ from training import (
     Hooks,
     Plan,
     allow_tf32,
+    already_complete,
     batch_layout,
     check_same_flags,
     epoch_position,
@@ -161,9 +162,8 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple | None:
         raise UserError(f"--base_model_path {args.base_model_path} is already a chat model (merged); tune its "
                         f"LoRA checkpoint further with --resume, or start from the pretrained base")
     checkpoint = agree(ctx, partial(resume_state, args, base), who="rank0")
-    if checkpoint and checkpoint["step"] >= checkpoint["steps_per_epoch"] * args.num_epochs:
-        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,}; --num_epochs "
-               f"{args.num_epochs} ends at step {checkpoint['steps_per_epoch'] * args.num_epochs:,}: nothing to train")
+    if checkpoint and already_complete(args.checkpoint_path, checkpoint["step"], checkpoint["steps_per_epoch"],
+                                       args.num_epochs):
         return None
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed decides the adapters' initial weights, the same on every rank

@@ -66,6 +66,7 @@ from training import (
     Hooks,
     Plan,
     allow_tf32,
+    already_complete,
     batch_layout,
     check_same_flags,
     epoch_position,
@@ -135,10 +136,7 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
     layout = (args.batch_size, args.gradient_accumulation_steps, args.samples_per_epoch, ctx.world_size)
     accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(*layout))
     checkpoint = agree(ctx, partial(resume_state, args), who="rank0")  # rank 0 reads it; every rank gets it
-    if checkpoint and checkpoint["step"] >= steps_per_epoch * args.num_epochs:
-        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,} "
-               f"({epoch_position(checkpoint['step'], steps_per_epoch)}); --num_epochs {args.num_epochs} ends at step "
-               f"{steps_per_epoch * args.num_epochs:,}: nothing to do (pass a larger --num_epochs to train further)")
+    if checkpoint and already_complete(args.checkpoint_path, checkpoint["step"], steps_per_epoch, args.num_epochs):
         return None
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed alone decides the initial weights, on every rank
