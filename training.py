@@ -122,7 +122,7 @@ def already_complete(checkpoint_path: str, step: int, steps_per_epoch: int, num_
     if step < total:
         return False
     print0(f"{checkpoint_path} is already complete at step {step:,} ({epoch_position(step, steps_per_epoch)}); "
-           f"--num_epochs {num_epochs} ends at step {total:,}: nothing to do (pass a larger --num_epochs to train "
+           f"--num_epochs {num_epochs} ends at step {total:,}: nothing to train (pass a larger --num_epochs to train "
            f"further)")
     return True
 
