@@ -242,9 +242,6 @@ class Sampler:
     def fill(self, noise: torch.Tensor) -> torch.Tensor:
         return noise.exponential_(generator=self.generator)
 
-    def noise(self, shape, device) -> torch.Tensor:
-        return self.fill(torch.empty(shape, device=device))
-
 
 # ----------------------------------------------------------------------------- decoding
 
