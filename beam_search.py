@@ -15,7 +15,6 @@ at <|im_end|> instead of end-of-text.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +89,7 @@ def beam_search(model: GPT, prompt_ids: list[int], end: int, beam_width: int, nu
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Beam search with LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Beam search with LightGPT.")
     add_inference_args(p, max_tokens=100)
     add_system_args(p, compile_help=None, seed_help=None)  # beam search is deterministic and runs eagerly
     p.add_argument("--num_candidates", type=positive_int, default=3, help="best sequences to print")

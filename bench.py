@@ -77,7 +77,7 @@ ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Benchmark LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Benchmark LightGPT.")
     p.add_argument("mode", choices=("train", "decode", "tokenize", "pack", "serve"), help="what to measure")
     g = p.add_argument_group("model")
     g.add_argument("--vocabulary_size", type=positive_int, default=50_257, help="vocabulary of the random model")

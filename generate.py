@@ -414,8 +414,7 @@ class Conversation:
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Generate text with LightGPT.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Generate text with LightGPT.")
     add_inference_args(p, max_tokens=1000)
     add_sampling_args(p)
     add_system_args(p, compile_help="compile the decode step into CUDA graphs (auto: on for CUDA)",

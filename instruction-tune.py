@@ -23,7 +23,6 @@ script loads like a pretrained one.
 
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
 
@@ -87,8 +86,7 @@ LORA_B_SCALE_FLOOR = 1.0
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Instruction-tune LightGPT with LoRA.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Instruction-tune LightGPT with LoRA.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=SMOLTALK, help="HF hub dataset with a 'messages' column, a local "
                    ".jsonl/.json/.parquet file, folder or glob with one, or 'builtin' (no download)")

@@ -19,7 +19,6 @@ that instruction tuning shares.
 
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
 from typing import Iterator
@@ -82,7 +81,7 @@ CHECKPOINT_KIND = "pretrain"
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Pretrain LightGPT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Pretrain LightGPT.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=FINEWEB, help="HF hub dataset with a 'text' column, a local "
                    ".txt/.jsonl/.json/.parquet file, folder or glob, or 'builtin' (no download)")

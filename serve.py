@@ -633,8 +633,7 @@ def default_model_name(args) -> str:
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Serve a LightGPT model with OpenAI's API and a chat page.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Serve a LightGPT model with OpenAI's API and a chat page.")
     add_model_path_args(p, "serve the chat model")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
