@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (ArgumentParser, UserError, add_system_args, check_memory, float_in, positive_int, resolve_device,
-                    run_main)
-from generate import add_inference_args, decode_text, encode_prompt, load_for_inference, prefill, prompts
+from common import ArgumentParser, UserError, add_system_args, float_in, positive_int, resolve_device, run_main
+from generate import (add_inference_args, decode_text, encode_prompt, load_for_inference, prefill, prompts,
+                      setup_kv_cache)
 from model import GPT
 
 
@@ -39,9 +39,8 @@ def beam_search(model: GPT, prompt_ids: list[int], end: int, beam_width: int, nu
     """The num_candidates best continuations of prompt_ids, best first; a continuation ends at `end`."""
     device = model.token_embeddings.weight.device
     W, V = beam_width, model.config.vocabulary_size
-    check_memory(model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * W * context_length,
-                 device, f"a KV cache for --beam_width {W} x --context_length {context_length} tokens")
-    model.setup_cache(W, context_length)
+    setup_kv_cache(model, W, context_length,
+                   f"a KV cache for --beam_width {W} x --context_length {context_length} tokens")
     P = len(prompt_ids)
     idx = torch.tensor([prompt_ids], device=device).expand(W, P)
     logits = prefill(model, idx).float()  # (W, V)

@@ -58,7 +58,7 @@ from common import (
     run_main,
     synchronize,
 )
-from generate import Decoder, Sampler, Sampling, add_sampling_args
+from generate import Decoder, Sampler, Sampling, add_sampling_args, base_prompt, kv_cache_bytes
 from model import GPT, peak_tflops
 
 
@@ -342,9 +342,8 @@ def decode_one(args, device, system: str, prompt) -> dict:
         if bf16_supported(device):
             model = model.to(torch.bfloat16)
         model = model.to(device).eval()
-        kv_bytes = model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch * args.context_length
-        kv_cache_gib = float(f"{kv_bytes / 2**30:.4g}")
-        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        kv_cache_gib = float(f"{kv_cache_bytes(model, batch, args.context_length) / 2**30:.4g}")
+        sampling = Sampling.from_args(args)
         decoder = Decoder(model, args.context_length, batch, sampling, Sampler(device, args.seed), compiled,
                           DECODE_COMPILE_MODES[args.decode_compile_mode])
 
@@ -451,7 +450,7 @@ def bench_serve(args, device, rows) -> None:
     from generate import Sampling
 
     loaded, texts = serving_model(args, device)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling = Sampling.from_args(args)
     use_compile = compile_enabled(args.compile, device)
     params = sum(p.numel() for p in loaded.model.parameters())
     one_at_a_time = {}
@@ -473,7 +472,7 @@ def bench_serve(args, device, rows) -> None:
                                                            "seed": args.seed + i, "stream": True,
                                                            "stream_options": {"include_usage": True}})
             else:
-                prompts = [[loaded.eot] + loaded.encoding.encode_ordinary(t) for t in texts]
+                prompts = [base_prompt(loaded, t) for t in texts]
 
                 def one(i: int) -> int:
                     request = Request(prompts[i], args.max_tokens, sampling, args.seed + i, frozenset(loaded.stop))

@@ -29,8 +29,7 @@ from typing import Callable
 
 import torch
 
-from common import check_memory
-from generate import Loaded, Sampler, Sampling, prefill, sample
+from generate import Loaded, Sampler, Sampling, prefill, sample, setup_kv_cache
 
 @dataclass(frozen=True)
 class Request:
@@ -77,12 +76,10 @@ class Engine:
             raise ValueError("max_batch must be at least 1 and max_waiting not negative")
         self.model = loaded.model
         self.context_length, self.max_batch, self.max_waiting = context_length, max_batch, max_waiting
-        weight = self.model.token_embeddings.weight
-        self.device = weight.device
+        self.device = self.model.token_embeddings.weight.device
         self.vocabulary_size = self.model.config.vocabulary_size
-        check_memory(self.model.kv_bytes_per_token(weight.element_size()) * max_batch * context_length, self.device,
-                     f"a KV cache of {max_batch} rows x {context_length} tokens")
-        self.cache = self.model.setup_cache(max_batch, context_length)
+        self.cache = setup_kv_cache(self.model, max_batch, context_length,
+                                    f"a KV cache of {max_batch} rows x {context_length} tokens")
         # Compiled, a step runs every row (the rows in use vary, and each count would be a new graph); the span
         # is the only shape that changes, through a few sizes (KVCache.spans). Eager, only the rows in use run.
         self.use_compile = use_compile

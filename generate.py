@@ -68,11 +68,12 @@ def add_inference_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def add_sampling_args(p) -> None:
-    """The sampling flags generate.py and bench.py share."""
-    p.add_argument("--temperature", type=non_negative_float, default=1.0,
+    """The sampling flags generate.py, serve.py and bench.py share; their defaults are Sampling's."""
+    p.add_argument("--temperature", type=non_negative_float, default=Sampling.temperature,
                    help=f"softmax temperature; 0 (or below {GREEDY_BELOW:g}) is greedy")
-    p.add_argument("--top_k", type=positive_int, default=500, help="sample only from the k most likely tokens")
-    p.add_argument("--top_p", type=unit_interval, default=0.9,
+    p.add_argument("--top_k", type=positive_int, default=Sampling.top_k,
+                   help="sample only from the k most likely tokens")
+    p.add_argument("--top_p", type=unit_interval, default=Sampling.top_p,
                    help="then only from the smallest set whose probability reaches p")
 
 
@@ -175,11 +176,17 @@ def prompts(prompt: str | None) -> Iterator[str]:
 
 
 def encode_prompt(loaded: Loaded, text: str, system: str | None = None) -> list[int]:
-    """A prompt starts a document, as every training document did: end-of-text first. A chat model's
-    prompt is a user turn (after the system message) and the assistant's header, in ChatML."""
+    """A base model's prompt is plain text (base_prompt). A chat model's prompt is a user turn (after the
+    system message) and the assistant's header, in ChatML."""
     if loaded.chat is None:
-        return [loaded.eot] + loaded.encoding.encode_ordinary(text)
+        return base_prompt(loaded, text)
     return render_prompt(loaded.chat, chat_messages(text, system))
+
+
+def base_prompt(loaded: Loaded, text: str) -> list[int]:
+    """Text to continue, as a base model reads it: a prompt starts a document, as every training document
+    did, so end-of-text comes first. serve.py's /v1/completions encodes its prompts so, chat model or not."""
+    return [loaded.eot] + loaded.encoding.encode_ordinary(text)
 
 
 def chat_messages(text: str, system: str | None) -> list[dict]:
@@ -222,6 +229,11 @@ class Sampling:
     top_k: int = 500
     top_p: float = 0.9
 
+    @classmethod
+    def from_args(cls, args) -> "Sampling":
+        """The settings add_sampling_args' flags give."""
+        return cls(args.temperature, args.top_k, args.top_p)
+
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
@@ -263,11 +275,20 @@ class Sampler:
     def fill(self, noise: torch.Tensor) -> torch.Tensor:
         return noise.exponential_(generator=self.generator)
 
-    def noise(self, shape, device) -> torch.Tensor:
-        return self.fill(torch.empty(shape, device=device))
-
 
 # ----------------------------------------------------------------------------- decoding
+
+def kv_cache_bytes(model: GPT, batch_size: int, context_length: int) -> int:
+    """Bytes of a KV cache of batch_size rows x context_length tokens, in the precision of the model's weights."""
+    return model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch_size * context_length
+
+
+def setup_kv_cache(model: GPT, batch_size: int, context_length: int, what: str):
+    """The model's KV cache of batch_size rows x context_length tokens (GPT.setup_cache), after refusing in
+    one line (check_memory) a cache the device cannot hold; `what` names the cache in that line."""
+    check_memory(kv_cache_bytes(model, batch_size, context_length), model.token_embeddings.weight.device, what)
+    return model.setup_cache(batch_size, context_length)
+
 
 PREFILL_CHUNK = 1024  # prompt tokens per forward pass: bounds the attention mask and the logits a prompt needs
 
@@ -302,9 +323,8 @@ class Decoder:
         device = model.token_embeddings.weight.device
         self.model, self.device, self.sampler = model, device, sampler
         self.sampling = sampling.clamped(model.config.vocabulary_size)
-        check_memory(model.kv_bytes_per_token(model.token_embeddings.weight.element_size()) * batch_size
-                     * context_length, device, f"a KV cache of {batch_size} x --context_length {context_length} tokens")
-        self.cache = model.setup_cache(batch_size, context_length)
+        self.cache = setup_kv_cache(model, batch_size, context_length,
+                                    f"a KV cache of {batch_size} x --context_length {context_length} tokens")
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.noise = torch.ones(batch_size, self.sampling.top_k, device=device)
@@ -438,7 +458,7 @@ def parse_args(argv=None):
 def main(args) -> list[list[int]]:
     device = resolve_device(args.device)
     loaded = load_for_inference(args.checkpoint_path, device, args.lora_path, args.system)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling = Sampling.from_args(args)
     decoder = Decoder(loaded.model, args.context_length, 1, sampling, Sampler(device, args.seed),
                       compile_enabled(args.compile, device))
     conversation = Conversation(loaded, decoder, args.system) if loaded.chat else None

@@ -29,7 +29,7 @@ from functools import partial
 import torch
 
 from adafactor import Adafactor
-from chat import SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data
+from chat import SMOLTALK, SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data
 from checkpoint import (
     LORA_ENTRIES,
     MODEL_ENTRIES,
@@ -60,11 +60,12 @@ from common import (
 from data import BatchPrefetcher, RowSampler, load_encoding, to_device
 from lora import LoRAConfig, adapted_model, lora_model, lora_state_dict, merge_lora, trainable_by_kind
 from model import GPT
-from parallel import Distributed, Parallel, agree, training_memory
+from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
 from training import (
     Hooks,
     Plan,
     allow_tf32,
+    already_complete,
     batch_layout,
     check_same_flags,
     epoch_position,
@@ -77,7 +78,6 @@ from training import (
 )
 
 CHECKPOINT_KIND = "lora"  # checkpoint.lora_checkpoint builds it
-SMOLTALK = "HuggingFaceTB/smoltalk"
 DATA_FLAGS = ("dataset", "dataset_subset", "max_tokens_per_sample", "mask_input")  # they choose the rows: fixed on resume
 # Adafactor scales each step by the parameter's own RMS, floored at 1e-3. B starts at zero, so at that
 # floor it would move by lr / 1000 per step and the adapters would sleep for thousands of steps; its
@@ -162,9 +162,8 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple | None:
         raise UserError(f"--base_model_path {args.base_model_path} is already a chat model (merged); tune its "
                         f"LoRA checkpoint further with --resume, or start from the pretrained base")
     checkpoint = agree(ctx, partial(resume_state, args, base), who="rank0")
-    if checkpoint and checkpoint["step"] >= checkpoint["steps_per_epoch"] * args.num_epochs:
-        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,}; --num_epochs "
-               f"{args.num_epochs} ends at step {checkpoint['steps_per_epoch'] * args.num_epochs:,}: nothing to train")
+    if checkpoint and already_complete(args.checkpoint_path, checkpoint["step"], checkpoint["steps_per_epoch"],
+                                       args.num_epochs):
         return None
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed decides the adapters' initial weights, the same on every rank
@@ -252,10 +251,7 @@ def eval_share(args, ctx: Distributed, test) -> tuple[torch.Tensor, ...]:
     """This rank's share of up to --eval_samples test rows (spread over the split, the same every time)."""
     n = min(args.eval_samples, len(test))
     chosen = torch.linspace(0, len(test) - 1, n).round().long().unique()
-    chosen = chosen[: len(chosen) // ctx.world_size * ctx.world_size]
-    if not len(chosen):
-        raise UserError(f"the test split has fewer rows ({len(test)}) than the {ctx.world_size} processes")
-    return test.batch(chosen[ctx.rank :: ctx.world_size].tolist())
+    return test.batch(eval_rank_share(chosen, ctx, f"rows ({len(test)})").tolist())
 
 
 def build_model(args, base: dict, checkpoint: dict | None, ctx: Distributed,
@@ -303,13 +299,9 @@ def print_summary(args, parallel: Parallel, rows, ctx: Distributed, device: torc
     model, c = parallel.model, parallel.model.config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     compiled = ", compiled" if compile_enabled(args.compile, device) else ""
-    world = ""
-    if ctx.enabled:
-        level = f" level {args.ddp_sharding_level}" if parallel.kind == "fsdp" else ""
-        world = f"; {ctx.world_size} process{'es' if ctx.world_size > 1 else ''}, {parallel.kind}{level}"
     print0(f"model: {c.num_hidden_layers} layers, width {c.embedding_dimensions}, vocabulary {c.vocabulary_size:,}; "
            f"LoRA rank {model.lora_config.rank} on {', '.join(model.lora_config.targets)}: {trainable:,} trainable "
-           f"parameters; {device.type} {precision_name(device)}{compiled}{world}")
+           f"parameters; {device.type} {precision_name(device)}{compiled}{parallel.summary}")
     targets = rows.target_count()
     print0(f"data: {rows.conversations:,} training conversations packed into {len(rows):,} rows of "
            f"{args.max_tokens_per_sample} tokens ({targets:,} targets{', assistant only' if args.mask_input else ''})")

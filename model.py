@@ -46,11 +46,6 @@ IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, ma
 VOCAB_MULTIPLE = 64  # the embedding table is padded up to a multiple of this many rows
 LOGITS_CHUNK_BYTES = 2**29  # the loss computes fp32 logits for at most this many bytes at a time
 
-# Dense bf16 matrix-product peaks from the vendors' data sheets (TFLOP/s), for MFU. The first name
-# contained in a device's name wins, so the specific variants come first.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
-               "L40": 181.0, "L4": 121.0, "A10G": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -456,9 +451,31 @@ class GPT(nn.Module):
         return 2 * self.config.num_hidden_layers * self.config.embedding_dimensions * bytes_per_value
 
 
+@dataclass(frozen=True)
+class GPU:
+    """A GPU's figures from its vendor's data sheet."""
+    peak_tflops: float  # dense bf16 matrix products, TFLOP/s: MFU's denominator
+    memory_gb: int  # memory as sold (GB)
+    bandwidth_tbps: float  # memory bandwidth, TB/s
+
+
+# Known GPUs by name, for MFU (bench.py) and sizing.py. The first name contained in a device's name wins,
+# so the specific variants come first.
+GPUS = {"H200": GPU(989.0, 141, 4.8), "H100 PCIe": GPU(756.0, 80, 2.0), "H100 NVL": GPU(835.0, 80, 3.9),
+        "H100": GPU(989.0, 80, 3.35), "A100": GPU(312.0, 80, 2.04), "L40S": GPU(362.0, 48, 0.864),
+        "L40": GPU(181.0, 48, 0.864), "L4": GPU(121.0, 24, 0.3), "A10G": GPU(125.0, 24, 0.6),
+        "RTX 4090": GPU(165.0, 24, 1.008), "RTX 3090": GPU(71.0, 24, 0.936)}
+
+
+def gpu_spec(device_name: str) -> GPU | None:
+    """The data sheet of a known GPU by its name (the first key of GPUS contained in it), or None."""
+    return next((v for k, v in GPUS.items() if k in device_name), None)
+
+
 def peak_tflops(device_name: str) -> float | None:
     """The data-sheet dense bf16 peak of a known GPU by its name, or None."""
-    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    spec = gpu_spec(device_name)
+    return spec.peak_tflops if spec else None
 
 
 # ----------------------------------------------------------------------------- cache

@@ -204,6 +204,16 @@ def training_memory(config: GPTConfig, shards: int, lora_rank: int = 0) -> tuple
     return weights + trained, weights
 
 
+def eval_rank_share(items, ctx: Distributed, what: str):
+    """This rank's share of the test examples `items` (a list or a tensor) for evaluation: every rank gets as
+    many as the others, the remainder is left out. `what` names the examples in the one-line error when
+    there are fewer of them than processes."""
+    items = items[: len(items) // ctx.world_size * ctx.world_size]  # equal shares
+    if not len(items):
+        raise UserError(f"the test split has fewer {what} than the {ctx.world_size} processes")
+    return items[ctx.rank :: ctx.world_size]
+
+
 class Parallel:
     """The model as the training loop drives it: the module to call, gradient-sync control for
     accumulation, global-norm clipping, and whole (consolidated) state for checkpoints.
@@ -213,7 +223,7 @@ class Parallel:
     what the loop calls: the compiled and/or DDP-wrapped model (under FSDP the model itself)."""
 
     def __init__(self, model: nn.Module, ctx: Distributed, device: torch.device, level: int, use_compile: bool):
-        self.model, self.ctx, self.use_compile = model, ctx, use_compile
+        self.model, self.ctx, self.use_compile, self.level = model, ctx, use_compile, level
         self.kind = "single" if not ctx.enabled else "ddp" if level == 0 else "fsdp"
         if self.kind == "single":
             self.wrapped = torch.compile(model) if use_compile else model
@@ -240,6 +250,14 @@ class Parallel:
             # The root's tied embedding is needed again first thing in backward: keep it gathered.
             fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
             self.wrapped = model  # blocks compiled above, before sharding
+
+    @property
+    def summary(self) -> str:
+        """How training runs, for the scripts' summary line: "; 2 processes, fsdp level 3" ("" alone)."""
+        if not self.ctx.enabled:
+            return ""
+        level = f" level {self.level}" if self.kind == "fsdp" else ""
+        return f"; {self.ctx.world_size} process{'es' if self.ctx.world_size > 1 else ''}, {self.kind}{level}"
 
     def optimizer(self, params=None, **kwargs) -> Adafactor:
         """Adafactor (adafactor.py): torch.optim.Adafactor's updates, sharded or not, with no host syncs,

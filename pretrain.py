@@ -59,11 +59,12 @@ from data import (
     window_batch,
 )
 from model import GPT, GPTConfig
-from parallel import Distributed, Parallel, agree, training_memory
+from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
 from training import (
     Hooks,
     Plan,
     allow_tf32,
+    already_complete,
     batch_layout,
     check_same_flags,
     epoch_position,
@@ -133,10 +134,7 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
     layout = (args.batch_size, args.gradient_accumulation_steps, args.samples_per_epoch, ctx.world_size)
     accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(*layout))
     checkpoint = agree(ctx, partial(resume_state, args), who="rank0")  # rank 0 reads it; every rank gets it
-    if checkpoint and checkpoint["step"] >= steps_per_epoch * args.num_epochs:
-        print0(f"{args.checkpoint_path} is already complete at step {checkpoint['step']:,} "
-               f"({epoch_position(checkpoint['step'], steps_per_epoch)}); --num_epochs {args.num_epochs} ends at step "
-               f"{steps_per_epoch * args.num_epochs:,}: nothing to do (pass a larger --num_epochs to train further)")
+    if checkpoint and already_complete(args.checkpoint_path, checkpoint["step"], steps_per_epoch, args.num_epochs):
         return None
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed alone decides the initial weights, on every rank
@@ -216,10 +214,7 @@ def architecture(args, checkpoint: dict | None, vocabulary_size: int) -> GPTConf
 def eval_share(args, ctx: Distributed, test_tokens: np.ndarray) -> list[int]:
     """This rank's share of the fixed test windows; every rank gets as many as the others."""
     starts = agree(ctx, lambda: eval_windows(test_tokens, args.tokens_per_sample, args.eval_samples))
-    starts = starts[: len(starts) // ctx.world_size * ctx.world_size]  # equal shares
-    if not starts:
-        raise UserError(f"the test split has fewer --tokens_per_sample windows than the {ctx.world_size} processes")
-    return starts[ctx.rank :: ctx.world_size]
+    return eval_rank_share(starts, ctx, "--tokens_per_sample windows")
 
 
 def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: WindowSampler, seed: int,
@@ -286,14 +281,10 @@ def print_summary(args, parallel: Parallel, ctx: Distributed, device: torch.devi
                   steps_per_epoch: int) -> None:
     """Two lines on what is about to run: the model and where it runs, then the run's size."""
     model, c = parallel.model, parallel.model.config
-    world = ""
-    if ctx.enabled:
-        level = f" level {args.ddp_sharding_level}" if parallel.kind == "fsdp" else ""
-        world = f"; {ctx.world_size} process{'es' if ctx.world_size > 1 else ''}, {parallel.kind}{level}"
     compiled = ", compiled" if compile_enabled(args.compile, device) else ""
     print0(f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without embeddings), "
            f"{c.num_hidden_layers} layers, width {c.embedding_dimensions}, vocabulary {c.vocabulary_size:,}; "
-           f"{device.type} {precision_name(device)}{compiled}{world}")
+           f"{device.type} {precision_name(device)}{compiled}{parallel.summary}")
     print0(f"training: {args.num_epochs} epochs x {steps_per_epoch} steps x "
            f"{args.batch_size * accumulation * ctx.world_size} samples x {args.tokens_per_sample} tokens")
 

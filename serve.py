@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import uvicorn
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import APIRouter, FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from chat import render_prompt
+from chat import ROLES, render_prompt
 from common import (
     ArgumentParser,
     UserError,
@@ -52,7 +52,7 @@ from common import (
 )
 from engine import Engine, EngineBusy, Event, Request
 from files import os_reason
-from generate import Loaded, Sampling, add_sampling_args, load_for_inference
+from generate import Loaded, Sampling, add_sampling_args, base_prompt, load_for_inference
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 API_KEY_ENV = "LIGHTGPT_API_KEY"
@@ -224,9 +224,9 @@ def chat_messages(body: ChatBody) -> list[dict]:
     out = []
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role: {m.role!r} is not supported; use system, user or assistant",
-                           f"messages[{i}].role")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role: {m.role!r} is not supported; use {', '.join(ROLES[:-1])} or "
+                                f"{ROLES[-1]}", f"messages[{i}].role")
         content = m.content
         if isinstance(content, list):
             if any(p.type != "text" or p.text is None for p in content):
@@ -389,148 +389,187 @@ def sse(data) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the handlers answer from, on app.state.served: the started engine, its model, the settings,
+    the chat page and the time the server was made."""
+    engine: Engine
+    loaded: Loaded
+    settings: Settings
+    page: str
+    created: int
+
+
+def served(request: HTTPRequest) -> Served:
+    return request.app.state.served
+
+
 def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
     """The server's routes over a started engine. main runs it under uvicorn; tests and bench.py run it
     in a thread (BackgroundServer)."""
     app = FastAPI(title="LightGPT", docs_url=None, redoc_url=None, openapi_url=None)
     with open(PAGE_PATH, encoding="utf-8") as f:
-        page = f.read()
-    created = int(time.time())
-
+        app.state.served = Served(engine, loaded, settings, f.read(), int(time.time()))
     if settings.hosts is not None:
-        @app.middleware("http")
-        async def known_hosts_only(request: HTTPRequest, call_next):
-            name = host_name(request.headers.get("host", ""))
-            if name not in settings.hosts:
-                return APIError(403, f"this server answers requests to {', '.join(settings.hosts)} only, not to "
-                                     f"{name!r}", code="host_not_allowed").response()
-            return await call_next(request)
-
-    @app.exception_handler(APIError)
-    async def api_error(request, e: APIError):
-        return e.response({"Retry-After": "1"} if e.status == 503 else None)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):  # 404, 405: in the same shape
-        return JSONResponse({"error": error_body(f"{request.method} {request.url.path}: {e.detail}")}, e.status_code,
-                            headers=getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def server_error(request, e: Exception):
-        return JSONResponse({"error": error_body(f"internal error: {type(e).__name__}", "server_error")}, 500)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def chat_page():
-        return HTMLResponse(page)
-
-    @app.get("/health")
-    async def health():
-        if not engine.running:  # the decode thread is gone: nothing would be answered
-            return JSONResponse({"status": "error", "error": "the decoding engine is not running",
-                                 "last_error": engine.last_error}, 503)
-        return {"status": "ok", "model": settings.model_name, "chat": loaded.chat is not None,
-                "active": engine.active, "waiting": engine.waiting, "max_batch": engine.max_batch,
-                "context_length": engine.context_length, "max_tokens": settings.max_tokens,
-                "auth": settings.api_key is not None, "last_error": engine.last_error}
-
-    @app.get("/v1/models")
-    async def models(request: HTTPRequest):
-        check_key(request, settings)
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
-                                            "owned_by": "lightgpt"}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: HTTPRequest):
-        check_key(request, settings)
-        body = await parse_body(request, ChatBody)
-        if loaded.chat is None:
-            raise APIError(400, "this is a base model with no chat template; use /v1/completions (or serve a chat "
-                                "model: --lora_path, or a merged checkpoint)", "messages", "model_not_chat")
-        check_common(body)
-        messages = chat_messages(body)
-        prompt = render_prompt(loaded.chat, messages)
-        check_room(prompt, engine.context_length, "messages")
-        name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        request_ = Request(prompt, max_tokens_of(requested, name, settings),
-                           sampling_of(body, settings), body.seed, frozenset(loaded.stop))
-        stops = stops_of(body)
-        return await respond(request, body, Generation(engine, loaded, request_, stops), chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(request: HTTPRequest):
-        check_key(request, settings)
-        body = await parse_body(request, CompletionBody)
-        check_common(body)
-        text = body.prompt
-        if isinstance(text, list):
-            if len(text) != 1:
-                raise APIError(400, f"prompt: one prompt per request, got a list of {len(text)}", "prompt")
-            text = text[0]
-        if body.echo:
-            raise APIError(400, "echo: not supported", "echo")
-        prompt = [loaded.eot] + loaded.encoding.encode_ordinary(text)  # generate.encode_prompt's base-model form
-        check_room(prompt, engine.context_length, "prompt")
-        request_ = Request(prompt, max_tokens_of(body.max_tokens, "max_tokens", settings),
-                           sampling_of(body, settings), body.seed, frozenset(loaded.stop))
-        stops = stops_of(body)
-        return await respond(request, body, Generation(engine, loaded, request_, stops), chat=False)
-
-    async def respond(request: HTTPRequest, body: Common, gen: Generation, chat: bool) -> Response:
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": settings.model_name}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(stream(gen, head, chat, include_usage), gen)
-        collect = asyncio.ensure_future(gen.text())
-        gone = asyncio.ensure_future(until_disconnected(request))
-        try:
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not collect.done():  # the client left: stop generating for it
-                collect.cancel()
-                gen.close()
-        if not collect.done() or collect.cancelled():
-            return Response(status_code=499)
-        text = collect.result()
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": gen.finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
-        return JSONResponse({**head, "choices": [choice], "usage": gen.usage})
-
-    async def stream(gen: Generation, head: dict, chat: bool, include_usage: bool):
-        """Server-sent events: a chunk per piece of text (the first chat chunk names the role), a last
-        chunk with the finish reason and the usage, or with stream_options.include_usage the finish reason
-        alone and then OpenAI's usage chunk (no choices), then [DONE]. A client that leaves cancels the generator here, which frees the row."""
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-        def chunk(piece: str | None, finish=None, role=False) -> dict:
-            if chat:
-                delta = ({"role": "assistant"} if role else {}) | ({} if piece is None else {"content": piece})
-                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            return {**head, "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
-
-        if chat:
-            yield sse(chunk("", role=True))
-        try:
-            async for piece in gen.pieces():
-                yield sse(chunk(piece))
-        except APIError as e:  # the status is sent already: say it in the stream, as OpenAI does
-            yield sse({"error": error_body(e.message, e.kind, e.param, e.code)})
-            yield sse("[DONE]")
-            return
-        if include_usage:  # OpenAI's way: usage in a chunk of its own (no choices), none on the others
-            yield sse(chunk(None, gen.finish_reason))
-            yield sse({**head, "choices": [], "usage": gen.usage})
-        else:  # usage in every response all the same: on the last chunk, counted once
-            yield sse({**chunk(None, gen.finish_reason), "usage": gen.usage})
-        yield sse("[DONE]")
-
+        app.middleware("http")(known_hosts_only)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
+    app.include_router(router)
     return app
+
+
+async def known_hosts_only(request: HTTPRequest, call_next):
+    hosts = served(request).settings.hosts
+    name = host_name(request.headers.get("host", ""))
+    if name not in hosts:
+        return APIError(403, f"this server answers requests to {', '.join(hosts)} only, not to "
+                             f"{name!r}", code="host_not_allowed").response()
+    return await call_next(request)
+
+
+async def api_error(request, e: APIError):
+    return e.response({"Retry-After": "1"} if e.status == 503 else None)
+
+
+async def http_error(request, e: HTTPException):  # 404, 405: in the same shape
+    return JSONResponse({"error": error_body(f"{request.method} {request.url.path}: {e.detail}")}, e.status_code,
+                        headers=getattr(e, "headers", None))
+
+
+async def server_error(request, e: Exception):
+    return JSONResponse({"error": error_body(f"internal error: {type(e).__name__}", "server_error")}, 500)
+
+
+# ----------------------------------------------------------------------------- the routes
+
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse)
+async def chat_page(request: HTTPRequest):
+    return HTMLResponse(served(request).page)
+
+
+@router.get("/health")
+async def health(request: HTTPRequest):
+    s = served(request)
+    engine, settings = s.engine, s.settings
+    if not engine.running:  # the decode thread is gone: nothing would be answered
+        return JSONResponse({"status": "error", "error": "the decoding engine is not running",
+                             "last_error": engine.last_error}, 503)
+    return {"status": "ok", "model": settings.model_name, "chat": s.loaded.chat is not None,
+            "active": engine.active, "waiting": engine.waiting, "max_batch": engine.max_batch,
+            "context_length": engine.context_length, "max_tokens": settings.max_tokens,
+            "auth": settings.api_key is not None, "last_error": engine.last_error}
+
+
+@router.get("/v1/models")
+async def models(request: HTTPRequest):
+    s = served(request)
+    check_key(request, s.settings)
+    return {"object": "list", "data": [{"id": s.settings.model_name, "object": "model", "created": s.created,
+                                        "owned_by": "lightgpt"}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: HTTPRequest):
+    s = served(request)
+    check_key(request, s.settings)
+    body = await parse_body(request, ChatBody)
+    if s.loaded.chat is None:
+        raise APIError(400, "this is a base model with no chat template; use /v1/completions (or serve a chat "
+                            "model: --lora_path, or a merged checkpoint)", "messages", "model_not_chat")
+    check_common(body)
+    messages = chat_messages(body)
+    prompt = render_prompt(s.loaded.chat, messages)
+    check_room(prompt, s.engine.context_length, "messages")
+    name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    request_ = Request(prompt, max_tokens_of(requested, name, s.settings),
+                       sampling_of(body, s.settings), body.seed, frozenset(s.loaded.stop))
+    stops = stops_of(body)
+    return await respond(request, body, Generation(s.engine, s.loaded, request_, stops), chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: HTTPRequest):
+    s = served(request)
+    check_key(request, s.settings)
+    body = await parse_body(request, CompletionBody)
+    check_common(body)
+    text = body.prompt
+    if isinstance(text, list):
+        if len(text) != 1:
+            raise APIError(400, f"prompt: one prompt per request, got a list of {len(text)}", "prompt")
+        text = text[0]
+    if body.echo:
+        raise APIError(400, "echo: not supported", "echo")
+    prompt = base_prompt(s.loaded, text)
+    check_room(prompt, s.engine.context_length, "prompt")
+    request_ = Request(prompt, max_tokens_of(body.max_tokens, "max_tokens", s.settings),
+                       sampling_of(body, s.settings), body.seed, frozenset(s.loaded.stop))
+    stops = stops_of(body)
+    return await respond(request, body, Generation(s.engine, s.loaded, request_, stops), chat=False)
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+async def respond(request: HTTPRequest, body: Common, gen: Generation, chat: bool) -> Response:
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": served(request).settings.model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStream(stream(gen, head, chat, include_usage), gen)
+    collect = asyncio.ensure_future(gen.text())
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():  # the client left: stop generating for it
+            collect.cancel()
+            gen.close()
+    if not collect.done() or collect.cancelled():
+        return Response(status_code=499)
+    text = collect.result()
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": gen.finish_reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
+    return JSONResponse({**head, "choices": [choice], "usage": gen.usage})
+
+
+async def stream(gen: Generation, head: dict, chat: bool, include_usage: bool):
+    """Server-sent events: a chunk per piece of text (the first chat chunk names the role), a last
+    chunk with the finish reason and the usage, or with stream_options.include_usage the finish reason
+    alone and then OpenAI's usage chunk (no choices), then [DONE]. A client that leaves cancels the generator here, which frees the row."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def chunk(piece: str | None, finish=None, role=False) -> dict:
+        if chat:
+            delta = ({"role": "assistant"} if role else {}) | ({} if piece is None else {"content": piece})
+            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {**head, "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
+
+    if chat:
+        yield sse(chunk("", role=True))
+    try:
+        async for piece in gen.pieces():
+            yield sse(chunk(piece))
+    except APIError as e:  # the status is sent already: say it in the stream, as OpenAI does
+        yield sse({"error": error_body(e.message, e.kind, e.param, e.code)})
+        yield sse("[DONE]")
+        return
+    if include_usage:  # OpenAI's way: usage in a chunk of its own (no choices), none on the others
+        yield sse(chunk(None, gen.finish_reason))
+        yield sse({**head, "choices": [], "usage": gen.usage})
+    else:  # usage in every response all the same: on the last chunk, counted once
+        yield sse({**chunk(None, gen.finish_reason), "usage": gen.usage})
+    yield sse("[DONE]")
 
 
 # ----------------------------------------------------------------------------- running it
@@ -624,7 +663,7 @@ def main(args) -> None:
     loaded = load_for_inference(args.checkpoint_path, device, args.lora_path)
     sock = listening_socket(args.host, args.port)
     settings = Settings(args.model_name or default_model_name(args), args.max_tokens,
-                        Sampling(args.temperature, args.top_k, args.top_p), args.api_key,
+                        Sampling.from_args(args), args.api_key,
                         LOOPBACK if args.host in LOOPBACK else None)
     with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
                 compile_enabled(args.compile, device)) as engine:

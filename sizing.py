@@ -34,15 +34,10 @@ import torch
 from chat import SPECIAL_TOKENS
 from common import MODEL_PRESETS
 from lora import LoRAConfig, add_lora, lora_parameters
-from model import GPT, GPTConfig, _chunk_rows, peak_tflops
+from model import GPT, GPUS, GPTConfig, _chunk_rows, gpu_spec, peak_tflops
 
 GIB = 2**30
 GPU_SIZES_GIB = (24, 40, 80, 141)  # the common cards: RTX 4090 / L4 / A10G, A100 40GB, A100 / H100 80GB, H200
-# Data-sheet memory (GB as sold) and bandwidth (TB/s) of known GPUs, matched by name as model.PEAK_TFLOPS is.
-GPU_MEMORY_GB = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L40": 48, "L4": 24, "A10G": 24,
-                 "RTX 4090": 24, "RTX 3090": 24}
-GPU_BANDWIDTH_TBPS = {"H200": 4.8, "H100 PCIe": 2.0, "H100 NVL": 3.9, "H100": 3.35, "A100": 2.04, "L40S": 0.864,
-                      "L40": 0.864, "L4": 0.3, "A10G": 0.6, "RTX 4090": 1.008, "RTX 3090": 0.936}
 # The model card's six shapes (common.MODEL_PRESETS) with their names and training-token budgets.
 CARD = {"small": ("Small", 7e9), "medium": ("Medium", 34e9), "large": ("Large", 132e9),
         "xlarge": ("X-large", 262e9), "xxlarge": ("XX-large", 1e12), "xxxlarge": ("XXX-large", 2e12)}
@@ -57,11 +52,6 @@ def bench_plan(activation_checkpointing: bool) -> "Plan":
     """The run behind MEASURED_H200_GIB: `python bench.py train --compile on [--activation_checkpointing]`."""
     return Plan.preset("small", batch_size=16, tokens_per_sample=1024, gradient_accumulation_steps=1,
                        activation_checkpointing=activation_checkpointing, compile=True, precision="bf16")
-
-
-def gpu_spec(table: dict, name: str):
-    """The entry of the first key contained in a GPU's name (model.peak_tflops's rule), or None."""
-    return next((v for k, v in table.items() if k in name), None)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -335,16 +325,7 @@ def memory(plan: Plan, batch_size: int | None = None) -> dict:
     N, C = B * plan.tokens_per_sample, c.embedding_dimensions
     whole_grads = gradient_bytes(c, 1, lora)
     act = activations(plan, B)
-    t = {"weights": weight_bytes(c, shards, lora)}
-    if plan.fsdp:
-        gathered = 2 if plan.precision == "bf16" else 4
-        if plan.sharding_level == 2:
-            t["gathered_weights"] = weight_bytes(c, 1, lora, gathered)
-        else:
-            block = sum(math.prod(s) for s, n, _ in parameter_shapes(c, lora) if n > 1)
-            t["gathered_weights"] = gathered * (c.padded_vocabulary_size * C + C + 2 * block)
-    else:
-        t["gathered_weights"] = 0
+    t = {"weights": weight_bytes(c, shards, lora), "gathered_weights": gathered_weight_bytes(plan)}
     accumulating = plan.micro_batches > 1
     step_grads = gradient_bytes(c, shards, lora)
     t["gradients"] = whole_grads if accumulating else step_grads
@@ -354,34 +335,18 @@ def memory(plan: Plan, batch_size: int | None = None) -> dict:
     t["optimizer_update"] = largest_update_bytes(c, shards, lora) if one_at_a_time else step_grads
     t["activations"] = act["saved"]
     t["loss_chunk"] = loss_chunk_bytes(plan, B)
-    # Backward, block by block from the top: block l's saved tensors (or, checkpointed, its input and its
-    # recomputed activations) are there with those of every block below; the gradients of the blocks above
-    # are formed (sharded after each block's reduce-scatter), its own are forming; the gradient of the
-    # residual stream flows down (fp32, two at a time where the branches add); the loss's gradient of the
-    # tied table waits, whole, for the embedding's own (LoRA's table is put together twice, so it does not
-    # wait). Linear in the block's index: check both ends.
-    L, V = c.num_hidden_layers, c.padded_vocabulary_size
-    flowing = 2 * 4 * C * N
-    shapes = parameter_shapes(c, lora)
-    block_grad = 4 * sum(math.prod(s) for s, n, trains in shapes if n > 1 and trains)
-    block_grad_rank = 4 * sum(_rows(s, shards) for s, n, trains in shapes if n > 1 and trains)
-    if plan.activation_checkpointing:
-        kept = act["blocks"] // L  # a block's input
-        recompute = act["per_block"] + act["autocast_weight_copies_per_block"]
-    else:
-        kept = act["per_block"] + act["autocast_weight_copies_per_block"]
-        recompute = 0
-    t["backward_working"] = recompute + block_grad + flowing
+    block = backward_block(plan, B, act)
+    t["backward_working"] = block["working"]
 
     resident = t["weights"] + t["optimizer_state"] + t["ddp_buckets"]
     held = t["gradients"] if accumulating else 0  # gradients alive through the forward pass
     base = resident + held + t["gathered_weights"]
-
+    L, V = c.num_hidden_layers, c.padded_vocabulary_size
     pending = 0 if lora else 4 * V * C
 
     def in_block(i: int) -> int:
-        formed = 0 if accumulating else (L - 1 - i) * block_grad_rank
-        return base + 8 * N + (i + 1) * kept + pending + formed + t["backward_working"]
+        formed = 0 if accumulating else (L - 1 - i) * block["grad_rank"]
+        return base + 8 * N + (i + 1) * block["kept"] + pending + formed + t["backward_working"]
 
     moments = {
         "forward": base + t["activations"] + t["loss_chunk"],
@@ -390,13 +355,51 @@ def memory(plan: Plan, batch_size: int | None = None) -> dict:
         "backward_top": in_block(L - 1),
         "backward_bottom": in_block(0),
         # the embedding's backward forms a whole (vocabulary, width) gradient beside all the others
-        "backward_end": base + (0 if accumulating else step_grads) + 4 * V * C + flowing,
+        "backward_end": base + (0 if accumulating else step_grads) + 4 * V * C + block["flowing"],
         "step": resident + step_grads + t["optimizer_update"],
     }
     t.update({f"at_{k}": v for k, v in moments.items()})
     t["phase"] = max(moments, key=moments.get)
     t["peak"] = moments[t["phase"]]
     return t
+
+
+def gathered_weight_bytes(plan: Plan) -> int:
+    """FSDP's gathered weights on a rank: at level 2 the whole model (bf16 under autocast), at level 3 the
+    root's tied table and norm and two blocks (one computing, the next prefetched); 0 without FSDP."""
+    if not plan.fsdp:
+        return 0
+    c, lora = plan.trained_config, plan.lora_rank
+    gathered = 2 if plan.precision == "bf16" else 4
+    if plan.sharding_level == 2:
+        return weight_bytes(c, 1, lora, gathered)
+    block = sum(math.prod(s) for s, n, _ in parameter_shapes(c, lora) if n > 1)
+    return gathered * (c.padded_vocabulary_size * c.embedding_dimensions + c.embedding_dimensions + 2 * block)
+
+
+def backward_block(plan: Plan, batch_size: int, act: dict) -> dict:
+    """One block's backward pass: what each block keeps for it (`kept`), the gradients it forms on this
+    rank (`grad_rank`), the gradient of the residual stream (`flowing`) and the working memory while it
+    runs (`working`: its recomputed activations when checkpointed, its gradients forming, `flowing`)."""
+    # Backward, block by block from the top: block l's saved tensors (or, checkpointed, its input and its
+    # recomputed activations) are there with those of every block below; the gradients of the blocks above
+    # are formed (sharded after each block's reduce-scatter), its own are forming; the gradient of the
+    # residual stream flows down (fp32, two at a time where the branches add); the loss's gradient of the
+    # tied table waits, whole, for the embedding's own (LoRA's table is put together twice, so it does not
+    # wait). Linear in the block's index: check both ends.
+    c, shards, lora = plan.trained_config, plan.shards, plan.lora_rank
+    flowing = 2 * 4 * c.embedding_dimensions * batch_size * plan.tokens_per_sample
+    shapes = parameter_shapes(c, lora)
+    block_grad = 4 * sum(math.prod(s) for s, n, trains in shapes if n > 1 and trains)
+    block_grad_rank = 4 * sum(_rows(s, shards) for s, n, trains in shapes if n > 1 and trains)
+    if plan.activation_checkpointing:
+        kept = act["blocks"] // c.num_hidden_layers  # a block's input
+        recompute = act["per_block"] + act["autocast_weight_copies_per_block"]
+    else:
+        kept = act["per_block"] + act["autocast_weight_copies_per_block"]
+        recompute = 0
+    return {"kept": kept, "grad_rank": block_grad_rank, "flowing": flowing,
+            "working": recompute + block_grad + flowing}
 
 
 def largest_batch(plan: Plan, capacity_bytes: float) -> int:
@@ -419,7 +422,7 @@ def compute(plan: Plan, num_gpus: int, gpu: str = "H100", mfu: float = 0.4, trai
             price_per_gpu_hour: float | None = None) -> dict:
     """Training FLOPs (GPT.flops_per_token at plan.tokens_per_sample) for training_tokens (default
     TOKENS_PER_PARAMETER per parameter), and the time, GPU-hours and cost on num_gpus GPUs of a kind
-    (its data-sheet bf16 peak from model.PEAK_TFLOPS) at a model-FLOPs utilisation."""
+    (its data-sheet bf16 peak from model.GPUS) at a model-FLOPs utilisation."""
     c = plan.config
     model = meta_model(c)
     n = model.num_parameters()
@@ -427,7 +430,7 @@ def compute(plan: Plan, num_gpus: int, gpu: str = "H100", mfu: float = 0.4, trai
     per_token = model.flops_per_token(plan.tokens_per_sample)
     peak = peak_tflops(gpu)
     if peak is None:
-        raise ValueError(f"unknown GPU {gpu!r}: one of {', '.join(sorted(GPU_MEMORY_GB))}")
+        raise ValueError(f"unknown GPU {gpu!r}: one of {', '.join(sorted(GPUS))}")
     seconds = per_token * tokens / (num_gpus * peak * 1e12 * mfu)
     out = {"parameters": n, "training_tokens": tokens, "tokens_per_parameter": tokens / n,
            "flops_per_token": per_token, "total_flops": per_token * tokens, "seconds": seconds,
@@ -449,8 +452,8 @@ def inference(plan: Plan, context_length: int, gpu: str = "H100", bytes_per_valu
     per_token = model.kv_bytes_per_token(bytes_per_value)
     weights = weight_bytes(c, bytes_per_value=bytes_per_value)
     logits = 4 * c.padded_vocabulary_size  # one row's fp32 logits per sequence in the batch
-    bandwidth = gpu_spec(GPU_BANDWIDTH_TBPS, gpu)
-    capacity = gpu_spec(GPU_MEMORY_GB, gpu)
+    spec = gpu_spec(gpu)
+    bandwidth, capacity = (spec.bandwidth_tbps, spec.memory_gb) if spec else (None, None)
     out = {"kv_bytes_per_token": per_token, "kv_bytes_per_context": per_token * context_length,
            "weight_bytes": weights}
     read = weights + per_token * context_length

@@ -153,6 +153,18 @@ def epoch_position(step: int, steps_per_epoch: int) -> str:
     return f"epoch {epoch + 1}, {into} of {steps_per_epoch} steps done"
 
 
+def already_complete(checkpoint_path: str, step: int, steps_per_epoch: int, num_epochs: int) -> bool:
+    """Whether a resumed run has nothing left to train: its checkpoint is at or past the last step of
+    --num_epochs. If so, it says so in one line."""
+    total = steps_per_epoch * num_epochs
+    if step < total:
+        return False
+    print0(f"{checkpoint_path} is already complete at step {step:,} ({epoch_position(step, steps_per_epoch)}); "
+           f"--num_epochs {num_epochs} ends at step {total:,}: nothing to train (pass a larger --num_epochs to train "
+           f"further)")
+    return True
+
+
 # ----------------------------------------------------------------------------- run set-up
 
 
