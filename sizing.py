@@ -14,7 +14,7 @@ against the program itself.
   decomposed into ops that also save the normalised x, the CPU flash kernel when attention has no
   dropout and the math path with T x T probabilities when it has, dropout masks in the activation dtype).
   The "cpu" set equals a saved_tensors_hooks count of the real model (tests); the "cuda" set is the same
-  ops with the GPU's kernels, compared with bench.py's measured peaks in the README.
+  ops with the GPU's kernels, compared with bench.py's measured peaks in docs/performance.md.
 - Peak memory is the largest of a step's moments: the end of the forward pass (every saved activation
   plus the fused loss's chunks), the backward pass at the loss, at its first and its last block and at the
   embedding, and the optimizer step. On the CPU it matches a real step's peak allocation (tests). It counts
@@ -43,7 +43,7 @@ CARD = {"small": ("Small", 7e9), "medium": ("Medium", 34e9), "large": ("Large", 
         "xlarge": ("X-large", 262e9), "xxlarge": ("XX-large", 1e12), "xxxlarge": ("XXX-large", 2e12)}
 TOKENS_PER_PARAMETER = 20  # compute-optimal training tokens per parameter (Hoffmann et al., 2022)
 
-# bench.py's peak memory of the Small shape on one H200, from the README ("Measured on one NVIDIA H200
+# bench.py's peak memory of the Small shape on one H200, from docs/performance.md ("Measured on one NVIDIA H200
 # (2026-11-28)"): batch 16 x 1024 tokens, bf16 autocast, torch.compile, our Adafactor, dropout 0.1.
 MEASURED_H200_GIB = {False: 18.9, True: 5.6}  # by activation checkpointing
 
