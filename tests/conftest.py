@@ -145,6 +145,16 @@ def tuned(base, chats, tmp_path_factory):
     return out, history
 
 
+@pytest.fixture(scope="session")
+def certain(tmp_path_factory):
+    """A model whose answers are certain, for plumbing tests (tests/helpers.py): the paths of its base
+    checkpoint (.base), its chat LoRA (.lora) and the two merged (.merged). The chat model answers
+    helpers.CHAT_ANSWER then <|im_end|> to any prompt; the base model writes free letters, never ending."""
+    from helpers import write_certain_model
+
+    return write_certain_model(tmp_path_factory.mktemp("certain"))
+
+
 def fails_with_one_line(capsys, module, argv, *fragments) -> str:
     """Run a script's main as the command line would; it must exit non-zero with one line on stderr
     that holds every fragment."""
