@@ -173,8 +173,11 @@ def test_two_processes_tune_as_one_does(base, chats, tmp_path, level):
     a = load_checkpoint(str(tmp_path / "one" / "lora.pt"), "lora")
     b = load_checkpoint(str(tmp_path / "two" / "lora.pt"), "lora")
     assert a["adapters"].keys() == b["adapters"].keys()
+    # Summed in another order, the gradients differ in the last bits, and Adafactor's normalised steps
+    # carry that on: 3e-6 apart at most with AVX2 kernels, 3.2e-5 (on weights up to 0.3) with the generic
+    # ones (ATEN_CPU_CAPABILITY=default); training moves them from zero to 0.3.
     for name in a["adapters"]:
-        torch.testing.assert_close(a["adapters"][name], b["adapters"][name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(a["adapters"][name], b["adapters"][name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------- errors
