@@ -20,11 +20,16 @@ Block 1's attention is random (seeded) and reads and writes only directions that
 the chain tokens lack: which free letter comes next depends on the whole context (so cache and batching
 bugs still change sampled text), the chain's margin does not."""
 
+import importlib
 import os
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from chat import SPECIAL_TOKENS
+from common import load_checkpoint, lora_model, save_checkpoint
+from model import GPT, LORA_TARGETS, GPTConfig, lora_state_dict
 
 CHAT_ANSWER = "yes."
 BASE_AFTER_Y = "es."  # the base model after "y": then end-of-text
@@ -43,9 +48,7 @@ def _direction(i: int) -> torch.Tensor:
     return F.one_hot(torch.tensor(i), _C).float()
 
 
-def _base_weights() -> dict:
-    from model import GPT, GPTConfig
-
+def _base_weights() -> tuple[GPTConfig, dict]:
     config = GPTConfig(vocabulary_size=_VOCAB, embedding_dimensions=_C, num_attention_heads=_HEADS,
                        num_hidden_layers=_LAYERS, feed_forward_ratio=4, dropout=0.0)
     state = {k: torch.zeros_like(v) for k, v in GPT(config).state_dict().items()}
@@ -86,12 +89,6 @@ def _written(direction: int) -> torch.Tensor:
 def write_certain_model(folder) -> SimpleNamespace:
     """base.pt, lora.pt (its chat LoRA) and merged.pt (the two merged, as instruction-tune.py's
     --merge_path writes it) in `folder`: their paths."""
-    import importlib
-
-    from chat import SPECIAL_TOKENS
-    from common import load_checkpoint, lora_model, save_checkpoint
-    from model import LORA_TARGETS, lora_state_dict
-
     folder = str(folder)
     paths = SimpleNamespace(**{k: os.path.join(folder, f"{k}.pt") for k in ("base", "lora", "merged")})
     config, weights = _base_weights()
