@@ -18,6 +18,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # One thread, here and in the processes tests start: tiny models gain nothing from more, and on a
 # busy 2-core machine OpenMP threads waiting for a core made a test 80 times slower (19.8 s, not 0.24 s).
 os.environ["OMP_NUM_THREADS"] = "1"
+# torch.compile's kernel cache (/tmp/torchinductor_<user>) does not tell kernels built for one
+# ATEN_CPU_CAPABILITY from another's: reused under another, they failed to build (default) or decoded
+# wrong tokens (avx2). A run that names a capability gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor-{os.getuid()}-{os.environ['ATEN_CPU_CAPABILITY']}")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -143,6 +149,16 @@ def tuned(base, chats, tmp_path_factory):
     out = tmp_path_factory.mktemp("tuned")
     history = tune.main(tune.parse_args(tune_args(base, chats, out, "--merge_path", str(out / "merged.pt"))))
     return out, history
+
+
+@pytest.fixture(scope="session")
+def certain(tmp_path_factory):
+    """A model whose answers are certain, for plumbing tests (tests/helpers.py): the paths of its base
+    checkpoint (.base), its chat LoRA (.lora) and the two merged (.merged). The chat model answers
+    helpers.CHAT_ANSWER then <|im_end|> to any prompt; the base model writes free letters, never ending."""
+    from helpers import write_certain_model
+
+    return write_certain_model(tmp_path_factory.mktemp("certain"))
 
 
 def fails_with_one_line(capsys, module, argv, *fragments) -> str:

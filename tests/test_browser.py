@@ -16,6 +16,7 @@ import serve
 from chat import render_prompt
 from engine import Engine
 from generate import load_for_inference
+from helpers import CHAT_ANSWER
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -87,9 +88,9 @@ def chat_in_the_page(url: str, message: str, screenshot: str | None = None, syst
 
 
 @pytest.mark.slow
-def test_the_chat_page_streams_an_answer_in_headless_chromium(base, tuned, tmp_path):
+def test_the_chat_page_streams_an_answer_in_headless_chromium(certain, tmp_path):
     browser_or_skip()
-    loaded = load_for_inference(base, torch.device("cpu"), str(tuned[0] / "lora.pt"))
+    loaded = load_for_inference(certain.base, torch.device("cpu"), certain.lora)  # it answers "yes."
     # The tiny model answers in a few milliseconds; a pause before every forward pass (prefill and decode
     # steps) makes its answer arrive slowly enough for the page to be seen growing.
     loaded.model.register_forward_pre_hook(lambda module, inputs: time.sleep(0.08))
@@ -99,18 +100,18 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(base, tuned, tmp_p
                                 temperature=0.0)
     assert seen["state"] == "done" and not seen["errors"], seen
     assert "Say apple." in seen["user"][0]
-    assert seen["text"] in ("ok.", "yes.") and seen["chunks"] == len(seen["text"])  # what the tuned model says
+    assert seen["text"] == CHAT_ANSWER and seen["chunks"] == len(CHAT_ANSWER)  # one chunk per (byte) token
     growing = [n for n in seen["lengths"] if n > 0]
     assert len(set(growing)) >= 2, seen  # seen at two lengths at least: it streamed, not all at once
     assert os.path.getsize(tmp_path / "page.png") > 1000
 
 
 @pytest.mark.slow
-def test_the_chat_page_keeps_the_conversation_stops_and_starts_anew(base, tuned):
+def test_the_chat_page_keeps_the_conversation_stops_and_starts_anew(certain):
     browser_or_skip()
     from selenium.webdriver.common.by import By
 
-    loaded = load_for_inference(base, torch.device("cpu"), str(tuned[0] / "lora.pt"))
+    loaded = load_for_inference(certain.base, torch.device("cpu"), certain.lora)
     running = threading.Event()  # cleared: the engine waits before its next forward pass
     running.set()
     loaded.model.register_forward_pre_hook(lambda module, inputs: None if running.wait(30) else None)  # None: inputs kept
@@ -145,7 +146,7 @@ def test_the_chat_page_keeps_the_conversation_stops_and_starts_anew(base, tuned)
                     send(text)
                     wait_for(lambda: len(answers()) == turn + 1 and answers()[-1].get_attribute("data-state") == "done")
                 first = answers()[0].find_element(By.CLASS_NAME, "text").text
-                assert first and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+                assert first == CHAT_ANSWER and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
                 conversation = [{"role": "user", "content": "Say apple."}, {"role": "assistant", "content": first},
                                 {"role": "user", "content": "Again."}]
                 assert requests[1].prompt == render_prompt(loaded.chat, conversation)  # the whole chat so far

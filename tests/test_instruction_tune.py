@@ -13,9 +13,12 @@ from conftest import fails_with_one_line, tune_args
 import beam_search
 import generate
 from chat import ChatTokenizer, render_prompt
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data import load_encoding
 from generate import Conversation, Decoder, Sampler, Sampling, load_for_inference
+from helpers import CHAT_ANSWER
+from lora import LoRAConfig, lora_model
+from model import IGNORE_INDEX
 
 tune = importlib.import_module("instruction-tune")
 
@@ -38,32 +41,63 @@ def test_tuning_lowers_test_loss_and_saves_only_what_trained(base, tuned):
     assert os.path.getsize(out / "lora.pt") < os.path.getsize(base) / 2  # adapters only, not the base's weights
 
 
-def test_merged_checkpoint_answers_as_base_plus_adapters(base, tuned, capsys):
-    out, _ = tuned
+@pytest.mark.parametrize("model", ["tuned", "certain"])
+def test_merged_checkpoint_answers_as_base_plus_adapters(model, request, capsys):
+    """The trained LoRA's merge and the certain model's (hand-set adapters) answer token for token as base
+    plus adapters do, and otherwise than the base alone."""
+    if model == "tuned":
+        base, out = request.getfixturevalue("base"), request.getfixturevalue("tuned")[0]
+        lora, merged = str(out / "lora.pt"), str(out / "merged.pt")
+    else:
+        paths = request.getfixturevalue("certain")
+        base, lora, merged = paths.base, paths.lora, paths.merged
     flags = ["--device", "cpu", "--prompt", "Say river.", "--temperature", "0", "--max_tokens", "12"]
-    with_lora = generate.main(generate.parse_args(["--checkpoint_path", base, "--lora_path", str(out / "lora.pt"),
-                                                   *flags]))
-    merged = generate.main(generate.parse_args(["--checkpoint_path", str(out / "merged.pt"), *flags]))
+    with_lora = generate.main(generate.parse_args(["--checkpoint_path", base, "--lora_path", lora, *flags]))
+    merged = generate.main(generate.parse_args(["--checkpoint_path", merged, *flags]))
     plain = generate.main(generate.parse_args(["--checkpoint_path", base, *flags]))
     assert with_lora == merged and with_lora != plain
     capsys.readouterr()
 
 
-def test_answers_come_in_the_assistant_role_and_stop_at_im_end(base, tuned):
-    out, _ = tuned
-    loaded = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt"))
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_answers_come_in_the_assistant_role_and_stop_at_im_end(certain, temperature):
+    loaded = load_for_inference(certain.base, torch.device("cpu"), certain.lora)
     chat = loaded.chat
-    decoder = Decoder(loaded.model, 256, 1, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0), False)
-    answer = Conversation(loaded, decoder, None).reply("Say tiger.", max_tokens=40)
-    # the tuned model learned the pattern: it answers, and ends its turn, as the assistant
-    assert chat.decode(answer) == "yes.", chat.decode(answer)
+    sampling = Sampling(temperature=temperature)
+    decoder = Decoder(loaded.model, 256, 1, sampling, Sampler(torch.device("cpu"), 0), False)
+    conversation = Conversation(loaded, decoder, None)
+    answer = conversation.reply("Say tiger.", max_tokens=40)
+    # the model answers after <|im_start|>assistant\n; its <|im_end|> ends the turn and is not in the answer
+    assert chat.decode(answer) == CHAT_ANSWER and conversation.pending == [chat.im_end]
 
 
-def test_multi_turn_chat_with_the_cached_conversation_equals_a_fresh_prefill(base, tuned):
+def test_the_tuned_model_prefers_what_it_was_taught(base, tuned):
+    """It learned: after the chat prompt, the tuned model gives the answer of its training conversations
+    ("yes." and <|im_end|>, without a system message) a loss far below the one it had before tuning (the
+    base with its new rows, adapters at zero): 1.4 against 6.0 nats a token, asserted with a factor of
+    2 that no rounding crosses. Which answer a greedy decoder picks is for the certain model's plumbing
+    tests: a tiny model on the edge of having learned a 4-byte answer says "ye" on another CPU."""
+    out, _ = tuned
+    base_model = model_from_checkpoint(load_checkpoint(base, "pretrain"))
+    before = lora_model(base_model, LoRAConfig(4, 8.0), 3).eval()  # tune_args' rank and alpha
+    after = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt")).model
+    tok = ChatTokenizer(load_encoding("bytes"))
+    prompt = render_prompt(tok, [{"role": "user", "content": "Say tiger."}])
+    ids = torch.tensor([prompt + tok.encode_text("yes.") + [tok.im_end]])
+    targets = ids[:, 1:].clone()
+    targets[:, : len(prompt) - 1] = IGNORE_INDEX  # the answer's tokens only
+
+    def answer_loss(model) -> float:
+        with torch.no_grad():
+            return model(ids[:, :-1], targets).item()
+
+    assert answer_loss(after) < answer_loss(before) / 2, (answer_loss(after), answer_loss(before))
+
+
+def test_multi_turn_chat_with_the_cached_conversation_equals_a_fresh_prefill(certain):
     """The second turn is prefilled after what the cache holds; the same whole conversation rendered
     afresh and prefilled from scratch gives the same answer."""
-    out, _ = tuned
-    loaded = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt"))
+    loaded = load_for_inference(certain.base, torch.device("cpu"), certain.lora)
     tok = loaded.chat
 
     def decoder():
@@ -141,8 +175,11 @@ def test_two_processes_tune_as_one_does(base, chats, tmp_path, level):
     a = load_checkpoint(str(tmp_path / "one" / "lora.pt"), "lora")
     b = load_checkpoint(str(tmp_path / "two" / "lora.pt"), "lora")
     assert a["adapters"].keys() == b["adapters"].keys()
+    # Summed in another order, the gradients differ in the last bits, and Adafactor's normalised steps
+    # carry that on: 3e-6 apart at most with AVX2 kernels, 3.2e-5 (on weights up to 0.3) with the generic
+    # ones (ATEN_CPU_CAPABILITY=default); training moves them from zero to 0.3.
     for name in a["adapters"]:
-        torch.testing.assert_close(a["adapters"][name], b["adapters"][name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(a["adapters"][name], b["adapters"][name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -186,10 +223,9 @@ def test_bad_inputs_end_with_one_line(base, chats, tuned, tmp_path, capsys, no_p
     fails(tune_args(str(other_base), chats, out, "--resume"), "adapts another base model")
 
 
-def test_chat_flags_in_scripts(base, tuned, monkeypatch, capsys):
+def test_chat_flags_in_scripts(certain, monkeypatch, capsys):
     """Piped lines are one conversation; /reset starts another; beam search answers a user turn."""
-    out, _ = tuned
-    lora = str(out / "lora.pt")
+    base, lora = certain.base, certain.lora
     monkeypatch.setattr(sys, "stdin", io.StringIO("Say stone.\nAgain.\n/reset\nSay stone.\n"))
     answers = generate.main(generate.parse_args(["--checkpoint_path", base, "--lora_path", lora, "--device", "cpu",
                                                  "--temperature", "0", "--max_tokens", "16"]))
@@ -197,21 +233,20 @@ def test_chat_flags_in_scripts(base, tuned, monkeypatch, capsys):
     tok = ChatTokenizer(load_encoding("bytes"))
     # after /reset the first question is asked afresh: the same answer as at first
     texts = [tok.decode(a) for a in answers]
-    assert texts[0] == texts[2] == "yes." and texts[1]
+    assert texts == [CHAT_ANSWER] * 3
     assert "> Say stone.\n" in printed and "(a new conversation)" in printed
     found = beam_search.main(beam_search.parse_args(["--checkpoint_path", base, "--lora_path", lora, "--device",
                                                      "cpu", "--prompt", "Say stone.", "--beam_width", "4",
                                                      "--num_candidates", "2", "--max_tokens", "12"]))[0]
     assert found[0].finished and found[0].tokens[-1] == tok.im_end
-    assert capsys.readouterr().out.split("\n")[1] == "yes."  # the best candidate, without its <|im_end|>
+    assert capsys.readouterr().out.split("\n")[1] == CHAT_ANSWER  # the best candidate, without its <|im_end|>
 
 
-def test_a_chat_longer_than_the_cache_slides_on(base, tuned):
+def test_a_chat_longer_than_the_cache_slides_on(certain):
     """Turns keep coming after the conversation outgrows --context_length: the oldest tokens slide out of
     the ring and every turn is still answered."""
-    out, _ = tuned
-    loaded = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt"))
+    loaded = load_for_inference(certain.base, torch.device("cpu"), certain.lora)
     decoder = Decoder(loaded.model, 24, 1, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0), False)
     chat = Conversation(loaded, decoder, "Be brief.")
     answers = [chat.reply(text, max_tokens=8) for text in ("Say apple.", "Again.", "Say river.", "Again.")]
-    assert all(answers) and decoder.next_position > 24 * 2
+    assert [loaded.chat.decode(a) for a in answers] == [CHAT_ANSWER] * 4 and decoder.next_position > 24 * 2

@@ -84,12 +84,16 @@ def nope_outputs():
     return logits[:, :, 0], loss, packed[:, :, 0], torch.stack(decoded, 1)
 
 
-def test_nope_is_bit_identical_to_before():
+def test_nope_is_unchanged_from_before():
+    """The recorded values to within rounding: they were recorded on another machine, and another vector
+    kernel (AVX-512, AVX2 or none: ATEN_CPU_CAPABILITY) rounds differently in the last bit (1.9e-8 seen).
+    A change to the NoPE path itself would move them by far more than these tolerances allow."""
     logits, loss, packed, decoded = nope_outputs()
-    assert torch.equal(logits, torch.tensor(NOPE_LOGITS))
-    assert torch.equal(packed, torch.tensor(NOPE_PACKED))
-    assert torch.equal(decoded, torch.tensor(NOPE_DECODED))
-    assert loss.item() == NOPE_LOSS
+    recorded = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, torch.tensor(NOPE_LOGITS), **recorded)
+    torch.testing.assert_close(packed, torch.tensor(NOPE_PACKED), **recorded)
+    torch.testing.assert_close(decoded, torch.tensor(NOPE_DECODED), **recorded)
+    assert loss.item() == pytest.approx(NOPE_LOSS, rel=1e-6)
 
 
 def test_nope_never_computes_positions(monkeypatch):

@@ -1,5 +1,7 @@
 """serve.py: the OpenAI-compatible server in this process on a free loopback port, talked to with the
-official openai package and raw HTTP, on the tiny pretrained model and its instruction-tuned LoRA."""
+official openai package and raw HTTP, on the certain model (tests/helpers.py): its chat LoRA answers
+"yes." then <|im_end|>, its base writes free letters and never ends, so every token count and finish
+reason below is what it is on any CPU."""
 
 import json
 import socket
@@ -17,6 +19,7 @@ from conftest import fails_with_one_line
 from data import load_encoding
 from engine import Engine, EngineBusy, Request
 from generate import Decoder, Sampler, Sampling, decode_text, load_for_inference
+from helpers import CHAT_ANSWER
 
 openai = pytest.importorskip("openai")
 
@@ -37,18 +40,17 @@ def started(loaded, settings, **engine_args):
 
 
 @pytest.fixture(scope="module")
-def chat_server(base, tuned):
-    out, _ = tuned
-    loaded = load_for_inference(base, torch.device("cpu"), str(out / "lora.pt"))
+def chat_server(certain):
+    loaded = load_for_inference(certain.base, torch.device("cpu"), certain.lora)
     engine, server = started(loaded, serve.Settings("tiny-chat", max_tokens=64))
-    server.checkpoints = (base, str(out / "lora.pt"))
+    server.checkpoints = (certain.base, certain.lora)
     with engine, server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def base_server(base):
-    loaded = load_for_inference(base, torch.device("cpu"))
+def base_server(certain):
+    loaded = load_for_inference(certain.base, torch.device("cpu"))
     engine, server = started(loaded, serve.Settings("tiny-base", max_tokens=4000))
     with engine, server:
         yield server
@@ -83,8 +85,8 @@ def test_chat_completion_plain_and_streamed(chat_server):
     assert done.object == "chat.completion" and done.model == "tiny-chat"
     choice, prompt = done.choices[0], generate.render_prompt(chat_server.loaded.chat, messages)
     answer = greedy(chat_server, prompt)
-    assert choice.message.role == "assistant" and choice.message.content == answer  # "ok." or "yes.": it learned
-    assert answer in ("ok.", "yes.") and choice.finish_reason == "stop"  # at <|im_end|>, which is not in the text
+    assert choice.message.role == "assistant" and choice.message.content == answer == CHAT_ANSWER
+    assert choice.finish_reason == "stop"  # at <|im_end|>, which is not in the text
     assert done.usage.prompt_tokens == len(prompt) and done.usage.completion_tokens == len(answer)  # byte tokens
     assert done.usage.total_tokens == len(prompt) + len(answer)
 
@@ -128,10 +130,11 @@ def test_completion_models_and_the_page(base_server):
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_a_seed_gives_generate_py_text(base, tuned, base_server, chat_server, chat, capsys):
+def test_a_seed_gives_generate_py_text(certain, base_server, chat_server, chat, capsys):
     """The same seed and sampling settings: the text generate.py --seed prints, token for token."""
     server = chat_server if chat else base_server
-    extra = ["--lora_path", str(tuned[0] / "lora.pt")] if chat else []
+    base = certain.base
+    extra = ["--lora_path", certain.lora] if chat else []
     prompt = "Say stone." if chat else "The "
     for seed in (1, 2):
         tokens = generate.main(generate.parse_args(["--checkpoint_path", base, *extra, "--device", "cpu",
@@ -260,8 +263,8 @@ def test_on_loopback_only_loopback_host_names_are_answered(base_server):
         ["127.0.0.1", "::1", "localhost", "::1"]
 
 
-def test_health_says_so_when_the_engine_does_not_run(base):
-    loaded = load_for_inference(base, torch.device("cpu"))
+def test_health_says_so_when_the_engine_does_not_run(certain):
+    loaded = load_for_inference(certain.base, torch.device("cpu"))
     engine, server = started(loaded, serve.Settings("tiny-base"))
     with server:  # the engine never started
         r = httpx.get(server.url + "/health", timeout=10)
@@ -343,8 +346,8 @@ def test_a_client_that_leaves_at_once_frees_its_row(base_server, monkeypatch, st
     assert cancelled[0].generated < 4000
 
 
-def test_a_full_engine_answers_503(base):
-    loaded = load_for_inference(base, torch.device("cpu"))
+def test_a_full_engine_answers_503(certain):
+    loaded = load_for_inference(certain.base, torch.device("cpu"))
     engine, server = started(loaded, serve.Settings("tiny"), max_batch=1, max_waiting=1)
     with engine, server:
         tickets = []
@@ -374,7 +377,8 @@ def test_an_api_key_guards_the_api_but_not_the_page(base_server):
         assert httpx.get(server.url + "/health", timeout=10).json()["auth"] is True
 
 
-def test_command_line_errors_are_one_line(base, capsys, monkeypatch):
+def test_command_line_errors_are_one_line(certain, capsys, monkeypatch):
+    base = certain.base
     fails_with_one_line(capsys, serve, ["--port", "70000"], "--port", "expected a port in [0, 65535]")
     fails_with_one_line(capsys, serve, ["--max_batch", "0"], "--max_batch", "positive integer")
     fails_with_one_line(capsys, serve, ["--top_p", "1.5"], "--top_p")
@@ -393,10 +397,10 @@ def test_command_line_errors_are_one_line(base, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_bounded_load_is_answered_or_refused_and_the_server_stays_healthy(base):
+def test_a_bounded_load_is_answered_or_refused_and_the_server_stays_healthy(certain):
     """200 requests from 16 clients (streaming and not, some malformed) on a small engine: each gets its
     answer, its 400 or a clean 503, and the server is healthy and idle afterwards."""
-    loaded = load_for_inference(base, torch.device("cpu"))
+    loaded = load_for_inference(certain.base, torch.device("cpu"))
     engine, server = started(loaded, serve.Settings("tiny", max_tokens=24), max_batch=4, max_waiting=6)
     outcomes, lock = [], threading.Lock()
 
