@@ -4,10 +4,10 @@ nats above any other."""
 
 import pytest
 import torch
+from helpers import BASE_AFTER_Y, CHAT_ANSWER, FREE_LETTERS, MARGIN, margins
 
 from chat import render_prompt
 from generate import Decoder, Sampler, Sampling, generate, load_for_inference
-from helpers import BASE_AFTER_Y, CHAT_ANSWER, FREE_LETTERS, MARGIN, margins
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Say apple."}],

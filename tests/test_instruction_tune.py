@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import fails_with_one_line, tune_args
+from helpers import CHAT_ANSWER
 
 import beam_search
 import generate
@@ -16,7 +17,6 @@ from chat import ChatTokenizer, render_prompt
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data import load_encoding
 from generate import Conversation, Decoder, Sampler, Sampling, load_for_inference
-from helpers import CHAT_ANSWER
 from lora import LoRAConfig, lora_model
 from model import IGNORE_INDEX
 

@@ -1,0 +1,98 @@
+"""One training step of LightGPT against one of nanoGPT at nanoGPT's documented CPU recipe shape (4 layers,
+4 heads, width 128, 64-token windows, batch 12, byte vocabulary), interleaved in one process so that both
+see the same machine at the same moments; prints each one's median step time and the ratio.
+
+nanoGPT's model code is public but not part of LightGPT: point --nanogpt_path at a checkout of it (its
+model.py is imported from there, for this measurement only).
+
+    python experiments/step_vs_nanogpt.py --nanogpt_path ../nanoGPT
+    python experiments/step_vs_nanogpt.py --nanogpt_path ../nanoGPT --profile   # where LightGPT's step goes
+
+A step is what each trainer does per optimizer step: forward with the loss, backward, clip the gradient
+norm at 1, the optimizer's step (LightGPT: its Adafactor; nanoGPT: AdamW as its train.py configures it),
+zero the gradients. Both models run fp32, eager, without dropout, one thread per --threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from adafactor import Adafactor  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+LAYERS, HEADS, WIDTH, WINDOW, BATCH, VOCABULARY = 4, 4, 128, 64, 12, 257
+
+
+def nanogpt(path: str):
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(path, "model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.GPTConfig(block_size=WINDOW, vocab_size=VOCABULARY, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH,
+                              dropout=0.0, bias=False)
+    model = module.GPT(config)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    return model, optimizer, lambda x, y: model(x, y)[1]
+
+
+def lightgpt(position_encoding: str = "none"):
+    model = GPT(GPTConfig(vocabulary_size=VOCABULARY, embedding_dimensions=WIDTH, num_attention_heads=HEADS,
+                          num_hidden_layers=LAYERS, dropout=0.0, position_encoding=position_encoding))
+    return model, Adafactor(model.parameters(), lr=3e-2), lambda x, y: model(x, y)
+
+
+def step(model, optimizer, loss_of, x, y) -> float:
+    started = time.perf_counter()
+    loss = loss_of(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nanogpt_path", required=True, help="a checkout of karpathy/nanoGPT (its model.py is read)")
+    p.add_argument("--steps", type=int, default=300, help="timed steps of each, interleaved (after 20 warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of LightGPT's step")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    runners = {"nanoGPT": nanogpt(args.nanogpt_path), "LightGPT": lightgpt()}
+    times = {name: [] for name in runners}
+    generator = torch.Generator().manual_seed(0)
+    for i in range(20 + args.steps):
+        x = torch.randint(0, VOCABULARY, (BATCH, WINDOW), generator=generator)
+        y = torch.randint(0, VOCABULARY, (BATCH, WINDOW), generator=generator)
+        order = list(runners.items()) if i % 2 else list(reversed(runners.items()))  # neither always goes first
+        for name, runner in order:
+            seconds = step(*runner, x, y)
+            if i >= 20:
+                times[name].append(seconds)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, median in medians.items():
+        print(f"{name}: {1000 * median:.2f} ms per step (median of {args.steps})")
+    print(f"LightGPT / nanoGPT step time: {medians['LightGPT'] / medians['nanoGPT']:.3f}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        model, optimizer, loss_of = runners["LightGPT"]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                step(model, optimizer, loss_of, x, y)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
