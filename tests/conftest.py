@@ -29,6 +29,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+pytest.register_assert_rewrite("helpers")  # its asserts report as a test file's do
 
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -149,6 +150,24 @@ def tuned(base, chats, tmp_path_factory):
     out = tmp_path_factory.mktemp("tuned")
     history = tune.main(tune.parse_args(tune_args(base, chats, out, "--merge_path", str(out / "merged.pt"))))
     return out, history
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny seeded byte-level model saved as pretrain.py saves one, with the records evaluate.py reads:
+    its corpus and training length, helpers.TRAINING_LENGTH (training it would only slow the tests down).
+    test_evaluate.py and test_export.py use it; test_generate.py has a `checkpoint` of its own."""
+    from checkpoint import save_checkpoint
+    from helpers import TRAINING_LENGTH
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "vocabulary_size": 257}, dropout=0.0))
+    path = str(tmp_path_factory.mktemp("eval") / "checkpoint.pt")
+    save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
+                     "token_encoding": "bytes", "eot_id": 256, "dataset": "builtin: CPython pydoc_data topics",
+                     "args": {"dataset": "builtin", "dataset_subset": None, "token_encoding": "bytes",
+                              "tokens_per_sample": TRAINING_LENGTH}}, path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -18,18 +18,27 @@ other, so neither rounding nor sampling can change what it says:
 
 Block 1's attention is random (seeded) and reads and writes only directions that the letters have and
 the chain tokens lack: which free letter comes next depends on the whole context (so cache and batching
-bugs still change sampled text), the chain's margin does not."""
+bugs still change sampled text), the chain's margin does not.
+
+After it, the smaller helpers that test files share (no test file imports another): LoRA on a tiny model,
+greedy decoding two ways, reading the documentation's pages, and torchrun launches. Fixtures are in
+conftest.py."""
 
 import importlib
 import os
+import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 
 from chat import SPECIAL_TOKENS
 from checkpoint import load_checkpoint, lora_checkpoint, model_checkpoint, model_from_checkpoint, save_checkpoint
-from lora import LoRAConfig, lora_model, lora_state_dict
+from generate import Decoder, Sampler, Sampling
+from lora import LoRAConfig, add_lora, grow_vocabulary, lora_model, lora_state_dict
 from model import GPT, GPTConfig
 
 CHAT_ANSWER = "yes."
@@ -146,3 +155,135 @@ def margins(model, ids: list[int], chat: bool) -> tuple[float, float]:
         else:
             free = min(free, (row[letters].min() - row[others].max()).item())
     return chain, free
+
+
+# ----------------------------------------------------------------------------- a tiny byte model on disk
+
+TRAINING_LENGTH = 32  # the --tokens_per_sample that conftest.py's `checkpoint` fixture records
+
+
+# ----------------------------------------------------------------------------- LoRA on a tiny model
+
+V, NEW = 300, 3  # the base vocabulary; the tokens LoRA adds
+
+
+def tiny(dropout: float = 0.0, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocabulary_size=V, embedding_dimensions=32, num_attention_heads=4, num_hidden_layers=2,
+                         dropout=dropout)).eval()
+
+
+def adapted(model: GPT, rank: int = 4, alpha: float = 2.0, dropout: float = 0.0) -> GPT:
+    return add_lora(grow_vocabulary(model, NEW), LoRAConfig(rank, alpha, dropout), (V, NEW)).eval()
+
+
+def perturb(model: GPT, seed: int = 1) -> None:
+    """Give every trainable weight a non-trivial value, as training would."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+
+
+# ----------------------------------------------------------------------------- greedy decoding, two ways
+
+
+def greedy_by_recomputation(model, prompt, steps, window):
+    """Reference: every token from a full forward over the whole sequence with sliding-window attention."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([tokens]), window=window)[0, -1]
+            tokens.append(int(logits.argmax()))
+    return tokens[len(prompt):]
+
+
+def greedy_decoder(model, context_length, use_compile=False, batch_size=1):
+    return Decoder(model, context_length, batch_size, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0),
+                   use_compile=use_compile)
+
+
+def greedy_with_cache(model, prompt, steps, context_length, use_compile=False):
+    decoder = greedy_decoder(model, context_length, use_compile)
+    with torch.inference_mode():
+        token = decoder.first_token(decoder.prefill(torch.tensor([prompt])))
+        out = [int(token)]
+        for _ in range(steps - 1):
+            token = decoder.step(token)
+            out.append(int(token))
+    return out
+
+
+# ----------------------------------------------------------------------------- the documentation's pages
+
+
+def read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+# Every page of the documentation by its path from the root: README.md first, then docs/*.md in order.
+_DOCS = os.path.join(ROOT, "docs")
+PAGES = {"README.md": read_text(os.path.join(ROOT, "README.md"))} | {
+    f"docs/{name}": read_text(os.path.join(_DOCS, name)) for name in sorted(os.listdir(_DOCS)) if name.endswith(".md")}
+
+
+def section(heading: str) -> str:
+    """From the heading that starts with `heading` to the next heading, on the first page that has it."""
+    for text in PAGES.values():
+        start = re.search(rf"^{re.escape(heading)}.*\n", text, re.MULTILINE)
+        if start:
+            end = re.compile(r"^#", re.MULTILINE).search(text, start.end())
+            return text[start.start() : end.start() if end else None]
+    raise AssertionError(f"no page has a heading {heading!r}")
+
+
+def table(text: str) -> list[list[str]]:
+    """The body rows of the first Markdown table in text, as lists of cell strings."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row] for row in rows[2:]]  # past the header and the rule
+
+
+def tiktoken_vocabulary(name: str, monkeypatch) -> int:
+    """An encoding's vocabulary as tiktoken declares it, without downloading its rank file."""
+    import tiktoken_ext.openai_public as public
+
+    monkeypatch.setattr(public, "load_tiktoken_bpe", lambda *args, **kwargs: {})
+    spec = getattr(public, name)()
+    return spec.get("explicit_n_vocab") or max(spec["special_tokens"].values()) + 1
+
+
+def model_shapes() -> list[tuple[str, GPTConfig, str, str]]:
+    """The suggested shapes: name, the config the row describes, its written parameter count and its --model
+    name."""
+    shapes = []
+    for name, vocabulary, width, heads, layers, parameters, _, flag in table(section("## Suggested model shapes")):
+        config = GPTConfig(vocabulary_size=int(vocabulary.replace(",", "")), embedding_dimensions=int(width),
+                           num_attention_heads=int(heads), num_hidden_layers=int(layers))
+        shapes.append((name, config, parameters, flag.strip("`")))
+    return shapes
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def launch(nproc, argv, timeout=240, script="pretrain.py"):
+    """Run a trainer under torchrun (or plainly for one process); returns the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc == 1:
+        command = [sys.executable, script, *argv]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   script, *argv]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(stdout):
+    return [float(line.split("cross-entropy ")[1].split(",")[0]) for line in stdout.splitlines()
+            if "cross-entropy" in line]

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, tiny_pretrain_args
+from helpers import check, launch, losses
 
 from checkpoint import load_checkpoint
 
@@ -20,29 +21,8 @@ pytestmark = pytest.mark.slow  # every test launches torchrun processes
 SHAPE = ["--embedding_dimensions", "27", "--num_attention_heads", "3", "--dropout", "0", "--lr_schedule", "constant"]
 
 
-def launch(nproc, argv, timeout=240, script="pretrain.py"):
-    """Run a trainer under torchrun (or plainly for one process); returns the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if nproc == 1:
-        command = [sys.executable, script, *argv]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   script, *argv]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def check(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 def args(data, run, *extra):
     return tiny_pretrain_args(data, str(run), *SHAPE, *extra)
-
-
-def losses(stdout):
-    return [float(line.split("cross-entropy ")[1].split(",")[0]) for line in stdout.splitlines()
-            if "cross-entropy" in line]
 
 
 def assert_same_state(a_path, b_path, atol=1e-6):

@@ -10,30 +10,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, fails_with_one_line
+from conftest import fails_with_one_line
+from helpers import TRAINING_LENGTH
 
 import evaluate
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data import open_tokens, prepare_token_files
-from model import GPT, GPTConfig
 
 tune = importlib.import_module("instruction-tune")
-
-TRAINING_LENGTH = 32  # the checkpoint's --tokens_per_sample
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny seeded byte-level model saved as pretrain.py saves one, with the records evaluate.py reads:
-    its corpus and training length (training it would only slow the tests down)."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**TINY, "vocabulary_size": 257}, dropout=0.0))
-    path = str(tmp_path_factory.mktemp("eval") / "checkpoint.pt")
-    save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
-                     "token_encoding": "bytes", "eot_id": 256, "dataset": "builtin: CPython pydoc_data topics",
-                     "args": {"dataset": "builtin", "dataset_subset": None, "token_encoding": "bytes",
-                              "tokens_per_sample": TRAINING_LENGTH}}, path)
-    return path
 
 
 def run_eval(checkpoint, builtin_data, out, *extra):

@@ -9,10 +9,9 @@ import sys
 from dataclasses import replace
 
 import pytest
-import test_evaluate
 import torch
 from conftest import fails_with_one_line
-from test_lora import NEW, V, adapted, perturb, tiny
+from helpers import NEW, TRAINING_LENGTH, V, adapted, perturb, tiny
 
 import beam_search
 import evaluate
@@ -25,7 +24,6 @@ from generate import inference_model
 from lora import lora_state_dict
 from model import GPT
 
-checkpoint = test_evaluate.checkpoint  # a fixture: a tiny byte model saved with its training records
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
 IDS = torch.tensor([[256, 84, 104, 101, 32], [256, 1, 2, 3, 4]])  # end-of-text first, as prompts start
 
@@ -159,7 +157,7 @@ def test_scripts_take_the_folder_as_they_take_the_checkpoint(checkpoint, exporte
     results = evaluate.main(evaluate.parse_args([  # its corpus and training length from the folder's records
         "--checkpoint_path", exported, "--device", "cpu", "--dataset_path", builtin_data, "--output_path",
         str(tmp_path / "eval"), "--windows", "2", "--multiples", "1"]))
-    assert list(results) == [test_evaluate.TRAINING_LENGTH]
+    assert list(results) == [TRAINING_LENGTH]
     with open(tmp_path / "eval" / "results.json") as f:
         assert json.load(f)["dataset"] == "builtin"
 

@@ -13,7 +13,8 @@ from beam_search import beam_search as search
 from common import run_main
 from conftest import ROOT, fails_with_one_line
 from data import load_encoding
-from generate import Decoder, Sampler, Sampling, sample
+from generate import Sampling, sample
+from helpers import greedy_by_recomputation, greedy_decoder, greedy_with_cache
 from model import GPT, GPTConfig
 
 
@@ -24,32 +25,6 @@ def random_model(vocabulary_size=300, layers=2, seed=0, scale=1.0):
     with torch.no_grad():
         model.token_embeddings.weight.mul_(scale)  # sharper distributions for tiny vocabularies
     return model
-
-
-def greedy_by_recomputation(model, prompt, steps, window):
-    """Reference: every token from a full forward over the whole sequence with sliding-window attention."""
-    tokens = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([tokens]), window=window)[0, -1]
-            tokens.append(int(logits.argmax()))
-    return tokens[len(prompt):]
-
-
-def greedy_decoder(model, context_length, use_compile=False, batch_size=1):
-    return Decoder(model, context_length, batch_size, Sampling(temperature=0.0), Sampler(torch.device("cpu"), 0),
-                   use_compile=use_compile)
-
-
-def greedy_with_cache(model, prompt, steps, context_length, use_compile=False):
-    decoder = greedy_decoder(model, context_length, use_compile)
-    with torch.inference_mode():
-        token = decoder.first_token(decoder.prefill(torch.tensor([prompt])))
-        out = [int(token)]
-        for _ in range(steps - 1):
-            token = decoder.step(token)
-            out.append(int(token))
-    return out
 
 
 # ----------------------------------------------------------------------------- KV cache

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import fails_with_one_line, tune_args
-from helpers import CHAT_ANSWER
+from helpers import CHAT_ANSWER, check, launch, losses
 
 import beam_search
 import generate
@@ -164,8 +164,6 @@ def test_a_finished_run_merges_on_resume_and_keeps_its_data(base, chats, tuned, 
 def test_two_processes_tune_as_one_does(base, chats, tmp_path, level):
     """torchrun with 2 CPU processes (gloo), DDP or FSDP sharding everything: the same losses and
     adapters as one process (the global batch does not depend on the world size)."""
-    from test_distributed import check, launch, losses
-
     flags = ("--dropout", "0", "--num_epochs", "2", "--gradient_accumulation_steps", "2")
     one = check(launch(1, tune_args(base, chats, tmp_path / "one", *flags), script="instruction-tune.py"))
     two = check(launch(2, tune_args(base, chats, tmp_path / "two", *flags, "--ddp_sharding_level", str(level)),

@@ -3,39 +3,10 @@ block-diagonal attention over packed conversations."""
 
 import pytest
 import torch
+from helpers import NEW, V, adapted, perturb, tiny
 
-from lora import (
-    GrownEmbedding,
-    LoRAConfig,
-    LoRALinear,
-    add_lora,
-    grow_vocabulary,
-    lora_parameters,
-    lora_state_dict,
-    merge_lora,
-)
-from model import GPT, IGNORE_INDEX, GPTConfig
-
-V, NEW = 300, 3
-
-
-def tiny(dropout: float = 0.0, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocabulary_size=V, embedding_dimensions=32, num_attention_heads=4, num_hidden_layers=2,
-                         dropout=dropout)).eval()
-
-
-def adapted(model: GPT, rank: int = 4, alpha: float = 2.0, dropout: float = 0.0) -> GPT:
-    return add_lora(grow_vocabulary(model, NEW), LoRAConfig(rank, alpha, dropout), (V, NEW)).eval()
-
-
-def perturb(model: GPT, seed: int = 1) -> None:
-    """Give every trainable weight a non-trivial value, as training would."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.2)
+from lora import GrownEmbedding, LoRALinear, lora_parameters, lora_state_dict, merge_lora
+from model import GPT, IGNORE_INDEX
 
 
 def test_adapted_model_at_initialisation_computes_what_the_base_does():

@@ -6,7 +6,7 @@ growing the context on --resume."""
 import pytest
 import torch
 from conftest import fails_with_one_line, tiny_pretrain_args
-from test_generate import greedy_by_recomputation, greedy_with_cache
+from helpers import greedy_by_recomputation, greedy_with_cache
 
 import generate
 import model as model_module

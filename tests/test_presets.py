@@ -8,7 +8,7 @@ import bench
 import pretrain
 from common import MODEL_PRESETS
 from conftest import fails_with_one_line
-from test_readme import model_shapes, section, tiktoken_vocabulary
+from helpers import model_shapes, section, tiktoken_vocabulary
 
 SHAPE = ("embedding_dimensions", "num_attention_heads", "num_hidden_layers")
 

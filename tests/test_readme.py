@@ -14,19 +14,9 @@ import torch
 
 from conftest import ROOT
 from data import NAMED_ENCODINGS
+from helpers import PAGES, model_shapes, read_text, section, table, tiktoken_vocabulary
 from model import GPT, GPTConfig
 
-DOCS = os.path.join(ROOT, "docs")
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-# Every page of the documentation by its path from the root: README.md first, then docs/*.md in order.
-PAGES = {"README.md": _read(os.path.join(ROOT, "README.md"))} | {
-    f"docs/{name}": _read(os.path.join(DOCS, name)) for name in sorted(os.listdir(DOCS)) if name.endswith(".md")}
 README = PAGES["README.md"]
 
 # ----------------------------------------------------------------------------- reading Markdown
@@ -40,22 +30,6 @@ def headings(text: str):
             fenced = not fenced
         elif not fenced and (m := re.match(r"(#{1,6}) (.+)", line)):
             yield number, len(m.group(1)), m.group(2).strip()
-
-
-def section(heading: str) -> str:
-    """From the heading that starts with `heading` to the next heading, on the first page that has it."""
-    for text in PAGES.values():
-        start = re.search(rf"^{re.escape(heading)}.*\n", text, re.MULTILINE)
-        if start:
-            end = re.compile(r"^#", re.MULTILINE).search(text, start.end())
-            return text[start.start() : end.start() if end else None]
-    raise AssertionError(f"no page has a heading {heading!r}")
-
-
-def table(text: str) -> list[list[str]]:
-    """The body rows of the first Markdown table in text, as lists of cell strings."""
-    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in row] for row in rows[2:]]  # past the header and the rule
 
 
 def anchor(title: str) -> str:
@@ -85,31 +59,11 @@ def num_parameters(config: GPTConfig) -> int:
         return GPT(config).num_parameters()
 
 
-def tiktoken_vocabulary(name: str, monkeypatch) -> int:
-    """An encoding's vocabulary as tiktoken declares it, without downloading its rank file."""
-    import tiktoken_ext.openai_public as public
-
-    monkeypatch.setattr(public, "load_tiktoken_bpe", lambda *args, **kwargs: {})
-    spec = getattr(public, name)()
-    return spec.get("explicit_n_vocab") or max(spec["special_tokens"].values()) + 1
-
-
 def tokenizer_vocabularies() -> dict[str, int]:
     """The tokenizer table: encoding name -> vocabulary (the row for a local file has none)."""
     rows = table(section("## Tokenizers"))
     return {row[0].split("`")[1]: int(row[1].replace(",", ""))  # `name` (default)
             for row in rows if row[1][0].isdigit()}
-
-
-def model_shapes() -> list[tuple[str, GPTConfig, str, str]]:
-    """The suggested shapes: name, the config the row describes, its written parameter count and its --model
-    name."""
-    shapes = []
-    for name, vocabulary, width, heads, layers, parameters, _, flag in table(section("## Suggested model shapes")):
-        config = GPTConfig(vocabulary_size=int(vocabulary.replace(",", "")), embedding_dimensions=int(width),
-                           num_attention_heads=int(heads), num_hidden_layers=int(layers))
-        shapes.append((name, config, parameters, flag.strip("`")))
-    return shapes
 
 
 def test_tokenizer_table_matches_tiktoken(monkeypatch):
@@ -133,7 +87,7 @@ def test_model_shapes_use_real_vocabularies_and_exact_parameter_counts():
 
 def length_experiment_config() -> GPTConfig:
     """The shape experiments/length_generalisation.sh trains (byte tokens: a vocabulary of 257)."""
-    script = _read(os.path.join(ROOT, "experiments", "length_generalisation.sh"))
+    script = read_text(os.path.join(ROOT, "experiments", "length_generalisation.sh"))
 
     def flag(name: str) -> int:
         return int(re.search(rf"--{name} (\d+)", script).group(1))
@@ -240,7 +194,7 @@ def scripts() -> list[str]:
     found = []
     for name in sorted(os.listdir(ROOT)):
         if name.endswith(".py"):
-            text = _read(os.path.join(ROOT, name))
+            text = read_text(os.path.join(ROOT, name))
             if "def parse_args(" in text and "__main__" in text:
                 found.append(name[:-3])
     return found
