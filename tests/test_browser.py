@@ -106,11 +106,78 @@ def test_the_chat_page_streams_an_answer_in_headless_chromium(certain, tmp_path)
     assert os.path.getsize(tmp_path / "page.png") > 1000
 
 
+def wait_for(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the page did not get there in time"
+        time.sleep(0.01)
+
+
+def answers(driver):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+
+
+def send(driver, text):
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "input").send_keys(text)
+    driver.find_element(By.ID, "send").click()
+
+
+def two_turns_keep_the_conversation(driver, loaded, requests):
+    """Two messages at temperature 0: the second request carries the whole chat so far."""
+    from selenium.webdriver.common.by import By
+
+    wait_for(lambda: "chat model" in driver.find_element(By.ID, "model").text)
+    driver.execute_script("const t = document.getElementById('temperature'); t.value = 0;"
+                          "t.dispatchEvent(new Event('input'));")
+    for turn, text in enumerate(("Say apple.", "Again.")):
+        send(driver, text)
+        wait_for(lambda: len(answers(driver)) == turn + 1
+                 and answers(driver)[-1].get_attribute("data-state") == "done")
+    first = answers(driver)[0].find_element(By.CLASS_NAME, "text").text
+    assert first == CHAT_ANSWER and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
+    conversation = [{"role": "user", "content": "Say apple."}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "Again."}]
+    assert requests[1].prompt == render_prompt(loaded.chat, conversation)  # the whole chat so far
+    assert requests[1].sampling.temperature == 0 and requests[1].sampling.top_p == 0.9
+
+
+def stop_cancels_the_answer(driver, engine, running, cancelled):
+    """An answer held in progress, then Stop: the page says so and the server cancels it."""
+    from selenium.webdriver.common.by import By
+
+    running.clear()  # the next answer stays in progress until Stop is pressed
+    send(driver, "Tell me a long story.")
+    wait_for(lambda: len(answers(driver)) == 3 and engine.active == 1)
+    assert "streaming" in answers(driver)[-1].get_attribute("class")
+    driver.find_element(By.ID, "stop").click()
+    wait_for(lambda: answers(driver)[-1].get_attribute("data-state") == "done")
+    assert driver.find_element(By.ID, "status").text == "stopped"
+    assert not driver.find_element(By.ID, "send").get_attribute("disabled")
+    wait_for(lambda: len(cancelled) >= 1)  # the server saw the page leave and cancelled the answer
+    assert len(cancelled) == 1
+    running.set()
+    wait_for(lambda: engine.active == 0)
+    assert cancelled[0].generated == 0
+
+
+def new_chat_starts_anew(driver, loaded, requests):
+    """New chat empties the page, and the next request holds only the new message."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "new-chat").click()
+    assert answers(driver) == [] and driver.find_elements(By.CSS_SELECTOR, ".msg.user") == []
+    send(driver, "Say river.")
+    wait_for(lambda: len(answers(driver)) == 1 and answers(driver)[-1].get_attribute("data-state") == "done")
+    assert requests[-1].prompt == render_prompt(loaded.chat, [{"role": "user", "content": "Say river."}])
+
+
 @pytest.mark.slow
 def test_the_chat_page_keeps_the_conversation_stops_and_starts_anew(certain):
     browser_or_skip()
-    from selenium.webdriver.common.by import By
-
     loaded = load_for_inference(certain.base, torch.device("cpu"), certain.lora)
     running = threading.Event()  # cleared: the engine waits before its next forward pass
     running.set()
@@ -125,51 +192,8 @@ def test_the_chat_page_keeps_the_conversation_stops_and_starts_anew(certain):
             driver = headless_chromium()
             try:
                 driver.get(server.url + "/")
-
-                def wait_for(condition, timeout=30):
-                    deadline = time.monotonic() + timeout
-                    while not condition():
-                        assert time.monotonic() < deadline, "the page did not get there in time"
-                        time.sleep(0.01)
-
-                def answers():
-                    return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")
-
-                def send(text):
-                    driver.find_element(By.ID, "input").send_keys(text)
-                    driver.find_element(By.ID, "send").click()
-
-                wait_for(lambda: "chat model" in driver.find_element(By.ID, "model").text)
-                driver.execute_script("const t = document.getElementById('temperature'); t.value = 0;"
-                                      "t.dispatchEvent(new Event('input'));")
-                for turn, text in enumerate(("Say apple.", "Again.")):
-                    send(text)
-                    wait_for(lambda: len(answers()) == turn + 1 and answers()[-1].get_attribute("data-state") == "done")
-                first = answers()[0].find_element(By.CLASS_NAME, "text").text
-                assert first == CHAT_ANSWER and not driver.find_elements(By.CSS_SELECTOR, ".msg.error")
-                conversation = [{"role": "user", "content": "Say apple."}, {"role": "assistant", "content": first},
-                                {"role": "user", "content": "Again."}]
-                assert requests[1].prompt == render_prompt(loaded.chat, conversation)  # the whole chat so far
-                assert requests[1].sampling.temperature == 0 and requests[1].sampling.top_p == 0.9
-
-                running.clear()  # the next answer stays in progress until Stop is pressed
-                send("Tell me a long story.")
-                wait_for(lambda: len(answers()) == 3 and engine.active == 1)
-                assert "streaming" in answers()[-1].get_attribute("class")
-                driver.find_element(By.ID, "stop").click()
-                wait_for(lambda: answers()[-1].get_attribute("data-state") == "done")
-                assert driver.find_element(By.ID, "status").text == "stopped"
-                assert not driver.find_element(By.ID, "send").get_attribute("disabled")
-                wait_for(lambda: len(cancelled) >= 1)  # the server saw the page leave and cancelled the answer
-                assert len(cancelled) == 1
-                running.set()
-                wait_for(lambda: engine.active == 0)
-                assert cancelled[0].generated == 0
-
-                driver.find_element(By.ID, "new-chat").click()
-                assert answers() == [] and driver.find_elements(By.CSS_SELECTOR, ".msg.user") == []
-                send("Say river.")
-                wait_for(lambda: len(answers()) == 1 and answers()[-1].get_attribute("data-state") == "done")
-                assert requests[-1].prompt == render_prompt(loaded.chat, [{"role": "user", "content": "Say river."}])
+                two_turns_keep_the_conversation(driver, loaded, requests)
+                stop_cancels_the_answer(driver, engine, running, cancelled)
+                new_chat_starts_anew(driver, loaded, requests)
             finally:
                 driver.quit()
