@@ -201,7 +201,7 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind)
 
 
-LATER_CONFIG_FIELDS = ("position_encoding", "max_position_embeddings", "qk_norm", "head_temperature")  # GPTConfig fields older checkpoints lack; they mean the default
+LATER_CONFIG_FIELDS = ("position_encoding", "max_position_embeddings")  # GPTConfig fields older checkpoints lack; they mean the default
 
 
 def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | None:

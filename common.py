@@ -252,8 +252,7 @@ def add_distributed_args(g) -> None:
 def model_config(args, vocabulary_size: int) -> GPTConfig:
     """The GPTConfig the architecture flags describe; a shape GPTConfig rejects is a user error."""
     try:
-        return GPTConfig(vocabulary_size=vocabulary_size,
-                         **{k: getattr(args, k) for k in ARCHITECTURE_FLAGS if hasattr(args, k)})
+        return GPTConfig(vocabulary_size=vocabulary_size, **{k: getattr(args, k) for k in ARCHITECTURE_FLAGS})
     except ValueError as e:
         raise UserError(str(e)) from None
 

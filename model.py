@@ -62,8 +62,6 @@ class GPTConfig:
     dropout: float = 0.1
     position_encoding: str = "none"  # an ablation switch; checkpoints from before it have none
     max_position_embeddings: int = 1024  # learned positions only: the longest sequence they cover
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys before their dot products
-    head_temperature: bool = False  # a learned scale of each head's attention logits
 
     def __post_init__(self):
         problems = []
@@ -188,9 +186,6 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dimensions
         self.qkv = nn.Linear(C, 3 * C, bias=False)
         self.proj = nn.Linear(C, C, bias=False)
-        self.q_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim) if config.qk_norm else None
-        self.log_temperature = nn.Parameter(torch.zeros(self.n_head, 1, 1)) if config.head_temperature else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -198,10 +193,6 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, n_head, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, n_head, T, head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.log_temperature is not None:
-            q = q * self.log_temperature.exp()  # (n_head, 1, 1): each head's logits scaled
         if rope is not None:  # keys rotated at their absolute positions before they enter the ring
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
@@ -354,8 +345,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:  # RMSNorm weights
                 nn.init.ones_(p)
-            elif name.endswith("log_temperature"):  # every head at the usual 1 / sqrt(head_dim) at first
-                nn.init.zeros_(p)
             elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
             else:
