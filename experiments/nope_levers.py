@@ -66,6 +66,7 @@ class Training:
     rms_decay: float = -0.8  # Adafactor's
     start_token: int = 0  # 1: end-of-text replaces the first input byte of every window
     init: str = "gpt2"  # or zero_qk (every head starts uniform: the counting signal from step 0), zero_proj
+    embedding_std: float = 0.02  # the token embeddings' initial standard deviation (GPT-2's 0.02)
     qk_norm: int = 0  # 1: RMSNorm on each head's queries and keys (a learned gain each)
     head_temperature: int = 0  # 1: a learned scale of each head's attention logits, from 1
     seed: int = 0
@@ -214,6 +215,7 @@ def run(variant: str, defaults: Training, scoring: Evaluation) -> dict:
     torch.manual_seed(t.seed)
     model = GPT(config)
     initialise(model, t.init)
+    torch.nn.init.normal_(model.token_embeddings.weight, std=t.embedding_std)
     add_qk_levers(model, bool(t.qk_norm), bool(t.head_temperature))
     optimizer = optimizer_for(model, t)
     generator = torch.Generator().manual_seed(t.seed)
