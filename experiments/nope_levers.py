@@ -215,7 +215,8 @@ def run(variant: str, defaults: Training, scoring: Evaluation) -> dict:
     torch.manual_seed(t.seed)
     model = GPT(config)
     initialise(model, t.init)
-    torch.nn.init.normal_(model.token_embeddings.weight, std=t.embedding_std)
+    if t.embedding_std != Training.embedding_std:  # else the model's own draw stands
+        torch.nn.init.normal_(model.token_embeddings.weight, std=t.embedding_std)
     add_qk_levers(model, bool(t.qk_norm), bool(t.head_temperature))
     optimizer = optimizer_for(model, t)
     generator = torch.Generator().manual_seed(t.seed)
