@@ -201,7 +201,7 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind)
 
 
-LATER_CONFIG_FIELDS = ("position_encoding",)  # GPTConfig fields older checkpoints lack; they mean the default
+LATER_CONFIG_FIELDS = ("position_encoding", "max_position_embeddings")  # GPTConfig fields older checkpoints lack; they mean the default
 
 
 def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | None:
@@ -223,7 +223,7 @@ def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | Non
             return f"its config has no {f.name!r}"
         kind = type(f.default)
         if not _is(config[f.name], kind):
-            words = {int: "an integer", float: "a number", str: "a string"}[kind]
+            words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
             return f"its config's {f.name!r} is {_shown(config[f.name])}, expected {words}"
     try:
         config = GPTConfig.from_dict(config)

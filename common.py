@@ -197,8 +197,10 @@ def add_model_args(g) -> None:
                    help="MLP hidden width / model width")
     g.add_argument("--dropout", type=probability, default=0.1, help="dropout probability")
     g.add_argument("--position_encoding", choices=POSITION_ENCODINGS, default="none",
-                   help="an ablation switch: rope or alibi add positions to attention; "
-                        "none (NoPE) is LightGPT's design")
+                   help="an ablation switch: rope or alibi add positions to attention, learned adds a trained "
+                        "embedding per position (GPT-2's); none (NoPE) is LightGPT's design")
+    g.add_argument("--max_position_embeddings", type=positive_int, default=1024,
+                   help="--position_encoding learned only: the longest sequence the positions cover")
 
 
 def add_system_args(g, compile_help: str | None = "torch.compile the model (auto: on for CUDA)",

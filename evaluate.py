@@ -349,6 +349,10 @@ def main(args) -> dict[int, dict]:
     model, state, lora = load_model(args, device)
     trained = training_length(args, state, lora)
     lengths = context_lengths(args, trained)
+    limit = model.config.max_position_embeddings
+    if model.config.position_encoding == "learned" and max(lengths) > limit:
+        raise UserError(f"--context_lengths: {args.checkpoint_path} has learned positions, which stop at {limit} "
+                        f"tokens; a window of {max(lengths)} is past them (ask for lengths up to {limit})")
     check_writable(args.output_path, "--output_path")
     tokens, meta, (dataset, subset, encoding) = test_tokens(args, state, model)
     print(f"evaluating {args.lora_path or args.checkpoint_path} on the test split of {meta['source']} "

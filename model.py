@@ -20,8 +20,10 @@ Design, bottom-up in this file:
 - Position encodings, an ablation switch (position_encoding, default "none": NoPE is the design).
   "rope" rotates queries and keys by their absolute positions (keys before they enter the ring, so
   the ring still works unchanged: only q_pos - k_pos reaches the scores); "alibi" adds -m_h x
-  (q_pos - k_pos) to head h's scores through a float mask, key positions read from the ring's slot_pos.
-  Positions restart at every packed document, so packed rows still equal separate runs.
+  (q_pos - k_pos) to head h's scores through a float mask, key positions read from the ring's slot_pos;
+  "learned" adds a trained embedding of each absolute position to the token's (GPT-2, nanoGPT), up to
+  max_position_embeddings positions and no further. Positions restart at every packed document, so
+  packed rows still equal separate runs.
 - Accounting: parameters, training FLOPs per token, MFU, KV-cache bytes per token.
 - This module imports nothing of LightGPT's: sharing (hub.py: from_pretrained, save_pretrained,
   push_to_hub) and adapters (lora.py) build on it from their own modules.
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-POSITION_ENCODINGS = ("none", "rope", "alibi")  # NoPE, rotary (RoFormer), linear biases (ALiBi)
+POSITION_ENCODINGS = ("none", "rope", "alibi", "learned")  # NoPE, rotary (RoFormer), linear biases (ALiBi), GPT-2's
 ROPE_BASE = 10_000.0  # the rotary frequencies: base ** (-2i / head_dim)
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, masked prompts)
 VOCAB_MULTIPLE = 64  # the embedding table is padded up to a multiple of this many rows
@@ -59,6 +61,7 @@ class GPTConfig:
     feed_forward_ratio: int = 4
     dropout: float = 0.1
     position_encoding: str = "none"  # an ablation switch; checkpoints from before it have none
+    max_position_embeddings: int = 1024  # learned positions only: the longest sequence they cover
 
     def __post_init__(self):
         problems = []
@@ -86,6 +89,8 @@ class GPTConfig:
               and not self.embedding_dimensions % self.num_attention_heads and self.head_dimensions % 2):
             problems.append(f"position_encoding rope needs an even head width "
                             f"(embedding_dimensions / num_attention_heads), got {self.head_dimensions}")
+        if self.max_position_embeddings < 1:
+            problems.append(f"max_position_embeddings must be positive, got {self.max_position_embeddings}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -324,6 +329,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.token_embeddings = nn.Embedding(config.padded_vocabulary_size, config.embedding_dimensions)
+        if config.position_encoding == "learned":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.embedding_dimensions)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.output_norm = nn.RMSNorm(config.embedding_dimensions)
         self.activation_checkpointing = False
@@ -349,6 +356,9 @@ class GPT(nn.Module):
 
     def setup_cache(self, batch_size: int, length: int, dtype: torch.dtype | None = None) -> "KVCache":
         """Preallocate a key/value cache of `length` tokens for decoding with forward(..., input_pos=...)."""
+        if self.config.position_encoding == "learned" and length > self.config.max_position_embeddings:
+            raise ValueError(f"learned positions stop at {self.config.max_position_embeddings} tokens "
+                             f"(max_position_embeddings): no cache of {length}")
         weight = self.token_embeddings.weight
         self.kv_cache = KVCache(self.config, batch_size, length, weight.device, dtype or weight.dtype)
         if weight.device.type == "cpu":  # the CPU's BLAS multiplies one row by a transposed table 3x slower
@@ -367,10 +377,11 @@ class GPT(nn.Module):
         window limits attention to the last `window` keys (sliding-window causal attention; a cache of
         length L implies window L)."""
         cache, mask = self._attention(idx.size(1), documents, input_pos, window, idx.device)
-        rope = None
-        if self.config.position_encoding != "none":
+        rope, x = None, self.token_embeddings(idx)  # (B, T, C)
+        if self.config.position_encoding == "learned":
+            x = x + self.position_embeddings(self._absolute_positions(idx.size(1), documents, input_pos, cache))
+        elif self.config.position_encoding != "none":
             mask, rope = self._positions(idx.size(1), documents, input_pos, cache, mask, idx.device)
-        x = self.token_embeddings(idx)  # (B, T, C)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cache, mask, rope, use_reentrant=False)
@@ -400,6 +411,18 @@ class GPT(nn.Module):
                 raise ValueError("documents and window cannot be combined")
             return None, document_mask(documents)
         return None, sliding_window_mask(T, window, device) if window is not None and T > window else None
+
+    def _absolute_positions(self, T: int, documents, input_pos, cache) -> torch.Tensor:
+        """Learned positions' share of a call: each token's absolute position, (T,) or (B, T) or (B, 1)."""
+        if cache is not None:
+            positions = cache.positions[:, None] if T == 1 else input_pos  # a decode step's rows: their own
+        else:
+            positions = document_positions(documents) if documents is not None else torch.arange(
+                T, device=self.position_embeddings.weight.device)
+        limit = self.config.max_position_embeddings
+        if cache is None and documents is None and T > limit:
+            raise ValueError(f"learned positions stop at {limit} tokens (max_position_embeddings), got {T}")
+        return positions
 
     def _positions(self, T: int, documents, input_pos, cache, mask, device) -> tuple[torch.Tensor | None, tuple | None]:
         """RoPE or ALiBi's share of a call: (the attention mask, ALiBi's biases folded in; the rotary cos and
@@ -431,6 +454,8 @@ class GPT(nn.Module):
         n -= (c.padded_vocabulary_size - c.vocabulary_size) * c.embedding_dimensions
         if not include_embeddings:
             n -= c.vocabulary_size * c.embedding_dimensions
+            if c.position_encoding == "learned":
+                n -= c.max_position_embeddings * c.embedding_dimensions
         return n
 
     def flops_per_token(self, context_length: int) -> float:

@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, fields, replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from adafactor import Adafactor  # noqa: E402
 from data import eot_id, load_encoding, open_tokens, prepare_token_files  # noqa: E402
@@ -64,6 +65,10 @@ class Training:
     weight_decay: float = 0.0
     rms_decay: float = -0.8  # Adafactor's
     start_token: int = 0  # 1: end-of-text replaces the first input byte of every window
+    init: str = "gpt2"  # or zero_qk (every head starts uniform: the counting signal from step 0), zero_proj
+    embedding_std: float = 0.02  # the token embeddings' initial standard deviation (GPT-2's 0.02)
+    qk_norm: int = 0  # 1: RMSNorm on each head's queries and keys (a learned gain each)
+    head_temperature: int = 0  # 1: a learned scale of each head's attention logits, from 1
     seed: int = 0
 
 
@@ -91,8 +96,16 @@ def parse_variant(text: str, defaults: Training) -> tuple[str, GPTConfig, Traini
     return name.strip(), GPTConfig(**model), train
 
 
-def tokens() -> tuple[np.ndarray, np.ndarray, int]:
-    files = prepare_token_files("builtin", None, "bytes", os.path.join(ROOT, "datasets"), 1)
+@dataclass(frozen=True)
+class Evaluation:
+    """What every variant is scored on, and where the builtin corpus's token files are."""
+    lengths: tuple[int, ...] = (64, 256)
+    windows: int = 200
+    dataset_path: str = os.path.join(ROOT, "datasets")
+
+
+def tokens(dataset_path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    files = prepare_token_files("builtin", None, "bytes", dataset_path, 1)
     return open_tokens(files.train, files.meta), open_tokens(files.test, files.meta), eot_id(load_encoding("bytes"))
 
 
@@ -103,6 +116,50 @@ def optimizer_for(model: GPT, t: Training):
         return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                   {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, t.beta2))
     return Adafactor(model.parameters(), lr=t.lr, beta2_decay=t.rms_decay, weight_decay=t.weight_decay)
+
+
+@torch.no_grad()
+def initialise(model: GPT, init: str) -> None:
+    """GPT-2's initialisation (the model's own), or a variant of it."""
+    C = model.config.embedding_dimensions
+    for block in model.blocks:
+        if init == "zero_qk":  # queries and keys at zero: every head averages its whole prefix at first
+            block.attn.qkv.weight[: 2 * C].zero_()
+        elif init == "zero_proj":  # the residual branches start closed (modded-nanoGPT's projections)
+            block.attn.proj.weight.zero_()
+            block.mlp.down.weight.zero_()
+        elif init != "gpt2":
+            raise SystemExit(f"unknown init {init!r}: gpt2, zero_qk or zero_proj")
+
+
+class QKLever(nn.Module):
+    """QK normalisation and per-head temperature, applied to the output of an attention's fused qkv
+    projection (a forward hook), so the experiment needs no switch in model.py: both are position-free."""
+
+    def __init__(self, n_head: int, head_dim: int, qk_norm: bool, temperature: bool):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, head_dim
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        self.log_temperature = nn.Parameter(torch.zeros(n_head)) if temperature else None
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, T, n_head, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.log_temperature is not None:
+            q = q * self.log_temperature.exp()[:, None]  # (n_head, 1): each head's logits scaled
+        return torch.stack([q, k, v], dim=2).view(B, T, -1)
+
+
+def add_qk_levers(model: GPT, qk_norm: bool, temperature: bool) -> None:
+    if not (qk_norm or temperature):
+        return
+    for block in model.blocks:
+        attn = block.attn
+        attn.lever = QKLever(attn.n_head, attn.head_dim, qk_norm, temperature)  # its parameters train too
+        attn.qkv.register_forward_hook(lambda module, inputs, output, lever=attn.lever: lever(output))
 
 
 def batch(train: np.ndarray, t: Training, generator: torch.Generator, eot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,12 +208,16 @@ def sample(model: GPT, start_token: bool, eot: int, tokens: int = 160, seed: int
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def run(variant: str, defaults: Training, eval_lengths: tuple[int, ...]) -> dict:
+def run(variant: str, defaults: Training, scoring: Evaluation) -> dict:
     torch.set_num_threads(1)
     name, config, t = parse_variant(variant, defaults)
-    train, test, eot = tokens()
+    train, test, eot = tokens(scoring.dataset_path)
     torch.manual_seed(t.seed)
     model = GPT(config)
+    initialise(model, t.init)
+    if t.embedding_std != Training.embedding_std:  # else the model's own draw stands
+        torch.nn.init.normal_(model.token_embeddings.weight, std=t.embedding_std)
+    add_qk_levers(model, bool(t.qk_norm), bool(t.head_temperature))
     optimizer = optimizer_for(model, t)
     generator = torch.Generator().manual_seed(t.seed)
     curve, started = [], time.perf_counter()
@@ -173,7 +234,7 @@ def run(variant: str, defaults: Training, eval_lengths: tuple[int, ...]) -> dict
         if step % 100 == 0 or step == t.steps - 1:
             curve.append((step, loss.item()))
     seconds = time.perf_counter() - started
-    losses = {L: evaluate(model, test, L, bool(t.start_token), eot) for L in eval_lengths}
+    losses = {L: evaluate(model, test, L, bool(t.start_token), eot, scoring.windows) for L in scoring.lengths}
     return {"name": name, "variant": variant, "parameters": model.num_parameters(), "losses": losses,
             "ms_per_step": 1000 * seconds / t.steps, "curve": curve,
             "sample": sample(model, bool(t.start_token), eot)}
@@ -192,29 +253,43 @@ def table(results: list[dict], eval_lengths: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS), help="name: key=value, ... (see above)")
     p.add_argument("--steps", type=int, default=Training.steps, help="optimizer steps of every variant")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="variants trained at once")
     p.add_argument("--eval_lengths", default="64,256", help="window lengths the evaluation scores")
+    p.add_argument("--eval_windows", type=int, default=Evaluation.windows, help="test windows scored at each length")
+    p.add_argument("--dataset_path", default=Evaluation.dataset_path, help="where the builtin token files go")
     p.add_argument("--output_path", default=os.path.join(ROOT, "runs", "nope_levers"))
     args = p.parse_args(argv)
     lengths = tuple(int(L) for L in args.eval_lengths.split(","))
+    scoring = Evaluation(lengths, args.eval_windows, args.dataset_path)
     defaults = Training(steps=args.steps)
     for v in args.variants:
         parse_variant(v, defaults)  # every line checked before anything trains
-    tokens()  # the token files, made once before the workers read them
-    with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run, args.variants, [defaults] * len(args.variants),
-                                [lengths] * len(args.variants)))
+    tokens(args.dataset_path)  # the token files, made once before the workers read them
     os.makedirs(args.output_path, exist_ok=True)
-    with open(os.path.join(args.output_path, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    results = []
+    with ProcessPoolExecutor(args.jobs) as pool:  # each row printed and saved as soon as its variant is done
+        futures = {pool.submit(run, v, defaults, scoring): v for v in args.variants}
+        for future in as_completed(futures):
+            try:
+                results.append(future.result())
+            except Exception as e:  # one broken variant does not cost the others' results
+                print(f"{futures[future]}: failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            print(table(results[-1:], lengths).splitlines()[-1], flush=True)
+            with open(os.path.join(args.output_path, "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
+    order = {v: i for i, v in enumerate(args.variants)}
+    results.sort(key=lambda r: order[r["variant"]])
+    print()
     print(table(results, lengths))
     print()
     for r in results:
         print(f"{r['name']}: {r['sample']!r}")
+    return results
 
 
 if __name__ == "__main__":

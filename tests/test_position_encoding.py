@@ -15,7 +15,7 @@ from beam_search import beam_search
 from checkpoint import load_checkpoint, model_from_checkpoint
 from model import GPT, GPTConfig, alibi_slopes
 
-ENCODINGS = ("rope", "alibi")
+ENCODINGS = ("rope", "alibi", "learned")
 
 
 def random_model(position_encoding, heads=4, layers=2, seed=0):
@@ -32,7 +32,7 @@ def tokens(n, seed=1):
 
 
 def test_config_validates_the_encoding():
-    with pytest.raises(ValueError, match="position_encoding must be one of none, rope, alibi, got 'xpos'"):
+    with pytest.raises(ValueError, match="position_encoding must be one of none, rope, alibi, learned, got 'xpos'"):
         GPTConfig(position_encoding="xpos")
     with pytest.raises(ValueError, match="rope needs an even head width"):
         GPTConfig(embedding_dimensions=12, num_attention_heads=4, position_encoding="rope")
@@ -107,6 +107,26 @@ def test_nope_never_computes_positions(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- behaviour
+
+
+def test_learned_positions_are_gpt2s_and_stop_at_their_length():
+    """learned adds a trained vector per absolute position to the token's (GPT-2's wpe): the first block sees
+    token + position embeddings, and no call, prefill or cache may go past max_position_embeddings."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocabulary_size=300, embedding_dimensions=48, num_attention_heads=4, num_hidden_layers=2,
+                      dropout=0.0, position_encoding="learned", max_position_embeddings=8)).eval()
+    seen = []
+    m.blocks[0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    ids = tokens(8)[None]
+    with torch.no_grad():
+        m(ids)
+    expected = m.token_embeddings.weight[ids[0]] + m.position_embeddings.weight[:8]
+    torch.testing.assert_close(seen[0][0], expected, rtol=0, atol=0)
+    assert m.num_parameters() - m.num_parameters(include_embeddings=False) == (300 + 8) * 48
+    with pytest.raises(ValueError, match="learned positions stop at 8 tokens"):
+        m(tokens(9)[None])
+    with pytest.raises(ValueError, match="learned positions stop at 8 tokens"):
+        m.setup_cache(1, 9)
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
@@ -293,7 +313,7 @@ def test_an_old_checkpoint_without_the_field_loads_as_nope(trained_rope, tmp_pat
 
 def test_a_bad_encoding_in_a_checkpoint_is_named(trained_rope, tmp_path, capsys):
     for value, words in ((1, "its config's 'position_encoding' is 1, expected a string"),
-                         ("xpos", "position_encoding must be one of none, rope, alibi, got 'xpos'")):
+                         ("xpos", "position_encoding must be one of none, rope, alibi, learned, got 'xpos'")):
         state = torch.load(trained_rope, weights_only=True)
         state.pop("sha256", None)
         state["config"]["position_encoding"] = value
