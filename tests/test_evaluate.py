@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import fails_with_one_line
+from conftest import TINY, fails_with_one_line
 from helpers import TRAINING_LENGTH
 
 import evaluate
@@ -106,7 +106,15 @@ def test_bad_flags_and_files_are_one_line(checkpoint, builtin_data, tmp_path, ca
     del state["sha256"], state["args"]
     unrecorded = str(tmp_path / "unrecorded.pt")  # neither its corpus nor its training length
     save_checkpoint(state, unrecorded)
+    learned = str(tmp_path / "learned.pt")  # GPT-2's positions, up to 2 x the training length
+    positions = {"position_encoding": "learned", "max_position_embeddings": 2 * TRAINING_LENGTH}
+    state = load_checkpoint(checkpoint, "pretrain")
+    state["config"] = {**state["config"], **positions}
+    state["model"]["position_embeddings.weight"] = torch.zeros(2 * TRAINING_LENGTH, TINY["embedding_dimensions"])
+    del state["sha256"]
+    save_checkpoint(state, learned)
     cases = [
+        (["--checkpoint_path", learned], "--context_lengths", "learned positions, which stop at 64 tokens"),
         (["--context_lengths", "16,0"], "--context_lengths", "positive integers"),
         (["--context_lengths", "abc"], "--context_lengths"),
         (["--multiples", "1,-2"], "--multiples", "positive numbers"),
