@@ -64,6 +64,7 @@ class Training:
     beta2: float = 0.99  # AdamW's
     weight_decay: float = 0.0
     rms_decay: float = -0.8  # Adafactor's
+    eps2: float = 1e-3  # Adafactor's floor of a weight's RMS in its relative step size (torch's default)
     start_token: int = 0  # 1: end-of-text replaces the first input byte of every window
     init: str = "gpt2"  # or zero_qk (every head starts uniform: the counting signal from step 0), zero_proj
     embedding_std: float = 0.02  # the token embeddings' initial standard deviation (GPT-2's 0.02)
@@ -115,7 +116,8 @@ def optimizer_for(model: GPT, t: Training):
         rest = [p for p in model.parameters() if p.dim() < 2]
         return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                   {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, t.beta2))
-    return Adafactor(model.parameters(), lr=t.lr, beta2_decay=t.rms_decay, weight_decay=t.weight_decay)
+    return Adafactor(model.parameters(), lr=t.lr, beta2_decay=t.rms_decay, eps=(None, t.eps2),
+                     weight_decay=t.weight_decay)
 
 
 @torch.no_grad()
