@@ -201,7 +201,8 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind)
 
 
-LATER_CONFIG_FIELDS = ("position_encoding", "max_position_embeddings")  # GPTConfig fields older checkpoints lack; they mean the default
+# GPTConfig fields older checkpoints lack; they mean the default
+LATER_CONFIG_FIELDS = ("position_encoding", "max_position_embeddings")
 
 
 def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | None:
@@ -264,8 +265,11 @@ def _adapters_problem(state: dict, model: GPT) -> str | None:
     if "lora" not in state or "base" not in state or "special_tokens" not in state:
         return "it has adapters but not the 'lora', 'base' and 'special_tokens' entries that describe them"
     lora = state["lora"]
-    add_lora(model, LoRAConfig.from_dict(lora),
-             (state["base"]["vocabulary_size"], len(state["special_tokens"])))
+    try:
+        settings = LoRAConfig.from_dict(lora)
+    except (ValueError, TypeError) as e:  # e.g. targets that are no projection of a block
+        return f"its 'lora' settings are invalid ({e})"
+    add_lora(model, settings, (state["base"]["vocabulary_size"], len(state["special_tokens"])))
     expected = lora_state_dict(model)
     for name, like in expected.items():
         w = state["adapters"].get(name)

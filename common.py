@@ -249,6 +249,15 @@ def add_distributed_args(g) -> None:
                    help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
 
 
+def check_learned_positions(config: GPTConfig, length: int, flag: str) -> None:
+    """Learned positions (an ablation switch) cover max_position_embeddings tokens and no more: a longer
+    training sample is one line naming `flag`."""
+    limit = config.max_position_embeddings
+    if config.position_encoding == "learned" and length > limit:
+        raise UserError(f"{flag} {length}: the model's learned positions stop at {limit} tokens "
+                        f"(--max_position_embeddings)")
+
+
 def model_config(args, vocabulary_size: int) -> GPTConfig:
     """The GPTConfig the architecture flags describe; a shape GPTConfig rejects is a user error."""
     try:

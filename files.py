@@ -95,9 +95,9 @@ def remove_stale_temporaries(path: str, before: float) -> tuple[int, int]:
     count = size = 0
     for entry in os.scandir(folder):
         if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            st = entry.stat(follow_symlinks=False)
-            if st.st_mtime < before:
-                with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):  # another process sharing the lock removed it first
+                st = entry.stat(follow_symlinks=False)
+                if st.st_mtime < before:
                     os.remove(entry.path)
                     count, size = count + 1, size + st.st_size
     return count, size

@@ -286,9 +286,10 @@ def kv_cache_bytes(model: GPT, batch_size: int, context_length: int) -> int:
 def setup_kv_cache(model: GPT, batch_size: int, context_length: int, what: str):
     """The model's KV cache of batch_size rows x context_length tokens (GPT.setup_cache), after refusing in
     one line (check_memory) a cache the device cannot hold; `what` names the cache in that line."""
-    limit = model.config.max_position_embeddings
-    if model.config.position_encoding == "learned" and context_length > limit:
-        raise UserError(f"{what}: this model's learned positions stop at {limit} tokens; ask for at most {limit}")
+    if model.config.position_encoding == "learned":  # a ring cache decodes past any fixed number of positions
+        raise UserError(f"{what}: the model has learned positions (an ablation switch), which stop at "
+                        f"{model.config.max_position_embeddings} tokens; decoding serves NoPE, RoPE and ALiBi models "
+                        f"(evaluate.py scores a learned one)")
     check_memory(kv_cache_bytes(model, batch_size, context_length), model.token_embeddings.weight.device, what)
     return model.setup_cache(batch_size, context_length)
 

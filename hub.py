@@ -24,6 +24,7 @@ from model import GPT, GPTConfig
 
 REPOSITORY = "LightGPT"  # how the card names the code that loads the model
 ONNX_FILE = "model.onnx"  # export.py --onnx writes it beside the weights; the card describes it
+ENCODING_NAMES = {"rope": "RoPE", "alibi": "ALiBi", "learned": "learned absolute"}  # the card's words for the switch
 
 # ----------------------------------------------------------------------------- the Hub
 
@@ -310,7 +311,8 @@ def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
     chat = bool(info.get("special_tokens"))
     design = ("no positional embeddings (NoPE): causal attention alone tells positions apart, so no weight depends "
               "on a context length" if c.position_encoding == "none"
-              else f"{c.position_encoding.upper()} position encoding (LightGPT's ablation switch; its default is NoPE)")
+              else f"{ENCODING_NAMES[c.position_encoding]} position encoding (LightGPT's ablation switch; its default "
+                   f"is NoPE)")
     lines = [f"---\n{data.to_yaml()}\n---", "", f"# {os.path.basename(where.rstrip('/')) or where}", "",
              f"A {'chat ' if chat else ''}language model trained with {REPOSITORY}: a decoder-only Transformer with "
              f"{design}; pre-norm RMSNorm, a SiLU MLP, no biases, and token embeddings tied to the output layer "

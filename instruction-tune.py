@@ -47,6 +47,7 @@ from common import (
     add_distributed_args,
     add_optimizer_args,
     add_system_args,
+    check_learned_positions,
     check_memory,
     compile_enabled,
     float_in,
@@ -260,6 +261,7 @@ def build_model(args, base: dict, checkpoint: dict | None, ctx: Distributed,
         model = adapted_model(model_from_checkpoint(base), checkpoint)
     else:
         model = lora_model(model_from_checkpoint(base), LoRAConfig(args.rank, args.alpha, args.dropout), len(SPECIAL_TOKENS))
+    check_learned_positions(model.config, args.max_tokens_per_sample, "--max_tokens_per_sample")
     check_fits(args, model, ctx, device)
     table = model.token_embeddings.base[: base["config"]["vocabulary_size"]]
     row_scale = table.float().square().mean().sqrt().item()  # before sharding: the whole table

@@ -36,6 +36,7 @@ from common import (
     add_model_args,
     add_optimizer_args,
     add_system_args,
+    check_learned_positions,
     check_memory,
     compile_enabled,
     model_config,
@@ -140,6 +141,7 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
     torch.manual_seed(seed)  # the seed alone decides the initial weights, on every rank
     files = token_files(args, ctx)
     config = architecture(args, checkpoint, files.meta["vocabulary_size"])
+    check_learned_positions(config, args.tokens_per_sample, "--tokens_per_sample")
     train_tokens, test_tokens = open_tokens(files.train, files.meta), open_tokens(files.test, files.meta)
     # Every sample is drawn by one generator shared by all ranks; rank r takes the r-th of each round of
     # draws, so ranks see different samples and the global batch does not depend on the world size.

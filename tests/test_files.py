@@ -4,6 +4,7 @@ checkpoint kinds and the adapters' settings one home each."""
 
 import os
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -138,3 +139,13 @@ def test_the_builders_list_each_kind_and_refuse_unknown_entries(tiny_config):
     assert lora["base"]["sha256"] == base["sha256"] and os.path.isabs(lora["base"]["path"])
     assert isinstance(lora["config"]["vocabulary_size"], int) and torch.is_tensor(next(iter(weights.values())))
 
+
+
+def test_a_lora_checkpoint_with_foreign_targets_is_named_not_a_traceback(tiny_config):
+    from checkpoint import checkpoint_problem
+
+    base = {"sha256": "ab" * 32, "config": tiny_config.to_dict(), "token_encoding": "bytes", "eot_id": 256}
+    grown = replace(tiny_config, vocabulary_size=tiny_config.vocabulary_size + 1)
+    state = lora_checkpoint(grown, {}, LoRAConfig(2, 1.0), ["<a>"], base, "base.pt", {})
+    state["lora"]["targets"] = ["lm_head"]
+    assert checkpoint_problem(state).startswith("its 'lora' settings are invalid (targets must be among")

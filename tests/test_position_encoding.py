@@ -13,9 +13,11 @@ import model as model_module
 import pretrain
 from beam_search import beam_search
 from checkpoint import load_checkpoint, model_from_checkpoint
+from common import UserError
 from model import GPT, GPTConfig, alibi_slopes
 
 ENCODINGS = ("rope", "alibi", "learned")
+DECODED = ("rope", "alibi")  # generate.py, beam_search.py and the engine refuse learned positions
 
 
 def random_model(position_encoding, heads=4, layers=2, seed=0):
@@ -152,7 +154,7 @@ def test_positions_matter(encoding):
     assert not torch.allclose(logits[3], logits[7])
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", DECODED)
 @pytest.mark.parametrize("prompt_length, context_length, steps", [(5, 8, 30), (20, 8, 20), (3, 64, 20)])
 def test_cached_greedy_equals_recomputation_past_the_window(encoding, prompt_length, context_length, steps):
     """The ring wraps (an 8-slot cache, 30+ tokens): keys keep their absolute positions, so the cached
@@ -240,7 +242,7 @@ def test_non_power_of_two_heads_decode_like_recomputation():
     assert greedy_with_cache(m, prompt, 20, 8) == greedy_by_recomputation(m, prompt, 20, 8)
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", DECODED)
 def test_beam_width_one_is_greedy_past_the_window(encoding):
     """Beam search reorders the ring's rows; the positions are shared by every beam."""
     m = random_model(encoding)
@@ -249,7 +251,7 @@ def test_beam_width_one_is_greedy_past_the_window(encoding):
     assert found.tokens == greedy_by_recomputation(m, prompt, 20, window=8)
 
 
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", DECODED)
 def test_beam_search_scores_equal_recomputed_log_probabilities(encoding):
     m = random_model(encoding)
     prompt = [4, 1, 7]
@@ -261,7 +263,7 @@ def test_beam_search_scores_equal_recomputed_log_probabilities(encoding):
 
 
 @pytest.mark.slow  # torch.compile of the decode step: inductor builds C++ kernels
-@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("encoding", DECODED)
 def test_compiled_decode_step_equals_recomputation(encoding):
     """The decode step a GPU runs as a CUDA graph: positions come in as a tensor, through three spans
     (64, 128, 130) and past the wrap."""
@@ -276,6 +278,16 @@ def test_compiled_decode_step_equals_recomputation(encoding):
 def test_bad_value_is_one_line(capsys, builtin_data, tmp_path):
     argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--position_encoding", "xpos")
     fails_with_one_line(capsys, pretrain, argv, "--position_encoding", "rope")
+
+
+def test_learned_positions_past_their_length_are_one_line(capsys, builtin_data, tmp_path):
+    """Training samples longer than the positions, and decoding (a ring cache runs past any fixed number of
+    positions), are refused in one line, not an index error mid-run."""
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--position_encoding", "learned",
+                              "--max_position_embeddings", "16")  # the tiny run's samples are 32 tokens
+    fails_with_one_line(capsys, pretrain, argv, "--tokens_per_sample 32", "learned positions stop at 16 tokens")
+    with pytest.raises(UserError, match="learned positions .* decoding serves NoPE, RoPE and ALiBi models"):
+        greedy_with_cache(random_model("learned"), tokens(4).tolist(), 3, 8)
 
 
 def test_rope_with_an_odd_head_width_is_one_line(capsys, builtin_data, tmp_path):
