@@ -75,6 +75,44 @@ def _local_sums(params, grads, row_vars, variances, betas) -> torch.Tensor:
     return torch.cat(sums)
 
 
+def _foreach_local_sums(params, grads, row_vars, variances, betas) -> torch.Tensor:
+    """_local_sums eagerly with one kernel for all the parameters wherever torch has a foreach one (the
+    eager default: a step of a small model is mostly kernel launches, and this makes a third of them)."""
+    squares = torch._foreach_mul(grads, grads)
+    matrices = [i for i, row_var in enumerate(row_vars) if row_var is not None]
+    vectors = [i for i, row_var in enumerate(row_vars) if row_var is None]
+    if vectors:
+        torch._foreach_lerp_([variances[i] for i in vectors], [squares[i] for i in vectors], [betas[i] for i in vectors])
+    sums = [torch.stack(torch._foreach_norm(params)).float().square()]
+    if matrices:
+        mine = [row_vars[i] for i in matrices]
+        torch._foreach_lerp_(mine, [squares[i].mean(-1, keepdim=True) for i in matrices], [betas[i] for i in matrices])
+        row_sums = torch._foreach_norm(mine, 1)  # the row statistics are >= 0: their 1-norm is their sum
+        for i, row_sum in zip(matrices, row_sums):
+            sums += [squares[i].sum(-2).float().flatten(), row_sum.float().reshape(1)]
+    return torch.cat(sums)
+
+
+def _foreach_updates(grads, row_vars, col_vars, variances, row_var_means, eps1s) -> list[torch.Tensor]:
+    """Every parameter's unclipped update, as _update computes it, with foreach kernels."""
+    updates = [None] * len(grads)
+    matrices = [i for i, row_var in enumerate(row_vars) if row_var is not None]
+    vectors = [i for i, row_var in enumerate(row_vars) if row_var is None]
+    if matrices:  # the factored estimate, made in place (one full-size tensor per matrix at a time)
+        products = [row_vars[i] @ col_vars[i] for i in matrices]
+        torch._foreach_div_(products, [row_var_means[i].clamp(min=eps1s[i]) for i in matrices])
+        torch._foreach_clamp_min_(products, [eps1s[i] * eps1s[i] for i in matrices])
+        for i, product in zip(matrices, products):
+            updates[i] = product
+    if vectors:  # new tensors: the second moments stay as they are
+        clamped = torch._foreach_clamp_min([variances[i] for i in vectors], [eps1s[i] * eps1s[i] for i in vectors])
+        for i, update in zip(vectors, clamped):
+            updates[i] = update
+    torch._foreach_rsqrt_(updates)
+    torch._foreach_mul_(updates, grads)
+    return updates
+
+
 def _update(grad, row_var, col_var, variance, row_var_mean, eps1: float) -> torch.Tensor:
     """The unclipped update: grad / sqrt(second moment), the moment factored for a matrix."""
     if row_var is not None:
@@ -147,12 +185,13 @@ class Adafactor(torch.optim.Optimizer):
                     state["col_var"] = grad.new_zeros((*grad.shape[:-2], 1, grad.shape[-1]))
                 else:
                     state["variance"] = torch.zeros_like(grad)
-            state["step"] += 1
-            step = state["step"].item()
             states.append(state)
+            eps1s.append(torch.finfo(_local(p).dtype).eps if group["eps"][0] is None else group["eps"][0])
+        counts = [state["step"] for state in states]
+        torch._foreach_add_(counts, 1)
+        for step in torch.stack(counts).tolist():  # one read of every count
             betas.append(step ** group["beta2_decay"])  # 1 - beta2_t
             rhos.append(min(group["lr"], 1 / step**0.5))
-            eps1s.append(torch.finfo(_local(p).dtype).eps if group["eps"][0] is None else group["eps"][0])
         return states, betas, rhos, eps1s
 
     def _to_device(self, values: list[float], device) -> torch.Tensor:
@@ -178,7 +217,9 @@ class Adafactor(torch.optim.Optimizer):
             betas = list(self._to_device(betas, device).unbind())
 
         # Phase 1, local: second moments of whole rows, and the sums behind the whole-tensor statistics.
-        totals = self._local_sums(local_params, grads, row_vars, variances, betas)
+        eager_foreach = group["foreach"] is not False and not self.compiled  # hold every update: fewer launches
+        local_sums = _foreach_local_sums if eager_foreach else self._local_sums
+        totals = local_sums(local_params, grads, row_vars, variances, betas)
         self._all_reduce(totals, sharded)
 
         # Phase 2: whole-tensor statistics -> step sizes (device tensors) and column second moments.
@@ -202,8 +243,8 @@ class Adafactor(torch.optim.Optimizer):
         # Phase 3: clip each update by its whole-tensor RMS, then apply it.
         moments = (grads, row_vars, col_vars, variances, row_var_means, eps1s)
         updates = None
-        if group["foreach"] is not False and not self.compiled:  # hold every update: fewer, larger launches
-            updates = [_update(*state, eps1) for *state, eps1 in zip(*moments)]
+        if eager_foreach:
+            updates = _foreach_updates(*moments)
             update_sq = torch.stack(torch._foreach_norm(updates)).float().square()
         else:
             update_sq = self._update_square_sums(*moments)

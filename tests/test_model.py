@@ -203,3 +203,44 @@ def test_out_of_range_targets_are_refused(tiny_model, bad):
         tiny_model(x, y)
     with torch.no_grad(), pytest.raises(RuntimeError, match="targets must be token ids"):
         tiny_model(x, y)
+
+
+@pytest.mark.parametrize("shape", [(40, 32), (3, 7, 32)])
+def test_the_cpu_rms_norm_equals_torchs_forward_and_backward(shape):
+    from model import RMSNorm, _RMSNormFunction
+
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1])
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(shape)
+    ours = norm(x)
+    assert ours.grad_fn.name().startswith("_RMSNormFunction")  # the hand-written path ran
+    theirs = F.rms_norm(x, (shape[-1],), norm.weight, torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, (x, norm.weight), grad), torch.autograd.grad(theirs, (x, norm.weight), grad)):
+        torch.testing.assert_close(a, b)
+    inputs = (torch.randn(shape, dtype=torch.float64, requires_grad=True),
+              torch.rand(shape[-1], dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), inputs)
+    with torch.no_grad():  # inference takes torch's own path
+        assert norm(x).grad_fn is None
+
+
+def test_zero_projection_init_starts_every_block_as_the_identity(tiny_config):
+    torch.manual_seed(0)
+    gpt2 = GPT(tiny_config)
+    torch.manual_seed(0)
+    zero = GPT(tiny_config, init="zero_proj")
+    for (name, a), (_, b) in zip(gpt2.named_parameters(), zero.named_parameters()):
+        if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            assert b.abs().max() == 0 and a.abs().max() > 0, name
+        else:
+            assert torch.equal(a, b), name  # the same draws for everything else
+    zero.eval()
+    idx = torch.randint(0, tiny_config.vocabulary_size, (2, 9))
+    x = zero.output_norm(zero.token_embeddings(idx))  # no block changes the stream
+    torch.testing.assert_close(zero(idx), (x @ zero.token_embeddings.weight.t())[..., : tiny_config.vocabulary_size])
+    with pytest.raises(ValueError, match="init must be one of"):
+        GPT(tiny_config, init="zeros")
