@@ -785,7 +785,7 @@ class WindowSampler:
     from a token array with its own seeded generator, so its state can be saved and restored."""
 
     def __init__(self, tokens: np.ndarray, tokens_per_sample: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, start_token: int | None = None):
         if len(tokens) < tokens_per_sample + 1:
             raise UserError(
                 f"--tokens_per_sample {tokens_per_sample}: the train split holds only {len(tokens)} tokens; "
@@ -794,6 +794,7 @@ class WindowSampler:
         self.tokens = tokens
         self.tokens_per_sample = tokens_per_sample
         self.batch_size = batch_size
+        self.start_token = start_token  # window_batch's
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.samples_drawn = 0
@@ -804,9 +805,8 @@ class WindowSampler:
         T, B = self.tokens_per_sample, self.batch_size
         starts = torch.randint(0, len(self.tokens) - T, (self.world_size * B,), generator=self.generator)
         mine = starts[self.rank * B : (self.rank + 1) * B].tolist()
-        windows = torch.from_numpy(np.stack([self.tokens[s : s + T + 1] for s in mine]).astype(np.int64))  # (B, T + 1)
         self.samples_drawn += self.world_size * B
-        return windows[:, :-1], windows[:, 1:]
+        return window_batch(self.tokens, mine, T, self.start_token)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "samples_drawn": self.samples_drawn}
@@ -892,10 +892,18 @@ def eval_windows(tokens: np.ndarray, tokens_per_sample: int, max_samples: int) -
     return (np.unique(chosen) * T).tolist()
 
 
-def window_batch(tokens: np.ndarray, starts: list[int], tokens_per_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+def window_batch(tokens: np.ndarray, starts: list[int], tokens_per_sample: int,
+                 start_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (B, T) of the windows at `starts`. With start_token, it replaces each window's
+    first input: a fixed token at position 0 that a NoPE model's attention can count from (windows start
+    at random offsets, mid-document); the targets are unchanged."""
     T = tokens_per_sample
     windows = torch.from_numpy(np.stack([tokens[s : s + T + 1] for s in starts]).astype(np.int64))
-    return windows[:, :-1], windows[:, 1:]
+    inputs = windows[:, :-1]
+    if start_token is not None:
+        inputs = inputs.clone()
+        inputs[:, 0] = start_token
+    return inputs, windows[:, 1:]
 
 
 def to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -139,12 +139,14 @@ def token_losses(model: GPT, x: torch.Tensor, y: torch.Tensor, device: torch.dev
 
 
 def evaluate_lengths(model: GPT, tokens: np.ndarray, eot: int, lengths: list[int], windows: int, batch_size: int,
-                     device: torch.device, seed: int = 0, progress=None) -> dict[int, dict]:
+                     device: torch.device, seed: int = 0, progress=None, start_token: bool = False) -> dict[int, dict]:
     """For each context length: the perplexity and the loss by position over `windows` windows of the
     token array (see window_starts), the model in eval mode on `device`. Returns {length: results}, each
     with perplexity, loss, windows, boundary_windows, tokens, loss_by_position (every window),
     boundary_loss_by_position and random_loss_by_position (None when there are no such windows), and the
-    window starts. `progress` (a tqdm) is advanced by one per window."""
+    window starts. `progress` (a tqdm) is advanced by one per window. start_token: each window is read
+    after an end-of-text, as a model pretrained with --start_token eot saw its windows (its first token's
+    own prediction is not scored, so every window still scores L targets)."""
     # A document starts at 0 (a split holds whole documents) and after each end-of-text token.
     boundaries = np.concatenate([[0], np.flatnonzero(np.asarray(tokens) == eot) + 1])
     vocabulary = model.config.vocabulary_size
@@ -160,8 +162,12 @@ def evaluate_lengths(model: GPT, tokens: np.ndarray, eot: int, lengths: list[int
                 chunk = starts[i : i + rows]
                 w = torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in chunk]).astype(np.int64))
                 w = w.to(device)  # (B, L + 1)
+                x, y = w[:, :-1], w[:, 1:]
+                if start_token:  # (B, L + 1) inputs: end-of-text first; its prediction (of w[:, 0]) dropped
+                    x, y = torch.cat([torch.full_like(w[:, :1], eot), x], dim=1), w
                 with torch.no_grad():
-                    total += token_losses(model, w[:, :-1], w[:, 1:], device).sum(0, dtype=torch.float64)
+                    losses = token_losses(model, x, y, device)[:, -length:]  # (B, L)
+                    total += losses.sum(0, dtype=torch.float64)
                 if progress is not None:
                     progress.update(len(chunk))
             sums[kind] = total.cpu()
@@ -360,12 +366,13 @@ def main(args) -> dict[int, dict]:
           f"{trained or 'unknown'}; {args.windows} windows at each of {', '.join(map(str, lengths))} tokens")
     from tqdm import tqdm
 
+    start_token = saved_args(state).get("start_token") == "eot"  # pretrained with one: read each window after it
     with tqdm(total=args.windows * len(lengths), unit="window", desc="evaluating", disable=None) as progress:
         results = evaluate_lengths(model, tokens, state["eot_id"], lengths, args.windows, args.batch_size, device,
-                                   args.seed, progress)
+                                   args.seed, progress, start_token)
     record = {"checkpoint_path": args.checkpoint_path, "lora_path": args.lora_path, "dataset": dataset,
               "dataset_subset": subset, "token_encoding": encoding, "source": meta["source"],
-              "test_tokens": len(tokens), "training_length": trained, "seed": args.seed,
+              "test_tokens": len(tokens), "training_length": trained, "seed": args.seed, "start_token": start_token,
               "device": device.type, "precision": precision_name(device)}
     write_results(args.output_path, record, results, trained)
     name = os.path.basename((args.lora_path or args.checkpoint_path).rstrip("/"))

@@ -133,6 +133,8 @@ def export_info(state: dict, lora: dict | None, license: str) -> dict:
     tuning_args = (lora or {}).get("args") if isinstance((lora or {}).get("args"), dict) else {}
     if "tokens_per_sample" in saved:  # a pretraining checkpoint's flags
         info["pretraining"] = {k: saved.get(k) for k in ("dataset", "dataset_subset", "tokens_per_sample")}
+        if "start_token" in saved:  # evaluate.py reads each window after it, as the model was trained
+            info["pretraining"]["start_token"] = saved["start_token"]
     elif special and "max_tokens_per_sample" in saved:  # a checkpoint merged by instruction-tune.py
         tuning_args = saved
     if tuning_args:

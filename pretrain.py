@@ -59,7 +59,7 @@ from data import (
     to_device,
     window_batch,
 )
-from model import GPT, GPTConfig
+from model import INITIALISATIONS, GPT, GPTConfig
 from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
 from training import (
     Hooks,
@@ -102,12 +102,18 @@ def parse_args(argv=None):
     g.add_argument("--num_epochs", type=positive_int, default=1686, help="epochs to train for")
     g.add_argument("--learning_rate", type=positive_float, default=1e-2, help="peak learning rate of Adafactor")
     add_optimizer_args(g, warmup_steps=100)
+    g.add_argument("--start_token", choices=("eot", "none"), default="eot",
+                   help="eot: end-of-text replaces the first input token of every training and test window, "
+                   "a fixed start for a NoPE model's attention to count from; none: the text as it is")
     g.add_argument("--eval_interval", type=positive_int, default=10,
                    help="evaluate test perplexity every this many epochs")
     g.add_argument("--eval_samples", type=positive_int, default=256,
                    help="test windows per evaluation (fixed, spread over the test split)")
     g = p.add_argument_group("model")
     add_model_args(g)
+    g.add_argument("--init", choices=INITIALISATIONS[::-1], default="zero_proj",
+                   help="zero_proj: the residual projections start at zero, every block as the identity; "
+                   "gpt2: GPT-2's random initialisation throughout")
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute block activations in backward to save memory")
     g = p.add_argument_group("system")
@@ -145,7 +151,9 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
     train_tokens, test_tokens = open_tokens(files.train, files.meta), open_tokens(files.test, files.meta)
     # Every sample is drawn by one generator shared by all ranks; rank r takes the r-th of each round of
     # draws, so ranks see different samples and the global batch does not depend on the world size.
-    sampler = WindowSampler(train_tokens, args.tokens_per_sample, args.batch_size, seed, ctx.rank, ctx.world_size)
+    start_token = files.meta["eot_id"] if args.start_token == "eot" else None
+    sampler = WindowSampler(train_tokens, args.tokens_per_sample, args.batch_size, seed, ctx.rank, ctx.world_size,
+                            start_token)
     eval_starts = eval_share(args, ctx, test_tokens)
     parallel, optimizer = build_model(args, config, checkpoint, ctx, device)
     step = resume_streams(args, ctx, checkpoint, sampler, seed, steps_per_epoch)
@@ -163,7 +171,8 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
         next_batch=batches.next,
         learning_rate=lambda step: learning_rate_at(step, total_steps, args.learning_rate, args.warmup_steps,
                                                     args.lr_schedule, args.min_lr_ratio),
-        eval_batches=partial(eval_batches, test_tokens, eval_starts, args.tokens_per_sample, args.batch_size, device),
+        eval_batches=partial(eval_batches, test_tokens, eval_starts, args.tokens_per_sample, args.batch_size,
+                             start_token, device),
         state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, files.meta, ctx),
     )
     return plan, hooks, parallel, optimizer
@@ -243,7 +252,7 @@ def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distribut
                 device: torch.device) -> tuple[Parallel, Adafactor]:
     """The model (seeded or the checkpoint's weights), wrapped for this world size, and its optimizer."""
     agree(ctx, partial(check_model_fits, args, config, checkpoint, ctx, device))
-    model = GPT(config).to(device)  # the same seed on every rank: identical weights before sharding
+    model = GPT(config, args.init).to(device)  # the same seed on every rank: identical weights before sharding
     model.set_activation_checkpointing(args.activation_checkpointing)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
@@ -295,10 +304,10 @@ def print_summary(args, parallel: Parallel, ctx: Distributed, device: torch.devi
 
 
 def eval_batches(tokens: np.ndarray, starts: list[int], tokens_per_sample: int, batch_size: int,
-                 device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's test windows, batch by batch, on the device."""
+                 start_token: int | None, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's test windows, batch by batch, on the device, made as the training windows are."""
     for i in range(0, len(starts), batch_size):
-        yield to_device(window_batch(tokens, starts[i : i + batch_size], tokens_per_sample), device)
+        yield to_device(window_batch(tokens, starts[i : i + batch_size], tokens_per_sample, start_token), device)
 
 
 def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: BatchPrefetcher, seed: int,

@@ -239,6 +239,16 @@ def test_targets_are_inputs_shifted_by_one():
     assert xs[1].tolist() == list(range(100, 108)) and ys[1].tolist() == list(range(101, 109))
 
 
+def test_a_start_token_replaces_the_first_input_of_every_window():
+    tokens = np.arange(1000, dtype=np.uint16)
+    xs, ys = window_batch(tokens, [0, 100], 8, start_token=999)
+    assert xs[1].tolist() == [999] + list(range(101, 108)) and ys[1].tolist() == list(range(101, 109))
+    plain, with_start = (WindowSampler(tokens, 16, 4, seed=0, start_token=s) for s in (None, 7))
+    (x, y), (sx, sy) = plain.next_batch(), with_start.next_batch()
+    assert torch.equal(y, sy) and torch.equal(x[:, 1:], sx[:, 1:])  # the same windows and targets
+    assert (sx[:, 0] == 7).all() and (x[:, 0] != 7).all()
+
+
 def test_sampler_state_restores_the_same_batches():
     tokens = np.arange(5000, dtype=np.uint16)
     prefetch = BatchPrefetcher(WindowSampler(tokens, 8, 2, seed=3), torch.device("cpu"))

@@ -16,6 +16,7 @@ from helpers import TRAINING_LENGTH
 import evaluate
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from data import open_tokens, prepare_token_files
+from model import IGNORE_INDEX
 
 tune = importlib.import_module("instruction-tune")
 
@@ -98,6 +99,26 @@ def test_scores_match_the_models_own_loss(checkpoint, builtin_data):
     with torch.no_grad():
         expected = model(w[:, :-1], w[:, 1:]).item()
     assert math.isclose(r["loss"], expected, rel_tol=1e-5)
+
+
+def test_a_start_token_model_reads_each_window_after_an_end_of_text(checkpoint, builtin_data):
+    """As pretrain.py --start_token eot trained it: each window scored after an end-of-text, L targets each."""
+    model = model_from_checkpoint(load_checkpoint(checkpoint, "pretrain")).eval()
+    files = prepare_token_files("builtin", None, "bytes", builtin_data, 1)
+    tokens, eot = open_tokens(files.test, files.meta), files.meta["eot_id"]
+    results = evaluate.evaluate_lengths(model, tokens, eot, [TRAINING_LENGTH], 4, 3, torch.device("cpu"), seed=5,
+                                        start_token=True)
+    r = results[TRAINING_LENGTH]
+    starts = r["boundary_starts"] + r["random_starts"]
+    w = torch.from_numpy(np.stack([tokens[s : s + TRAINING_LENGTH + 1] for s in starts]).astype(np.int64))
+    x = torch.cat([torch.full((len(w), 1), eot), w[:, :-1]], dim=1)
+    y = torch.cat([torch.full((len(w), 1), IGNORE_INDEX), w[:, 1:]], dim=1)  # the start's own prediction unscored
+    with torch.no_grad():
+        expected = model(x, y).item()
+    assert math.isclose(r["loss"], expected, rel_tol=1e-5)
+    plain = evaluate.evaluate_lengths(model, tokens, eot, [TRAINING_LENGTH], 4, 3, torch.device("cpu"), seed=5)
+    assert plain[TRAINING_LENGTH]["loss"] != r["loss"]
+    assert len(r["loss_by_position"]) == TRAINING_LENGTH
 
 
 def test_bad_flags_and_files_are_one_line(checkpoint, builtin_data, tmp_path, capsys):
