@@ -128,6 +128,15 @@ def _update_square_sums(grads, row_vars, col_vars, variances, row_var_means, eps
                         for *state, eps1 in zip(grads, row_vars, col_vars, variances, row_var_means, eps1s)])
 
 
+def _apply_momentum(params, exp_avgs, grads, row_vars, col_vars, variances, row_var_means, eps1s, inverse_clips,
+                    step_sizes, beta1: float) -> None:
+    """With momentum: exp_avg += (1 - beta1) x (clipped update - exp_avg), then params -= step size x exp_avg."""
+    for p, exp_avg, grad, row_var, col_var, variance, mean, eps1, inverse_clip, step_size in zip(
+            params, exp_avgs, grads, row_vars, col_vars, variances, row_var_means, eps1s, inverse_clips, step_sizes):
+        exp_avg.lerp_(_update(grad, row_var, col_var, variance, mean, eps1).mul_(inverse_clip.to(p.dtype)), 1 - beta1)
+        p.add_(exp_avg * step_size.to(p.dtype))
+
+
 def _apply_updates(params, grads, row_vars, col_vars, variances, row_var_means, eps1s, scales) -> None:
     """params += scale x update, the update recomputed (a fused kernel per parameter when compiled)."""
     for p, grad, row_var, col_var, variance, mean, eps1, scale in zip(
@@ -143,18 +152,22 @@ class Adafactor(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8, eps=(None, 1e-3), d: float = 1.0,
                  weight_decay: float = 0.0, *, foreach: bool | None = None, maximize: bool = False, group=None,
-                 compile: bool = False):
+                 compile: bool = False, beta1: float = 0.0):
         if not beta2_decay <= 0:
             raise ValueError(f"beta2_decay must be <= 0, got {beta2_decay}")
+        if not 0 <= beta1 < 1:
+            raise ValueError(f"beta1 must be in [0, 1), got {beta1}")
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
                         foreach=foreach, maximize=maximize)
+        if beta1:  # only then: without momentum the groups are exactly torch.optim.Adafactor's
+            defaults["beta1"] = beta1
         super().__init__(params, defaults)
         self.process_group = group  # the group the parameters are sharded over (None: the default group)
         self._numels: dict[tuple, torch.Tensor] = {}  # whole-tensor sizes on the device, per parameter list
         self.compiled = compile
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile else (lambda f: f)
-        self._local_sums, self._update_square_sums, self._apply_updates = (
-            wrap(_local_sums), wrap(_update_square_sums), wrap(_apply_updates))
+        self._local_sums, self._update_square_sums, self._apply_updates, self._apply_momentum = (
+            wrap(_local_sums), wrap(_update_square_sums), wrap(_apply_updates), wrap(_apply_momentum))
 
     def _all_reduce(self, t: torch.Tensor, sharded: bool) -> None:
         if sharded and dist.is_available() and dist.is_initialized():
@@ -185,6 +198,8 @@ class Adafactor(torch.optim.Optimizer):
                     state["col_var"] = grad.new_zeros((*grad.shape[:-2], 1, grad.shape[-1]))
                 else:
                     state["variance"] = torch.zeros_like(grad)
+            if group.get("beta1", 0.0) and "exp_avg" not in state:  # also for a state loaded without one
+                state["exp_avg"] = torch.zeros_like(grad)
             states.append(state)
             eps1s.append(torch.finfo(_local(p).dtype).eps if group["eps"][0] is None else group["eps"][0])
         counts = [state["step"] for state in states]
@@ -249,12 +264,28 @@ class Adafactor(torch.optim.Optimizer):
         else:
             update_sq = self._update_square_sums(*moments)
         self._all_reduce(update_sq, sharded)
-        scales = -alphas / ((update_sq / numels).sqrt() / group["d"]).clamp(min=1.0)
+        clips = ((update_sq / numels).sqrt() / group["d"]).clamp(min=1.0)
+        if group.get("beta1", 0.0):
+            self._step_with_momentum(group["beta1"], states, local_params, moments, updates, clips, alphas)
+            return
+        scales = -alphas / clips
         if updates is None:
             self._apply_updates(local_params, *moments, list(scales.unbind()))
         else:
             torch._foreach_mul_(updates, list(scales.to(updates[0].dtype).unbind()))
             torch._foreach_add_(local_params, updates)
+
+    def _step_with_momentum(self, beta1, states, params, moments, updates, clips, alphas) -> None:
+        """Adafactor with momentum (Shazeer & Stern 2018, Algorithm 4 with beta1): exp_avg averages the
+        clipped updates, and the weights move by the step size times exp_avg."""
+        exp_avgs = [state["exp_avg"] for state in states]
+        if updates is None:
+            self._apply_momentum(params, exp_avgs, *moments, list((1 / clips).unbind()), list((-alphas).unbind()), beta1)
+            return
+        dtype = updates[0].dtype
+        torch._foreach_mul_(updates, list((1 / clips).to(dtype).unbind()))
+        torch._foreach_lerp_(exp_avgs, updates, 1 - beta1)
+        torch._foreach_add_(params, torch._foreach_mul(exp_avgs, list((-alphas).to(dtype).unbind())))
 
     # ------------------------------------------------------------------------- consolidated state
 
@@ -273,6 +304,8 @@ class Adafactor(torch.optim.Optimizer):
                 full["col_var"] = state["col_var"].cpu()  # all-reduced: the same on every rank
             else:
                 full["variance"] = _full(state["variance"], p, p.shape).cpu()
+            if "exp_avg" in state:
+                full["exp_avg"] = _full(state["exp_avg"], p, p.shape).cpu()
             state_dict["state"][index] = full
         return state_dict
 
@@ -291,6 +324,8 @@ class Adafactor(torch.optim.Optimizer):
                 piece["col_var"] = state["col_var"].to(device, copy=True)
             else:
                 piece["variance"] = local_shard(state["variance"], p).to(device, copy=True)
+            if "exp_avg" in state:
+                piece["exp_avg"] = local_shard(state["exp_avg"], p).to(device, copy=True)
             local["state"][index] = piece
         self.load_state_dict(local)
         for group, kept in zip(self.param_groups, settings):

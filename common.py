@@ -215,9 +215,11 @@ def add_system_args(g, compile_help: str | None = "torch.compile the model (auto
         g.add_argument("--seed", type=seed_int, default=seed_default, help=seed_help)
 
 
-def add_optimizer_args(g, warmup_steps: int, low_memory_names: tuple = ("--low_memory_optimizer",)) -> None:
-    """The learning-rate schedule, Adafactor and clipping flags the trainers share (each its own warmup;
-    the card names the low-memory flag differently for instruction tuning, so both names are taken there)."""
+def add_optimizer_args(g, warmup_steps: int, low_memory_names: tuple = ("--low_memory_optimizer",),
+                       momentum: float = 0.0) -> None:
+    """The learning-rate schedule, Adafactor and clipping flags the trainers share (each its own warmup and
+    momentum; the card names the low-memory flag differently for instruction tuning, so both names are
+    taken there)."""
     g.add_argument("--warmup_steps", type=non_negative_int, default=warmup_steps,
                    help="optimizer steps of linear learning-rate warmup")
     g.add_argument("--lr_schedule", choices=("cosine", "linear", "constant"), default="cosine",
@@ -226,6 +228,9 @@ def add_optimizer_args(g, warmup_steps: int, low_memory_names: tuple = ("--low_m
                    help="final learning rate as a fraction of the peak (cosine/linear)")
     g.add_argument("--rms_decay", type=non_positive_float, default=-0.8,
                    help="Adafactor's decay exponent of the second-moment (RMS) average; at most 0")
+    g.add_argument("--momentum", type=probability, default=momentum,
+                   help="Adafactor's first-moment decay (beta1) on its clipped updates; 0: none, torch's "
+                   "Adafactor and the least memory (a first moment costs 4 bytes per trained weight)")
     g.add_argument(*low_memory_names, action="store_true",
                    help="single-tensor Adafactor updates: less memory, a little slower")
     g.add_argument("--max_gradient_norm", type=positive_float, default=1.0,

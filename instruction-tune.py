@@ -268,7 +268,7 @@ def build_model(args, base: dict, checkpoint: dict | None, ctx: Distributed,
     model.to(device).set_activation_checkpointing(args.activation_checkpointing)
     allow_tf32(device)
     parallel = Parallel(model, ctx, device, args.ddp_sharding_level, compile_enabled(args.compile, device))
-    optimizer = parallel.optimizer(lr=args.learning_rate, beta2_decay=args.rms_decay,
+    optimizer = parallel.optimizer(lr=args.learning_rate, beta2_decay=args.rms_decay, beta1=args.momentum,
                                    foreach=not args.optimizer_low_memory,
                                    params=param_groups(parallel.model, row_scale))
     if checkpoint:
@@ -289,7 +289,7 @@ def check_fits(args, model: GPT, ctx: Distributed, device: torch.device) -> None
     after they are built), and the adapters' gradients and Adafactor state (parallel.training_memory,
     pretraining's count). Activations are not counted."""
     shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
-    need, _ = training_memory(model.config, shards, lora_rank=model.lora_config.rank)
+    need, _ = training_memory(model.config, shards, lora_rank=model.lora_config.rank, momentum=args.momentum > 0)
     c = model.config
     check_memory(need, device, f"LoRA tuning --base_model_path {args.base_model_path} ({c.num_hidden_layers} layers, "
                                f"width {c.embedding_dimensions}: its weights, and gradients and optimizer state of the "

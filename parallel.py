@@ -192,7 +192,7 @@ def agree(ctx: Distributed, work: Callable, who: str = "all"):
 # ----------------------------------------------------------------------------- data parallelism
 
 
-def training_memory(config: GPTConfig, shards: int, lora_rank: int = 0) -> tuple[int, int]:
+def training_memory(config: GPTConfig, shards: int, lora_rank: int = 0, momentum: bool = False) -> tuple[int, int]:
     """(bytes on one rank's device, bytes of the whole fp32 weights): the least a rank needs to train
     `config`, before activations. Every rank builds the whole fp32 model (FSDP shards it afterwards); the
     fp32 gradients and Adafactor's state of the trainable weights (all of them, or with lora_rank the
@@ -200,7 +200,7 @@ def training_memory(config: GPTConfig, shards: int, lora_rank: int = 0) -> tuple
     among `shards` ranks (FSDP) or whole (DDP, one process). sizing.py counts them on the meta device, so a
     shape far too big to build costs nothing."""
     weights = weight_bytes(config, lora_rank=lora_rank)
-    trained = gradient_bytes(config, shards, lora_rank) + adafactor_state_bytes(config, shards, lora_rank)
+    trained = gradient_bytes(config, shards, lora_rank) + adafactor_state_bytes(config, shards, lora_rank, momentum)
     return weights + trained, weights
 
 

@@ -101,7 +101,7 @@ def parse_args(argv=None):
     g.add_argument("--samples_per_epoch", type=positive_int, default=4096, help="training samples per epoch")
     g.add_argument("--num_epochs", type=positive_int, default=1686, help="epochs to train for")
     g.add_argument("--learning_rate", type=positive_float, default=1e-2, help="peak learning rate of Adafactor")
-    add_optimizer_args(g, warmup_steps=100)
+    add_optimizer_args(g, warmup_steps=100, momentum=0.9)
     g.add_argument("--start_token", choices=("eot", "none"), default="eot",
                    help="eot: end-of-text replaces the first input token of every training and test window, "
                    "a fixed start for a NoPE model's attention to count from; none: the text as it is")
@@ -259,7 +259,7 @@ def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distribut
     allow_tf32(device)
     # Under torchrun: DDP, or FSDP with each block compiled before it is sharded; else the model, compiled.
     parallel = Parallel(model, ctx, device, args.ddp_sharding_level, compile_enabled(args.compile, device))
-    optimizer = parallel.optimizer(lr=args.learning_rate, beta2_decay=args.rms_decay,
+    optimizer = parallel.optimizer(lr=args.learning_rate, beta2_decay=args.rms_decay, beta1=args.momentum,
                                    foreach=not args.low_memory_optimizer)
     if checkpoint:
         parallel.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
@@ -272,7 +272,7 @@ def check_model_fits(args, config: GPTConfig, checkpoint: dict | None, ctx: Dist
     device cannot hold (building it would fail with a traceback, or on Linux succeed lazily and be killed
     later). Processes on one machine share its memory, so on the CPU their needs add up."""
     shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
-    device_bytes, weight_bytes = training_memory(config, shards)
+    device_bytes, weight_bytes = training_memory(config, shards, momentum=args.momentum > 0)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.enabled else 1
     processes = f" in {local} processes" if local > 1 else ""
     c = config

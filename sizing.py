@@ -70,6 +70,7 @@ class Plan(GPTConfig):
     sharding_level: int = 0  # --ddp_sharding_level: 0 (DDP), 2 or 3 (FSDP2); with one process, none
     activation_checkpointing: bool = False
     low_memory_optimizer: bool = False  # Adafactor foreach=False: one update at a time
+    momentum: bool = False  # Adafactor's first moment (--momentum above 0: pretrain.py's default 0.9)
     compile: bool = False  # torch.compile'd Adafactor recomputes updates instead of holding them
     precision: str = "bf16"  # "bf16": autocast over fp32 weights (CUDA); "fp32": no autocast
     lora_rank: int = 0  # > 0: instruction tuning with adapters of this rank on a frozen model
@@ -188,11 +189,12 @@ def gradient_bytes(config: GPTConfig, shards: int = 1, lora_rank: int = 0) -> in
                    if trains)
 
 
-def adafactor_state_bytes(config: GPTConfig, shards: int = 1, lora_rank: int = 0) -> int:
+def adafactor_state_bytes(config: GPTConfig, shards: int = 1, lora_rank: int = 0, momentum: bool = False) -> int:
     """adafactor.py's state on one rank, fp32 like the gradients: a (R, C) matrix keeps row statistics
     (its own R / shards rows) and column statistics (all C, all-reduced so every rank holds them), a
-    vector its elementwise second moment (sharded). The step counter lives on the host."""
-    n = 0
+    vector its elementwise second moment (sharded); with momentum (--momentum above 0), a first moment as
+    large as the gradients too. The step counter lives on the host."""
+    n = gradient_bytes(config, shards, lora_rank) // 4 if momentum else 0
     for shape, copies, trains in parameter_shapes(config, lora_rank):
         if trains:
             n += copies * (math.ceil(shape[0] / shards) + shape[1] if len(shape) == 2 else _rows(shape, shards))
@@ -305,7 +307,8 @@ MEMORY_TERMS = {
     "gradients": "fp32 gradients; sharded at levels 2/3 on the step's micro-batch, but whole (FSDP2) on the "
                  "micro-batches that skip synchronisation, and held through the forward pass when accumulating",
     "ddp_buckets": "DDP's flat gradient buckets (level 0, several GPUs): one more copy of the gradients",
-    "optimizer_state": "Adafactor's factored second moments (row and column statistics of each matrix)",
+    "optimizer_state": "Adafactor's factored second moments (row and column statistics of each matrix), and "
+                       "with --momentum its first moment (one number per trained weight)",
     "optimizer_update": "the optimizer's transient: all updates at once (foreach), or the largest one "
                         "(--low_memory_optimizer, or compiled)",
     "activations": "tensors saved for backward, one micro-batch (see activations())",
@@ -330,7 +333,7 @@ def memory(plan: Plan, batch_size: int | None = None) -> dict:
     step_grads = gradient_bytes(c, shards, lora)
     t["gradients"] = whole_grads if accumulating else step_grads
     t["ddp_buckets"] = whole_grads if plan.world_size > 1 and not plan.fsdp else 0
-    t["optimizer_state"] = adafactor_state_bytes(c, shards, lora)
+    t["optimizer_state"] = adafactor_state_bytes(c, shards, lora, plan.momentum)
     one_at_a_time = plan.low_memory_optimizer or plan.compile
     t["optimizer_update"] = largest_update_bytes(c, shards, lora) if one_at_a_time else step_grads
     t["activations"] = act["saved"]

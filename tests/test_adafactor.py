@@ -74,7 +74,7 @@ def test_loading_state_keeps_the_new_settings():
 
 
 @pytest.mark.slow  # torch.compile of the optimizer's arithmetic
-@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1, "maximize": True}])
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1, "maximize": True}, {"beta1": 0.9}])
 def test_compiled_arithmetic_gives_the_same_updates(options):
     """compile=True fuses the step's arithmetic; parameters and state must match the eager optimizer."""
     eager, fused = make_params(), make_params()
@@ -85,3 +85,39 @@ def test_compiled_arithmetic_gives_the_same_updates(options):
     for i, state in reference.state_dict()["state"].items():
         for key in state:
             torch.testing.assert_close(compiled.state_dict()["state"][i][key], state[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_momentum_averages_torchs_clipped_updates(foreach):
+    """beta1 > 0 (Shazeer & Stern's Adafactor with momentum): each step moves the weights by the step size
+    times an average of the clipped updates torch.optim.Adafactor would make from the same weights."""
+    beta1, steps = 0.9, 5
+    ours = make_params()
+    optimizer = Adafactor(ours, lr=1e-2, foreach=foreach, beta1=beta1)
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    reference = torch.optim.Adafactor(theirs, lr=1e-2)
+    averages = [torch.zeros_like(p) for p in ours]
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p, q in zip(ours, theirs):
+                q.copy_(p)
+        before = [p.detach().clone() for p in ours]
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()  # the same second moments; its move is -step size x the clipped update
+        for p, q, b, m in zip(ours, theirs, before, averages):
+            size = min(1e-2, step**-0.5) * max(1e-3, b.pow(2).mean().sqrt().item())
+            m.lerp_((b - q.detach()) / size, 1 - beta1)
+            torch.testing.assert_close(p.detach(), b - size * m, rtol=1e-5, atol=1e-6)
+    state = optimizer.consolidated_state_dict()
+    for i, m in enumerate(averages):  # m was recovered from differences of weights: fp32 cancellation
+        torch.testing.assert_close(state["state"][i]["exp_avg"], m, rtol=1e-3, atol=1e-3)
+    resumed = Adafactor(make_params(), beta1=beta1)
+    resumed.load_consolidated_state_dict(state)
+    assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    assert "beta1" not in Adafactor(make_params()).param_groups[0]  # off: torch's groups exactly
+    with pytest.raises(ValueError, match="beta1"):
+        Adafactor(make_params(), beta1=1.0)

@@ -349,3 +349,15 @@ def test_the_notebook_runs_headless_and_makes_its_tables_and_plots():
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2 and len(tables) >= 7
     assert any("| **peak** |" in t for t in tables) and any("XXX-large" in t for t in tables)
+
+
+def test_momentum_adds_a_first_moment_as_large_as_the_gradients():
+    plan = Plan.preset("small", world_size=8, sharding_level=2, momentum=False)
+    with_momentum = replace(plan, momentum=True)
+    for shards in (1, 8):
+        extra = (sizing.adafactor_state_bytes(plan, shards, momentum=True)
+                 - sizing.adafactor_state_bytes(plan, shards))
+        assert extra == sizing.gradient_bytes(plan, shards)
+    assert (sizing.memory(with_momentum)["optimizer_state"] - sizing.memory(plan)["optimizer_state"]
+            == sizing.gradient_bytes(plan.trained_config, plan.shards))
+    assert training_memory(plan, 1, momentum=True)[0] - training_memory(plan, 1)[0] == sizing.gradient_bytes(plan)
