@@ -64,6 +64,7 @@ class Training:
     beta2: float = 0.99  # AdamW's
     weight_decay: float = 0.0
     rms_decay: float = -0.8  # Adafactor's
+    beta1: float = 0.0  # Adafactor's momentum (0: none, torch's Adafactor)
     eps2: float = 1e-3  # Adafactor's floor of a weight's RMS in its relative step size (torch's default)
     start_token: int = 0  # 1: end-of-text replaces the first input byte of every window
     init: str = "gpt2"  # or zero_qk (every head starts uniform: the counting signal from step 0), zero_proj
@@ -71,6 +72,8 @@ class Training:
     qk_norm: int = 0  # 1: RMSNorm on each head's queries and keys (a learned gain each)
     head_temperature: int = 0  # 1: a learned scale of each head's attention logits, from 1
     seed: int = 0
+    long_window: int = 0  # > 0: windows of this many bytes from step long_from x steps on (a length curriculum)
+    long_from: float = 0.75
 
 
 TRAINING = tuple(f.name for f in fields(Training))
@@ -117,7 +120,7 @@ def optimizer_for(model: GPT, t: Training):
         return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                   {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, t.beta2))
     return Adafactor(model.parameters(), lr=t.lr, beta2_decay=t.rms_decay, eps=(None, t.eps2),
-                     weight_decay=t.weight_decay)
+                     weight_decay=t.weight_decay, beta1=t.beta1)
 
 
 @torch.no_grad()
@@ -164,9 +167,11 @@ def add_qk_levers(model: GPT, qk_norm: bool, temperature: bool) -> None:
         attn.qkv.register_forward_hook(lambda module, inputs, output, lever=attn.lever: lever(output))
 
 
-def batch(train: np.ndarray, t: Training, generator: torch.Generator, eot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.randint(0, len(train) - t.window - 1, (t.batch,), generator=generator).tolist()
-    windows = torch.from_numpy(np.stack([train[s : s + t.window + 1] for s in starts]).astype(np.int64))
+def batch(train: np.ndarray, t: Training, generator: torch.Generator, eot: int,
+          step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    window = t.long_window if t.long_window and step >= t.long_from * t.steps else t.window
+    starts = torch.randint(0, len(train) - window - 1, (t.batch,), generator=generator).tolist()
+    windows = torch.from_numpy(np.stack([train[s : s + window + 1] for s in starts]).astype(np.int64))
     x, y = windows[:, :-1].clone(), windows[:, 1:]
     if t.start_token:
         x[:, 0] = eot  # the window's first byte becomes a fixed token for attention to count from
@@ -227,7 +232,7 @@ def run(variant: str, defaults: Training, scoring: Evaluation) -> dict:
         lr = learning_rate_at(step, t.steps, t.lr, t.warmup, t.schedule, t.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = batch(train, t, generator, eot)
+        x, y = batch(train, t, generator, eot, step)
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
