@@ -782,10 +782,13 @@ def open_tokens(path: str, meta: dict) -> np.ndarray:
 
 class WindowSampler:
     """Draws batches of random windows (tokens_per_sample + 1 tokens: inputs and targets shifted by one)
-    from a token array with its own seeded generator, so its state can be saved and restored."""
+    from a token array with its own seeded generator, so its state can be saved and restored. A length
+    curriculum: windows of short_tokens tokens until short_samples samples (global) have been drawn, then
+    of tokens_per_sample; a function of the samples drawn, so a resumed run continues it exactly."""
 
     def __init__(self, tokens: np.ndarray, tokens_per_sample: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start_token: int | None = None):
+                 rank: int = 0, world_size: int = 1, start_token: int | None = None,
+                 short_tokens: int = 0, short_samples: int = 0):
         if len(tokens) < tokens_per_sample + 1:
             raise UserError(
                 f"--tokens_per_sample {tokens_per_sample}: the train split holds only {len(tokens)} tokens; "
@@ -795,6 +798,7 @@ class WindowSampler:
         self.tokens_per_sample = tokens_per_sample
         self.batch_size = batch_size
         self.start_token = start_token  # window_batch's
+        self.short_tokens, self.short_samples = short_tokens, short_samples
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.samples_drawn = 0
@@ -802,11 +806,16 @@ class WindowSampler:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's batch: every rank draws the same world_size x batch_size starts from the shared
         generator and keeps its own slice, so the global batch is the same for any world size."""
-        T, B = self.tokens_per_sample, self.batch_size
+        T, B = self.window(), self.batch_size
         starts = torch.randint(0, len(self.tokens) - T, (self.world_size * B,), generator=self.generator)
         mine = starts[self.rank * B : (self.rank + 1) * B].tolist()
         self.samples_drawn += self.world_size * B
         return window_batch(self.tokens, mine, T, self.start_token)
+
+    def window(self) -> int:
+        """The length of the next batch's windows."""
+        short = self.short_tokens and self.samples_drawn < self.short_samples
+        return self.short_tokens if short else self.tokens_per_sample
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "samples_drawn": self.samples_drawn}

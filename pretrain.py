@@ -40,9 +40,11 @@ from common import (
     check_memory,
     compile_enabled,
     model_config,
+    non_negative_int,
     parse_with_preset,
     positive_float,
     positive_int,
+    probability,
     precision_name,
     print0,
     run_main,
@@ -98,6 +100,11 @@ def parse_args(argv=None):
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
                    help="forward passes per optimizer step")
     g.add_argument("--tokens_per_sample", type=positive_int, default=1024, help="context length of a training sample")
+    g.add_argument("--short_tokens_per_sample", type=non_negative_int, default=0,
+                   help="a length curriculum: train on windows of this many tokens first, then of "
+                   "--tokens_per_sample (0: off); a NoPE model learns faster on short windows")
+    g.add_argument("--short_fraction", type=probability, default=0.85,
+                   help="the fraction of the run's optimizer steps on --short_tokens_per_sample windows")
     g.add_argument("--samples_per_epoch", type=positive_int, default=4096, help="training samples per epoch")
     g.add_argument("--num_epochs", type=positive_int, default=1686, help="epochs to train for")
     g.add_argument("--learning_rate", type=positive_float, default=1e-2, help="peak learning rate of Adafactor")
@@ -140,6 +147,7 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
     (agree), before anything slow where possible."""
     layout = (args.batch_size, args.gradient_accumulation_steps, args.samples_per_epoch, ctx.world_size)
     accumulation, steps_per_epoch = agree(ctx, lambda: batch_layout(*layout))
+    agree(ctx, partial(check_curriculum, args))
     checkpoint = agree(ctx, partial(resume_state, args), who="rank0")  # rank 0 reads it; every rank gets it
     if checkpoint and already_complete(args.checkpoint_path, checkpoint["step"], steps_per_epoch, args.num_epochs):
         return None
@@ -152,8 +160,10 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
     # Every sample is drawn by one generator shared by all ranks; rank r takes the r-th of each round of
     # draws, so ranks see different samples and the global batch does not depend on the world size.
     start_token = files.meta["eot_id"] if args.start_token == "eot" else None
+    total_steps = steps_per_epoch * args.num_epochs  # the schedule spans all epochs (a longer resume stretches it)
+    short_samples = round(args.short_fraction * total_steps) * args.batch_size * accumulation * ctx.world_size
     sampler = WindowSampler(train_tokens, args.tokens_per_sample, args.batch_size, seed, ctx.rank, ctx.world_size,
-                            start_token)
+                            start_token, args.short_tokens_per_sample, short_samples)
     eval_starts = eval_share(args, ctx, test_tokens)
     parallel, optimizer = build_model(args, config, checkpoint, ctx, device)
     step = resume_streams(args, ctx, checkpoint, sampler, seed, steps_per_epoch)
@@ -161,8 +171,6 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
     batches = BatchPrefetcher(sampler, device)  # the next batch travels to the device while this one computes
     print_summary(args, parallel, ctx, device, accumulation, steps_per_epoch)
 
-    # The schedule spans all epochs: a resume with a larger --num_epochs stretches what remains of it.
-    total_steps = steps_per_epoch * args.num_epochs
     plan = Plan(start_step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch, num_epochs=args.num_epochs,
                 accumulation=accumulation, max_gradient_norm=args.max_gradient_norm, eval_interval=args.eval_interval,
                 checkpoint_interval=args.checkpoint_interval, checkpoint_path=args.checkpoint_path,
@@ -179,6 +187,12 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
 
 
 # ----------------------------------------------------------------------------- set-up steps
+
+
+def check_curriculum(args) -> None:
+    if args.short_tokens_per_sample >= args.tokens_per_sample:
+        raise UserError(f"--short_tokens_per_sample {args.short_tokens_per_sample}: the curriculum's windows must "
+                        f"be shorter than --tokens_per_sample {args.tokens_per_sample} (or 0: no curriculum)")
 
 
 def resume_state(args) -> dict | None:
@@ -296,8 +310,11 @@ def print_summary(args, parallel: Parallel, ctx: Distributed, device: torch.devi
     print0(f"model: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without embeddings), "
            f"{c.num_hidden_layers} layers, width {c.embedding_dimensions}, vocabulary {c.vocabulary_size:,}; "
            f"{device.type} {precision_name(device)}{compiled}{parallel.summary}")
+    length = f"{args.tokens_per_sample} tokens"
+    if args.short_tokens_per_sample:
+        length = f"{args.short_tokens_per_sample} tokens, then {length} for the last {1 - args.short_fraction:.0%}"
     print0(f"training: {args.num_epochs} epochs x {steps_per_epoch} steps x "
-           f"{args.batch_size * accumulation * ctx.world_size} samples x {args.tokens_per_sample} tokens")
+           f"{args.batch_size * accumulation * ctx.world_size} samples x {length}")
 
 
 # ----------------------------------------------------------------------------- hooks for the loop

@@ -239,6 +239,19 @@ def test_targets_are_inputs_shifted_by_one():
     assert xs[1].tolist() == list(range(100, 108)) and ys[1].tolist() == list(range(101, 109))
 
 
+def test_a_length_curriculum_draws_short_windows_first_and_resumes_where_it_was():
+    tokens = np.arange(5000, dtype=np.uint16)
+    sampler = WindowSampler(tokens, 16, 2, seed=0, world_size=2, short_tokens=4, short_samples=8)
+    lengths = [sampler.next_batch()[0].size(1) for _ in range(3)]  # 4 samples (2 ranks x 2) a draw
+    state = sampler.state_dict()
+    later = [sampler.next_batch() for _ in range(2)]
+    assert lengths == [4, 4, 16] and [x.size(1) for x, _ in later] == [16, 16]
+    restored = WindowSampler(tokens, 16, 2, seed=5, world_size=2, short_tokens=4, short_samples=8)
+    restored.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(later, [restored.next_batch() for _ in range(2)]):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 def test_a_start_token_replaces_the_first_input_of_every_window():
     tokens = np.arange(1000, dtype=np.uint16)
     xs, ys = window_batch(tokens, [0, 100], 8, start_token=999)

@@ -73,9 +73,11 @@ def test_resume_continues_exactly(builtin_data, tmp_path):
         torch.testing.assert_close(resumed["optimizer"]["state"][0][key], value)
 
 
-def test_interrupt_saves_a_checkpoint_that_resumes_exactly(builtin_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("curriculum", [(), ("--short_tokens_per_sample", "16", "--short_fraction", "0.6")])
+def test_interrupt_saves_a_checkpoint_that_resumes_exactly(builtin_data, tmp_path, monkeypatch, curriculum):
+    """Also through a length curriculum whose switch (at step 5 of 8) comes after the stop (at step 4)."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    run(tiny_pretrain_args(builtin_data, str(straight), "--dropout", "0.1"))
+    run(tiny_pretrain_args(builtin_data, str(straight), "--dropout", "0.1", *curriculum))
 
     real = pretrain.learning_rate_at
 
@@ -86,11 +88,12 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(builtin_data, tmp_pat
 
     monkeypatch.setattr(pretrain, "learning_rate_at", signal_at_step_3)
     with pytest.raises(SystemExit) as e:
-        run_main(pretrain.main, pretrain.parse_args, tiny_pretrain_args(builtin_data, str(stopped), "--dropout", "0.1"))
+        run_main(pretrain.main, pretrain.parse_args,
+                 tiny_pretrain_args(builtin_data, str(stopped), "--dropout", "0.1", *curriculum))
     assert e.value.code == 128 + signal.SIGTERM
     assert load_checkpoint(str(stopped / "checkpoint.pt"), "pretrain")["step"] == 4
     monkeypatch.setattr(pretrain, "learning_rate_at", real)
-    run(tiny_pretrain_args(builtin_data, str(stopped), "--dropout", "0.1", "--resume"))
+    run(tiny_pretrain_args(builtin_data, str(stopped), "--dropout", "0.1", "--resume", *curriculum))
     assert_same_weights(final_weights(straight / "checkpoint.pt"), final_weights(stopped / "checkpoint.pt"))
 
 
@@ -120,6 +123,11 @@ def fails_with(capsys, argv, *fragments):
         ("--min_lr_ratio", "1", "[0, 1)"),
         ("--eval_samples", "0", "positive integer"),
         ("--rms_decay", "0.5", "number <= 0"),
+        ("--momentum", "1", "[0, 1)"),
+        ("--short_fraction", "-0.1", "[0, 1)"),
+        ("--short_tokens_per_sample", "-1", "integer >= 0"),
+        ("--init", "orthogonal", "invalid choice"),
+        ("--start_token", "bos", "invalid choice"),
     ],
 )
 def test_bad_flag_values_are_one_line(capsys, tmp_path, flag, value, fragment):
@@ -134,6 +142,7 @@ def test_user_errors_are_one_line(capsys, builtin_data, tmp_path):
     fails_with(capsys, base + ["--dataset", str(tmp_path / "missing.txt")], "no such file or folder")
     fails_with(capsys, base + ["--token_encoding", "nope"], "--token_encoding 'nope' is unknown")
     fails_with(capsys, base + ["--tokens_per_sample", "100000"], "--tokens_per_sample 100000")
+    fails_with(capsys, base + ["--short_tokens_per_sample", "32"], "--short_tokens_per_sample 32")
     if not torch.cuda.is_available():
         fails_with(capsys, base + ["--device", "cuda"], "CUDA is not available")
     fails_with(capsys, base + ["--device", "tpu9"], "--device")
