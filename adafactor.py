@@ -113,6 +113,25 @@ def _foreach_updates(grads, row_vars, col_vars, variances, row_var_means, eps1s)
     return updates
 
 
+def _update_columns(means: torch.Tensor, offset: int, col_vars, betas) -> list:
+    """Move every matrix's column second moments toward this step's column means (read from `means` past
+    `offset`, each matrix's C columns then its row mean) and return the row means (None for vectors)."""
+    row_var_means, new_cols, matrix_cols, matrix_betas = [], [], [], []
+    for col_var, beta in zip(col_vars, betas):
+        if col_var is None:
+            row_var_means.append(None)
+            continue
+        C = col_var.shape[-1]
+        new_cols.append(means[offset : offset + C].view(1, C).to(col_var.dtype))
+        matrix_cols.append(col_var)
+        matrix_betas.append(beta)
+        row_var_means.append(means[offset + C])
+        offset += C + 1
+    if matrix_cols:
+        torch._foreach_lerp_(matrix_cols, new_cols, matrix_betas)
+    return row_var_means
+
+
 def _update(grad, row_var, col_var, variance, row_var_mean, eps1: float) -> torch.Tensor:
     """The unclipped update: grad / sqrt(second moment), the moment factored for a matrix."""
     if row_var is not None:
@@ -163,7 +182,7 @@ class Adafactor(torch.optim.Optimizer):
             defaults["beta1"] = beta1
         super().__init__(params, defaults)
         self.process_group = group  # the group the parameters are sharded over (None: the default group)
-        self._numels: dict[tuple, torch.Tensor] = {}  # whole-tensor sizes on the device, per parameter list
+        self._numels: dict[tuple, tuple] = {}  # whole-tensor sizes and divisors on the device, per parameter list
         self.compiled = compile
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile else (lambda f: f)
         self._local_sums, self._update_square_sums, self._apply_updates, self._apply_momentum = (
@@ -209,6 +228,19 @@ class Adafactor(torch.optim.Optimizer):
             rhos.append(min(group["lr"], 1 / step**0.5))
         return states, betas, rhos, eps1s
 
+    def _divisors(self, params, col_vars, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each parameter's whole-tensor size, and what divides the local sums into means: the sizes, then
+        per matrix its whole row count (a DTensor's global shape) for its C column sums and its row sum.
+        Made once per parameter list: a host-to-device copy from pageable memory synchronises."""
+        key = tuple(id(p) for p in params)
+        if key not in self._numels:
+            numels = [float(p.numel()) for p in params]
+            rows = [[float(p.shape[0])] * (col_var.shape[-1] + 1) for p, col_var in zip(params, col_vars)
+                    if col_var is not None]
+            self._numels[key] = (torch.tensor(numels, device=device),
+                                 torch.tensor(numels + [r for matrix in rows for r in matrix], device=device))
+        return self._numels[key]
+
     def _to_device(self, values: list[float], device) -> torch.Tensor:
         """Host numbers as a device tensor without a synchronising copy from pageable memory."""
         t = torch.tensor(values)
@@ -238,20 +270,10 @@ class Adafactor(torch.optim.Optimizer):
         self._all_reduce(totals, sharded)
 
         # Phase 2: whole-tensor statistics -> step sizes (device tensors) and column second moments.
-        key = tuple(id(p) for p in params)
-        if key not in self._numels:  # made once: a host-to-device copy from pageable memory synchronises
-            self._numels[key] = torch.tensor([float(p.numel()) for p in params], device=device)
-        numels = self._numels[key]
-        alphas = (totals[: len(params)] / numels).sqrt().clamp(min=group["eps"][1]) * self._to_device(rhos, device)
-        row_var_means, offset = [], len(params)
-        for p, col_var, beta in zip(params, col_vars, betas):
-            if col_var is None:
-                row_var_means.append(None)
-                continue
-            rows, C = p.shape[0], col_var.shape[-1]  # whole-tensor row count (a DTensor's global shape)
-            col_var.lerp_((totals[offset : offset + C] / rows).view(1, C).to(col_var.dtype), beta)
-            row_var_means.append(totals[offset + C] / rows)
-            offset += C + 1
+        numels, divisors = self._divisors(params, col_vars, device)
+        means = totals / divisors  # mean squares of the weights, column and row means of the second moments
+        alphas = means[: len(params)].sqrt().clamp(min=group["eps"][1]) * self._to_device(rhos, device)
+        row_var_means = _update_columns(means, len(params), col_vars, betas)
         if group["weight_decay"] != 0:
             torch._foreach_mul_(local_params, 1 - group["lr"] * group["weight_decay"])
 
