@@ -10,7 +10,8 @@ model.py is imported from there, for this measurement only).
 
 A step is what each trainer does per optimizer step: forward with the loss, backward, clip the gradient
 norm at 1, the optimizer's step (LightGPT: its Adafactor; nanoGPT: AdamW as its train.py configures it),
-zero the gradients. Both models run fp32, eager, without dropout, one thread per --threads.
+zero the gradients. Both models run fp32, eager, without dropout, one thread per --threads. LightGPT's is
+pretrain.py's default: Adafactor with momentum 0.9 (--momentum 0 for torch's Adafactor).
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def nanogpt(path: str):
     return model, optimizer, lambda x, y: model(x, y)[1]
 
 
-def lightgpt(position_encoding: str = "none"):
+def lightgpt(momentum: float = 0.9):
+    """pretrain.py's model and optimizer, as it builds them by default (Adafactor with momentum)."""
     model = GPT(GPTConfig(vocabulary_size=VOCABULARY, embedding_dimensions=WIDTH, num_attention_heads=HEADS,
-                          num_hidden_layers=LAYERS, dropout=0.0, position_encoding=position_encoding))
-    return model, Adafactor(model.parameters(), lr=3e-2), lambda x, y: model(x, y)
+                          num_hidden_layers=LAYERS, dropout=0.0), init="zero_proj")
+    return model, Adafactor(model.parameters(), lr=3e-2, beta1=momentum), lambda x, y: model(x, y)
 
 
 def step(model, optimizer, loss_of, x, y) -> float:
@@ -65,11 +67,12 @@ def main(argv=None) -> None:
     p.add_argument("--nanogpt_path", required=True, help="a checkout of karpathy/nanoGPT (its model.py is read)")
     p.add_argument("--steps", type=int, default=300, help="timed steps of each, interleaved (after 20 warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--momentum", type=float, default=0.9, help="LightGPT's Adafactor momentum (pretrain.py's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of LightGPT's step")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    runners = {"nanoGPT": nanogpt(args.nanogpt_path), "LightGPT": lightgpt()}
+    runners = {"nanoGPT": nanogpt(args.nanogpt_path), "LightGPT": lightgpt(args.momentum)}
     times = {name: [] for name in runners}
     generator = torch.Generator().manual_seed(0)
     for i in range(20 + args.steps):

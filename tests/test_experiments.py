@@ -45,3 +45,29 @@ def test_a_short_run_scores_every_variant_at_every_length(tmp_path):
     assert lever["parameters"] > nope["parameters"]  # the norms' gains and the temperatures train too
     assert all(r["sample"].startswith("The class statement") for r in results)
     assert len(json.loads((out / "results.json").read_text())) == 3
+
+
+def test_the_step_comparison_times_pretrains_default_step(tmp_path, capsys):
+    """experiments/step_vs_nanogpt.py against a stand-in for nanoGPT's model.py (the real one is not ours)."""
+    (tmp_path / "model.py").write_text(
+        "import torch\n"
+        "from dataclasses import dataclass\n"
+        "@dataclass\n"
+        "class GPTConfig:\n"
+        "    block_size: int; vocab_size: int; n_layer: int; n_head: int; n_embd: int; dropout: float; bias: bool\n"
+        "class GPT(torch.nn.Module):\n"
+        "    def __init__(self, c):\n"
+        "        super().__init__(); self.e = torch.nn.Embedding(c.vocab_size, c.n_embd)\n"
+        "    def forward(self, x, y):\n"
+        "        logits = self.e(x) @ self.e.weight.t()\n"
+        "        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())\n"
+        "    def configure_optimizers(self, wd, lr, betas, device):\n"
+        "        return torch.optim.AdamW(self.parameters(), lr=lr, betas=betas, weight_decay=wd)\n")
+    spec = importlib.util.spec_from_file_location("step_vs_nanogpt", os.path.join(ROOT, "experiments", "step_vs_nanogpt.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, optimizer, _ = module.lightgpt()
+    assert optimizer.param_groups[0]["beta1"] == 0.9 and model.blocks[0].attn.proj.weight.abs().max() == 0
+    module.main(["--nanogpt_path", str(tmp_path), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "nanoGPT: " in out and "LightGPT: " in out and "LightGPT / nanoGPT step time: " in out
