@@ -82,7 +82,8 @@ def _foreach_local_sums(params, grads, row_vars, variances, betas) -> torch.Tens
     matrices = [i for i, row_var in enumerate(row_vars) if row_var is not None]
     vectors = [i for i, row_var in enumerate(row_vars) if row_var is None]
     if vectors:
-        torch._foreach_lerp_([variances[i] for i in vectors], [squares[i] for i in vectors], [betas[i] for i in vectors])
+        torch._foreach_lerp_([variances[i] for i in vectors], [squares[i] for i in vectors],
+                             [betas[i] for i in vectors])
     sums = [torch.stack(torch._foreach_norm(params)).float().square()]
     if matrices:
         mine = [row_vars[i] for i in matrices]
@@ -99,7 +100,8 @@ def _foreach_updates(grads, row_vars, col_vars, variances, row_var_means, eps1s)
     matrices = [i for i, row_var in enumerate(row_vars) if row_var is not None]
     vectors = [i for i, row_var in enumerate(row_vars) if row_var is None]
     if matrices:  # the factored estimate, made in place (one full-size tensor per matrix at a time)
-        products = [row_vars[i] @ col_vars[i] for i in matrices]
+        # (R, 1) x (1, C) broadcast: the outer product, each element one product as in a matrix product
+        products = torch._foreach_mul([row_vars[i] for i in matrices], [col_vars[i] for i in matrices])
         torch._foreach_div_(products, [row_var_means[i].clamp(min=eps1s[i]) for i in matrices])
         torch._foreach_clamp_min_(products, [eps1s[i] * eps1s[i] for i in matrices])
         for i, product in zip(matrices, products):
@@ -302,7 +304,8 @@ class Adafactor(torch.optim.Optimizer):
         clipped updates, and the weights move by the step size times exp_avg."""
         exp_avgs = [state["exp_avg"] for state in states]
         if updates is None:
-            self._apply_momentum(params, exp_avgs, *moments, list((1 / clips).unbind()), list((-alphas).unbind()), beta1)
+            self._apply_momentum(params, exp_avgs, *moments, list((1 / clips).unbind()), list((-alphas).unbind()),
+                                 beta1)
             return
         dtype = updates[0].dtype
         torch._foreach_mul_(updates, list((1 / clips).to(dtype).unbind()))
