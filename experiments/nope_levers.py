@@ -96,7 +96,9 @@ def parse_variant(text: str, defaults: Training) -> tuple[str, GPTConfig, Traini
             raise SystemExit(f"variant {name!r}: unknown key {key!r} (GPTConfig fields or {', '.join(TRAINING)})")
     train = replace(defaults, **training)
     if model.get("position_encoding") == "learned" and "max_position_embeddings" not in model:
-        model["max_position_embeddings"] = train.window  # as nanoGPT's block_size
+        # as nanoGPT's block_size: the longest training window; one more with a start token, which the
+        # evaluation puts before a whole window (that last position is never trained)
+        model["max_position_embeddings"] = max(train.window, train.long_window) + train.start_token
     return name.strip(), GPTConfig(**model), train
 
 
