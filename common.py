@@ -162,11 +162,14 @@ MODEL_PRESETS: dict[str, dict] = {
                     token_encoding="o200k_base", vocabulary_size=200_019),
     "xxxlarge": dict(embedding_dimensions=8192, num_attention_heads=128, num_hidden_layers=128,
                      token_encoding="o200k_base", vocabulary_size=200_019),
+    # The quick start: many small steps of a small model (docs/nope-at-small-scale.md), 85% of them on
+    # 64-byte windows, then 256; no dropout at this budget.
     "quickstart": dict(dataset="builtin", token_encoding="bytes", vocabulary_size=257, device="cpu",
-                       embedding_dimensions=256, num_attention_heads=4, num_hidden_layers=4,
-                       batch_size=16, gradient_accumulation_steps=1, tokens_per_sample=256,
-                       samples_per_epoch=1024, num_epochs=4, eval_interval=1, warmup_steps=50,
-                       learning_rate=2e-2, seed=0,
+                       embedding_dimensions=128, num_attention_heads=4, num_hidden_layers=4, dropout=0.0,
+                       batch_size=12, gradient_accumulation_steps=1, tokens_per_sample=256,
+                       short_tokens_per_sample=64, short_fraction=0.85,
+                       samples_per_epoch=9000, num_epochs=4, eval_interval=1, warmup_steps=1000,
+                       learning_rate=5e-2, seed=0,
                        checkpoint_path="./checkpoints/quickstart.pt", run_dir_path="./runs/quickstart"),
 }
 
