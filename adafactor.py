@@ -76,42 +76,55 @@ def _local_sums(params, grads, row_vars, variances, betas) -> torch.Tensor:
 
 
 def _foreach_local_sums(params, grads, row_vars, variances, betas) -> torch.Tensor:
-    """_local_sums eagerly with one kernel for all the parameters wherever torch has a foreach one (the
-    eager default: a step of a small model is mostly kernel launches, and this makes a third of them)."""
-    squares = torch._foreach_mul(grads, grads)
+    """_local_sums eagerly, with foreach kernels where torch has them and no full-size temporary: a step of
+    a small model on the CPU is bound by kernel launches and by fresh memory (page faults), not arithmetic."""
     matrices = [i for i, row_var in enumerate(row_vars) if row_var is not None]
     vectors = [i for i, row_var in enumerate(row_vars) if row_var is None]
     if vectors:
-        torch._foreach_lerp_([variances[i] for i in vectors], [squares[i] for i in vectors],
+        small = [grads[i] for i in vectors]
+        torch._foreach_lerp_([variances[i] for i in vectors], torch._foreach_mul(small, small),
                              [betas[i] for i in vectors])
     sums = [torch.stack(torch._foreach_norm(params)).float().square()]
     if matrices:
-        mine = [row_vars[i] for i in matrices]
-        torch._foreach_lerp_(mine, [squares[i].mean(-1, keepdim=True) for i in matrices], [betas[i] for i in matrices])
+        mine, row_means, column_sums = [row_vars[i] for i in matrices], [], []
+        for i in matrices:  # grad^2 one matrix at a time: the allocator reuses its memory
+            square = grads[i] * grads[i]
+            row_means.append(square.mean(-1, keepdim=True))
+            column_sums.append(square.sum(-2, dtype=torch.float32))
+        torch._foreach_lerp_(mine, row_means, [betas[i] for i in matrices])
         row_sums = torch._foreach_norm(mine, 1)  # the row statistics are >= 0: their 1-norm is their sum
-        for i, row_sum in zip(matrices, row_sums):
-            sums += [squares[i].sum(-2).float().flatten(), row_sum.float().reshape(1)]
+        for column_sum, row_sum in zip(column_sums, row_sums):
+            sums += [column_sum.flatten(), row_sum.float().reshape(1)]
     return torch.cat(sums)
 
 
 def _foreach_updates(grads, row_vars, col_vars, variances, row_var_means, eps1s) -> list[torch.Tensor]:
-    """Every parameter's unclipped update, as _update computes it, with foreach kernels."""
+    """Every parameter's unclipped update, grad / sqrt(second moment), with foreach kernels. A matrix's
+    factored moment is row_var x col_var / mean(row_var), so its rsqrt is a row factor times a column
+    factor: the update is two broadcast products, with no full-size moment. Each factor is floored at
+    eps1 where torch floors their product at eps1^2 (it differs only where a whole row or column of
+    gradients has been zero, and there the update is zero either way)."""
     updates = [None] * len(grads)
     matrices = [i for i, row_var in enumerate(row_vars) if row_var is not None]
     vectors = [i for i, row_var in enumerate(row_vars) if row_var is None]
-    if matrices:  # the factored estimate, made in place (one full-size tensor per matrix at a time)
-        # (R, 1) x (1, C) broadcast: the outer product, each element one product as in a matrix product
-        products = torch._foreach_mul([row_vars[i] for i in matrices], [col_vars[i] for i in matrices])
-        torch._foreach_div_(products, [row_var_means[i].clamp(min=eps1s[i]) for i in matrices])
-        torch._foreach_clamp_min_(products, [eps1s[i] * eps1s[i] for i in matrices])
+    if matrices:
+        floors = [eps1s[i] for i in matrices]
+        rows = torch._foreach_div([row_vars[i] for i in matrices],
+                                  [row_var_means[i].clamp(min=eps1s[i]) for i in matrices])  # (R, 1) each
+        torch._foreach_clamp_min_(rows, floors)
+        torch._foreach_rsqrt_(rows)
+        columns = torch._foreach_clamp_min([col_vars[i] for i in matrices], floors)  # (1, C) each
+        torch._foreach_rsqrt_(columns)
+        products = torch._foreach_mul([grads[i] for i in matrices], rows)
+        torch._foreach_mul_(products, columns)
         for i, product in zip(matrices, products):
             updates[i] = product
     if vectors:  # new tensors: the second moments stay as they are
-        clamped = torch._foreach_clamp_min([variances[i] for i in vectors], [eps1s[i] * eps1s[i] for i in vectors])
-        for i, update in zip(vectors, clamped):
+        small = torch._foreach_clamp_min([variances[i] for i in vectors], [eps1s[i] * eps1s[i] for i in vectors])
+        torch._foreach_rsqrt_(small)
+        torch._foreach_mul_(small, [grads[i] for i in vectors])
+        for i, update in zip(vectors, small):
             updates[i] = update
-    torch._foreach_rsqrt_(updates)
-    torch._foreach_mul_(updates, grads)
     return updates
 
 
@@ -296,8 +309,7 @@ class Adafactor(torch.optim.Optimizer):
         if updates is None:
             self._apply_updates(local_params, *moments, list(scales.unbind()))
         else:
-            torch._foreach_mul_(updates, list(scales.to(updates[0].dtype).unbind()))
-            torch._foreach_add_(local_params, updates)
+            torch._foreach_addcmul_(local_params, updates, list(scales.to(updates[0].dtype).unbind()))
 
     def _step_with_momentum(self, beta1, states, params, moments, updates, clips, alphas) -> None:
         """Adafactor with momentum (Shazeer & Stern 2018, Algorithm 4 with beta1): exp_avg averages the
@@ -308,9 +320,9 @@ class Adafactor(torch.optim.Optimizer):
                                  beta1)
             return
         dtype = updates[0].dtype
-        torch._foreach_mul_(updates, list((1 / clips).to(dtype).unbind()))
-        torch._foreach_lerp_(exp_avgs, updates, 1 - beta1)
-        torch._foreach_add_(params, torch._foreach_mul(exp_avgs, list((-alphas).to(dtype).unbind())))
+        torch._foreach_mul_(exp_avgs, beta1)  # exp_avg = beta1 x exp_avg + (1 - beta1) x update / clip
+        torch._foreach_addcmul_(exp_avgs, updates, list(((1 - beta1) / clips).to(dtype).unbind()))
+        torch._foreach_addcmul_(params, exp_avgs, list((-alphas).to(dtype).unbind()))
 
     # ------------------------------------------------------------------------- consolidated state
 
