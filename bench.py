@@ -54,6 +54,7 @@ from common import (
     positive_float,
     positive_int,
     precision_name,
+    probability,
     resolve_device,
     run_main,
     synchronize,
@@ -92,6 +93,8 @@ def parse_args(argv=None):
     g.add_argument("--low_memory_optimizer", action="store_true", help="single-tensor Adafactor updates")
     g.add_argument("--optimizer", choices=("lightgpt", "torch"), default="lightgpt",
                    help="adafactor.py, or torch.optim.Adafactor for comparison")
+    g.add_argument("--momentum", type=probability, default=0.9,
+                   help="adafactor.py's momentum, as pretrain.py's default; --optimizer torch has none")
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute block activations in backward")
     g.add_argument("--iterations", type=positive_int, default=10, help="timed steps (train) or generations (decode)")
@@ -245,7 +248,8 @@ def train_one(args, device, system: str, x, y) -> dict:
     module = torch.compile(model) if compile_enabled(args.compile, device) else model
     settings = dict(lr=args.learning_rate, foreach=not args.low_memory_optimizer)
     if args.optimizer == "lightgpt":
-        optimizer = Adafactor(model.parameters(), compile=compile_enabled(args.compile, device), **settings)
+        optimizer = Adafactor(model.parameters(), compile=compile_enabled(args.compile, device), beta1=args.momentum,
+                              **settings)
     else:
         optimizer = torch.optim.Adafactor(model.parameters(), **settings)
 
@@ -576,6 +580,9 @@ def main(args) -> list[dict]:
     device = resolve_device(args.device) if args.mode != "tokenize" else torch.device("cpu")
     if (args.checkpoint_path or args.lora_path) and args.mode != "serve":
         raise UserError(f"--checkpoint_path and --lora_path are for bench.py serve, not {args.mode}")
+    if args.mode == "train" and args.optimizer == "torch" and args.momentum:
+        raise UserError(f"--momentum {args.momentum}: torch.optim.Adafactor has none; pass --momentum 0 with "
+                        f"--optimizer torch")
     rows: list[dict] = []
     try:
         with attention_backend(args.attention_backend):

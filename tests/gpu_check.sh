@@ -56,7 +56,7 @@ step bench_train "$py" bench.py train --device "$device" --compile "$compile" "$
     "${iters[@]}" "${profile_train[@]}"
 step bench_train_ac "$py" bench.py train --device "$device" --compile "$compile" --activation_checkpointing \
     "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
-step bench_train_torch_adafactor "$py" bench.py train --device "$device" --compile "$compile" --optimizer torch \
+step bench_train_torch_adafactor "$py" bench.py train --device "$device" --compile "$compile" --optimizer torch --momentum 0 \
     "${shape[@]}" "${train_batch[@]}" "${iters[@]}"
 step bench_decode "$py" bench.py decode --device "$device" --compile "$compile" "${shape[@]}" "${decode[@]}" \
     --iterations 3 --warmup_iterations 1 "${profile_decode[@]}"

@@ -63,6 +63,15 @@ def test_attention_backend_is_chosen_and_reported(capsys):
                                         "--attention_backend", "cudnn"], "--attention_backend cudnn cannot run")
 
 
+def test_train_times_pretrains_optimizer_and_torchs_needs_no_momentum(capsys):
+    from conftest import fails_with_one_line
+
+    base = ["train", *TINY, "--batch_size", "2", "--tokens_per_sample", "16", "--iterations", "1"]
+    assert run(capsys, *base)[0]["optimizer"] == "lightgpt"  # with momentum 0.9, as pretrain.py
+    assert run(capsys, *base, "--optimizer", "torch", "--momentum", "0")[0]["optimizer"] == "torch"
+    fails_with_one_line(capsys, bench, base + ["--optimizer", "torch"], "--momentum 0.9", "torch.optim.Adafactor")
+
+
 def test_tokenize_on_empty_documents_is_one_line(capsys, tmp_path):
     corpus = tmp_path / "empty.jsonl"
     corpus.write_text('{"text": ""}\n{"text": ""}\n')
