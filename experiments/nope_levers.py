@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from adafactor import Adafactor  # noqa: E402
-from data import eot_id, load_encoding, open_tokens, prepare_token_files  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from data import eot_id, load_encoding, open_tokens, prepare_token_files, window_batch  # noqa: E402
+from model import INITIALISATIONS, GPT, GPTConfig  # noqa: E402
 from training import learning_rate_at  # noqa: E402
 
 DEFAULT_VARIANTS = (
@@ -126,17 +126,16 @@ def optimizer_for(model: GPT, t: Training):
 
 
 @torch.no_grad()
-def initialise(model: GPT, init: str) -> None:
-    """GPT-2's initialisation (the model's own), or a variant of it."""
-    C = model.config.embedding_dimensions
-    for block in model.blocks:
-        if init == "zero_qk":  # queries and keys at zero: every head averages its whole prefix at first
-            block.attn.qkv.weight[: 2 * C].zero_()
-        elif init == "zero_proj":  # the residual branches start closed (modded-nanoGPT's projections)
-            block.attn.proj.weight.zero_()
-            block.mlp.down.weight.zero_()
-        elif init != "gpt2":
-            raise SystemExit(f"unknown init {init!r}: gpt2, zero_qk or zero_proj")
+def initialised(config: GPTConfig, init: str) -> GPT:
+    """The model with one of its own initialisations (gpt2, zero_proj: GPT(config, init)), or with GPT-2's
+    and queries and keys at zero (zero_qk: every head averages its whole prefix at first)."""
+    if init not in (*INITIALISATIONS, "zero_qk"):
+        raise SystemExit(f"unknown init {init!r}: {', '.join(INITIALISATIONS)} or zero_qk")
+    model = GPT(config, init="gpt2" if init == "zero_qk" else init)
+    if init == "zero_qk":
+        for block in model.blocks:
+            block.attn.qkv.weight[: 2 * config.embedding_dimensions].zero_()
+    return model
 
 
 class QKLever(nn.Module):
@@ -173,11 +172,7 @@ def batch(train: np.ndarray, t: Training, generator: torch.Generator, eot: int,
           step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     window = t.long_window if t.long_window and step >= t.long_from * t.steps else t.window
     starts = torch.randint(0, len(train) - window - 1, (t.batch,), generator=generator).tolist()
-    windows = torch.from_numpy(np.stack([train[s : s + window + 1] for s in starts]).astype(np.int64))
-    x, y = windows[:, :-1].clone(), windows[:, 1:]
-    if t.start_token:
-        x[:, 0] = eot  # the window's first byte becomes a fixed token for attention to count from
-    return x, y
+    return window_batch(train, starts, window, eot if t.start_token else None)  # pretrain.py's windows
 
 
 @torch.no_grad()
@@ -222,8 +217,7 @@ def run(variant: str, defaults: Training, scoring: Evaluation) -> dict:
     name, config, t = parse_variant(variant, defaults)
     train, test, eot = tokens(scoring.dataset_path)
     torch.manual_seed(t.seed)
-    model = GPT(config)
-    initialise(model, t.init)
+    model = initialised(config, t.init)
     if t.embedding_std != Training.embedding_std:  # else the model's own draw stands
         torch.nn.init.normal_(model.token_embeddings.weight, std=t.embedding_std)
     add_qk_levers(model, bool(t.qk_norm), bool(t.head_temperature))
