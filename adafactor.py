@@ -197,7 +197,7 @@ class Adafactor(torch.optim.Optimizer):
             defaults["beta1"] = beta1
         super().__init__(params, defaults)
         self.process_group = group  # the group the parameters are sharded over (None: the default group)
-        self._numels: dict[tuple, tuple] = {}  # whole-tensor sizes and divisors on the device, per parameter list
+        self._divisor_cache: dict[tuple, tuple] = {}  # whole-tensor sizes and divisors on the device, per parameter list
         self.compiled = compile
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if compile else (lambda f: f)
         self._local_sums, self._update_square_sums, self._apply_updates, self._apply_momentum = (
@@ -248,13 +248,13 @@ class Adafactor(torch.optim.Optimizer):
         per matrix its whole row count (a DTensor's global shape) for its C column sums and its row sum.
         Made once per parameter list: a host-to-device copy from pageable memory synchronises."""
         key = tuple(id(p) for p in params)
-        if key not in self._numels:
+        if key not in self._divisor_cache:
             numels = [float(p.numel()) for p in params]
             rows = [[float(p.shape[0])] * (col_var.shape[-1] + 1) for p, col_var in zip(params, col_vars)
                     if col_var is not None]
-            self._numels[key] = (torch.tensor(numels, device=device),
+            self._divisor_cache[key] = (torch.tensor(numels, device=device),
                                  torch.tensor(numels + [r for matrix in rows for r in matrix], device=device))
-        return self._numels[key]
+        return self._divisor_cache[key]
 
     def _to_device(self, values: list[float], device) -> torch.Tensor:
         """Host numbers as a device tensor without a synchronising copy from pageable memory."""
