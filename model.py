@@ -192,8 +192,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: "KVCache | None" = None, mask=None, rope=None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, n_head, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, n_head, T, head_dim)
+        # Split, not unbind: the backward then joins the three gradients with one copy (cat), not two.
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # 3 x (B, n_head, T, head_dim)
+                   for t in self.qkv(x).split(C, dim=2))  # 3 x (B, T, C)
         if rope is not None:  # keys rotated at their absolute positions before they enter the ring
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
@@ -221,23 +222,27 @@ class MLP(nn.Module):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """y = x / rms(x) * weight with a hand-written backward of a few kernels: on the CPU, autograd's
-    backward of the composite takes about a dozen and makes the norm 3x slower than LayerNorm."""
+    """y = x / rms(x) * weight, differentiated by LayerNorm's native backward: RMSNorm is LayerNorm with
+    the mean held at zero, whose gradient lacks only LayerNorm's mean term, added back here. On the CPU
+    autograd's backward of the composite takes about a dozen kernels and makes the norm 3x slower than
+    LayerNorm; this takes the one fused kernel, a matrix-vector product and an add."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         rstd = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.size(-1)).add_(eps)).unsqueeze(-1)  # (..., 1)
-        x_hat = x * rstd
-        ctx.save_for_backward(x_hat, weight, rstd)
-        return x_hat * weight
+        ctx.save_for_backward(x, weight, rstd)  # the input, not x / rms: the same bytes, and what LayerNorm's backward reads
+        return (x * rstd).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        x_hat, weight, rstd = ctx.saved_tensors
-        scaled = grad * x_hat  # both gradients read it: the weight's is its column sums, and the dot
-        grad_weight = scaled.flatten(0, -2).sum(0)  # product below is (grad * weight) . x_hat = scaled @ weight
-        dot = (scaled @ weight).div_(x_hat.size(-1)).unsqueeze(-1)  # (..., 1)
-        return (grad * weight).addcmul_(x_hat, dot, value=-1).mul_(rstd), grad_weight, None
+        x, weight, rstd = ctx.saved_tensors
+        C = x.size(-1)
+        # LayerNorm's dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = grad * weight; RMSNorm's
+        # lacks the mean(g) term. The weight's gradient, sum(grad * x_hat), is the same for both.
+        grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
+            grad, x, [C], torch.zeros_like(rstd), rstd, weight, None, [True, ctx.needs_input_grad[1], False])
+        mean_g = (grad @ weight).unsqueeze(-1).mul_(rstd).div_(C)  # (..., 1) rstd x mean(g)
+        return grad_x.add_(mean_g), grad_weight, None
 
 
 class RMSNorm(nn.RMSNorm):

@@ -226,6 +226,10 @@ def test_the_cpu_rms_norm_equals_torchs_forward_and_backward(shape):
     assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6), inputs)
     with torch.no_grad():  # inference takes torch's own path
         assert norm(x).grad_fn is None
+    norm.weight.requires_grad_(False)  # a frozen norm (LoRA): only the input's gradient
+    (frozen,) = torch.autograd.grad(norm(x), x, grad)
+    theirs = F.rms_norm(x, (shape[-1],), norm.weight, torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(frozen, torch.autograd.grad(theirs, x, grad)[0])
 
 
 def test_zero_projection_init_starts_every_block_as_the_identity(tiny_config):
