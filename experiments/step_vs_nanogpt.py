@@ -7,6 +7,12 @@ model.py is imported from there, for this measurement only).
 
     python experiments/step_vs_nanogpt.py --nanogpt_path ../nanoGPT
     python experiments/step_vs_nanogpt.py --nanogpt_path ../nanoGPT --profile   # where LightGPT's step goes
+    python experiments/step_vs_nanogpt.py --nanogpt_path ../nanoGPT --also before=old_model.py
+
+--also NAME=FILE steps the GPT of another copy of model.py (an older commit's, an edited one) beside the two,
+so that a change to the model is timed against the same moments of the machine; with several runners the
+order of each round is shuffled. Run to run the ratio moves by about 2% on a shared machine: compare
+changes inside one run.
 
 A step is what each trainer does per optimizer step: forward with the loss, backward, clip the gradient
 norm at 1, the optimizer's step (LightGPT: its Adafactor; nanoGPT: AdamW as its train.py configures it),
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import random
 import statistics
 import sys
 import time
@@ -45,11 +52,25 @@ def nanogpt(path: str):
     return model, optimizer, lambda x, y: model(x, y)[1]
 
 
-def lightgpt(momentum: float = 0.9):
-    """pretrain.py's model and optimizer, as it builds them by default (Adafactor with momentum)."""
-    model = GPT(GPTConfig(vocabulary_size=VOCABULARY, embedding_dimensions=WIDTH, num_attention_heads=HEADS,
-                          num_hidden_layers=LAYERS, dropout=0.0), init="zero_proj")
+def lightgpt(momentum: float = 0.9, module=None):
+    """pretrain.py's model and optimizer, as it builds them by default (Adafactor with momentum); the
+    model from `module` (another copy of model.py) if given."""
+    gpt, config = (GPT, GPTConfig) if module is None else (module.GPT, module.GPTConfig)
+    model = gpt(config(vocabulary_size=VOCABULARY, embedding_dimensions=WIDTH, num_attention_heads=HEADS,
+                       num_hidden_layers=LAYERS, dropout=0.0), init="zero_proj")
     return model, Adafactor(model.parameters(), lr=3e-2, beta1=momentum), lambda x, y: model(x, y)
+
+
+def model_file(spec: str):
+    """NAME=FILE -> (NAME, the module FILE defines), imported under a name of its own."""
+    name, _, path = spec.partition("=")
+    if not name or not os.path.isfile(path):
+        raise SystemExit(f"--also: expected NAME=FILE with an existing model.py copy, got {spec!r}")
+    module_spec = importlib.util.spec_from_file_location(f"lightgpt_model_{name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses look their module up
+    module_spec.loader.exec_module(module)
+    return name, module
 
 
 def step(model, optimizer, loss_of, x, y) -> float:
@@ -69,16 +90,24 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--momentum", type=float, default=0.9, help="LightGPT's Adafactor momentum (pretrain.py's default)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of LightGPT's step")
+    p.add_argument("--also", action="append", default=[], metavar="NAME=FILE",
+                   help="also step the GPT of another copy of model.py (repeatable)")
     args = p.parse_args(argv)
+    extra = [model_file(spec) for spec in args.also]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     runners = {"nanoGPT": nanogpt(args.nanogpt_path), "LightGPT": lightgpt(args.momentum)}
+    for name, module in extra:
+        torch.manual_seed(0)
+        runners[name] = lightgpt(args.momentum, module)
     times = {name: [] for name in runners}
-    generator = torch.Generator().manual_seed(0)
+    generator, shuffle = torch.Generator().manual_seed(0), random.Random(0)
     for i in range(20 + args.steps):
         x = torch.randint(0, VOCABULARY, (BATCH, WINDOW), generator=generator)
         y = torch.randint(0, VOCABULARY, (BATCH, WINDOW), generator=generator)
-        order = list(runners.items()) if i % 2 else list(reversed(runners.items()))  # neither always goes first
+        order = list(runners.items()) if i % 2 else list(reversed(runners.items()))  # none always goes first
+        if len(order) > 2:
+            shuffle.shuffle(order)
         for name, runner in order:
             seconds = step(*runner, x, y)
             if i >= 20:
@@ -86,7 +115,9 @@ def main(argv=None) -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, median in medians.items():
         print(f"{name}: {1000 * median:.2f} ms per step (median of {args.steps})")
-    print(f"LightGPT / nanoGPT step time: {medians['LightGPT'] / medians['nanoGPT']:.3f}")
+    for name in runners:
+        if name != "nanoGPT":
+            print(f"{name} / nanoGPT step time: {medians[name] / medians['nanoGPT']:.3f}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

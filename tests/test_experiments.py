@@ -5,8 +5,10 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 
 
@@ -71,3 +73,16 @@ def test_the_step_comparison_times_pretrains_default_step(tmp_path, capsys):
     module.main(["--nanogpt_path", str(tmp_path), "--steps", "2"])
     out = capsys.readouterr().out
     assert "nanoGPT: " in out and "LightGPT: " in out and "LightGPT / nanoGPT step time: " in out
+    # Another copy of model.py, stepped beside them: here one whose norm is LayerNorm.
+    edited = Path(ROOT, "model.py").read_text().replace(
+        "return _RMSNormFunction.apply(x, self.weight, eps)", "return F.layer_norm(x, x.shape[-1:], self.weight, None, eps)")
+    assert "F.layer_norm(x, x.shape" in edited
+    (tmp_path / "layernorm.py").write_text(edited)
+    module.main(["--nanogpt_path", str(tmp_path), "--steps", "2", "--also", f"layernorm={tmp_path / 'layernorm.py'}"])
+    out = capsys.readouterr().out
+    assert "layernorm: " in out and "layernorm / nanoGPT step time: " in out
+    _, other = module.model_file(f"layernorm={tmp_path / 'layernorm.py'}")
+    model, _, _ = module.lightgpt(0.9, other)  # the edited copy's model, not model.py's
+    assert "LayerNorm" in model.blocks[0].attn_norm(torch.randn(2, 3, 128, requires_grad=True)).grad_fn.name()
+    with pytest.raises(SystemExit, match="--also"):
+        module.main(["--nanogpt_path", str(tmp_path), "--also", "nofile"])
