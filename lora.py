@@ -55,9 +55,12 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's own initialisation
+        # The base's dtype and device (a bf16 or fp64 model multiplies its adapters with its own inputs);
+        # A drawn in fp32 first, so that a seed gives the same adapters at every dtype.
+        a = torch.empty(rank, base.in_features, device=base.weight.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's own initialisation
+        self.lora_a = nn.Parameter(a.to(base.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
@@ -69,9 +72,12 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """The plain linear layer W + (alpha / rank) B A."""
-        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=False, device=self.lora_a.device)
-        delta = (self.lora_b.float() @ self.lora_a.float()) * self.scale
-        linear.weight.copy_((self.base.weight.float() + delta).to(linear.weight.dtype))
+        dtype = self.base.weight.dtype
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=False, device=self.lora_a.device,
+                           dtype=dtype)
+        exact = torch.promote_types(dtype, torch.float32)  # the sum in at least fp32, rounded once
+        delta = (self.lora_b.to(exact) @ self.lora_a.to(exact)) * self.scale
+        linear.weight.copy_((self.base.weight.to(exact) + delta).to(dtype))
         return linear
 
 

@@ -69,6 +69,29 @@ def test_merging_the_adapters_leaves_the_outputs_unchanged():
     torch.testing.assert_close(fresh.eval()(x), before_logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_adapters_take_the_bases_dtype_and_merge_into_it(dtype):
+    """A bf16 or fp64 model gets adapters of its own dtype (an fp32 adapter's product with a bf16 input
+    raised "expected m1 and m2 to have the same dtype"), trains, and merges into layers of that dtype."""
+    model = adapted(tiny().to(dtype), rank=4, alpha=8.0)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    reference = adapted(tiny(), rank=4, alpha=8.0)  # the same seed draws the same adapters at every dtype
+    torch.testing.assert_close(model.blocks[0].attn.qkv.lora_a.float(), reference.blocks[0].attn.qkv.lora_a,
+                               rtol=1e-2, atol=1e-2)
+    perturb(model)
+    x = torch.randint(0, V + NEW, (2, 12))
+    model.train()
+    model(x, x).backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        merged = merge_lora(model)
+        assert {p.dtype for p in merged.parameters()} == {dtype}
+        tolerance = 1e-10 if dtype == torch.float64 else 5e-2
+        torch.testing.assert_close(merged(x), before, rtol=tolerance, atol=tolerance)
+
+
 def test_lora_update_is_scaled_by_alpha_over_rank():
     torch.manual_seed(0)
     linear = torch.nn.Linear(8, 6, bias=False)
