@@ -92,7 +92,8 @@ def parse_args(argv=None):
                    help="the context length the model was trained at (default: the checkpoint's "
                         "tokens_per_sample, or max_tokens_per_sample for an instruction-tuned one)")
     g.add_argument("--windows", type=positive_int, default=64,
-                   help="windows per context length, half at document boundaries, half at random offsets")
+                   help="windows per context length, half at document boundaries, half at random offsets "
+                        "(at most one per start offset in the test split)")
     g.add_argument("--batch_size", type=positive_int, default=8,
                    help="windows per forward pass (fewer for long windows, to bound the logits' memory)")
     g.add_argument("--output_path", default="./runs/evaluate",
@@ -104,15 +105,25 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- windows
 
 
+def check_windows(n_tokens: int, length: int, windows: int) -> None:
+    """A window of length + 1 tokens fits the test split, and at most one window per start offset is asked
+    for: more would only repeat windows, and the offsets are drawn (and kept) up front."""
+    offsets = n_tokens - length  # distinct windows of length + 1 tokens
+    if offsets < 1:
+        raise UserError(f"--context_lengths: the test split holds {n_tokens:,} tokens, too few for a window of "
+                        f"{length:,} + 1; use shorter lengths or a larger corpus")
+    if windows > offsets:
+        raise UserError(f"--windows: the test split holds {n_tokens:,} tokens, so {offsets:,} distinct windows of "
+                        f"{length:,} + 1 tokens; ask for at most that many, not {windows:,}")
+
+
 def window_starts(tokens: np.ndarray, boundaries: np.ndarray, length: int, windows: int,
                   rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """Start offsets of windows of length + 1 tokens: about half at the start of a document, 0 or right
     after an end-of-text token (`boundaries` holds those positions; drawn without repeats, as many as
     there are documents far enough from the end), the rest at uniformly random offsets."""
+    check_windows(len(tokens), length, windows)
     last = len(tokens) - (length + 1)  # the last offset a whole window starts at
-    if last < 0:
-        raise UserError(f"--context_lengths: the test split holds {len(tokens):,} tokens, too few for a window of "
-                        f"{length:,} + 1; use shorter lengths or a larger corpus")
     fits = boundaries[boundaries <= last]
     boundary = rng.choice(fits, size=min((windows + 1) // 2, len(fits)), replace=False) if len(fits) else fits
     random = rng.integers(0, last + 1, size=windows - len(boundary))
@@ -361,6 +372,8 @@ def main(args) -> dict[int, dict]:
                         f"tokens; a window of {max(lengths)} is past them (ask for lengths up to {limit})")
     check_writable(args.output_path, "--output_path")
     tokens, meta, (dataset, subset, encoding) = test_tokens(args, state, model)
+    for length in lengths:  # every length before any is scored
+        check_windows(len(tokens), length, args.windows)
     print(f"evaluating {args.lora_path or args.checkpoint_path} on the test split of {meta['source']} "
           f"({len(tokens):,} tokens, {encoding}); {device.type} {precision_name(device)}; training length "
           f"{trained or 'unknown'}; {args.windows} windows at each of {', '.join(map(str, lengths))} tokens")

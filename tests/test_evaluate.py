@@ -143,6 +143,11 @@ def test_bad_flags_and_files_are_one_line(checkpoint, builtin_data, tmp_path, ca
         (["--checkpoint_path", str(tmp_path / "none.pt")], "--checkpoint_path", "no checkpoint"),
         (["--checkpoint_path", checkpoint, "--lora_path", checkpoint], "--lora_path", "expected a 'lora' checkpoint"),
         (["--checkpoint_path", checkpoint, "--context_lengths", "100000"], "--context_lengths", "too few"),
+        # a billion windows held 13.7 GB of start offsets before scoring anything; now one line, at once
+        (["--checkpoint_path", checkpoint, "--context_lengths", "32", "--windows", "1000000000"], "--windows",
+         "distinct windows of 32 + 1 tokens", "not 1,000,000,000"),
+        (["--checkpoint_path", checkpoint, "--context_lengths", "8,100000", "--windows", "4"], "--context_lengths",
+         "too few"),  # checked for every length before the first is scored
         (["--checkpoint_path", checkpoint, "--device", "nonsense"], "--device"),
         (["--checkpoint_path", unrecorded], "--context_lengths", "--training_length"),
         (["--checkpoint_path", unrecorded, "--training_length", "16"], "--dataset", "pass --dataset"),
