@@ -29,7 +29,8 @@ import torch
 
 from common import ArgumentParser, UserError, add_model_path_args, first_line, positive_int, run_main
 from files import atomic_folder, check_writable, os_reason
-from generate import inference_model
+from generate import inference_model, model_tokenizer
+from hf_tokenizer import HF_INSTALL, hf_available, save_tokenizer
 from hub import CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, push_folder, save_pretrained
 from model import GPT
 
@@ -234,9 +235,21 @@ def export_onnx(model: GPT, folder: str, opset: int) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def export_tokenizer(model: GPT, folder: str) -> list[str]:
+    """The tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json with a chat model's
+    template, special_tokens_map.json) when the transformers extra is installed; a note otherwise."""
+    if not hf_available():
+        print(f"note: transformers is not installed ({HF_INSTALL}); the export has no tokenizer files")
+        return []
+    info = model.export_info
+    return save_tokenizer(folder, info["token_encoding"], info["eot_id"], model.config.vocabulary_size,
+                          chat=bool(info.get("special_tokens")))
+
+
 def main(args) -> str:
     check_output(args)
     model, state, lora = inference_model(args.checkpoint_path, torch.device("cpu"), args.lora_path)  # fp32 on the CPU
+    model_tokenizer(model, state, lora, args.checkpoint_path, args.lora_path)  # the same check as generate.py's
     model.export_info = export_info(state, lora, args.license)
     where = args.push_to_hub or args.output_path
     from safetensors import SafetensorError
@@ -246,6 +259,7 @@ def main(args) -> str:
             if args.onnx:
                 model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
             save_pretrained(model, tmp, where=where)  # model.safetensors, config.json, README.md
+            export_tokenizer(model, tmp)
             saved = from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
             weights = model.state_dict()
             assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"

@@ -124,6 +124,16 @@ def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: st
     """The model of a checkpoint, or of a base checkpoint and a LoRA checkpoint (merged on load, so it
     decodes as fast as any model), with its tokenizer."""
     model, state, lora = inference_model(checkpoint_path, device, lora_path)
+    encoding, chat = model_tokenizer(model, state, lora, checkpoint_path, lora_path)
+    if chat is None and system is not None:
+        raise UserError("--system needs a chat model: pass --lora_path, or a checkpoint merged by instruction-tune.py")
+    return Loaded(model, encoding, state["eot_id"], chat)
+
+
+def model_tokenizer(model: GPT, state: dict, lora: dict | None, checkpoint_path: str,
+                    lora_path: str | None = None) -> tuple[object, ChatTokenizer | None]:
+    """The tokenizer the checkpoints record (with ChatML's tokens for a chat model), checked to cover
+    exactly the model's ids: (tiktoken encoding, ChatTokenizer or None)."""
     special = (lora or state).get("special_tokens")
     encoding = load_encoding(state["token_encoding"])
     chat = None
@@ -132,12 +142,10 @@ def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: st
             raise UserError(f"{lora_path or checkpoint_path}: its special tokens {special} are not ChatML's")
         chat = ChatTokenizer(encoding)
         encoding = chat.encoding
-    elif system is not None:
-        raise UserError("--system needs a chat model: pass --lora_path, or a checkpoint merged by instruction-tune.py")
     if model.config.vocabulary_size != encoding.n_vocab:  # ids the tokenizer could not decode, or never produce
         raise UserError(f"{checkpoint_path}: the model has a vocabulary of {model.config.vocabulary_size:,} ids but its "
                         f"tokenizer ({state['token_encoding']}{' + ChatML' if chat else ''}) has {encoding.n_vocab:,}")
-    return Loaded(model, encoding, state["eot_id"], chat)
+    return encoding, chat
 
 
 def prompts(prompt: str | None) -> Iterator[str]:

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import fails_with_one_line
-from helpers import NEW, TRAINING_LENGTH, V, adapted, perturb, tiny
+from helpers import NEW, TRAINING_LENGTH, perturb, tiny
 
 import beam_search
 import evaluate
@@ -21,10 +21,12 @@ import hub
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from common import UserError
 from generate import inference_model
-from lora import lora_state_dict
+from lora import LoRAConfig, add_lora, grow_vocabulary, lora_state_dict
 from model import GPT
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
+B = 257  # the byte tokenizer's ids: 256 bytes and end-of-text
+FILES = ["README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]  # an export's
 IDS = torch.tensor([[256, 84, 104, 101, 32], [256, 1, 2, 3, 4]])  # end-of-text first, as prompts start
 
 
@@ -44,18 +46,24 @@ def exported(checkpoint, tmp_path_factory):
     return out
 
 
+def byte_model() -> GPT:
+    """helpers.tiny()'s shape with the byte tokenizer's 257 ids (its 300 fit no tokenizer: see the last test)."""
+    torch.manual_seed(0)
+    return GPT(replace(tiny().config, vocabulary_size=B))
+
+
 @pytest.fixture(scope="module")
 def base_and_lora(tmp_path_factory):
     """A base checkpoint and trained-looking LoRA adapters for it, saved as instruction-tune.py saves them."""
     folder = tmp_path_factory.mktemp("lora")
-    base_model, base_path, lora_path = tiny(), str(folder / "base.pt"), str(folder / "lora.pt")
+    base_model, base_path, lora_path = byte_model(), str(folder / "base.pt"), str(folder / "lora.pt")
     save_checkpoint({"kind": "pretrain", "config": base_model.config.to_dict(), "model": base_model.state_dict(),
                      "token_encoding": "bytes", "eot_id": 256}, base_path)
-    model = adapted(tiny(), rank=4, alpha=2.0)
+    model = add_lora(grow_vocabulary(byte_model(), NEW), LoRAConfig(4, 2.0, 0.0), (B, NEW)).eval()
     perturb(model)
     save_checkpoint({"kind": "lora", "config": model.config.to_dict(), "adapters": lora_state_dict(model),
                      "lora": {"rank": 4, "alpha": 2.0, "dropout": 0.0},
-                     "base": {"sha256": load_checkpoint(base_path, "pretrain")["sha256"], "vocabulary_size": V},
+                     "base": {"sha256": load_checkpoint(base_path, "pretrain")["sha256"], "vocabulary_size": B},
                      "special_tokens": SPECIAL, "token_encoding": "bytes", "eot_id": 256,
                      "args": {"dataset": "HuggingFaceTB/smoltalk", "max_tokens_per_sample": 48}}, lora_path)
     return base_path, lora_path
@@ -70,7 +78,7 @@ def test_export_then_from_pretrained_gives_identical_logits(checkpoint, exported
     original = model_from_checkpoint(load_checkpoint(checkpoint, "pretrain"))
     loaded = hub.from_pretrained(exported)
     assert not loaded.training and torch.equal(logits(loaded), logits(original))
-    assert sorted(os.listdir(exported)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(exported)) == FILES
     with safe_open(os.path.join(exported, "model.safetensors"), "pt") as f:  # the tied table, once
         assert set(f.keys()) == set(original.state_dict())
         assert sum(k.startswith("token_embeddings") for k in f.keys()) == 1
@@ -93,13 +101,108 @@ def test_lora_merged_export_computes_what_base_plus_adapters_do(base_and_lora, t
     out = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "chat"))
     reference = inference_model(base, torch.device("cpu"), lora)[0]
     loaded = hub.from_pretrained(out)
-    ids = torch.randint(0, V + NEW, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, B + NEW, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(loaded, ids), logits(reference, ids))
     assert loaded.export_info["special_tokens"] == SPECIAL
     assert loaded.export_info["instruction_tuning"]["lora"] == {"rank": 4, "alpha": 2.0}
     with open(os.path.join(out, "README.md")) as f:
         front = f.read().split("---")[1]
     assert "- HuggingFaceTB/smoltalk" in front and "- chat" in front
+
+
+MIXED = "ASCII, accents (naïve café, Ærøskøbing), emoji 🙂🚀, code: def f(x):\n\treturn x ** 2  # ok\n" \
+        "and a user typing <|im_end|> or <|endoftext|> as text\r\n  12345   end"
+
+
+def test_the_exports_tokenizer_files_give_our_ids(exported, base_and_lora, tmp_path):
+    """AutoTokenizer on an export: the ids of LightGPT's tokenizer for any text (special-token text typed
+    in it read as text, split_special_tokens=True); for a chat model also the ChatML tokens at the model's
+    ids and a chat template whose generation prompt is chat.render_prompt's ids."""
+    from transformers import AutoTokenizer
+
+    from chat import ChatTokenizer, render_prompt
+    from data import load_encoding
+
+    encoding = load_encoding("bytes")
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    ids = tokenizer(MIXED, split_special_tokens=True)["input_ids"]
+    assert ids == encoding.encode_ordinary(MIXED) and tokenizer.decode(ids) == MIXED
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == 256
+    base, lora = base_and_lora
+    chat_folder = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "chat"))
+    chat = AutoTokenizer.from_pretrained(chat_folder)
+    ours = ChatTokenizer(encoding)
+    assert [chat.convert_tokens_to_ids(t) for t in SPECIAL] == [ours.im_start, ours.im_end, ours.pad] == [B, B + 1, B + 2]
+    assert chat.eos_token == "<|im_end|>" and chat.pad_token == "<|pad|>"
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2? ü 🙂"},
+                {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3 + 3?"}]
+    prompt = chat.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    assert list(prompt) == render_prompt(ours, messages)
+    with pytest.raises(Exception, match="system, user and assistant"):
+        chat.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def bpe_file(path, text: str, merges: int) -> str:
+    """A .tiktoken file (the 256 bytes, then `merges` byte-pair merges learned from `text`), so that a test
+    exercises BPE merges and the split pattern offline (the named encodings are downloaded on first use)."""
+    import base64
+
+    import regex
+    from tiktoken_ext.openai_public import r50k_pat_str  # the pattern data.py gives a .tiktoken file
+
+    ranks = {bytes([i]): i for i in range(256)}
+    words = [[bytes([b]) for b in piece.encode()] for piece in regex.findall(r50k_pat_str, text)]
+    for _ in range(merges):
+        pairs = {}
+        for word in words:
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + 1
+        if not pairs:
+            break
+        left, right = max(pairs, key=pairs.get)
+        ranks[left + right] = len(ranks)
+        for i, word in enumerate(words):
+            merged, j = [], 0
+            while j < len(word):
+                if j + 1 < len(word) and (word[j], word[j + 1]) == (left, right):
+                    merged.append(left + right)
+                    j += 2
+                else:
+                    merged.append(word[j])
+                    j += 1
+            words[i] = merged
+    with open(path, "w") as f:
+        f.writelines(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items())
+    return str(path)
+
+
+def test_a_bpe_encoding_converts_to_the_same_ids(tmp_path):
+    """A BPE with merges, as r50k/cl100k are (checked against them where tiktoken's cache holds them;
+    the tests never download): the same ids on mixed text, end-of-text at its id, the chat template."""
+    from chat import ChatTokenizer, render_prompt
+    from data import load_encoding
+    from hf_tokenizer import hf_tokenizer
+
+    spec = bpe_file(tmp_path / "small.tiktoken", MIXED * 3 + " the then there these they hello help", 120)
+    encoding = load_encoding(spec)
+    assert encoding.n_vocab > 256 + 100 and len(encoding.encode_ordinary(MIXED)) < len(MIXED.encode()) / 2  # merges
+    tokenizer = hf_tokenizer(spec)
+    for text in (MIXED, "the thesis: there, then; hello?! " * 3, "   leading and trailing   ", ""):
+        assert tokenizer(text, split_special_tokens=True)["input_ids"] == encoding.encode_ordinary(text)
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == encoding.eot_token == encoding.n_vocab - 1
+    chat, ours = hf_tokenizer(spec, chat=True), ChatTokenizer(encoding)
+    messages = [{"role": "user", "content": "Hello there, how are they?"}, {"role": "assistant", "content": "Then fine."},
+                {"role": "user", "content": "🙂 and the rest"}]
+    prompt = chat.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt) == render_prompt(ours, messages)
+
+
+def test_without_transformers_the_export_has_no_tokenizer_files(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "hf_available", lambda: False)
+    out = run_export("--checkpoint_path", checkpoint, "--output_path", str(tmp_path / "plain"))
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert "pip install -r requirements-hf.txt" in capsys.readouterr().out
 
 
 def test_save_pretrained_round_trip_keeps_the_records(tiny_model, exported, tmp_path):
@@ -166,7 +269,7 @@ def test_a_lora_fits_the_folder_exported_from_its_base(base_and_lora, tmp_path, 
     base, lora = base_and_lora
     folder = run_export("--checkpoint_path", base, "--output_path", str(tmp_path / "base"))
     from_folder = inference_model(folder, torch.device("cpu"), lora)[0]
-    ids = torch.randint(0, V + NEW, (1, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, B + NEW, (1, 9), generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits(from_folder, ids), logits(inference_model(base, torch.device("cpu"), lora)[0], ids))
     other = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "merged"))
     fails_with_one_line(capsys, generate, ["--checkpoint_path", other, "--lora_path", lora, "--device", "cpu",
@@ -296,8 +399,8 @@ def test_overwrite_replaces_the_folder_whole(checkpoint, base_and_lora, tmp_path
     out = run_export("--checkpoint_path", checkpoint, "--output_path", str(tmp_path / "m"))
     (tmp_path / "m" / "notes.txt").write_text("mine")
     run_export("--checkpoint_path", base_and_lora[0], "--output_path", out, "--overwrite")
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
-    assert hub.from_pretrained(out).config.vocabulary_size == V and os.listdir(tmp_path) == ["m"]
+    assert sorted(os.listdir(out)) == FILES
+    assert hub.from_pretrained(out).config.vocabulary_size == B and os.listdir(tmp_path) == ["m"]
     assert export.parse_args(["--checkpoint_path", "runs/a.pt"]).output_path == os.path.join(".", "exports", "a")
     assert export.parse_args(["--lora_path", "c/chat.pt"]).output_path == os.path.join(".", "exports", "chat")
 
@@ -326,7 +429,7 @@ def test_push_to_hub_offline_is_one_line_and_online_uploads_the_folder(checkpoin
     run_export("--checkpoint_path", checkpoint, "--output_path", out, "--overwrite", "--push_to_hub",
                "someone/tiny", "--private")
     assert calls == [("create", "someone/tiny", True),
-                     ("upload", "someone/tiny", ["README.md", "config.json", "model.safetensors"])]
+                     ("upload", "someone/tiny", FILES)]
     with open(os.path.join(out, "README.md")) as f:
         assert "from_pretrained('someone/tiny')" in f.read()
 
@@ -341,7 +444,7 @@ def test_onnx_graph_matches_pytorch(position_encoding, tmp_path, capsys):
     import onnxruntime
 
     torch.manual_seed(0)
-    model = GPT(replace(tiny().config, position_encoding=position_encoding)).eval()
+    model = GPT(replace(tiny().config, position_encoding=position_encoding, vocabulary_size=B)).eval()
     path = str(tmp_path / "model.pt")
     save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
                      "token_encoding": "bytes", "eot_id": 256}, path)
@@ -350,14 +453,19 @@ def test_onnx_graph_matches_pytorch(position_encoding, tmp_path, capsys):
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["onnx"]["max_abs_diff"] <= 1e-4
     session = onnxruntime.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
-    ids = torch.randint(0, V, (2, 70), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(0, B, (2, 70), generator=torch.Generator().manual_seed(5))
     got = session.run(["logits"], {"input_ids": ids.numpy()})[0]
     assert np.abs(got - logits(model, ids).numpy()).max() <= 1e-4
 
 
-def test_a_model_whose_vocabulary_is_not_its_tokenizers_is_one_line(base_and_lora, capsys):
+def test_a_model_whose_vocabulary_is_not_its_tokenizers_is_one_line(tmp_path, capsys):
     """A checkpoint or folder whose model has more ids than its tokenizer decodes (a hand-edited config.json,
-    say) would sample ids the tokenizer cannot print: refused before any decoding."""
-    base, _ = base_and_lora  # a 300-id model recorded with the 257-id byte tokenizer
-    fails_with_one_line(capsys, generate, ["--checkpoint_path", base, "--device", "cpu", "--prompt", "x"],
-                        "the model has a vocabulary of 300 ids but its tokenizer (bytes) has 257")
+    say) would sample ids the tokenizer cannot print: refused before any decoding, and not exported (its
+    tokenizer files would not fit the weights)."""
+    model, base = tiny(), str(tmp_path / "mismatched.pt")  # a 300-id model recorded with the 257-id byte tokenizer
+    save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
+                     "token_encoding": "bytes", "eot_id": 256}, base)
+    message = "the model has a vocabulary of 300 ids but its tokenizer (bytes) has 257"
+    fails_with_one_line(capsys, generate, ["--checkpoint_path", base, "--device", "cpu", "--prompt", "x"], message)
+    fails_with_one_line(capsys, export, ["--checkpoint_path", base, "--output_path", str(tmp_path / "out")], message)
+    assert not os.path.exists(tmp_path / "out")
