@@ -102,7 +102,7 @@ def hf_tokenizer(encoding_spec: str, chat: bool = False):
 
 def save_tokenizer(folder: str, encoding_spec: str, eot_id: int, vocabulary_size: int, chat: bool = False) -> list[str]:
     """Write the tokenizer files into `folder` (an export: its weights' end-of-text id and vocabulary size
-    are checked against the tokenizer's), read them back with AutoTokenizer and check a sample's ids
+    are checked against the tokenizer's), read them back and check a sample's ids
     against the encoding's. Returns the files written."""
     hf = hf_tokenizer(encoding_spec, chat)
     largest = max(hf.get_vocab().values())
@@ -112,11 +112,11 @@ def save_tokenizer(folder: str, encoding_spec: str, eot_id: int, vocabulary_size
                         f"(the weights hold {vocabulary_size})")
     before = set(os.listdir(folder))
     hf.save_pretrained(folder)
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast  # AutoTokenizer would read config.json's remote code first
 
     sample = "Tokenizer check: naïve café, 🙂, def f(x): return x  # <|im_end|>\n"
     expected = data.load_encoding(encoding_spec).encode_ordinary(sample)
-    if AutoTokenizer.from_pretrained(folder)(sample, split_special_tokens=True)["input_ids"] != expected:
+    if PreTrainedTokenizerFast.from_pretrained(folder)(sample, split_special_tokens=True)["input_ids"] != expected:
         raise UserError(f"the tokenizer files written for {encoding_spec} read back with other ids")
     return sorted(set(os.listdir(folder)) - before)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from dataclasses import fields
 
@@ -147,7 +148,30 @@ def push_folder(folder: str, repo: str, private: bool) -> str:
 
 EXPORT_FORMAT = 1
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
+MODELING_FILE = "modeling_lightgpt.py"  # copied into every export: transformers' remote code for the model
+MODELING_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_FILE)
+MODELING_ENCODINGS = ("none", "rope", "learned")  # the position encodings modeling_lightgpt.py computes
 EXPORT_KEYS = ("lightgpt_format", "weights_sha256")  # config.json's own entries, besides the architecture and records
+
+
+def transformers_fields(model: GPT) -> dict:
+    """config.json's fields under transformers' names (and, where modeling_lightgpt.py covers the model's
+    position encoding, the model type and auto_map that AutoModelForCausalLM with trust_remote_code reads)."""
+    c, info = model.config, model.export_info
+    chat = bool(info.get("special_tokens"))
+    eot = info.get("eot_id")
+    fields = {"vocab_size": c.vocabulary_size, "hidden_size": c.embedding_dimensions,
+              "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
+              "bos_token_id": eot, "eos_token_id": c.vocabulary_size - 2 if chat else eot,  # <|im_end|> for a chat model
+              "pad_token_id": c.vocabulary_size - 1 if chat else None,
+              "torch_dtype": str(model.token_embeddings.weight.dtype).removeprefix("torch."),
+              "tie_word_embeddings": True}
+    if c.position_encoding in MODELING_ENCODINGS:
+        module = os.path.splitext(MODELING_FILE)[0]
+        fields.update(model_type="lightgpt", architectures=["LightGPTForCausalLM"],
+                      auto_map={"AutoConfig": f"{module}.LightGPTConfig",
+                                "AutoModelForCausalLM": f"{module}.LightGPTForCausalLM"})
+    return fields
 
 
 def save_exported(model: GPT, folder: str) -> None:
@@ -162,7 +186,9 @@ def save_exported(model: GPT, folder: str) -> None:
     save_file(weights, path, metadata={"format": "pt"})
     os.chmod(path, 0o666 & ~current_umask())  # safetensors makes it private (0600); a shared model is not
     config = {**model.config.to_dict(), "lightgpt_format": EXPORT_FORMAT, **model.export_info,
-              "weights_sha256": file_sha256(path)}
+              "weights_sha256": file_sha256(path), **transformers_fields(model)}
+    if model.config.position_encoding in MODELING_ENCODINGS:  # transformers' remote code: the same logits
+        shutil.copyfile(MODELING_SOURCE, os.path.join(folder, MODELING_FILE))
     with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")

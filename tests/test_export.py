@@ -26,7 +26,8 @@ from model import GPT
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
 B = 257  # the byte tokenizer's ids: 256 bytes and end-of-text
-FILES = ["README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]  # an export's
+FILES = ["README.md", "config.json", "model.safetensors", "modeling_lightgpt.py", "tokenizer.json",
+         "tokenizer_config.json"]  # an export's
 IDS = torch.tensor([[256, 84, 104, 101, 32], [256, 1, 2, 3, 4]])  # end-of-text first, as prompts start
 
 
@@ -124,13 +125,13 @@ def test_the_exports_tokenizer_files_give_our_ids(exported, base_and_lora, tmp_p
     from data import load_encoding
 
     encoding = load_encoding("bytes")
-    tokenizer = AutoTokenizer.from_pretrained(exported)
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)  # config.json names remote code
     ids = tokenizer(MIXED, split_special_tokens=True)["input_ids"]
     assert ids == encoding.encode_ordinary(MIXED) and tokenizer.decode(ids) == MIXED
     assert tokenizer.eos_token_id == tokenizer.bos_token_id == 256
     base, lora = base_and_lora
     chat_folder = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "chat"))
-    chat = AutoTokenizer.from_pretrained(chat_folder)
+    chat = AutoTokenizer.from_pretrained(chat_folder, trust_remote_code=True)
     ours = ChatTokenizer(encoding)
     assert [chat.convert_tokens_to_ids(t) for t in SPECIAL] == [ours.im_start, ours.im_end, ours.pad] == [B, B + 1, B + 2]
     assert chat.eos_token == "<|im_end|>" and chat.pad_token == "<|pad|>"
@@ -201,8 +202,75 @@ def test_a_bpe_encoding_converts_to_the_same_ids(tmp_path):
 def test_without_transformers_the_export_has_no_tokenizer_files(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export, "hf_available", lambda: False)
     out = run_export("--checkpoint_path", checkpoint, "--output_path", str(tmp_path / "plain"))
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "modeling_lightgpt.py"]
     assert "pip install -r requirements-hf.txt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("position_encoding", ["none", "rope", "learned", "chat"])
+def test_transformers_loads_the_export_and_computes_our_logits(position_encoding, base_and_lora, tmp_path):
+    """AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) runs the exported
+    modeling_lightgpt.py on model.safetensors as it is: the same logits (padded rows cut off), and greedy
+    generate() through transformers' cache equals greedy decoding of our model, in eager and SDPA."""
+    from transformers import AutoModelForCausalLM
+
+    if position_encoding == "chat":
+        path, lora = base_and_lora
+    else:
+        torch.manual_seed(0)
+        model = GPT(replace(tiny().config, vocabulary_size=B, position_encoding=position_encoding))
+        path, lora = str(tmp_path / "model.pt"), None
+        save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
+                         "token_encoding": "bytes", "eot_id": 256}, path)
+    out = run_export("--checkpoint_path", path, *(["--lora_path", lora] if lora else []),
+                     "--output_path", str(tmp_path / "hf"))
+    ours = hub.from_pretrained(out).eval()
+    V = ours.config.vocabulary_size
+    ids = torch.randint(0, V, (2, 17), generator=torch.Generator().manual_seed(3))
+    for attention in ("eager", "sdpa"):
+        theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, attn_implementation=attention).eval()
+        assert type(theirs).__name__ == "LightGPTForCausalLM" and theirs.config.vocab_size == V
+        with torch.no_grad():
+            assert (theirs(ids).logits - ours(ids)).abs().max() <= 1e-5
+            generated = theirs.generate(ids[:1, :5], max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)
+            expected = ids[:1, :5]
+            for _ in range(12):
+                expected = torch.cat([expected, ours(expected)[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(generated, expected)
+
+
+def test_an_alibi_export_has_no_remote_code(tmp_path):
+    """modeling_lightgpt.py does not compute ALiBi: such an export carries neither the file nor an auto_map
+    (hub.from_pretrained and LightGPT's scripts still read it)."""
+    torch.manual_seed(0)
+    model = GPT(replace(tiny().config, vocabulary_size=B, position_encoding="alibi"))
+    path = str(tmp_path / "alibi.pt")
+    save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
+                     "token_encoding": "bytes", "eot_id": 256}, path)
+    out = run_export("--checkpoint_path", path, "--output_path", str(tmp_path / "alibi"))
+    assert "modeling_lightgpt.py" not in os.listdir(out)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert "auto_map" not in config and config["vocab_size"] == B and config["hidden_size"] == 32
+    assert torch.equal(logits(hub.from_pretrained(out)), logits(model))
+
+
+def test_the_scripts_import_without_the_transformers_extra():
+    """transformers is an optional extra: with it (and tokenizers) unimportable, every script still
+    imports, and hf_tokenizer's check names the install in one line."""
+    import subprocess
+
+    code = ("import sys, importlib; sys.modules['transformers'] = sys.modules['tokenizers'] = None\n"
+            "for name in ('pretrain', 'instruction-tune', 'generate', 'beam_search', 'evaluate', 'export', 'serve',\n"
+            "             'bench', 'hub', 'hf_tokenizer'):\n"
+            "    importlib.import_module(name)\n"
+            "import hf_tokenizer\n"
+            "hf_tokenizer.importlib.util.find_spec = lambda name: None\n"
+            "try:\n    hf_tokenizer.require_transformers('x')\nexcept Exception as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "x needs transformers and tokenizers (an optional extra): pip install -r requirements-hf.txt" in run.stdout
 
 
 def test_save_pretrained_round_trip_keeps_the_records(tiny_model, exported, tmp_path):
@@ -236,7 +304,7 @@ def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, m
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     hub.push_to_hub(hub.from_pretrained(exported), "someone/tiny")
-    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors", "modeling_lightgpt.py"]
     assert b"from_pretrained('someone/tiny')" in uploaded["README.md"]
     with open(os.path.join(exported, "model.safetensors"), "rb") as f:
         assert uploaded["model.safetensors"] == f.read()
