@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -29,11 +30,13 @@ import torch
 
 from common import ArgumentParser, UserError, add_model_path_args, first_line, positive_int, run_main
 from files import atomic_folder, check_writable, os_reason
-from generate import inference_model, model_tokenizer
+from generate import Sampling, inference_model, model_tokenizer
 from hf_tokenizer import HF_INSTALL, hf_available, save_tokenizer
-from hub import CARD_FILE, CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, push_folder, save_pretrained
+from hub import (CARD_FILE, CONFIG_FILE, MODELING_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, push_folder,
+                 save_pretrained)
 from model import GPT
 
+GENERATION_FILE = "generation_config.json"  # transformers' generate() defaults, beside the modeling file
 ONNX_TOLERANCE = 1e-4  # the largest |ONNX - PyTorch| logit difference an fp32 export may show
 ONNX_CHECK_SHAPES = ((1, 7), (3, 45))  # (batch, tokens) run in both, unlike the traced example's (2, 16)
 ONNX_SINGLE_FILE_BYTES = 2**30  # larger weights go to model.onnx.data (protobuf files stop at 2 GiB)
@@ -246,6 +249,23 @@ def export_tokenizer(model: GPT, folder: str) -> list[str]:
                           chat=bool(info.get("special_tokens")))
 
 
+def write_generation_config(model: GPT, folder: str) -> None:
+    """generation_config.json: what transformers' generate() does by default with the export, generate.py's
+    defaults (sampling at its temperature, top-k and top-p; end-of-text, and a chat model's <|im_end|>, end
+    an answer). Only beside modeling_lightgpt.py: without it transformers does not load the model."""
+    if not os.path.isfile(os.path.join(folder, MODELING_FILE)):
+        return
+    info, V = model.export_info, model.config.vocabulary_size
+    chat = bool(info.get("special_tokens"))
+    sampling = Sampling()
+    config = {"bos_token_id": info["eot_id"], "eos_token_id": [V - 2, info["eot_id"]] if chat else info["eot_id"],
+              "pad_token_id": V - 1 if chat else info["eot_id"], "do_sample": True,
+              "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    with open(os.path.join(folder, GENERATION_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
 def main(args) -> str:
     check_output(args)
     model, state, lora = inference_model(args.checkpoint_path, torch.device("cpu"), args.lora_path)  # fp32 on the CPU
@@ -260,6 +280,7 @@ def main(args) -> str:
                 model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
             save_pretrained(model, tmp, where=where)  # model.safetensors, config.json, README.md
             export_tokenizer(model, tmp)
+            write_generation_config(model, tmp)
             saved = from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
             weights = model.state_dict()
             assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"

@@ -26,8 +26,8 @@ from model import GPT
 
 SPECIAL = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
 B = 257  # the byte tokenizer's ids: 256 bytes and end-of-text
-FILES = ["README.md", "config.json", "model.safetensors", "modeling_lightgpt.py", "tokenizer.json",
-         "tokenizer_config.json"]  # an export's
+FILES = ["README.md", "config.json", "generation_config.json", "model.safetensors", "modeling_lightgpt.py",
+         "tokenizer.json", "tokenizer_config.json"]  # an export's
 IDS = torch.tensor([[256, 84, 104, 101, 32], [256, 1, 2, 3, 4]])  # end-of-text first, as prompts start
 
 
@@ -202,7 +202,8 @@ def test_a_bpe_encoding_converts_to_the_same_ids(tmp_path):
 def test_without_transformers_the_export_has_no_tokenizer_files(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export, "hf_available", lambda: False)
     out = run_export("--checkpoint_path", checkpoint, "--output_path", str(tmp_path / "plain"))
-    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "modeling_lightgpt.py"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                       "modeling_lightgpt.py"]
     assert "pip install -r requirements-hf.txt" in capsys.readouterr().out
 
 
@@ -237,6 +238,11 @@ def test_transformers_loads_the_export_and_computes_our_logits(position_encoding
             for _ in range(12):
                 expected = torch.cat([expected, ours(expected)[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(generated, expected)
+    # generate()'s defaults are generate.py's: sampling at its settings, stopping where it stops
+    defaults = theirs.generation_config
+    assert (defaults.do_sample, defaults.temperature, defaults.top_k, defaults.top_p) == (True, 1.0, 500, 0.9)
+    stops = {256, V - 2} if position_encoding == "chat" else {256}
+    assert set(defaults.eos_token_id if isinstance(defaults.eos_token_id, list) else [defaults.eos_token_id]) == stops
 
 
 def test_an_alibi_export_has_no_remote_code(tmp_path):
@@ -248,7 +254,7 @@ def test_an_alibi_export_has_no_remote_code(tmp_path):
     save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
                      "token_encoding": "bytes", "eot_id": 256}, path)
     out = run_export("--checkpoint_path", path, "--output_path", str(tmp_path / "alibi"))
-    assert "modeling_lightgpt.py" not in os.listdir(out)
+    assert "modeling_lightgpt.py" not in os.listdir(out) and "generation_config.json" not in os.listdir(out)
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     assert "auto_map" not in config and config["vocab_size"] == B and config["hidden_size"] == 32
