@@ -33,7 +33,7 @@ from files import atomic_folder, check_writable, os_reason
 from generate import Sampling, inference_model, model_tokenizer
 from hf_tokenizer import HF_INSTALL, hf_available, save_tokenizer
 from hub import (CARD_FILE, CONFIG_FILE, MODELING_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, push_folder,
-                 save_pretrained)
+                 save_pretrained, special_token_ids)
 from model import GPT
 
 GENERATION_FILE = "generation_config.json"  # transformers' generate() defaults, beside the modeling file
@@ -239,8 +239,8 @@ def export_onnx(model: GPT, folder: str, opset: int) -> dict:
 
 
 def export_tokenizer(model: GPT, folder: str) -> list[str]:
-    """The tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json with a chat model's
-    template, special_tokens_map.json) when the transformers extra is installed; a note otherwise."""
+    """The tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json, a chat model's template)
+    when the transformers extra is installed; a note otherwise."""
     if not hf_available():
         print(f"note: transformers is not installed ({HF_INSTALL}); the export has no tokenizer files")
         return []
@@ -255,11 +255,10 @@ def write_generation_config(model: GPT, folder: str) -> None:
     an answer). Only beside modeling_lightgpt.py: without it transformers does not load the model."""
     if not os.path.isfile(os.path.join(folder, MODELING_FILE)):
         return
-    info, V = model.export_info, model.config.vocabulary_size
-    chat = bool(info.get("special_tokens"))
-    sampling = Sampling()
-    config = {"bos_token_id": info["eot_id"], "eos_token_id": [V - 2, info["eot_id"]] if chat else info["eot_id"],
-              "pad_token_id": V - 1 if chat else info["eot_id"], "do_sample": True,
+    ids, eot, sampling = special_token_ids(model), model.export_info["eot_id"], Sampling()
+    stops = [ids["eos_token_id"], eot] if ids["eos_token_id"] != eot else eot  # generate.py's: both, in a chat
+    pad = eot if ids["pad_token_id"] is None else ids["pad_token_id"]
+    config = {"bos_token_id": eot, "eos_token_id": stops, "pad_token_id": pad, "do_sample": True,
               "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
     with open(os.path.join(folder, GENERATION_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -1,5 +1,5 @@
-"""The tokenizer as Hugging Face files: tokenizer.json, tokenizer_config.json and special_tokens_map.json,
-so that transformers.AutoTokenizer.from_pretrained(folder) encodes text to the ids LightGPT uses.
+"""The tokenizer as Hugging Face files: tokenizer.json and tokenizer_config.json (transformers 5 puts a chat
+template in chat_template.jinja), so that transformers.AutoTokenizer.from_pretrained(folder) encodes text to the ids LightGPT uses.
 
 - Built from the tiktoken encoding a model was trained with (r50k/p50k/cl100k/o200k, a .tiktoken file or
   bytes) by transformers' TikTokenConverter: the same byte-level BPE ranks, the same split pattern, and
@@ -26,13 +26,17 @@ from common import UserError
 HF_INSTALL = "pip install -r requirements-hf.txt"
 
 
+def _missing() -> list[str]:
+    return [name for name in ("transformers", "tokenizers") if importlib.util.find_spec(name) is None]
+
+
 def hf_available() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("transformers", "tokenizers"))
+    return not _missing()
 
 
 def require_transformers(what: str) -> None:
     """One line naming the install when transformers (and its tokenizers) is missing."""
-    missing = [name for name in ("transformers", "tokenizers") if importlib.util.find_spec(name) is None]
+    missing = _missing()
     if missing:
         raise UserError(f"{what} needs {' and '.join(missing)} (an optional extra): {HF_INSTALL}")
 

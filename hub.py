@@ -154,16 +154,22 @@ MODELING_ENCODINGS = ("none", "rope", "learned")  # the position encodings model
 EXPORT_KEYS = ("lightgpt_format", "weights_sha256")  # config.json's own entries, besides the architecture and records
 
 
+def special_token_ids(model: GPT) -> dict:
+    """bos/eos/pad ids under transformers' names: end-of-text begins and ends a text; a chat model ends an
+    answer with <|im_end|> and pads with <|pad|>, its last two ids (chat.ChatTokenizer's layout)."""
+    eot, V = model.export_info.get("eot_id"), model.config.vocabulary_size
+    if model.export_info.get("special_tokens"):
+        return {"bos_token_id": eot, "eos_token_id": V - 2, "pad_token_id": V - 1}
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": None}
+
+
 def transformers_fields(model: GPT) -> dict:
     """config.json's fields under transformers' names (and, where modeling_lightgpt.py covers the model's
     position encoding, the model type and auto_map that AutoModelForCausalLM with trust_remote_code reads)."""
-    c, info = model.config, model.export_info
-    chat = bool(info.get("special_tokens"))
-    eot = info.get("eot_id")
+    c = model.config
     fields = {"vocab_size": c.vocabulary_size, "hidden_size": c.embedding_dimensions,
               "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
-              "bos_token_id": eot, "eos_token_id": c.vocabulary_size - 2 if chat else eot,  # <|im_end|> for a chat model
-              "pad_token_id": c.vocabulary_size - 1 if chat else None,
+              **special_token_ids(model),
               "torch_dtype": str(model.token_embeddings.weight.dtype).removeprefix("torch."),
               "tie_word_embeddings": True}
     if c.position_encoding in MODELING_ENCODINGS:

@@ -41,10 +41,17 @@ from model import GPT, GPTConfig  # noqa: E402
 LAYERS, HEADS, WIDTH, WINDOW, BATCH, VOCABULARY = 4, 4, 128, 64, 12, 257
 
 
-def nanogpt(path: str):
-    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(path, "model.py"))
+def import_file(path: str, name: str):
+    """The module a Python file defines, imported under `name` (registered: dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+def nanogpt(path: str):
+    module = import_file(os.path.join(path, "model.py"), "nanogpt_model")
     config = module.GPTConfig(block_size=WINDOW, vocab_size=VOCABULARY, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH,
                               dropout=0.0, bias=False)
     model = module.GPT(config)
@@ -66,11 +73,7 @@ def model_file(spec: str):
     name, _, path = spec.partition("=")
     if not name or not os.path.isfile(path):
         raise SystemExit(f"--also: expected NAME=FILE with an existing model.py copy, got {spec!r}")
-    module_spec = importlib.util.spec_from_file_location(f"lightgpt_model_{name}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module  # dataclasses look their module up
-    module_spec.loader.exec_module(module)
-    return name, module
+    return name, import_file(path, f"lightgpt_model_{name}")
 
 
 def step(model, optimizer, loss_of, x, y) -> float:
