@@ -35,6 +35,7 @@ from hf_tokenizer import HF_INSTALL, hf_available, save_tokenizer
 from hub import (CARD_FILE, CONFIG_FILE, MODELING_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, push_folder,
                  save_pretrained, special_token_ids)
 from model import GPT
+from peft_adapter import default_export_path, peft_base_name, save_peft_adapter
 
 GENERATION_FILE = "generation_config.json"  # transformers' generate() defaults, beside the modeling file
 ONNX_TOLERANCE = 1e-4  # the largest |ONNX - PyTorch| logit difference an fp32 export may show
@@ -83,14 +84,18 @@ def parse_args(argv=None):
                    help="then upload the folder to this HuggingFace Hub model repository (created if missing; "
                         "the token from HF_TOKEN or hf auth login)")
     p.add_argument("--private", action="store_true", help="create the --push_to_hub repository as private")
+    p.add_argument("--peft_adapter", action="store_true",
+                   help="with --lora_path: write the LoRA as a peft adapter folder for the export of --checkpoint_path "
+                        "instead of merging it")
     args = p.parse_args(argv)
     if args.onnx_opset < 18:
         p.error(f"argument --onnx_opset: torch's ONNX exporter needs opset 18 or above, got {args.onnx_opset}")
     if args.private and args.push_to_hub is None:
         p.error("argument --private: it needs --push_to_hub")
+    if args.peft_adapter and (args.lora_path is None or args.onnx):
+        p.error("argument --peft_adapter: it needs --lora_path (the LoRA to write) and no --onnx")
     if args.output_path is None:
-        source = (args.lora_path or args.checkpoint_path).rstrip("/")
-        args.output_path = os.path.join(".", "exports", os.path.splitext(os.path.basename(source))[0])
+        args.output_path = default_export_path(args.lora_path or args.checkpoint_path, "-peft" if args.peft_adapter else "")
     return args
 
 
@@ -275,23 +280,40 @@ def main(args) -> str:
 
     try:
         with atomic_folder(args.output_path) as tmp:
-            if args.onnx:
-                model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
-            save_pretrained(model, tmp, where=where)  # model.safetensors, config.json, README.md
-            export_tokenizer(model, tmp)
-            write_generation_config(model, tmp)
-            saved = from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
-            weights = model.state_dict()
-            assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"
+            if args.peft_adapter:
+                base = peft_base_name(args.checkpoint_path)
+                save_peft_adapter(lora, tmp, base, where=where, license=args.license)
+            else:
+                write_export(args, model, tmp, where)
     except (OSError, SafetensorError) as e:  # a full disk, a quota
         why = os_reason(e) if isinstance(e, OSError) else first_line(e)
         raise UserError(f"--output_path: cannot write {args.output_path} ({why}); nothing was written") from None
-    files = sorted(os.listdir(args.output_path))
+    if args.peft_adapter:
+        if base != args.checkpoint_path.rstrip("/"):
+            print(f"note: the adapter's base is {base}: write it with python export.py --checkpoint_path "
+                  f"{args.checkpoint_path}")
+        return finish(args, f"wrote {args.lora_path} as a peft adapter")
     size = os.path.getsize(os.path.join(args.output_path, WEIGHTS_FILE))
-    print(f"exported {args.lora_path + ' merged into ' if args.lora_path else ''}{args.checkpoint_path} "
-          f"({model.num_parameters():,} parameters, {size / 2**20:,.1f} MiB of safetensors) to {args.output_path}: "
-          f"{', '.join(files)}")
-    assert {WEIGHTS_FILE, CONFIG_FILE, CARD_FILE} <= set(files)
+    assert {WEIGHTS_FILE, CONFIG_FILE, CARD_FILE} <= set(os.listdir(args.output_path))
+    return finish(args, f"exported {args.lora_path + ' merged into ' if args.lora_path else ''}{args.checkpoint_path} "
+                        f"({model.num_parameters():,} parameters, {size / 2**20:,.1f} MiB of safetensors)")
+
+
+def write_export(args, model: GPT, tmp: str, where: str) -> None:
+    """The exported model's files into the temporary folder, read back through every loader's checks."""
+    if args.onnx:
+        model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
+    save_pretrained(model, tmp, where=where)  # model.safetensors, config.json, README.md
+    export_tokenizer(model, tmp)
+    write_generation_config(model, tmp)
+    saved = from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
+    weights = model.state_dict()
+    assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"
+
+
+def finish(args, what: str) -> str:
+    """Name the files written, then upload them with --push_to_hub."""
+    print(f"{what} to {args.output_path}: {', '.join(sorted(os.listdir(args.output_path)))}")
     if args.push_to_hub:
         url = push_folder(args.output_path, args.push_to_hub, args.private)
         print(f"uploaded to {url}")

@@ -18,7 +18,8 @@ compile, TensorBoard, exact --resume, SIGINT/SIGTERM save, torchrun DDP/FSDP.
 The checkpoint holds only what trained (adapters, new rows, LoRA settings, the special tokens) and the
 base checkpoint's content hash, so it is small and refuses another base. Chat with it through
 generate.py / beam_search.py --lora_path, or write a merged checkpoint with --merge_path that every
-script loads like a pretrained one.
+script loads like a pretrained one. After training it is also written as a peft adapter folder
+(--peft_path) for the base's export: transformers + peft load the pair (peft_adapter.py).
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ from common import (
     run_main,
 )
 from data import BatchPrefetcher, RowSampler, load_encoding, to_device
+from files import atomic_folder, check_writable
 from lora import LoRAConfig, adapted_model, lora_model, lora_state_dict, merge_lora, trainable_by_kind
 from model import GPT
 from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
+from peft_adapter import ADAPTER_CONFIG, peft_base_name, save_peft_adapter
 from training import (
     Hooks,
     Plan,
@@ -126,9 +129,14 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     g.add_argument("--merge_path", default=None, help="after training (or, with --resume, from a finished run), "
                    "also write base + adapters + new tokens as one checkpoint that every script loads")
+    g.add_argument("--peft_path", default=None, help="after training, the LoRA as a peft adapter folder for the "
+                   "base's export (default: --checkpoint_path without .pt, plus -peft)")
     g.add_argument("--run_dir_path", default="./runs/instruction-tune", help="TensorBoard run folder")
     add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.peft_path is None:
+        args.peft_path = os.path.splitext(args.checkpoint_path)[0] + "-peft"
+    return args
 
 
 # ----------------------------------------------------------------------------- main
@@ -136,10 +144,12 @@ def parse_args(argv=None):
 
 def main(args) -> list[tuple[int, float]]:
     check_merge_path(args)
+    check_peft_path(args)
 
     def merge(ctx: Distributed) -> None:
         if args.merge_path:
             agree(ctx, partial(write_merged, args), who="rank0")
+        agree(ctx, partial(write_peft, args), who="rank0")
 
     return run_trainer(args, partial(set_up, args), merge)
 
@@ -152,6 +162,15 @@ def check_merge_path(args) -> None:
                         f"name a new file")
     if os.path.isdir(args.merge_path):
         raise UserError(f"--merge_path: {args.merge_path} is a directory; name the checkpoint file")
+
+
+def check_peft_path(args) -> None:
+    if os.path.exists(args.peft_path) and not os.path.isdir(args.peft_path):
+        raise UserError(f"--peft_path: {args.peft_path} is a file; name a folder")
+    if os.path.isdir(args.peft_path) and os.listdir(args.peft_path) and \
+            not os.path.isfile(os.path.join(args.peft_path, ADAPTER_CONFIG)):
+        raise UserError(f"--peft_path: {args.peft_path} holds other files than a peft adapter; name another folder")
+    check_writable(os.path.dirname(os.path.abspath(args.peft_path)), "--peft_path")
 
 
 def set_up(args, ctx: Distributed, device: torch.device) -> tuple | None:
@@ -357,6 +376,15 @@ def write_merged(args) -> None:
     save_checkpoint(model_checkpoint(model.config, weights, lora["token_encoding"], lora["eot_id"], vars(args),
                                      special_tokens=lora["special_tokens"]), args.merge_path, flag="--merge_path")
     print0(f"saved the merged model to {args.merge_path}")
+
+
+def write_peft(args) -> None:
+    """The saved LoRA as a peft adapter folder (rank 0), written whole or not at all."""
+    lora = load_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, required=LORA_ENTRIES)
+    base = peft_base_name(args.base_model_path)
+    with atomic_folder(args.peft_path) as tmp:
+        save_peft_adapter(lora, tmp, base)
+    print0(f"saved the LoRA as a peft adapter for {base} to {args.peft_path}")
 
 
 if __name__ == "__main__":
