@@ -38,12 +38,28 @@ class Request:
     sampling: Sampling = Sampling()  # temperature 0 is greedy
     seed: int | None = None  # the request's own generator: the same seed gives generate.py --seed's tokens
     stop_tokens: frozenset[int] = frozenset()  # ids that end the answer; they are not emitted
+    logprobs: int | None = None  # with a number n: each token's log-probability and the n likeliest
+    score_prompt: bool = False  # the prompt's tokens' log-probabilities too (max_tokens may then be 0)
+
+
+Scored = tuple[float, tuple[tuple[int, float], ...]]  # a token's log-probability, and the likeliest (id, log p)
 
 
 @dataclass(frozen=True)
 class Event:
     token: int | None  # a generated token, or None on the final event
     finish_reason: str | None = None  # the final event's: "stop", "length", "cancelled" or "error"
+    logprob: Scored | None = None  # with Request.logprobs: the token's (the stop token's, on a final "stop")
+    stop_token: int | None = None  # the final event of a "stop": the token that ended the answer
+    prompt: tuple[Scored, ...] | None = None  # with score_prompt, one event before any token: prompt[1:]'s
+
+
+def scored(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> list[Scored]:
+    """Each row's log-probability of its token and its n likeliest tokens, from logits (N, V), in fp32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
+    top_values, top_ids = logprobs.topk(n, dim=-1) if n else (logprobs[:, :0], tokens.new_zeros(len(tokens), 0))
+    return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, top_ids.tolist(), top_values.tolist())]
 
 
 class EngineBusy(Exception):
@@ -134,11 +150,11 @@ class Engine:
         in the context, or a bad max_tokens; EngineBusy when every row and the queue are taken."""
         if not request.prompt:
             raise ValueError("the prompt is empty")
-        if len(request.prompt) >= self.context_length:
+        if len(request.prompt) + (request.max_tokens > 0) > self.context_length:
             raise ValueError(f"the prompt has {len(request.prompt)} tokens: no room to answer in a context of "
                              f"{self.context_length} tokens")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {request.max_tokens}")
+        if request.max_tokens < (0 if request.score_prompt else 1):
+            raise ValueError(f"max_tokens must be at least 1 (0 when only the prompt is scored), not {request.max_tokens}")
         if not all(0 <= t < self.vocabulary_size for t in request.prompt):
             raise ValueError(f"the prompt holds token ids outside the vocabulary (0 .. {self.vocabulary_size - 1})")
         ticket = Ticket(request, emit, request.sampling.clamped(self.vocabulary_size))
@@ -164,6 +180,8 @@ class Engine:
         reason = []
 
         def emit(event: Event) -> None:
+            if event.prompt is not None:  # a scored prompt's log-probabilities: not tokens
+                return
             if event.token is not None:
                 tokens.append(event.token)
             else:
@@ -225,12 +243,24 @@ class Engine:
         ticket.sampler = Sampler(self.device, request.seed)
         ticket.noise = torch.ones(1, ticket.sampling.top_k, device=self.device)
         self.cache.rows = slice(ticket.row, ticket.row + 1)  # the other rows keep their sequences
+        prompt = torch.tensor([request.prompt], device=self.device)
+        found: list[Scored] = []
+
+        def score(start: int, logits: torch.Tensor) -> None:  # (1, chunk, V): each predicts the next prompt token
+            targets = prompt[0, start + 1 : start + logits.size(1) + 1]
+            found.extend(scored(logits[0, : len(targets)], targets, request.logprobs or 0))
+
         try:
-            logits = prefill(self.model, torch.tensor([request.prompt], device=self.device))  # (1, V)
+            logits = prefill(self.model, prompt, on_logits=score if request.score_prompt else None)  # (1, V)
         finally:
             self.cache.rows = None
+        if request.score_prompt:
+            self._emit(ticket, Event(None, prompt=tuple(found)))
+        if request.max_tokens == 0:
+            self._finish(ticket, "length")
+            return
         ticket.position = len(request.prompt)
-        self._advance([ticket], [self._sample([ticket], logits)])
+        self._advance([ticket], [self._sample([ticket], logits)], logits)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, input_pos=positions)[:, -1]  # (B, V)
@@ -262,7 +292,7 @@ class Engine:
             index = torch.tensor([t.row for t in group], device=self.device)
             tickets += group
             next_tokens.append(self._sample(group, logits.index_select(0, index)))
-        self._advance(tickets, next_tokens)
+        self._advance(tickets, next_tokens, logits[torch.tensor([t.row for t in tickets], device=self.device)])
 
     def _sample(self, tickets: list[Ticket], logits: torch.Tensor) -> torch.Tensor:
         """The next tokens of requests with the same settings from their logits (N, V), each request's noise
@@ -271,28 +301,37 @@ class Engine:
         noise = None if sampling.greedy else torch.cat([t.sampler.fill(t.noise) for t in tickets])
         return sample(logits, sampling, noise)
 
-    def _advance(self, tickets: list[Ticket], next_tokens: list[torch.Tensor]) -> None:
-        """Hand each request its new token (one host sync for all of them) and retire the finished."""
-        for ticket, token in zip(tickets, torch.cat(next_tokens).tolist()):
+    def _advance(self, tickets: list[Ticket], next_tokens: list[torch.Tensor], logits: torch.Tensor) -> None:
+        """Hand each request its new token (one host sync for all of them), with its log-probability where
+        asked (from the same logits (N, V), tickets' order), and retire the finished."""
+        tokens = torch.cat(next_tokens)
+        wanted = [i for i, t in enumerate(tickets) if t.request.logprobs is not None]
+        found = {}
+        if wanted:
+            index = torch.tensor(wanted, device=self.device)
+            n = max(tickets[i].request.logprobs for i in wanted)
+            found = {i: (lp, top[: tickets[i].request.logprobs])
+                     for i, (lp, top) in zip(wanted, scored(logits[index], tokens[index], n))}
+        for i, (ticket, token) in enumerate(zip(tickets, tokens.tolist())):
             if ticket.cancelled:
                 self._finish(ticket, "cancelled")
             elif token in ticket.request.stop_tokens:
-                self._finish(ticket, "stop")
+                self._finish(ticket, "stop", Event(None, "stop", found.get(i), token))
             else:
                 ticket.token = token
                 ticket.generated += 1
-                self._emit(ticket, Event(token))
+                self._emit(ticket, Event(token, logprob=found.get(i)))
                 if ticket.generated == ticket.request.max_tokens:
                     self._finish(ticket, "length")
 
-    def _finish(self, ticket: Ticket, reason: str) -> None:
+    def _finish(self, ticket: Ticket, reason: str, event: Event | None = None) -> None:
         if ticket.done:
             return
         ticket.done = True
         with self._lock:
             if ticket.row is not None and self._rows[ticket.row] is ticket:
                 self._rows[ticket.row] = None
-        self._emit(ticket, Event(None, reason))
+        self._emit(ticket, event or Event(None, reason))
 
     @staticmethod
     def _emit(ticket: Ticket, event: Event) -> None:

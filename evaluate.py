@@ -13,6 +13,14 @@ test split of the checkpoint's own corpus and tokenizer unless --dataset/--token
 (tokenized as pretrain.py does, reusing its token files). Writes results.json, results.csv,
 loss_by_position.csv, perplexity.png and loss_by_position.png into --output_path, and the same numbers as
 TensorBoard scalars there.
+
+With --tasks it runs benchmarks instead, through EleutherAI's lm-evaluation-harness (the optional `lm-eval`
+package; harness.py is LightGPT's model class for it):
+
+    python evaluate.py --checkpoint_path ./exports/quickstart --tasks hellaswag,arc_easy --device cuda
+    python evaluate.py --tasks mytask --include_path ./my_tasks --limit 100   # task YAMLs of your own
+
+and writes lm_eval_results.json and the scores as TensorBoard scalars into --output_path.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from common import (
     add_model_path_args,
     add_system_args,
     autocast,
+    non_negative_int,
     positive_int,
     precision_name,
     resolve_device,
@@ -40,7 +49,7 @@ from common import (
 )
 from data import corpus_subset, open_tokens, prepare_token_files
 from files import atomic_path, check_writable
-from generate import inference_model
+from generate import Loaded, inference_model, model_tokenizer
 from model import GPT
 
 DEFAULT_MULTIPLES = "0.5,1,1.5,2,3,4"
@@ -98,11 +107,30 @@ def parse_args(argv=None):
                    help="windows per forward pass (fewer for long windows, to bound the logits' memory)")
     g.add_argument("--output_path", default="./runs/evaluate",
                    help="folder for the results (JSON, CSV, PNG) and TensorBoard scalars")
+    g = p.add_argument_group("benchmarks (lm-evaluation-harness, instead of the context-length sweep)")
+    g.add_argument("--tasks", type=task_list, default=None,
+                   help="comma-separated lm-eval tasks, e.g. hellaswag,arc_easy,piqa,lambada_openai (needs lm-eval)")
+    g.add_argument("--num_fewshot", type=non_negative_int, default=None,
+                   help="examples in each prompt (default: each task's own, mostly 0)")
+    g.add_argument("--limit", type=positive_int, default=None, help="score only this many examples of each task")
+    g.add_argument("--include_path", default=None, help="a folder of lm-eval task YAML files to add to its own")
+    g.add_argument("--max_length", type=positive_int, default=None,
+                   help="tokens a request is scored in (default: the training length, else 1024)")
     add_system_args(g, compile_help=None, seed_default=0, seed_help="seed of the random window offsets")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- windows
+
+
+def task_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated lm-eval task names, got {text!r}")
+    return names
+
+
+task_list.__name__ = "a task list"
 
 
 def check_windows(n_tokens: int, length: int, windows: int) -> None:
@@ -343,6 +371,16 @@ def save_figure(fig, path: str) -> str:
 def write_tensorboard(path: str, results: dict[int, dict]) -> None:
     """eval/perplexity at step = length, and eval/loss_by_position/L<length> at step = position (at most
     TENSORBOARD_POINTS positions per length)."""
+    scalars = []
+    for L, r in results.items():
+        scalars.append(("eval/perplexity", r["perplexity"], L))
+        scalars += [(f"eval/loss_by_position/L{L}", r["loss_by_position"][t], t)
+                    for t in range(0, L, max(1, L // TENSORBOARD_POINTS))]
+    write_scalars(path, scalars)
+
+
+def write_scalars(path: str, scalars) -> None:
+    """TensorBoard scalars into `path`: (tag, value, step) triples, or a {tag: value} dict at step 0."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # slow to import, and only needed here
     except ImportError:
@@ -350,10 +388,8 @@ def write_tensorboard(path: str, results: dict[int, dict]) -> None:
         return
     writer = SummaryWriter(path)
     try:
-        for L, r in results.items():
-            writer.add_scalar("eval/perplexity", r["perplexity"], global_step=L)
-            for t in range(0, L, max(1, L // TENSORBOARD_POINTS)):
-                writer.add_scalar(f"eval/loss_by_position/L{L}", r["loss_by_position"][t], global_step=t)
+        for tag, value, step in (((k, v, 0) for k, v in scalars.items()) if isinstance(scalars, dict) else scalars):
+            writer.add_scalar(tag, value, global_step=step)
     finally:
         writer.close()
 
@@ -361,8 +397,42 @@ def write_tensorboard(path: str, results: dict[int, dict]) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def run_benchmarks(args, device: torch.device) -> dict:
+    """--tasks: lm-eval's tasks on the model, the results in --output_path (lm_eval_results.json, the scores
+    as TensorBoard scalars)."""
+    from harness import require_lm_eval, run_tasks, task_scores
+
+    require_lm_eval()
+    check_writable(args.output_path, "--output_path")
+    model, state, lora = load_model(args, device)
+    encoding, chat = model_tokenizer(model, state, lora, args.checkpoint_path, args.lora_path)
+    loaded = Loaded(model, encoding, state["eot_id"], chat)
+    max_length = args.max_length or training_length(args, state, lora) or 1024
+    print(f"evaluating {args.lora_path or args.checkpoint_path} on {', '.join(args.tasks)} (lm-evaluation-harness; "
+          f"{device.type} {precision_name(device)}; requests of at most {max_length} tokens)")
+    results = run_tasks(loaded, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                        include_path=args.include_path, batch_size=args.batch_size, max_length=max_length,
+                        seed=args.seed, device=device)
+    scores = task_scores(results)
+    record = {"checkpoint_path": args.checkpoint_path, "lora_path": args.lora_path, "tasks": args.tasks,
+              "num_fewshot": args.num_fewshot, "limit": args.limit, "max_length": max_length, "scores": scores,
+              "n_samples": results.get("n-samples"), "versions": results.get("versions"),
+              "device": device.type, "precision": precision_name(device)}
+    with atomic_path(os.path.join(args.output_path, "lm_eval_results.json")) as tmp, open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    write_scalars(args.output_path, {f"lm_eval/{task}/{metric}": value for task, metrics in scores.items()
+                                     for metric, value in metrics.items()})
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    print(f"wrote lm_eval_results.json and TensorBoard scalars to {args.output_path}")
+    return scores
+
+
 def main(args) -> dict[int, dict]:
     device = resolve_device(args.device)
+    if args.tasks:
+        return run_benchmarks(args, device)
     model, state, lora = load_model(args, device)
     trained = training_length(args, state, lora)
     lengths = context_lengths(args, trained)

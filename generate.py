@@ -305,17 +305,21 @@ def setup_kv_cache(model: GPT, batch_size: int, context_length: int, what: str):
 PREFILL_CHUNK = 1024  # prompt tokens per forward pass: bounds the attention mask and the logits a prompt needs
 
 
-def prefill(model: GPT, idx: torch.Tensor, chunk: int | None = None, position: int = 0) -> torch.Tensor:
+def prefill(model: GPT, idx: torch.Tensor, chunk: int | None = None, position: int = 0,
+            on_logits=None) -> torch.Tensor:
     """Run prompts idx (B, P) into the model's KV cache at positions position .. position + P - 1 and
     return the logits after their last token (B, V). Position 0 starts a new sequence; a later one
     continues the sequence the cache holds. Long prompts go in chunks of at most `chunk` tokens (and
     the cache length), each continuing the sequence in the ring, so no (P x P) mask or
-    (P x vocabulary) logits are ever made."""
+    (P x vocabulary) logits are ever made. on_logits(start, logits) sees each chunk's logits (B, chunk, V)
+    (a server scoring the prompt's tokens)."""
     size = min(chunk or PREFILL_CHUNK, model.kv_cache.length)
     P = idx.size(1)
     for start in range(0, P, size):
         end = min(P, start + size)
         logits = model(idx[:, start:end], input_pos=torch.arange(position + start, position + end, device=idx.device))
+        if on_logits is not None:
+            on_logits(start, logits)
     return logits[:, -1]
 
 

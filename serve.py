@@ -52,7 +52,7 @@ from common import (
 )
 from engine import Engine, EngineBusy, Event, Request
 from files import os_reason
-from generate import Loaded, Sampling, add_sampling_args, base_prompt, load_for_inference
+from generate import Loaded, Sampling, add_sampling_args, base_prompt, decode_text, load_for_inference
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 API_KEY_ENV = "LIGHTGPT_API_KEY"
@@ -143,7 +143,7 @@ class ChatBody(Common):
 
 
 class CompletionBody(Common):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (lm-eval sends those)
     echo: bool | None = False
 
 
@@ -209,11 +209,42 @@ def max_tokens_of(requested: int | None, name: str, settings: Settings) -> int:
     return min(requested, settings.max_tokens)  # the server's --max_tokens caps every answer
 
 
+MAX_LOGPROBS = 5  # the likeliest tokens a completion may ask for at each position, as OpenAI allows
+
+
 def check_common(body: Common) -> None:
     if body.n is not None and body.n != 1:
         raise APIError(400, f"n: only n=1 is supported, got {body.n}", "n")
-    if body.logprobs:
-        raise APIError(400, "logprobs: log probabilities are not supported", "logprobs")
+    if isinstance(body, ChatBody) and body.logprobs:
+        raise APIError(400, "logprobs: not supported by chat completions yet (/v1/completions returns them)",
+                       "logprobs")
+    if isinstance(body, CompletionBody) and body.logprobs is not None and (
+            isinstance(body.logprobs, bool) or not 0 <= body.logprobs <= MAX_LOGPROBS):
+        raise APIError(400, f"logprobs: an integer from 0 to {MAX_LOGPROBS} (the likeliest tokens to list at each "
+                            f"position), got {body.logprobs!r}", "logprobs")
+
+
+def completion_prompts(body: CompletionBody, loaded: Loaded) -> list[tuple[list[int], bool]]:
+    """Each prompt's ids and whether it was text: text is read as generate.py reads a prompt (end-of-text
+    first); token ids are taken as they are, each checked against the vocabulary."""
+    prompt, single = body.prompt, isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+    if single:
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: an empty list", "prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        where = "prompt" if single else f"prompt[{i}]"
+        if isinstance(p, str):
+            out.append((base_prompt(loaded, p), True))
+            continue
+        if not p:
+            raise APIError(400, f"{where}: no token ids", where)
+        vocabulary = loaded.model.config.vocabulary_size
+        if not all(0 <= t < vocabulary for t in p):
+            raise APIError(400, f"{where}: token ids must be in 0 .. {vocabulary - 1}", where)
+        out.append((list(p), False))
+    return out
 
 
 def chat_messages(body: ChatBody) -> list[dict]:
@@ -238,8 +269,8 @@ def chat_messages(body: ChatBody) -> list[dict]:
     return out
 
 
-def check_room(prompt: list[int], context_length: int, param: str) -> None:
-    if len(prompt) >= context_length:
+def check_room(prompt: list[int], context_length: int, param: str, answer: bool = True) -> None:
+    if len(prompt) + answer > context_length:
         raise APIError(400, f"{param}: the prompt is {len(prompt)} tokens and the context holds {context_length}, "
                             f"which leaves no room for an answer", param, "context_length_exceeded")
 
@@ -287,11 +318,14 @@ class Answer:
 
 
 class Generation:
-    """One request in the engine: the text pieces as they come, then finish_reason and usage."""
+    """One request in the engine: the text pieces as they come, then finish_reason and usage; with the
+    request's logprobs, each token's (and with score_prompt the prompt's) log-probabilities."""
 
     def __init__(self, engine: Engine, loaded: Loaded, request: Request, stops: tuple[str, ...]):
         self.engine, self.request = engine, request
         self.answer = Answer(loaded.encoding, stops)
+        self.prompt_scores: tuple | None = None  # Event.prompt: the prompt's tokens after the first
+        self.scored: list[tuple[int, tuple]] = []  # (token, Event.logprob) of every token generated
         self.finish_reason: str | None = None
         self.closed = False
         self.loop = asyncio.get_running_loop()
@@ -314,6 +348,11 @@ class Generation:
         try:
             while True:
                 event = await self.events.get()
+                if event.prompt is not None:
+                    self.prompt_scores = event.prompt
+                    continue
+                if event.logprob is not None:  # a token's, or on a "stop" the stop token's
+                    self.scored.append((event.token if event.token is not None else event.stop_token, event.logprob))
                 if event.token is None:
                     reason = event.finish_reason
                     if reason not in ("stop", "length"):
@@ -472,6 +511,47 @@ async def models(request: HTTPRequest):
                                         "owned_by": "lightgpt"}]}
 
 
+class TokenizeBody(_Body):
+    prompt: str
+    add_special_tokens: bool | None = None  # accepted for vLLM's clients; nothing is ever added
+
+
+class DetokenizeBody(_Body):
+    tokens: list[int]
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: HTTPRequest):
+    """vLLM's tokenizer endpoints (this one, /tokenize, /detokenize): lm-eval's local-completions finds them
+    and tokenizes through the server, so it needs no tokenizer files of its own."""
+    s = served(request)
+    check_key(request, s.settings)
+    eot = token_text(s.loaded.encoding, s.loaded.eot)
+    return {"tokenizer_class": "tiktoken", "eos_token": eot, "bos_token": eot, "pad_token": None,
+            "model_max_length": s.engine.context_length, "vocab_size": s.loaded.model.config.vocabulary_size}
+
+
+@router.post("/tokenize")
+async def tokenize(request: HTTPRequest):
+    """A text's ids, special-token text read as the special token (as vLLM's and Hugging Face's do)."""
+    s = served(request)
+    check_key(request, s.settings)
+    body = await parse_body(request, TokenizeBody)
+    tokens = s.loaded.encoding.encode(body.prompt, allowed_special="all")
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": s.engine.context_length}
+
+
+@router.post("/detokenize")
+async def detokenize(request: HTTPRequest):
+    s = served(request)
+    check_key(request, s.settings)
+    body = await parse_body(request, DetokenizeBody)
+    vocabulary = s.loaded.model.config.vocabulary_size
+    if not all(0 <= t < vocabulary for t in body.tokens):
+        raise APIError(400, f"tokens: token ids must be in 0 .. {vocabulary - 1}", "tokens")
+    return {"prompt": decode_text(s.loaded.encoding, body.tokens)}
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: HTTPRequest):
     s = served(request)
@@ -498,19 +578,28 @@ async def completions(request: HTTPRequest):
     check_key(request, s.settings)
     body = await parse_body(request, CompletionBody)
     check_common(body)
-    text = body.prompt
-    if isinstance(text, list):
-        if len(text) != 1:
-            raise APIError(400, f"prompt: one prompt per request, got a list of {len(text)}", "prompt")
-        text = text[0]
-    if body.echo:
-        raise APIError(400, "echo: not supported", "echo")
-    prompt = base_prompt(s.loaded, text)
-    check_room(prompt, s.engine.context_length, "prompt")
-    request_ = Request(prompt, max_tokens_of(body.max_tokens, "max_tokens", s.settings),
-                       sampling_of(body, s.settings), body.seed, frozenset(s.loaded.stop))
+    prompts = completion_prompts(body, s.loaded)
+    if body.stream and (len(prompts) > 1 or body.logprobs is not None or body.echo):
+        raise APIError(400, "stream: not supported with a list of prompts, logprobs or echo; leave stream out",
+                       "stream")
+    score_only = body.echo and body.max_tokens == 0  # lm-eval's way to score a text: nothing is generated
+    max_tokens = 0 if score_only else max_tokens_of(body.max_tokens, "max_tokens", s.settings)
     stops = stops_of(body)
-    return await respond(request, body, Generation(s.engine, s.loaded, request_, stops), chat=False)
+    generations = []
+    for i, (prompt, _) in enumerate(prompts):
+        check_room(prompt, s.engine.context_length, "prompt" if len(prompts) == 1 else f"prompt[{i}]", not score_only)
+    try:
+        for prompt, _ in prompts:
+            request_ = Request(prompt, max_tokens, sampling_of(body, s.settings), body.seed, frozenset(s.loaded.stop),
+                               logprobs=body.logprobs, score_prompt=bool(body.echo and body.logprobs is not None))
+            generations.append(Generation(s.engine, s.loaded, request_, stops))
+    except APIError:
+        for gen in generations:
+            gen.close()
+        raise
+    if len(generations) == 1 and not body.echo and body.logprobs is None:
+        return await respond(request, body, generations[0], chat=False)
+    return await respond_completions(request, body, generations, prompts)
 
 
 # ----------------------------------------------------------------------------- responses
@@ -541,6 +630,66 @@ async def respond(request: HTTPRequest, body: Common, gen: Generation, chat: boo
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
     return JSONResponse({**head, "choices": [choice], "usage": gen.usage})
+
+
+def token_text(encoding, token: int) -> str:
+    """A token as OpenAI's logprobs list it: its text, or bytes:\\x.. for bytes that are no whole character."""
+    raw = encoding.decode_single_token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def logprobs_of(encoding, shown: list[int], prompt_scores, generated: list[tuple[int, tuple]]) -> dict:
+    """OpenAI's completion logprobs: tokens, token_logprobs, top_logprobs and text_offset, for the echoed
+    prompt tokens `shown` (the first of a token-id prompt has none: nothing predicted it) and the generated."""
+    entries = [(t, None) for t in shown]
+    if prompt_scores is not None:
+        scores = list(prompt_scores)[-len(shown):] if shown else []
+        entries = [(t, None) for t in shown[: len(shown) - len(scores)]] + list(zip(shown[len(shown) - len(scores):], scores))
+    entries += generated
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token, score in entries:
+        text = token_text(encoding, token)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        out["token_logprobs"].append(None if score is None else score[0])
+        out["top_logprobs"].append(None if score is None else {token_text(encoding, i): v for i, v in score[1]})
+    return out
+
+
+async def respond_completions(request: HTTPRequest, body: CompletionBody, gens: list[Generation],
+                              prompts: list[tuple[list[int], bool]]) -> Response:
+    """A completion of several prompts (one choice each, in order), or with echo or logprobs: every
+    generation is collected (together, in the engine's batch) before the one response."""
+    s = served(request)
+    collect = asyncio.ensure_future(asyncio.gather(*(gen.text() for gen in gens)))
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():
+            collect.cancel()
+            for gen in gens:
+                gen.close()
+    if not collect.done() or collect.cancelled():
+        return Response(status_code=499)
+    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for i, (gen, text, (prompt, was_text)) in enumerate(zip(gens, collect.result(), prompts)):
+        shown = prompt[1:] if was_text else prompt  # text: its own tokens, not the end-of-text put before them
+        echoed = decode_text(s.loaded.encoding, shown) if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = logprobs_of(s.loaded.encoding, shown if body.echo else [], gen.prompt_scores, gen.scored)
+        choices.append({"index": i, "text": echoed + text, "logprobs": logprobs, "finish_reason": gen.finish_reason})
+        usage = {k: usage[k] + v for k, v in gen.usage.items()}
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": s.settings.model_name}
+    return JSONResponse({**head, "choices": choices, "usage": usage})
 
 
 async def stream(gen: Generation, head: dict, chat: bool, include_usage: bool):

@@ -262,13 +262,15 @@ def test_an_alibi_export_has_no_remote_code(tmp_path):
 
 
 def test_the_scripts_import_without_the_transformers_extra():
-    """transformers is an optional extra: with it (and tokenizers) unimportable, every script still
-    imports, and hf_tokenizer's check names the install in one line."""
+    """transformers, peft and lm-eval are optional extras: with them (and tokenizers) unimportable, every
+    script still imports, and hf_tokenizer's check names the install in one line."""
     import subprocess
 
-    code = ("import sys, importlib; sys.modules['transformers'] = sys.modules['tokenizers'] = None\n"
+    code = ("import sys, importlib\n"
+            "for extra in ('transformers', 'tokenizers', 'peft', 'lm_eval'):\n"
+            "    sys.modules[extra] = None\n"
             "for name in ('pretrain', 'instruction-tune', 'generate', 'beam_search', 'evaluate', 'export', 'serve',\n"
-            "             'bench', 'hub', 'hf_tokenizer'):\n"
+            "             'bench', 'hub', 'hf_tokenizer', 'peft_adapter', 'harness'):\n"
             "    importlib.import_module(name)\n"
             "import hf_tokenizer\n"
             "hf_tokenizer.importlib.util.find_spec = lambda name: None\n"

@@ -289,8 +289,7 @@ def test_more_errors_and_the_server_stays_healthy(base_server, chat_server):
         c.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="no room for an answer"):
         c.completions.create(model="x", prompt="x" * CONTEXT)
-    with pytest.raises(openai.BadRequestError, match="one prompt per request"):
-        c.completions.create(model="x", prompt=["a", "b"])
+    assert [c.index for c in c.completions.create(model="x", prompt=["a", "b"], max_tokens=2).choices] == [0, 1]
     r = httpx.get(base_server.url + "/v1/nothing", timeout=10)
     assert r.status_code == 404 and "Not Found" in r.json()["error"]["message"]
     assert httpx.get(base_server.url + "/v1/completions", timeout=10).status_code == 405
@@ -432,3 +431,87 @@ def test_a_bounded_load_is_answered_or_refused_and_the_server_stays_healthy(cert
         health = healthy(server)
         assert (health["active"], health["waiting"]) == (0, 0)
         assert client(server).completions.create(model="x", prompt="a", max_tokens=2, seed=0).usage.completion_tokens == 2
+
+
+# ----------------------------------------------------------------------------- log-probabilities (lm-eval's use)
+
+
+def model_logprobs(server, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the served model's logits over `ids` in one plain forward, (len(ids), V)."""
+    with torch.no_grad():
+        return torch.log_softmax(server.loaded.model(torch.tensor([ids])).float()[0], dim=-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(base_server):
+    """echo + logprobs + max_tokens 0 (how lm-eval scores a text): every prompt token's log-probability after
+    end-of-text and the ones before it, equal to one forward of the model; nothing generated."""
+    encoding = base_server.loaded.encoding
+    text = "The cat sat on the mat. 🙂"
+    ids = encoding.encode_ordinary(text)
+    r = httpx.post(base_server.url + "/v1/completions", timeout=30,
+                   json={"prompt": text, "echo": True, "logprobs": 2, "max_tokens": 0}).json()
+    (choice,) = r["choices"]
+    assert choice["text"] == text and choice["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"][:-1]).startswith("The cat sat")
+    expected = model_logprobs(base_server, [256] + ids)[:-1].gather(1, torch.tensor(ids)[:, None]).view(-1)
+    assert torch.allclose(torch.tensor(lp["token_logprobs"]), expected, atol=1e-5)
+    assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    assert lp["text_offset"][:3] == [0, 1, 2]
+
+
+def test_token_id_prompts_in_a_list_and_generated_logprobs(base_server):
+    """A list of token-id prompts: one choice each, in order; the first token has no log-probability (nothing
+    predicted it); the generated token follows with its own, the greedy one at temperature 0."""
+    prompts = [[256, 84, 104, 101], [256, 65, 32, 98, 105, 114, 100]]
+    r = httpx.post(base_server.url + "/v1/completions", timeout=30,
+                   json={"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    for prompt, choice in zip(prompts, r["choices"]):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1 and lp["token_logprobs"][0] is None
+        full = model_logprobs(base_server, prompt)
+        expected = full[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).view(-1)
+        assert torch.allclose(torch.tensor(lp["token_logprobs"][1:-1]), expected, atol=1e-5)
+        assert abs(lp["token_logprobs"][-1] - full[-1].max().item()) <= 1e-5  # greedy: the likeliest
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
+    plain = httpx.post(base_server.url + "/v1/completions", timeout=30,
+                       json={"prompt": "The", "logprobs": 0, "max_tokens": 3, "temperature": 0}).json()["choices"][0]
+    assert len(plain["logprobs"]["tokens"]) == 3 and plain["logprobs"]["top_logprobs"] == [{}, {}, {}]
+    stopped = plain["finish_reason"] == "stop"  # the stop token is listed (its text is not in the answer)
+    assert "".join(plain["logprobs"]["tokens"]) == plain["text"] + ("<|endoftext|>" if stopped else "")
+    assert healthy(base_server)
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"prompt": "x", "logprobs": 6}, "logprobs", "from 0 to 5"),
+    ({"prompt": "x", "logprobs": True}, "logprobs", "from 0 to 5"),
+    ({"prompt": ["a", "b"], "stream": True}, "stream", "not supported with a list of prompts"),
+    ({"prompt": "x", "logprobs": 1, "stream": True}, "stream", "logprobs or echo"),
+    ({"prompt": []}, "prompt", "an empty list"),
+    ({"prompt": [[256, 1], []]}, "prompt[1]", "no token ids"),
+    ({"prompt": [256, 99999]}, "prompt", "token ids must be in 0 .. 256"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens", "at least 1"),
+    ({"prompt": ["x" * (CONTEXT - 1), "y"], "echo": True, "logprobs": 1, "max_tokens": 0}, None, None),
+])
+def test_bad_completion_bodies_get_openai_errors(base_server, body, param, message):
+    r = httpx.post(base_server.url + "/v1/completions", json=body, timeout=30)
+    if param is None:  # a prompt of the whole context is scored when nothing is generated (max_tokens 0)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == CONTEXT - 1
+        return
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
+def test_the_tokenizer_endpoints_lm_eval_finds(base_server):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize: the encoding's ids (special-token text read as the
+    token, as Hugging Face tokenizers read it) and back."""
+    info = httpx.get(base_server.url + "/tokenizer_info", timeout=10).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == CONTEXT
+    tokens = httpx.post(base_server.url + "/tokenize", json={"prompt": "<|endoftext|>hé", "add_special_tokens": False},
+                        timeout=10).json()["tokens"]
+    assert tokens == [256, 104, 195, 169]
+    assert httpx.post(base_server.url + "/detokenize", json={"tokens": tokens[1:]}, timeout=10).json()["prompt"] == "hé"
+    r = httpx.post(base_server.url + "/detokenize", json={"tokens": [300]}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
