@@ -32,8 +32,8 @@ from common import ArgumentParser, UserError, add_model_path_args, first_line, p
 from files import atomic_folder, check_writable, os_reason
 from generate import Sampling, inference_model, model_tokenizer
 from hf_tokenizer import HF_INSTALL, hf_available, save_tokenizer
-from hub import (CARD_FILE, CONFIG_FILE, MODELING_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, push_folder,
-                 save_pretrained, special_token_ids)
+from hub import (CARD_FILE, CONFIG_FILE, MODELING_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, is_hub_id,
+                 push_folder, save_pretrained, special_token_ids)
 from model import GPT
 from peft_adapter import default_export_path, peft_base_name, save_peft_adapter
 
@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="then upload the folder to this HuggingFace Hub model repository (created if missing; "
                         "the token from HF_TOKEN or hf auth login)")
     p.add_argument("--private", action="store_true", help="create the --push_to_hub repository as private")
+    p.add_argument("--base_model", type=repo_id, default=None, metavar="REPO_ID",
+                   help="with --lora_path: the base model's HuggingFace Hub id, for the card's base_model (default: "
+                        "--checkpoint_path when it is a hub id)")
     p.add_argument("--peft_adapter", action="store_true",
                    help="with --lora_path: write the LoRA as a peft adapter folder for the export of --checkpoint_path "
                         "instead of merging it")
@@ -92,11 +95,23 @@ def parse_args(argv=None):
         p.error(f"argument --onnx_opset: torch's ONNX exporter needs opset 18 or above, got {args.onnx_opset}")
     if args.private and args.push_to_hub is None:
         p.error("argument --private: it needs --push_to_hub")
+    if args.base_model is not None and args.lora_path is None:
+        p.error("argument --base_model: it needs --lora_path (a tuned model names its base)")
     if args.peft_adapter and (args.lora_path is None or args.onnx):
         p.error("argument --peft_adapter: it needs --lora_path (the LoRA to write) and no --onnx")
     if args.output_path is None:
         args.output_path = default_export_path(args.lora_path or args.checkpoint_path, "-peft" if args.peft_adapter else "")
     return args
+
+
+def check_adapter_base(args) -> None:
+    """--peft_adapter for an exported folder: one transformers can load (an export of an older LightGPT has no
+    modeling file)."""
+    folder = args.checkpoint_path
+    if args.peft_adapter and os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, MODELING_FILE)):
+        raise UserError(f"--checkpoint_path: {folder} has no {MODELING_FILE}, so transformers cannot load it as the "
+                        f"adapter's base; export it again (python export.py --checkpoint_path {folder} "
+                        f"--output_path NEW_FOLDER)")
 
 
 def check_output(args) -> None:
@@ -272,16 +287,21 @@ def write_generation_config(model: GPT, folder: str) -> None:
 
 def main(args) -> str:
     check_output(args)
+    check_adapter_base(args)
     model, state, lora = inference_model(args.checkpoint_path, torch.device("cpu"), args.lora_path)  # fp32 on the CPU
     model_tokenizer(model, state, lora, args.checkpoint_path, args.lora_path)  # the same check as generate.py's
     model.export_info = export_info(state, lora, args.license)
+    base = args.base_model or (args.checkpoint_path.rstrip("/") if is_hub_id(args.checkpoint_path)
+                               and not os.path.exists(args.checkpoint_path) else None)
+    if lora is not None and base is not None:  # the card's base_model: a tuned model on the Hub names its base
+        model.export_info["base_model"] = base
     where = args.push_to_hub or args.output_path
     from safetensors import SafetensorError
 
     try:
         with atomic_folder(args.output_path) as tmp:
             if args.peft_adapter:
-                base = peft_base_name(args.checkpoint_path)
+                base = args.base_model or peft_base_name(args.checkpoint_path)
                 save_peft_adapter(lora, tmp, base, where=where, license=args.license)
             else:
                 write_export(args, model, tmp, where)

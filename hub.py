@@ -150,7 +150,7 @@ EXPORT_FORMAT = 1
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
 MODELING_FILE = "modeling_lightgpt.py"  # copied into every export: transformers' remote code for the model
 MODELING_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_FILE)
-MODELING_ENCODINGS = ("none", "rope", "learned")  # the position encodings modeling_lightgpt.py computes
+MODELING_ENCODINGS = ("none", "rope", "alibi", "learned")  # the position encodings modeling_lightgpt.py computes
 EXPORT_KEYS = ("lightgpt_format", "weights_sha256")  # config.json's own entries, besides the architecture and records
 
 
@@ -264,6 +264,7 @@ def _read_folder(name: str, flag: str, revision: str | None) -> tuple[dict, dict
     if weights_digest != config["weights_sha256"]:
         raise UserError(f"{flag}: {weights_path} is damaged: its sha256 is not the one {CONFIG_FILE} records (a "
                         f"changed or truncated file); export or download it again")
+    check_tokenizer_file(folder, config, flag)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -271,6 +272,32 @@ def _read_folder(name: str, flag: str, revision: str | None) -> tuple[dict, dict
         return config, load_file(os.path.join(folder, WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{flag}: {weights_path} is not a readable safetensors file ({first_line(e)})") from None
+
+
+TOKENIZER_FILE = "tokenizer.json"  # hf_tokenizer.py's, for Hugging Face's tools
+
+
+def check_tokenizer_file(folder: str, config: dict, flag: str) -> None:
+    """An export's tokenizer.json, where there is one, gives the weights' ids: as many as the model has, and
+    end-of-text at its id (a tokenizer copied in from another model would feed transformers other ids)."""
+    path = os.path.join(folder, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokenizer = json.load(f)
+        added = {t["content"]: t["id"] for t in tokenizer.get("added_tokens") or []}
+        ids = [*tokenizer["model"]["vocab"].values(), *added.values()]
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path} ({os_reason(e)})") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{flag}: {path} is not a tokenizer file (tokenizer.json with a vocabulary); export the "
+                        f"model again") from None
+    vocabulary, eot = config.get("vocabulary_size"), config.get("eot_id")
+    if not ids or max(ids) + 1 != vocabulary or added.get("<|endoftext|>") != eot:
+        raise UserError(f"{flag}: {path} does not match the weights: {max(ids, default=-1) + 1:,} ids, end-of-text "
+                        f"{added.get('<|endoftext|>')} (the weights: {vocabulary:,} ids, end-of-text {eot}); export "
+                        f"the model again")
 
 
 def from_pretrained(name: str, revision: str | None = None) -> GPT:
@@ -326,20 +353,37 @@ def corpus_words(record: dict) -> str:
     return f"`{dataset}`" + (f" ({subset})" if subset else "")
 
 
-def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
-    """README.md: HuggingFace front matter (licence, corpora, library, task, tags), what the model is, its
-    shape and training, the files and how to load it. `where` is the folder or hub id the usage names."""
+ENGLISH_CORPORA = ("builtin", "HuggingFaceFW/fineweb", "HuggingFaceFW/fineweb-edu", "HuggingFaceTB/smoltalk")
+
+
+def card_data(model: GPT):
+    """The card's front matter: licence, corpora, language (where every corpus is a known English one),
+    library (transformers where the export carries the modeling file), task, tags, and for a tuned model
+    its base on the Hub (base_model, base_model_relation: finetune, the LoRA being merged in)."""
     from huggingface_hub import ModelCardData
 
     info, c = model.export_info, model.config
     pretraining, tuning = info.get("pretraining") or {}, info.get("instruction_tuning") or {}
-    datasets = [d for d in (hub_dataset(pretraining.get("dataset")), hub_dataset(tuning.get("dataset"))) if d]
+    used = [d.get("dataset") for d in (pretraining, tuning) if d.get("dataset")]
+    datasets = [d for d in map(hub_dataset, used) if d]
     position = {"none": "nope", "rope": "rope", "alibi": "alibi", "learned": "learned-positions"}[c.position_encoding]
     tags = ["lightgpt", position, "causal-lm", "safetensors"]
     tags += ["chat", "lora"] if info.get("special_tokens") else []
     tags += ["onnx"] if info.get("onnx") else []
-    data = ModelCardData(license=info.get("license", "apache-2.0"), library_name="pytorch",
-                         pipeline_tag="text-generation", tags=tags, datasets=datasets or None)
+    base = info.get("base_model")
+    return ModelCardData(license=info.get("license", "apache-2.0"),
+                         library_name="transformers" if c.position_encoding in MODELING_ENCODINGS else "pytorch",
+                         pipeline_tag="text-generation", tags=tags, datasets=datasets or None,
+                         language=["en"] if used and all(d in ENGLISH_CORPORA for d in used) else None,
+                         base_model=base, base_model_relation="finetune" if base else None)
+
+
+def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
+    """README.md: HuggingFace front matter (card_data), what the model is, its shape and training, the
+    files and how to load it. `where` is the folder or hub id the usage names."""
+    info, c = model.export_info, model.config
+    pretraining, tuning = info.get("pretraining") or {}, info.get("instruction_tuning") or {}
+    data = card_data(model)
     chat = bool(info.get("special_tokens"))
     design = ("no positional embeddings (NoPE): causal attention alone tells positions apart, so no weight depends "
               "on a context length" if c.position_encoding == "none"
@@ -364,9 +408,15 @@ def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
         lora = tuning.get("lora")
         how = f"LoRA (rank {lora['rank']}, alpha {lora['alpha']:g}) merged into the weights" if lora else "LoRA, merged"
         lines.append(f"- Instruction tuning: {corpus_words(tuning)}, rows of {tuning.get('max_tokens_per_sample')} "
-                     f"tokens, {how}; ChatML special tokens {', '.join(f'`{t}`' for t in info['special_tokens'])}.")
+                     f"tokens, {how}; ChatML special tokens {', '.join(f'`{t}`' for t in info['special_tokens'])}"
+                     + (f"; base model [`{info['base_model']}`](https://huggingface.co/{info['base_model']})."
+                        if info.get("base_model") else "."))
     lines += ["", "Files: `model.safetensors` (the weights; `config.json` holds its sha256, checked at load), "
               "`config.json` (the architecture, tokenizer and training records)"
+              + (f", `{MODELING_FILE}` and `generation_config.json` (transformers' code for the model and its "
+                 f"generation defaults), `tokenizer.json` and `tokenizer_config.json` (the tokenizer for Hugging "
+                 f"Face's tools{', with the chat template' if chat else ''})"
+                 if c.position_encoding in MODELING_ENCODINGS else "")
               + (f", `{ONNX_FILE}` (see below)" if info.get("onnx") else "") + ".", ""]
     if info.get("onnx"):
         o = info["onnx"]
@@ -375,7 +425,20 @@ def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
                   f"no KV cache. Against PyTorch in onnxruntime its largest logit difference was {o['max_abs_diff']:.1e} "
                   f"at shapes {', '.join('x'.join(map(str, s)) for s in o['checked_shapes'])}.", ""]
     prompt = "What is a list comprehension?" if chat else "The meaning of life is"
-    lines += ["## Usage", "", f"In a clone of {REPOSITORY} (`pip install -r requirements.txt`):", "", "```python",
+    lines += ["## Usage", ""]
+    if c.position_encoding in MODELING_ENCODINGS:
+        start = ('tokenizer.apply_chat_template([{"role": "user", "content": ' + repr(prompt) + '}], '
+                 'add_generation_prompt=True, return_dict=True, return_tensors="pt").input_ids' if chat else
+                 f'tokenizer(tokenizer.bos_token + {prompt!r}, return_tensors="pt").input_ids')
+        lines += ["With transformers (the modeling code is in this repository: `trust_remote_code=True`):", "",
+                  "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f"model = AutoModelForCausalLM.from_pretrained({where!r}, trust_remote_code=True)",
+                  f"tokenizer = AutoTokenizer.from_pretrained({where!r}, trust_remote_code=True)",
+                  f"ids = {start}",
+                  "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))", "```", "",
+                  "A LoRA trained on this model with LightGPT's instruction-tune.py loads with peft on top of it "
+                  "(`PeftModel.from_pretrained`; its adapter folder's card shows how).", ""]
+    lines += [f"In a clone of {REPOSITORY} (`pip install -r requirements.txt`):", "", "```python",
               "import torch", "from hub import from_pretrained", "", f"model = from_pretrained({where!r})  # eval mode, CPU",
               "logits = model(torch.tensor([[0, 1, 2]]))  # (batch, tokens, vocabulary)", "```", "", "```",
               f"python generate.py --checkpoint_path {where} --device cpu --prompt {prompt!r}", "```", ""]

@@ -5,9 +5,9 @@
 loads model.safetensors as it is (the parameter names are LightGPT's) and computes LightGPT's logits. One
 file holds both the configuration and the model (config.json's auto_map points at both). It imports
 transformers (5.x) and torch only, never LightGPT's own modules: an export is used where LightGPT is not.
-It computes NoPE, RoPE and learned positions (model.py's ALiBi is not written here: hub.py gives an ALiBi
-model's export no auto_map). Attention goes through transformers' attention interface and decoding
-through its cache.
+It computes NoPE and the ablation switches RoPE, ALiBi and learned positions. Attention goes through
+transformers' attention interface (eager or SDPA; flash attention too, except with ALiBi, whose biases
+ride in the attention mask) and decoding through its cache.
 """
 
 from __future__ import annotations
@@ -48,6 +48,31 @@ class LightGPTConfig(PreTrainedConfig):
     @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def alibi_slopes(n_head: int, device) -> torch.Tensor:
+    """model.alibi_slopes: 2^(-8 / n) ... 2^(-8) for n a power of two, else the power of two p below n's,
+    then every other slope of 2p."""
+    p = 2 ** math.floor(math.log2(n_head))
+    exponents = torch.cat([torch.arange(1, p + 1, device=device, dtype=torch.float32) * (8 / p),
+                           (2 * torch.arange(n_head - p, device=device, dtype=torch.float32) + 1) * (4 / p)])
+    return torch.exp2(-exponents)
+
+
+def alibi_mask(mask, n_head: int, seen: int, T: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """transformers' causal mask (None, boolean or additive; (B, 1, T, S)) with ALiBi's biases folded in:
+    -slope x (query index - key index) where attention is allowed, (1 or B, n_head, T, S). Indices, not
+    position ids: left padding shifts both alike, so distances between real tokens are the model's."""
+    q = torch.arange(seen, seen + T, device=device)
+    k = torch.arange(seen + T if mask is None else mask.shape[-1], device=device)
+    distance = (q[:, None] - k[None, :]).float()  # (T, S)
+    bias = (-alibi_slopes(n_head, device).view(1, -1, 1, 1) * distance).to(dtype)  # (1, n_head, T, S)
+    lowest = torch.finfo(dtype).min  # not -inf: a padding query with no key allowed gives no NaN
+    if mask is None:
+        return torch.where(distance >= 0, bias, lowest)
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, lowest)
+    return (mask.to(dtype) + bias).clamp(min=lowest)
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -123,7 +148,7 @@ class LightGPTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: LightGPTConfig):
         super().__init__(config)
-        if config.position_encoding not in ("none", "rope", "learned"):
+        if config.position_encoding not in ("none", "rope", "alibi", "learned"):
             raise ValueError(f"position_encoding {config.position_encoding!r} is not supported by this modeling file")
         self.token_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         if config.position_encoding == "learned":
@@ -150,8 +175,8 @@ class LightGPTForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds = self.token_embeddings(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0  # tokens cached before these
         if position_ids is None:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen).unsqueeze(0)
         x, angles = inputs_embeds, None
         if self.config.position_encoding == "learned":
@@ -163,6 +188,11 @@ class LightGPTForCausalLM(PreTrainedModel, GenerationMixin):
             angles = (theta.cos()[:, None], theta.sin()[:, None])  # (B or 1, 1, T, head_dim / 2)
         mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask,
                                   cache=past_key_values, position_ids=position_ids)
+        if self.config.position_encoding == "alibi":
+            if "flash" in (self.config._attn_implementation or ""):
+                raise ValueError("ALiBi's biases ride in the attention mask, which flash attention does not take: "
+                                 "load with attn_implementation='sdpa' or 'eager'")
+            mask = alibi_mask(mask, self.config.num_attention_heads, seen, x.shape[1], x.dtype, x.device)
         for block in self.blocks:
             x = block(x, attention_mask=mask, cache=past_key_values, angles=angles, **kwargs)
         x = self.output_norm(x)

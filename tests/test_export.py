@@ -91,15 +91,18 @@ def test_export_then_from_pretrained_gives_identical_logits(checkpoint, exported
     with open(os.path.join(exported, "README.md")) as f:
         card = f.read()
     front = card.split("---")[1]
-    for line in ("license: apache-2.0", "library_name: pytorch", "pipeline_tag: text-generation", "- nope"):
+    for line in ("license: apache-2.0", "library_name: transformers", "pipeline_tag: text-generation", "- nope",
+                 "language:\n- en"):
         assert line in front, front
-    assert "datasets" not in front  # the builtin corpus is no hub dataset
+    assert "datasets" not in front and "base_model" not in front  # the builtin corpus is no hub dataset
     assert f"from_pretrained({exported!r})" in card and f"--checkpoint_path {exported}" in card
+    assert f"AutoModelForCausalLM.from_pretrained({exported!r}, trust_remote_code=True)" in card
 
 
 def test_lora_merged_export_computes_what_base_plus_adapters_do(base_and_lora, tmp_path):
     base, lora = base_and_lora
-    out = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "chat"))
+    out = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "chat"),
+                     "--base_model", "you/lightgpt-base")
     reference = inference_model(base, torch.device("cpu"), lora)[0]
     loaded = hub.from_pretrained(out)
     ids = torch.randint(0, B + NEW, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -107,8 +110,20 @@ def test_lora_merged_export_computes_what_base_plus_adapters_do(base_and_lora, t
     assert loaded.export_info["special_tokens"] == SPECIAL
     assert loaded.export_info["instruction_tuning"]["lora"] == {"rank": 4, "alpha": 2.0}
     with open(os.path.join(out, "README.md")) as f:
-        front = f.read().split("---")[1]
-    assert "- HuggingFaceTB/smoltalk" in front and "- chat" in front
+        card = f.read()
+    front = card.split("---")[1]
+    assert "- HuggingFaceTB/smoltalk" in front and "- chat" in front and "language:\n- en" in front
+    assert "base_model: you/lightgpt-base" in front and "base_model_relation: finetune" in front
+    # the card's transformers usage runs as written (fewer new tokens), the chat template included
+    usage = card.split("```python\n")[1].split("```")[0].replace("max_new_tokens=64", "max_new_tokens=3")
+    namespace = {}
+    exec(usage, namespace)
+    from chat import ChatTokenizer, render_prompt
+    from data import load_encoding
+
+    expected = render_prompt(ChatTokenizer(load_encoding("bytes")),
+                             [{"role": "user", "content": "What is a list comprehension?"}])
+    assert namespace["ids"].tolist() == [expected]
 
 
 MIXED = "ASCII, accents (naïve café, Ærøskøbing), emoji 🙂🚀, code: def f(x):\n\treturn x ** 2  # ok\n" \
@@ -207,7 +222,7 @@ def test_without_transformers_the_export_has_no_tokenizer_files(checkpoint, tmp_
     assert "pip install -r requirements-hf.txt" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("position_encoding", ["none", "rope", "learned", "chat"])
+@pytest.mark.parametrize("position_encoding", ["none", "rope", "alibi", "learned", "chat"])
 def test_transformers_loads_the_export_and_computes_our_logits(position_encoding, base_and_lora, tmp_path):
     """AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) runs the exported
     modeling_lightgpt.py on model.safetensors as it is: the same logits (padded rows cut off), and greedy
@@ -243,22 +258,6 @@ def test_transformers_loads_the_export_and_computes_our_logits(position_encoding
     assert (defaults.do_sample, defaults.temperature, defaults.top_k, defaults.top_p) == (True, 1.0, 500, 0.9)
     stops = {256, V - 2} if position_encoding == "chat" else {256}
     assert set(defaults.eos_token_id if isinstance(defaults.eos_token_id, list) else [defaults.eos_token_id]) == stops
-
-
-def test_an_alibi_export_has_no_remote_code(tmp_path):
-    """modeling_lightgpt.py does not compute ALiBi: such an export carries neither the file nor an auto_map
-    (hub.from_pretrained and LightGPT's scripts still read it)."""
-    torch.manual_seed(0)
-    model = GPT(replace(tiny().config, vocabulary_size=B, position_encoding="alibi"))
-    path = str(tmp_path / "alibi.pt")
-    save_checkpoint({"kind": "pretrain", "config": model.config.to_dict(), "model": model.state_dict(),
-                     "token_encoding": "bytes", "eot_id": 256}, path)
-    out = run_export("--checkpoint_path", path, "--output_path", str(tmp_path / "alibi"))
-    assert "modeling_lightgpt.py" not in os.listdir(out) and "generation_config.json" not in os.listdir(out)
-    with open(os.path.join(out, "config.json")) as f:
-        config = json.load(f)
-    assert "auto_map" not in config and config["vocab_size"] == B and config["hidden_size"] == 32
-    assert torch.equal(logits(hub.from_pretrained(out)), logits(model))
 
 
 def test_the_scripts_import_without_the_transformers_extra():
@@ -421,7 +420,20 @@ DAMAGE = {
     "fewer layers than weights": (lambda d: rewrite_config(d, num_hidden_layers=1), "unexpected weight 'blocks.1."),
     "another width": (lambda d: rewrite_config(d, embedding_dimensions=64), "has shape"),
     "no tokenizer": (lambda d: rewrite_config(d, token_encoding=None), "no 'token_encoding'"),
+    "another model's tokenizer.json": (lambda d: grow_tokenizer_file(d), "tokenizer.json does not match the weights"),
+    "a tokenizer.json that is none": (lambda d: open(os.path.join(d, "tokenizer.json"), "w").write("[]"),
+                                      "tokenizer.json is not a tokenizer file"),
 }
+
+
+def grow_tokenizer_file(folder):
+    """tokenizer.json as another model's: a vocabulary one id longer than the weights'."""
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path) as f:
+        tokenizer = json.load(f)
+    tokenizer["model"]["vocab"]["extra"] = B
+    with open(path, "w") as f:
+        json.dump(tokenizer, f)
 
 
 @pytest.mark.parametrize("damage", DAMAGE)

@@ -105,3 +105,18 @@ def test_a_bad_peft_path_is_one_line(base, chats, tmp_path, capsys):
     for path, why in ((tmp_path / "file", "is a file"), (tmp_path / "other", "holds other files")):
         fails_with_one_line(capsys, tune, tune_args(base, chats, tmp_path, "--peft_path", str(path)), why)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_an_adapter_for_another_base_or_a_base_transformers_cannot_load_is_one_line(base, tuned, checkpoint,
+                                                                                     tmp_path, capsys):
+    """export.py --peft_adapter: a LoRA trained on another base, and a base folder without the modeling file
+    (an older export), end in one line and write nothing."""
+    out, _ = tuned
+    lora = str(out / "lora.pt")
+    fails_with_one_line(capsys, export, ["--checkpoint_path", checkpoint, "--lora_path", lora, "--peft_adapter",
+                                         "--output_path", str(tmp_path / "a")], "adapts another base model")
+    folder = run_export("--checkpoint_path", base, "--output_path", str(tmp_path / "base"))
+    os.remove(os.path.join(folder, "modeling_lightgpt.py"))
+    fails_with_one_line(capsys, export, ["--checkpoint_path", folder, "--lora_path", lora, "--peft_adapter",
+                                         "--output_path", str(tmp_path / "b")], "has no modeling_lightgpt.py")
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
