@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -30,14 +29,13 @@ import torch
 
 from common import ArgumentParser, UserError, add_model_path_args, first_line, positive_int, run_main
 from files import atomic_folder, check_writable, os_reason
-from generate import Sampling, inference_model, model_tokenizer
+from generate import inference_model, model_tokenizer
 from hf_tokenizer import HF_INSTALL, hf_available, save_tokenizer
 from hub import (CARD_FILE, CONFIG_FILE, MODELING_FILE, ONNX_FILE, WEIGHTS_FILE, from_pretrained, is_hub_id,
-                 push_folder, save_pretrained, special_token_ids)
+                 push_folder, save_pretrained)
 from model import GPT
 from peft_adapter import default_export_path, peft_base_name, save_peft_adapter
 
-GENERATION_FILE = "generation_config.json"  # transformers' generate() defaults, beside the modeling file
 ONNX_TOLERANCE = 1e-4  # the largest |ONNX - PyTorch| logit difference an fp32 export may show
 ONNX_CHECK_SHAPES = ((1, 7), (3, 45))  # (batch, tokens) run in both, unlike the traced example's (2, 16)
 ONNX_SINGLE_FILE_BYTES = 2**30  # larger weights go to model.onnx.data (protobuf files stop at 2 GiB)
@@ -269,22 +267,6 @@ def export_tokenizer(model: GPT, folder: str) -> list[str]:
                           chat=bool(info.get("special_tokens")))
 
 
-def write_generation_config(model: GPT, folder: str) -> None:
-    """generation_config.json: what transformers' generate() does by default with the export, generate.py's
-    defaults (sampling at its temperature, top-k and top-p; end-of-text, and a chat model's <|im_end|>, end
-    an answer). Only beside modeling_lightgpt.py: without it transformers does not load the model."""
-    if not os.path.isfile(os.path.join(folder, MODELING_FILE)):
-        return
-    ids, eot, sampling = special_token_ids(model), model.export_info["eot_id"], Sampling()
-    stops = [ids["eos_token_id"], eot] if ids["eos_token_id"] != eot else eot  # generate.py's: both, in a chat
-    pad = eot if ids["pad_token_id"] is None else ids["pad_token_id"]
-    config = {"bos_token_id": eot, "eos_token_id": stops, "pad_token_id": pad, "do_sample": True,
-              "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
-    with open(os.path.join(folder, GENERATION_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-
-
 def main(args) -> str:
     check_output(args)
     check_adapter_base(args)
@@ -325,7 +307,6 @@ def write_export(args, model: GPT, tmp: str, where: str) -> None:
         model.export_info = {**model.export_info, "onnx": export_onnx(model, tmp, args.onnx_opset)}
     save_pretrained(model, tmp, where=where)  # model.safetensors, config.json, README.md
     export_tokenizer(model, tmp)
-    write_generation_config(model, tmp)
     saved = from_pretrained(tmp)  # read back through the checks every loader runs: bit-identical weights
     weights = model.state_dict()
     assert all(torch.equal(t, weights[k]) for k, t in saved.state_dict().items()), "the weights read back differ"

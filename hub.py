@@ -22,6 +22,7 @@ from checkpoint import MODEL_ENTRIES, _is, _shown, checkpoint_problem, model_fro
 from common import UserError, first_line
 from files import current_umask, file_sha256, os_reason
 from model import GPT, GPTConfig
+from sampling import Sampling
 
 REPOSITORY = "LightGPT"  # how the card names the code that loads the model
 ONNX_FILE = "model.onnx"  # export.py --onnx writes it beside the weights; the card describes it
@@ -148,6 +149,7 @@ def push_folder(folder: str, repo: str, private: bool) -> str:
 
 EXPORT_FORMAT = 1
 WEIGHTS_FILE, CONFIG_FILE, CARD_FILE = "model.safetensors", "config.json", "README.md"
+GENERATION_FILE = "generation_config.json"  # transformers' generate() defaults, beside the modeling file
 MODELING_FILE = "modeling_lightgpt.py"  # copied into every export: transformers' remote code for the model
 MODELING_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), MODELING_FILE)
 MODELING_ENCODINGS = ("none", "rope", "alibi", "learned")  # the position encodings modeling_lightgpt.py computes
@@ -180,6 +182,17 @@ def transformers_fields(model: GPT) -> dict:
     return fields
 
 
+def generation_config(model: GPT) -> dict:
+    """generation_config.json: what transformers' generate() does by default with the export, generate.py's
+    defaults (sampling at its temperature, top-k and top-p; end-of-text, and a chat model's <|im_end|>, end
+    an answer)."""
+    ids, eot, sampling = special_token_ids(model), model.export_info["eot_id"], Sampling()
+    stops = [ids["eos_token_id"], eot] if ids["eos_token_id"] != eot else eot  # generate.py's: both, in a chat
+    pad = eot if ids["pad_token_id"] is None else ids["pad_token_id"]
+    return {"bos_token_id": eot, "eos_token_id": stops, "pad_token_id": pad, "do_sample": True,
+            "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+
+
 def save_exported(model: GPT, folder: str) -> None:
     """Write model.safetensors and config.json (the architecture, the weights' sha256, model.export_info)
     into an existing folder. The output layer is the embedding table (tied), so it is stored once."""
@@ -195,6 +208,10 @@ def save_exported(model: GPT, folder: str) -> None:
               "weights_sha256": file_sha256(path), **transformers_fields(model)}
     if model.config.position_encoding in MODELING_ENCODINGS:  # transformers' remote code: the same logits
         shutil.copyfile(MODELING_SOURCE, os.path.join(folder, MODELING_FILE))
+        if "eot_id" in model.export_info:  # a bare model (no tokenizer recorded) has no end-of-text to stop at
+            with open(os.path.join(folder, GENERATION_FILE), "w", encoding="utf-8") as f:
+                json.dump(generation_config(model), f, indent=2)
+                f.write("\n")
     with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
@@ -378,6 +395,31 @@ def card_data(model: GPT):
                          base_model=base, base_model_relation="finetune" if base else None)
 
 
+def card_usage(model: GPT, where: str, chat: bool) -> list[str]:
+    """The card's usage section: transformers (where the export carries the modeling file), then LightGPT."""
+    prompt = "What is a list comprehension?" if chat else "The meaning of life is"
+    lines = ["## Usage", ""]
+    if model.config.position_encoding in MODELING_ENCODINGS:
+        start = ('tokenizer.apply_chat_template([{"role": "user", "content": ' + repr(prompt) + '}], '
+                 'add_generation_prompt=True, return_dict=True, return_tensors="pt").input_ids' if chat else
+                 f'tokenizer(tokenizer.bos_token + {prompt!r}, return_tensors="pt").input_ids')
+        lines += ["With transformers (the modeling code is in this repository: `trust_remote_code=True`):", "",
+                  "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f"model = AutoModelForCausalLM.from_pretrained({where!r}, trust_remote_code=True)",
+                  f"tokenizer = AutoTokenizer.from_pretrained({where!r}, trust_remote_code=True)",
+                  f"ids = {start}",
+                  "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))", "```", "",
+                  "A LoRA trained on this model with LightGPT's instruction-tune.py loads with peft on top of it "
+                  "(`PeftModel.from_pretrained`; its adapter folder's card shows how).", ""]
+    lines += [f"In a clone of {REPOSITORY} (`pip install -r requirements.txt`):", "", "```python",
+              "import torch", "from hub import from_pretrained", "", f"model = from_pretrained({where!r})  # eval mode, CPU",
+              "logits = model(torch.tensor([[0, 1, 2]]))  # (batch, tokens, vocabulary)", "```", "", "```",
+              f"python generate.py --checkpoint_path {where} --device cpu --prompt {prompt!r}", "```", ""]
+    if chat:
+        lines += ["Each prompt is a user turn; the answer is the assistant's and ends at `<|im_end|>`.", ""]
+    return lines
+
+
 def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
     """README.md: HuggingFace front matter (card_data), what the model is, its shape and training, the
     files and how to load it. `where` is the folder or hub id the usage names."""
@@ -424,24 +466,5 @@ def model_card(model: GPT, where: str = "FOLDER", **_) -> str:
                   f"(batch, sequence) int64, output `logits` (batch, sequence, {c.vocabulary_size}), both axes dynamic, "
                   f"no KV cache. Against PyTorch in onnxruntime its largest logit difference was {o['max_abs_diff']:.1e} "
                   f"at shapes {', '.join('x'.join(map(str, s)) for s in o['checked_shapes'])}.", ""]
-    prompt = "What is a list comprehension?" if chat else "The meaning of life is"
-    lines += ["## Usage", ""]
-    if c.position_encoding in MODELING_ENCODINGS:
-        start = ('tokenizer.apply_chat_template([{"role": "user", "content": ' + repr(prompt) + '}], '
-                 'add_generation_prompt=True, return_dict=True, return_tensors="pt").input_ids' if chat else
-                 f'tokenizer(tokenizer.bos_token + {prompt!r}, return_tensors="pt").input_ids')
-        lines += ["With transformers (the modeling code is in this repository: `trust_remote_code=True`):", "",
-                  "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f"model = AutoModelForCausalLM.from_pretrained({where!r}, trust_remote_code=True)",
-                  f"tokenizer = AutoTokenizer.from_pretrained({where!r}, trust_remote_code=True)",
-                  f"ids = {start}",
-                  "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))", "```", "",
-                  "A LoRA trained on this model with LightGPT's instruction-tune.py loads with peft on top of it "
-                  "(`PeftModel.from_pretrained`; its adapter folder's card shows how).", ""]
-    lines += [f"In a clone of {REPOSITORY} (`pip install -r requirements.txt`):", "", "```python",
-              "import torch", "from hub import from_pretrained", "", f"model = from_pretrained({where!r})  # eval mode, CPU",
-              "logits = model(torch.tensor([[0, 1, 2]]))  # (batch, tokens, vocabulary)", "```", "", "```",
-              f"python generate.py --checkpoint_path {where} --device cpu --prompt {prompt!r}", "```", ""]
-    if chat:
-        lines += ["Each prompt is a user turn; the answer is the assistant's and ends at `<|im_end|>`.", ""]
+    lines += card_usage(model, where, chat)
     return "\n".join(lines)

@@ -289,6 +289,10 @@ def test_save_pretrained_round_trip_keeps_the_records(tiny_model, exported, tmp_
     hub.save_pretrained(loaded, tmp_path / "again")
     again = hub.from_pretrained(tmp_path / "again")
     assert again.export_info == loaded.export_info and torch.equal(logits(again), logits(loaded))
+    with open(tmp_path / "again" / "generation_config.json") as f:  # transformers' defaults: generate.py's
+        assert json.load(f) == {"bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 256, "do_sample": True,
+                                "temperature": 1.0, "top_k": 500, "top_p": 0.9}
+    assert "generation_config.json" not in os.listdir(tmp_path / "plain")
 
 
 def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, monkeypatch):
@@ -311,7 +315,8 @@ def test_push_to_hub_from_python_uploads_what_save_pretrained_writes(exported, m
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     hub.push_to_hub(hub.from_pretrained(exported), "someone/tiny")
-    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors", "modeling_lightgpt.py"]
+    assert sorted(uploaded) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                               "modeling_lightgpt.py"]
     assert b"from_pretrained('someone/tiny')" in uploaded["README.md"]
     with open(os.path.join(exported, "model.safetensors"), "rb") as f:
         assert uploaded["model.safetensors"] == f.read()
