@@ -30,13 +30,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import APIRouter, FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from chat import ROLES, render_prompt
 from common import (
@@ -101,16 +103,19 @@ def error_body(message: str, kind: str = "invalid_request_error", param=None, co
 
 
 # ----------------------------------------------------------------------------- request bodies
-# Strict types: "stream": "yes" or "temperature": "0.5" is an error, not a guess. Fields OpenAI has that
-# this server does not use (user, presence_penalty, ...) are ignored, as are unknown ones.
+# Every field is honoured or refused: strict types ("stream": "yes" or "temperature": "0.5" is an error, not
+# a guess), an unknown field is a 400 naming it (as OpenAI answers), and each OpenAI field this server does
+# not implement is accepted only at the value that asks for nothing (REFUSED_UNLESS), else a 400 naming it.
+# HARMLESS fields change nothing OpenAI would do differently for the answer (bookkeeping) and are accepted.
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding of stream chunks: nothing to pad here
 
 
 class ContentPart(_Body):
@@ -121,6 +126,12 @@ class ContentPart(_Body):
 class Message(_Body):
     role: str
     content: str | list[ContentPart] | None = None
+    name: Any = None  # refused (REFUSED_MESSAGE): the ChatML renderer has no participant names
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    refusal: Any = None
+    audio: Any = None
+    function_call: Any = None
 
 
 class Common(_Body):
@@ -135,16 +146,81 @@ class Common(_Body):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
+    # bookkeeping OpenAI keeps for the caller, nothing the answer depends on: accepted, unused
+    user: str | None = None
+    metadata: dict | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # OpenAI's, not implemented: accepted at the value that asks for nothing (REFUSED_UNLESS)
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
 
 
 class ChatBody(Common):
     messages: list[Message]
     max_completion_tokens: int | None = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # only means something with tools, which are refused
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
 
 class CompletionBody(Common):
     prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (lm-eval sends those)
     echo: bool | None = False
+    best_of: Any = None
+    suffix: Any = None
+
+
+HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+            "parallel_tool_calls", "stream_options.include_obfuscation")
+REFUSED_UNLESS = {  # field: (values that ask for nothing, what the 400 says is missing)
+    "frequency_penalty": ((0, 0.0), "frequency penalties are not implemented"),
+    "presence_penalty": ((0, 0.0), "presence penalties are not implemented"),
+    "logit_bias": (({},), "logit biases are not implemented"),
+    "top_logprobs": ((0,), "log probabilities are not returned by chat completions yet (/v1/completions returns them)"),
+    "response_format": (({"type": "text"},), "only {\"type\": \"text\"}: structured output (JSON) is not implemented"),
+    "tools": (([],), "tool calls are not implemented"),
+    "tool_choice": (("none", "auto"), "tool calls are not implemented"),
+    "functions": (([],), "function calls are not implemented"),
+    "function_call": (("none", "auto"), "function calls are not implemented"),
+    "modalities": ((["text"],), "only text"),
+    "audio": ((), "audio is not supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "reasoning_effort": ((), "this is not a reasoning model"),
+    "verbosity": ((), "not supported"),
+    "web_search_options": ((), "web search is not supported"),
+    "best_of": ((1,), "only best_of 1 (n candidates are not scored and ranked)"),
+    "suffix": (("",), "insertion (a suffix after the completion) is not supported"),
+}
+REFUSED_MESSAGE = {"name": "participant names are not supported by the ChatML renderer",
+                   "tool_calls": "tool calls are not implemented", "tool_call_id": "tool messages are not supported",
+                   "refusal": "not supported", "audio": "audio is not supported",
+                   "function_call": "function calls are not implemented"}
+
+
+def refuse_unhonoured(body: _Body) -> None:
+    """A 400 naming the first field set to something this server does not do (REFUSED_UNLESS)."""
+    for name, (nothing, why) in REFUSED_UNLESS.items():
+        value = getattr(body, name, None)
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in nothing):
+            raise APIError(400, f"{name}: {why}; this server does not honour {value!r}", name)
+    for i, message in enumerate(getattr(body, "messages", None) or []):
+        for name, why in REFUSED_MESSAGE.items():
+            if getattr(message, name) is not None:
+                raise APIError(400, f"messages[{i}].{name}: {why}", f"messages[{i}].{name}")
 
 
 def _param(loc) -> str:
@@ -165,22 +241,33 @@ async def parse_body(request: HTTPRequest, model: type[_Body]) -> _Body:
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise too_large  # refused before it is read
     raw = bytearray()
-    async for part in request.stream():  # a body without a length (chunked) is counted as it comes
-        raw += part
-        if len(raw) > MAX_BODY:
-            raise too_large
+    try:
+        async for part in request.stream():  # a body without a length (chunked) is counted as it comes
+            raw += part
+            if len(raw) > MAX_BODY:
+                raise too_large
+    except ClientDisconnect:  # the client left while sending: nobody to answer, one log line
+        log_line(f"{request.method} {request.url.path}: the client left while sending its body")
+        raise ClientGone from None
     try:
         data = json.loads(raw)
     except ValueError:  # also UnicodeDecodeError
         raise APIError(400, "the request body is not valid JSON") from None
+    except RecursionError:  # the client's error, not the server's: JSON nested deeper than Python recurses
+        raise APIError(400, "the request body is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body is a JSON {type(data).__name__}, not an object")
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         param = _param(first["loc"])
+        if first["type"] == "extra_forbidden":  # OpenAI's answer to a field it does not know
+            raise APIError(400, f"{param}: unrecognized request argument (this server takes the OpenAI fields it "
+                                f"implements; see docs/serving.md)", param) from None
         raise APIError(400, f"{param or 'body'}: {first['msg']}", param or None) from None
+    refuse_unhonoured(body)
+    return body
 
 
 # ----------------------------------------------------------------------------- from a body to a Request
@@ -452,6 +539,7 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
     if settings.hosts is not None:
         app.middleware("http")(known_hosts_only)
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     app.include_router(router)
@@ -476,8 +564,20 @@ async def http_error(request, e: HTTPException):  # 404, 405: in the same shape
                         headers=getattr(e, "headers", None))
 
 
+async def client_gone(request, e: Exception):
+    return Response(status_code=499)  # no one reads it; handled here, so no traceback is logged
+
+
 async def server_error(request, e: Exception):
     return JSONResponse({"error": error_body(f"internal error: {type(e).__name__}", "server_error")}, 500)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read whole."""
+
+
+def log_line(text: str) -> None:
+    print(f"serve.py: {text}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- the routes
@@ -512,6 +612,7 @@ async def models(request: HTTPRequest):
 
 
 class TokenizeBody(_Body):
+    model: str | None = None
     prompt: str
     add_special_tokens: bool | None = None  # accepted for vLLM's clients; nothing is ever added
 
@@ -738,6 +839,50 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+READ_TIMEOUT = 10.0  # seconds a client gets to send a whole request (headers and body)
+MAX_CONNECTIONS = 1024  # open connections (and requests) beyond which uvicorn answers 503 at once
+
+
+class ReadDeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for reading each request: a client that has not sent all of
+    its request READ_TIMEOUT seconds after connecting (or after its previous answer) is disconnected, with one
+    log line; uvicorn itself waits for headers and a declared body forever. A request read whole has no
+    deadline: its answer may stream for minutes."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_read_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_read_deadline()
+
+    def connection_lost(self, exc) -> None:
+        if getattr(self, "_read_deadline", None) is not None:
+            self._read_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_read_deadline(self) -> None:
+        if getattr(self, "_read_deadline", None) is not None:
+            self._read_deadline.cancel()
+        self._read_deadline = self.loop.call_later(READ_TIMEOUT, self._read_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self._read_deadline = None
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or cycle.more_body:  # headers or body still incomplete
+            if cycle is None or not cycle.response_complete:  # (an idle keep-alive is uvicorn's to close)
+                log_line(f"dropped a connection from {self.client[0] if self.client else '?'}: no whole request "
+                         f"within {READ_TIMEOUT:g} s")
+            self.transport.close()
+
+
+def server_config(app: FastAPI, **kwargs) -> uvicorn.Config:
+    """uvicorn's settings: the read deadline, a bound on connections, and a grace for open streams at exit."""
+    return uvicorn.Config(app, http=ReadDeadlineProtocol, limit_concurrency=MAX_CONNECTIONS,
+                          timeout_graceful_shutdown=SHUTDOWN_GRACE, **kwargs)
+
+
 class BackgroundServer:
     """The app under uvicorn in a thread of this process, on a loopback port of its own: for the tests and
     bench.py. A context manager: serving inside the with block."""
@@ -746,8 +891,7 @@ class BackgroundServer:
         self.sock = listening_socket(host, port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=SHUTDOWN_GRACE))
+        self.server = uvicorn.Server(server_config(app, log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "BackgroundServer":
@@ -826,8 +970,7 @@ def main(args) -> None:
             print(f"warning: --host {args.host} is reachable from other machines and no --api_key is set",
                   file=sys.stderr, flush=True)
         # Ctrl-C: streams still open get SHUTDOWN_GRACE seconds, then their requests are cancelled.
-        uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE)).run(
-            sockets=[sock])
+        uvicorn.Server(server_config(app, log_level="info")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -515,3 +515,116 @@ def test_the_tokenizer_endpoints_lm_eval_finds(base_server):
     assert httpx.post(base_server.url + "/detokenize", json={"tokens": tokens[1:]}, timeout=10).json()["prompt"] == "hé"
     r = httpx.post(base_server.url + "/detokenize", json={"tokens": [300]}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+
+# ----------------------------------------------------------------------------- every field honoured or refused
+
+# OpenAI's parameters (API reference, chat completions and legacy completions), each with a value that asks
+# for something: "honoured" fields are implemented (their effects are tested above and in test_engine.py),
+# "harmless" ones are bookkeeping (accepted, unused), the rest must be refused with a 400 naming them.
+CHAT_FIELDS = {
+    "model": ("x", "honoured"), "max_tokens": (3, "honoured"), "max_completion_tokens": (3, "honoured"),
+    "temperature": (0.5, "honoured"), "top_p": (0.5, "honoured"), "stop": ("x", "honoured"), "seed": (1, "honoured"),
+    "n": (1, "honoured"), "stream": (True, "honoured"), "stream_options": ({"include_usage": True}, "honoured"),
+    "user": ("u", "harmless"), "metadata": ({"k": "v"}, "harmless"), "store": (False, "harmless"),
+    "service_tier": ("auto", "harmless"), "safety_identifier": ("u", "harmless"), "prompt_cache_key": ("k", "harmless"),
+    "parallel_tool_calls": (False, "harmless"),
+    "frequency_penalty": (0.5, "refused"), "presence_penalty": (0.5, "refused"), "logit_bias": ({"65": 5}, "refused"),
+    "logprobs": (True, "refused"), "top_logprobs": (2, "refused"), "response_format": ({"type": "json_object"}, "refused"),
+    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {}}}], "refused"),
+    "tool_choice": ("required", "refused"), "functions": ([{"name": "f", "parameters": {}}], "refused"),
+    "function_call": ({"name": "f"}, "refused"), "modalities": (["text", "audio"], "refused"),
+    "audio": ({"voice": "alloy", "format": "wav"}, "refused"), "prediction": ({"type": "content", "content": "x"}, "refused"),
+    "reasoning_effort": ("low", "refused"), "verbosity": ("low", "refused"), "web_search_options": ({}, "refused"),
+}
+COMPLETION_FIELDS = {
+    "model": ("x", "honoured"), "max_tokens": (3, "honoured"), "temperature": (0.5, "honoured"), "top_p": (0.5, "honoured"),
+    "stop": ("x", "honoured"), "seed": (1, "honoured"), "n": (1, "honoured"), "stream": (True, "honoured"),
+    "stream_options": ({"include_usage": True}, "honoured"), "echo": (True, "honoured"), "logprobs": (1, "honoured"),
+    "user": ("u", "harmless"),
+    "frequency_penalty": (0.5, "refused"), "presence_penalty": (0.5, "refused"), "logit_bias": ({"65": 5}, "refused"),
+    "best_of": (2, "refused"), "suffix": ("x", "refused"),
+}
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_every_openai_field_is_honoured_or_refused(chat_server, endpoint):
+    """Walks OpenAI's parameter lists: a field this server does not implement is a 400 naming it, never a
+    200 that ignored it; so is a field OpenAI does not have. The values that ask for nothing (a zero
+    penalty, no tools, text output, ...) are accepted."""
+    path, fields, base = (("/v1/chat/completions", CHAT_FIELDS, {"messages": [{"role": "user", "content": "hi"}]})
+                          if endpoint == "chat" else ("/v1/completions", COMPLETION_FIELDS, {"prompt": "hi"}))
+    with httpx.Client(base_url=chat_server.url, timeout=30) as http:
+        for name, (value, kind) in fields.items():
+            body = {**base, "max_tokens": 3, name: value}
+            if name == "stream_options":
+                body["stream"] = True
+            r = http.post(path, json=body)
+            if kind == "refused":
+                assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
+            else:
+                assert r.status_code == 200, (name, r.text)
+        nothing = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}
+        nothing |= {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],
+                    "top_logprobs": 0} if endpoint == "chat" else {"best_of": 1, "suffix": ""}
+        assert http.post(path, json={**base, "max_tokens": 3, **nothing}).status_code == 200
+        r = http.post(path, json={**base, "repetition_penalty": 1.2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "repetition_penalty"
+        assert "unrecognized request argument" in r.json()["error"]["message"]
+        if endpoint == "chat":
+            r = http.post(path, json={"messages": [{"role": "user", "content": "hi", "name": "ann"}]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].name"
+    assert healthy(chat_server)
+
+
+def test_a_deeply_nested_body_is_the_clients_error(base_server):
+    """JSON nested deeper than Python recurses (100,000 levels) is a 400, not a 500 with a traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for content in (deep, '{"prompt": "x", "metadata": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}"):
+        r = httpx.post(base_server.url + "/v1/completions", content=content.encode(), timeout=30,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
+    assert healthy(base_server)
+
+
+def test_a_client_that_leaves_while_sending_is_one_log_line(base_server, capfd):
+    """A body cut off by the client's close: one line in the log, no traceback, and the server serves on."""
+    host, port = base_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        time.sleep(0.3)  # the server is reading the body
+    deadline = time.monotonic() + 10
+    err = ""
+    while "left while sending" not in err and time.monotonic() < deadline:
+        time.sleep(0.05)
+        err += capfd.readouterr().err
+    assert "the client left while sending its body" in err and "Traceback" not in err, err
+    assert client(base_server).completions.create(model="x", prompt="The ", max_tokens=2).choices[0].text
+
+
+def test_slow_clients_are_dropped_while_others_are_served(base_server, monkeypatch, capfd):
+    """Connections that trickle a header line now and then, or declare a body they never send, are closed at
+    the read deadline (uvicorn alone waits forever); requests sent whole are answered meanwhile."""
+    monkeypatch.setattr(serve, "READ_TIMEOUT", 1.0)
+    host, port = base_server.url.removeprefix("http://").split(":")
+    slow = [socket.create_connection((host, int(port)), timeout=10) for _ in range(20)]
+    for i, sock in enumerate(slow):
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
+                     (b"Content-Length: 100\r\n\r\n{" if i % 2 else b""))  # half: headers unfinished; half: body
+    started = time.monotonic()
+    answered = client(base_server).completions.create(model="x", prompt="The ", max_tokens=2)
+    assert answered.choices[0].text and time.monotonic() - started < 1.0  # served while they wait
+    closed = 0
+    for sock in slow:
+        try:
+            sock.sendall(b"X-Trickle: 1\r\n")  # one more line, as a trickling client sends
+            sock.settimeout(5)
+            closed += sock.recv(1024) == b""  # the server closed it (no answer: it never had a request)
+        except ConnectionResetError:  # reset by the server (a timeout is a failure: it was never closed)
+            closed += 1
+        finally:
+            sock.close()
+    assert closed == len(slow) and time.monotonic() - started < 8
+    assert capfd.readouterr().err.count("no whole request within 1 s") == len(slow)
+    assert healthy(base_server)
