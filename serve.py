@@ -603,12 +603,26 @@ async def health(request: HTTPRequest):
             "auth": settings.api_key is not None, "last_error": engine.last_error}
 
 
+def model_object(s: Served) -> dict:
+    return {"id": s.settings.model_name, "object": "model", "created": s.created, "owned_by": "lightgpt"}
+
+
 @router.get("/v1/models")
 async def models(request: HTTPRequest):
     s = served(request)
     check_key(request, s.settings)
-    return {"object": "list", "data": [{"id": s.settings.model_name, "object": "model", "created": s.created,
-                                        "owned_by": "lightgpt"}]}
+    return {"object": "list", "data": [model_object(s)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def model(request: HTTPRequest, model_id: str):
+    """The one model, by its name (--model_name); any other name is OpenAI's 404."""
+    s = served(request)
+    check_key(request, s.settings)
+    if model_id != s.settings.model_name:
+        raise APIError(404, f"the model {model_id!r} does not exist; this server serves {s.settings.model_name!r}",
+                       "model", "model_not_found")
+    return model_object(s)
 
 
 class TokenizeBody(_Body):

@@ -123,6 +123,9 @@ def test_completion_models_and_the_page(base_server):
         model="tiny-base", prompt="The ", max_tokens=12, temperature=0, stream=True))
     assert streamed == done.choices[0].text and streamed
     assert [m.id for m in c.models.list().data] == ["tiny-base"]
+    assert c.models.retrieve("tiny-base").id == "tiny-base"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.models.retrieve("gpt-4o")
     page = httpx.get(base_server.url + "/", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<title>LightGPT</title>" in page.text and "http" not in page.text.split("<script>")[1]  # nothing remote
