@@ -29,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from generate import Loaded, Sampler, Sampling, prefill, sample, setup_kv_cache
+from generate import Loaded, prefill, setup_kv_cache
+from sampling import History, Sampler, Sampling, sample
 
 @dataclass(frozen=True)
 class Request:
@@ -105,6 +106,7 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self.history: History | None = None  # the penalties' history, made when a request first needs it
         self.steps = 0  # batched decode steps run
         self.last_error: str | None = None  # the latest failure of a step, for a health check
 
@@ -260,6 +262,10 @@ class Engine:
             self._finish(ticket, "length")
             return
         ticket.position = len(request.prompt)
+        if ticket.sampling.penalised:
+            if self.history is None:
+                self.history = History(self.max_batch, self.vocabulary_size, self.device)
+            self.history.start(ticket.row, prompt[0])
         self._advance([ticket], [self._sample([ticket], logits)], logits)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -299,7 +305,12 @@ class Engine:
         drawn from its own generator as generate.Decoder draws it."""
         sampling = tickets[0].sampling
         noise = None if sampling.greedy else torch.cat([t.sampler.fill(t.noise) for t in tickets])
-        return sample(logits, sampling, noise)
+        if not sampling.penalised:
+            return sample(logits, sampling, noise)
+        rows = torch.tensor([t.row for t in tickets], device=self.device)
+        tokens = sample(logits, sampling, noise, self.history.counts[rows], self.history.in_prompt[rows])
+        self.history.add(rows, tokens)
+        return tokens
 
     def _advance(self, tickets: list[Ticket], next_tokens: list[torch.Tensor], logits: torch.Tensor) -> None:
         """Hand each request its new token (one host sync for all of them), with its log-probability where

@@ -38,8 +38,11 @@ from common import (
     bf16_supported,
     check_memory,
     compile_enabled,
+    float_in,
     non_negative_float,
+    positive_float,
     positive_int,
+    probability,
     resolve_device,
     run_main,
     unit_interval,
@@ -48,7 +51,7 @@ from data import load_encoding
 from hub import is_exported, load_exported
 from lora import adapted_model, merge_lora
 from model import GPT
-from sampling import GREEDY_BELOW, Sampler, Sampling, sample  # noqa: F401  (their home; imported from here too)
+from sampling import GREEDY_BELOW, History, Sampler, Sampling, sample  # noqa: F401  (their home; imported from here too)
 
 RESET = "/reset"  # typed as a prompt: a chat starts a new conversation
 
@@ -75,6 +78,14 @@ def add_sampling_args(p) -> None:
                    help="sample only from the k most likely tokens")
     p.add_argument("--top_p", type=unit_interval, default=Sampling.top_p,
                    help="then only from the smallest set whose probability reaches p")
+    p.add_argument("--min_p", type=probability, default=Sampling.min_p,
+                   help="then only tokens at least min_p times as likely as the likeliest (0: off)")
+    p.add_argument("--repetition_penalty", type=positive_float, default=Sampling.repetition_penalty,
+                   help="divide the logits of tokens in the prompt or the answer by this (1: off; CTRL's rule)")
+    p.add_argument("--presence_penalty", type=float_in(-2, 2), default=Sampling.presence_penalty,
+                   help="subtract this from the logit of each token the answer holds (OpenAI's; 0: off)")
+    p.add_argument("--frequency_penalty", type=float_in(-2, 2), default=Sampling.frequency_penalty,
+                   help="subtract this once per time the answer holds the token (OpenAI's; 0: off)")
 
 
 def load_model_state(path: str, flag: str = "--checkpoint_path") -> dict:
@@ -207,20 +218,65 @@ def decode_text(encoding, tokens: list[int]) -> str:
     return encoding.decode_bytes(tokens).decode("utf-8", errors="ignore")
 
 
-class TokenPrinter:
-    """Streams tokens as text, whole characters only: the bytes of a character that is not complete
-    yet are held back, and bytes that can never form one are left out (as decode_text does)."""
+class TextStream:
+    """Generated tokens as text in whole characters (bytes of an unfinished character are held back; bytes
+    that can never form one are left out, as decode_text does), cut before the first stop string. Text that
+    could be the start of a stop string is held back until it is known not to be one. generate.py prints
+    through it and serve.py answers through it."""
 
-    def __init__(self, encoding, out=None):
-        self.encoding, self.out = encoding, out or sys.stdout
+    def __init__(self, encoding, stops: tuple[str, ...]):
+        self.encoding, self.stops = encoding, stops
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.text, self.sent, self.tokens, self.stopped = "", 0, 0, False
+
+    def add(self, token: int) -> str:
+        """The text this token makes ready to send (often "", or a few characters)."""
+        self.tokens += 1
+        self.text += self.decoder.decode(self.encoding.decode_single_token_bytes(token))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.text += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        if self.stops:
+            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+            if hits:  # no stop string can begin in text already sent: its start would have been held back
+                self.text, self.stopped, end = self.text[: min(hits)], True, min(hits)
+            elif not final:
+                end -= self._held()
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+    def _held(self) -> int:
+        """Characters at the end that begin some stop string."""
+        for k in range(min(max(map(len, self.stops)) - 1, len(self.text) - self.sent), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+
+class StopStringReached(Exception):
+    """The text reached a --stop string: the answer ends there."""
+
+
+class TokenPrinter:
+    """Streams tokens as text (TextStream: whole characters, nothing past a stop string); a token that
+    completes a stop string raises StopStringReached after the text before it is printed."""
+
+    def __init__(self, encoding, out=None, stops: tuple[str, ...] = ()):
+        self.stream, self.out = TextStream(encoding, stops), out or sys.stdout
 
     def write(self, token: int) -> None:
-        self.out.write(self.decoder.decode(self.encoding.decode_single_token_bytes(token)))
+        self.out.write(self.stream.add(token))
         self.out.flush()
+        if self.stream.stopped:
+            raise StopStringReached
 
     def close(self) -> None:
-        self.out.write(self.decoder.decode(b"", final=True) + "\n")
+        self.out.write(self.stream.finish() + "\n")
         self.out.flush()
 
 
@@ -284,6 +340,8 @@ class Decoder:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # static inputs
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.noise = torch.ones(batch_size, self.sampling.top_k, device=device)
+        self.history = History(batch_size, model.config.vocabulary_size, device) if sampling.penalised else None
+        self.rows = torch.arange(batch_size, device=device)
         self.next_position = 0  # host copy of the position, to choose the span
         step = self._decode_and_sample  # compiled without CUDA graphs of torch's own: _capture makes them
         self._step = torch.compile(step, fullgraph=True, mode=compile_mode) if use_compile else step
@@ -295,6 +353,9 @@ class Decoder:
         extend continues the one in the cache (a chat's next turn: only the new tokens are computed)."""
         start = self.next_position if extend else 0
         logits = prefill(self.model, idx, position=start)
+        if self.history is not None:  # the penalties' history: this prompt (a chat's earlier turns too)
+            for row in range(idx.size(0)):
+                self.history.start(row, idx[row], keep_prompt=extend)
         self.next_position = start + idx.size(1)
         self.position.fill_(self.next_position)
         return logits
@@ -302,14 +363,21 @@ class Decoder:
     def first_token(self, logits: torch.Tensor) -> torch.Tensor:
         """Sample the token after the prompt from prefill's logits."""
         noise = None if self.sampling.greedy else self.sampler.fill(self.noise)
-        return sample(logits, self.sampling, noise)
+        return self._sample(logits, noise)
+
+    def _sample(self, logits: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        history = self.history
+        token = sample(logits, self.sampling, noise, *((history.counts, history.in_prompt) if history else ()))
+        if history is not None:
+            history.add(self.rows, token)
+        return token
 
     def _decode_and_sample(self, token: torch.Tensor, position: torch.Tensor, noise: torch.Tensor, span: int):
         self.cache.span = span
         logits = self.model(token, input_pos=position)[:, -1]  # (B, V)
         self.cache.span = None
         position.add_(1)
-        return sample(logits, self.sampling, noise)
+        return self._sample(logits, noise)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (B,) at the next position -> the token after it (B,), a fresh tensor."""
@@ -331,12 +399,15 @@ class Decoder:
         The warm-up runs repeat the coming step exactly (same token, position and slots), and the
         position they advance is put back, so the sequence is unchanged."""
         position = self.position.clone()
+        counts = self.history.counts.clone() if self.history is not None else None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._step(self.token, self.position, self.noise, span)
                 self.position.copy_(position)
+                if counts is not None:  # the penalties' counts too: the warm-ups sampled nothing for real
+                    self.history.counts.copy_(counts)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:  # one memory pool for every span's graph: they never run at once
@@ -388,9 +459,19 @@ class Conversation:
         return self.pending + chat.encode_text("\n") + turn
 
     def reply(self, text: str, max_tokens: int, on_token=None) -> list[int]:
-        """The assistant's answer to a user turn (its tokens, <|im_end|> left out)."""
-        extend = self.pending is not None
-        out = generate(self.decoder, self.turn_tokens(text), self.loaded.stop, max_tokens, on_token, extend)
+        """The assistant's answer to a user turn (its tokens, <|im_end|> left out). An on_token that raises
+        StopStringReached ends the answer at that token, as max_tokens would."""
+        extend, seen = self.pending is not None, []
+
+        def record(token: int) -> None:
+            seen.append(token)
+            if on_token:
+                on_token(token)
+
+        try:
+            out = generate(self.decoder, self.turn_tokens(text), self.loaded.stop, max_tokens, record, extend)
+        except StopStringReached:
+            out = seen
         last, im_end = out[-1], self.loaded.chat.im_end
         if last in self.loaded.stop:  # <|im_end|> (or an end-of-text, which ChatML closes the same way)
             self.pending = [im_end]
@@ -406,9 +487,14 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Generate text with LightGPT.")
     add_inference_args(p, max_tokens=1000)
     add_sampling_args(p)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer before this text (repeat the flag for several, up to 4)")
     add_system_args(p, compile_help="compile the decode step into CUDA graphs (auto: on for CUDA)",
                     seed_help="random seed for reproducible output")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.stop and (len(args.stop) > 4 or "" in args.stop):
+        p.error("argument --stop: up to 4 stop strings, none empty")
+    return args
 
 
 def main(args) -> list[list[int]]:
@@ -424,12 +510,16 @@ def main(args) -> list[list[int]]:
             conversation.reset()
             print("(a new conversation)", flush=True)
             continue
-        printer = TokenPrinter(loaded.encoding)
+        printer, seen = TokenPrinter(loaded.encoding, stops=tuple(args.stop or ())), []
         try:
             if conversation:
                 outputs.append(conversation.reply(text, args.max_tokens, printer.write))
             else:
-                out = generate(decoder, encode_prompt(loaded, text), loaded.stop, args.max_tokens, printer.write)
+                try:
+                    out = generate(decoder, encode_prompt(loaded, text), loaded.stop, args.max_tokens,
+                                   lambda t: (seen.append(t), printer.write(t)))
+                except StopStringReached:  # a --stop string: the tokens up to the one that completed it
+                    out = seen
                 outputs.append(out[:-1] if out[-1] in loaded.stop else out)
         finally:  # Ctrl-C mid-answer still ends the line, so "interrupted" starts a line of its own
             printer.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import contextlib
 import hmac
 import json
@@ -54,7 +53,7 @@ from common import (
 )
 from engine import Engine, EngineBusy, Event, Request
 from files import os_reason
-from generate import Loaded, Sampling, add_sampling_args, base_prompt, decode_text, load_for_inference
+from generate import Loaded, Sampling, TextStream, add_sampling_args, base_prompt, decode_text, load_for_inference
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 API_KEY_ENV = "LIGHTGPT_API_KEY"
@@ -138,7 +137,12 @@ class Common(_Body):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)  # an extension: OpenAI has no top-k
+    top_k: int | None = Field(None, ge=1)  # extensions (vLLM's names): OpenAI has no top-k, min-p or repetition penalty
+    min_p: float | None = Field(None, ge=0, lt=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias in [-100, 100]
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -153,10 +157,6 @@ class Common(_Body):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    # OpenAI's, not implemented: accepted at the value that asks for nothing (REFUSED_UNLESS)
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
 
 
 class ChatBody(Common):
@@ -187,9 +187,6 @@ class CompletionBody(Common):
 HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
             "parallel_tool_calls", "stream_options.include_obfuscation")
 REFUSED_UNLESS = {  # field: (values that ask for nothing, what the 400 says is missing)
-    "frequency_penalty": ((0, 0.0), "frequency penalties are not implemented"),
-    "presence_penalty": ((0, 0.0), "presence penalties are not implemented"),
-    "logit_bias": (({},), "logit biases are not implemented"),
     "top_logprobs": ((0,), "log probabilities are not returned by chat completions yet (/v1/completions returns them)"),
     "response_format": (({"type": "text"},), "only {\"type\": \"text\"}: structured output (JSON) is not implemented"),
     "tools": (([],), "tool calls are not implemented"),
@@ -273,10 +270,25 @@ async def parse_body(request: HTTPRequest, model: type[_Body]) -> _Body:
 # ----------------------------------------------------------------------------- from a body to a Request
 
 
-def sampling_of(body: Common, settings: Settings) -> Sampling:
+def sampling_of(body: Common, settings: Settings, vocabulary_size: int) -> Sampling:
+    """The request's sampling: each field it leaves out takes the server's setting (--temperature, ...)."""
     d = settings.sampling
-    return Sampling(d.temperature if body.temperature is None else body.temperature,
-                    d.top_k if body.top_k is None else body.top_k, d.top_p if body.top_p is None else body.top_p)
+    chosen = {name: getattr(d, name) if getattr(body, name) is None else getattr(body, name)
+              for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                           "frequency_penalty")}
+    return Sampling(**chosen, logit_bias=logit_bias_of(body.logit_bias, vocabulary_size))
+
+
+def logit_bias_of(bias: dict[str, float] | None, vocabulary_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as Sampling takes it (sorted pairs)."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not (key.isdigit() and int(key) < vocabulary_size):
+            raise APIError(400, f"logit_bias: {key!r} is not a token id (0 .. {vocabulary_size - 1})", "logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: the bias of {key} must be in [-100, 100], got {value}", "logit_bias")
+        out[int(key)] = float(value)
+    return tuple(sorted(out.items()))
 
 
 def stops_of(body: Common) -> tuple[str, ...]:
@@ -365,52 +377,13 @@ def check_room(prompt: list[int], context_length: int, param: str, answer: bool 
 # ----------------------------------------------------------------------------- tokens to text
 
 
-class Answer:
-    """Generated tokens as text in whole characters (bytes of an unfinished character are held back, as
-    generate.TokenPrinter holds them), cut before the first stop string. Text that could be the start of a
-    stop string is held back until it is known not to be one."""
-
-    def __init__(self, encoding, stops: tuple[str, ...]):
-        self.encoding, self.stops = encoding, stops
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-        self.text, self.sent, self.tokens, self.stopped = "", 0, 0, False
-
-    def add(self, token: int) -> str:
-        """The text this token makes ready to send (often "", or a few characters)."""
-        self.tokens += 1
-        self.text += self.decoder.decode(self.encoding.decode_single_token_bytes(token))
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        self.text += self.decoder.decode(b"", final=True)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        end = len(self.text)
-        if self.stops:
-            hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-            if hits:  # no stop string can begin in text already sent: its start would have been held back
-                self.text, self.stopped, end = self.text[: min(hits)], True, min(hits)
-            elif not final:
-                end -= self._held()
-        out, self.sent = self.text[self.sent : end], end
-        return out
-
-    def _held(self) -> int:
-        """Characters at the end that begin some stop string."""
-        for k in range(min(max(map(len, self.stops)) - 1, len(self.text) - self.sent), 0, -1):
-            if any(s.startswith(self.text[-k:]) for s in self.stops):
-                return k
-        return 0
-
-
 class Generation:
     """One request in the engine: the text pieces as they come, then finish_reason and usage; with the
     request's logprobs, each token's (and with score_prompt the prompt's) log-probabilities."""
 
     def __init__(self, engine: Engine, loaded: Loaded, request: Request, stops: tuple[str, ...]):
         self.engine, self.request = engine, request
-        self.answer = Answer(loaded.encoding, stops)
+        self.answer = TextStream(loaded.encoding, stops)
         self.prompt_scores: tuple | None = None  # Event.prompt: the prompt's tokens after the first
         self.scored: list[tuple[int, tuple]] = []  # (token, Event.logprob) of every token generated
         self.finish_reason: str | None = None
@@ -528,6 +501,10 @@ class Served:
 
 def served(request: HTTPRequest) -> Served:
     return request.app.state.served
+
+
+def vocabulary(s: Served) -> int:
+    return s.loaded.model.config.vocabulary_size
 
 
 def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
@@ -682,7 +659,7 @@ async def chat_completions(request: HTTPRequest):
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     request_ = Request(prompt, max_tokens_of(requested, name, s.settings),
-                       sampling_of(body, s.settings), body.seed, frozenset(s.loaded.stop))
+                       sampling_of(body, s.settings, vocabulary(s)), body.seed, frozenset(s.loaded.stop))
     stops = stops_of(body)
     return await respond(request, body, Generation(s.engine, s.loaded, request_, stops), chat=True)
 
@@ -705,7 +682,8 @@ async def completions(request: HTTPRequest):
         check_room(prompt, s.engine.context_length, "prompt" if len(prompts) == 1 else f"prompt[{i}]", not score_only)
     try:
         for prompt, _ in prompts:
-            request_ = Request(prompt, max_tokens, sampling_of(body, s.settings), body.seed, frozenset(s.loaded.stop),
+            request_ = Request(prompt, max_tokens, sampling_of(body, s.settings, vocabulary(s)), body.seed,
+                               frozenset(s.loaded.stop),
                                logprobs=body.logprobs, score_prompt=bool(body.echo and body.logprobs is not None))
             generations.append(Generation(s.engine, s.loaded, request_, stops))
     except APIError:

@@ -390,3 +390,22 @@ def test_sizes_and_numbers_past_what_a_machine_holds(checkpoint, capsys):
     fails_with(capsys, beam_search, base + ["--length_penalty", "1000"], "--length_penalty", "[0, 10]")
     fails_with(capsys, generate, base + ["--seed", str(2**64)], "--seed", "[0, 2**63)")
     fails_with(capsys, pretrain, ["--seed", str(2**70)], "--seed", "[0, 2**63)")
+
+
+def test_stop_strings_end_the_answer_before_them(checkpoint, certain, capsys):
+    """--stop: the text ends before the first stop string (printed so, the tokens up to the one that completed
+    it); a chat answer too, and the conversation goes on after it."""
+    tokens = gen(checkpoint, "--prompt", "The ", "--max_tokens", "40", "--temperature", "0")[0]
+    text = capsys.readouterr().out.removesuffix("\n")
+    stop = text[10:12]
+    cut = gen(checkpoint, "--prompt", "The ", "--max_tokens", "40", "--temperature", "0", "--stop", "zzz",
+              "--stop", stop)[0]
+    assert capsys.readouterr().out == text[: text.index(stop)] + "\n"
+    assert cut == tokens[: len(cut)] and len(cut) == text.index(stop) + len(stop)  # bytes: one token each
+    chat = ["--checkpoint_path", certain.base, "--lora_path", certain.lora, "--device", "cpu", "--temperature", "0"]
+    whole = generate.main(generate.parse_args([*chat, "--prompt", "Hi"]))[0]
+    answer = capsys.readouterr().out.removesuffix("\n")
+    short = generate.main(generate.parse_args([*chat, "--prompt", "Hi", "--stop", answer[1:2]]))[0]
+    assert capsys.readouterr().out == answer[:1] + "\n" and short == whole[:len(short)] and len(short) < len(whole)
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--stop", ""])
