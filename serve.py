@@ -162,7 +162,7 @@ class Common(_Body):
 class ChatBody(Common):
     messages: list[Message]
     max_completion_tokens: int | None = None
-    top_logprobs: Any = None
+    top_logprobs: int | None = None
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -187,7 +187,6 @@ class CompletionBody(Common):
 HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
             "parallel_tool_calls", "stream_options.include_obfuscation")
 REFUSED_UNLESS = {  # field: (values that ask for nothing, what the 400 says is missing)
-    "top_logprobs": ((0,), "log probabilities are not returned by chat completions yet (/v1/completions returns them)"),
     "response_format": (({"type": "text"},), "only {\"type\": \"text\"}: structured output (JSON) is not implemented"),
     "tools": (([],), "tool calls are not implemented"),
     "tool_choice": (("none", "auto"), "tool calls are not implemented"),
@@ -309,14 +308,18 @@ def max_tokens_of(requested: int | None, name: str, settings: Settings) -> int:
 
 
 MAX_LOGPROBS = 5  # the likeliest tokens a completion may ask for at each position, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # the same for chat completions' top_logprobs
 
 
 def check_common(body: Common) -> None:
-    if body.n is not None and body.n != 1:
-        raise APIError(400, f"n: only n=1 is supported, got {body.n}", "n")
-    if isinstance(body, ChatBody) and body.logprobs:
-        raise APIError(400, "logprobs: not supported by chat completions yet (/v1/completions returns them)",
-                       "logprobs")
+    if isinstance(body, ChatBody):
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise APIError(400, f"logprobs: true or false for chat completions, got {body.logprobs!r}", "logprobs")
+        if body.top_logprobs is not None and (not body.logprobs or isinstance(body.top_logprobs, bool) or
+                                              not isinstance(body.top_logprobs, int) or
+                                              not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise APIError(400, f"top_logprobs: an integer from 0 to {MAX_TOP_LOGPROBS}, with logprobs true, got "
+                                f"{body.top_logprobs!r}", "top_logprobs")
     if isinstance(body, CompletionBody) and body.logprobs is not None and (
             isinstance(body.logprobs, bool) or not 0 <= body.logprobs <= MAX_LOGPROBS):
         raise APIError(400, f"logprobs: an integer from 0 to {MAX_LOGPROBS} (the likeliest tokens to list at each "
@@ -386,6 +389,7 @@ class Generation:
         self.answer = TextStream(loaded.encoding, stops)
         self.prompt_scores: tuple | None = None  # Event.prompt: the prompt's tokens after the first
         self.scored: list[tuple[int, tuple]] = []  # (token, Event.logprob) of every token generated
+        self.stop_scored: tuple[int, tuple] | None = None  # the stop token's, when one ended the answer
         self.finish_reason: str | None = None
         self.closed = False
         self.loop = asyncio.get_running_loop()
@@ -411,8 +415,10 @@ class Generation:
                 if event.prompt is not None:
                     self.prompt_scores = event.prompt
                     continue
-                if event.logprob is not None:  # a token's, or on a "stop" the stop token's
-                    self.scored.append((event.token if event.token is not None else event.stop_token, event.logprob))
+                if event.logprob is not None and event.token is not None:
+                    self.scored.append((event.token, event.logprob))
+                elif event.logprob is not None:  # a "stop": the stop token's
+                    self.stop_scored = (event.stop_token, event.logprob)
                 if event.token is None:
                     reason = event.finish_reason
                     if reason not in ("stop", "length"):
@@ -454,16 +460,17 @@ class EventStream(StreamingResponse):
     ends: also if the response is cancelled before its generator starts, when no `finally` in the
     generator would run."""
 
-    def __init__(self, content, generation: Generation):
+    def __init__(self, content, generations: list[Generation]):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.generation = generation
+        self.generations = generations
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.generation.close()
+            for gen in self.generations:
+                gen.close()
 
 
 # ----------------------------------------------------------------------------- the app
@@ -658,10 +665,11 @@ async def chat_completions(request: HTTPRequest):
     check_room(prompt, s.engine.context_length, "messages")
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    request_ = Request(prompt, max_tokens_of(requested, name, s.settings),
-                       sampling_of(body, s.settings, vocabulary(s)), body.seed, frozenset(s.loaded.stop))
-    stops = stops_of(body)
-    return await respond(request, body, Generation(s.engine, s.loaded, request_, stops), chat=True)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    settings = dict(max_tokens=max_tokens_of(requested, name, s.settings), sampling=sampling_of(body, s.settings,
+                    vocabulary(s)), stop_tokens=frozenset(s.loaded.stop), logprobs=logprobs)
+    requests = [Request(prompt, seed=seed, **settings) for seed in choice_seeds(body.seed, 1 if body.n is None else body.n)]
+    return await respond(request, body, start(s, requests, stops_of(body)), chat=True)
 
 
 @router.post("/v1/completions")
@@ -671,41 +679,59 @@ async def completions(request: HTTPRequest):
     body = await parse_body(request, CompletionBody)
     check_common(body)
     prompts = completion_prompts(body, s.loaded)
-    if body.stream and (len(prompts) > 1 or body.logprobs is not None or body.echo):
-        raise APIError(400, "stream: not supported with a list of prompts, logprobs or echo; leave stream out",
-                       "stream")
+    if body.stream and body.echo:
+        raise APIError(400, "stream: not supported with echo; leave one of them out", "stream")
     score_only = body.echo and body.max_tokens == 0  # lm-eval's way to score a text: nothing is generated
     max_tokens = 0 if score_only else max_tokens_of(body.max_tokens, "max_tokens", s.settings)
-    stops = stops_of(body)
-    generations = []
     for i, (prompt, _) in enumerate(prompts):
         check_room(prompt, s.engine.context_length, "prompt" if len(prompts) == 1 else f"prompt[{i}]", not score_only)
+    settings = dict(max_tokens=max_tokens, sampling=sampling_of(body, s.settings, vocabulary(s)),
+                    stop_tokens=frozenset(s.loaded.stop), logprobs=body.logprobs,
+                    score_prompt=bool(body.echo and body.logprobs is not None))
+    seeds = choice_seeds(body.seed, 1 if body.n is None else body.n)
+    requests = [Request(prompt, seed=seed, **settings) for prompt, _ in prompts for seed in seeds]
+    shown = [prompt for prompt in prompts for _ in seeds]  # each choice's prompt: by prompt, then by n
+    return await respond(request, body, start(s, requests, stops_of(body)), chat=False, prompts=shown)
+
+
+MAX_N = 16  # choices per request (each takes a batch row)
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """The seeds of n choices: choice i samples as a request with seed + i would (unseeded: each its own)."""
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"n: from 1 to {MAX_N} choices, got {n}", "n")
+    return [None] * n if seed is None else [(seed + i) % 2**63 for i in range(n)]
+
+
+def start(s: Served, requests: list[Request], stops: tuple[str, ...]) -> list[Generation]:
+    """The requests submitted to the engine, together or not at all."""
+    generations = []
     try:
-        for prompt, _ in prompts:
-            request_ = Request(prompt, max_tokens, sampling_of(body, s.settings, vocabulary(s)), body.seed,
-                               frozenset(s.loaded.stop),
-                               logprobs=body.logprobs, score_prompt=bool(body.echo and body.logprobs is not None))
+        for request_ in requests:
             generations.append(Generation(s.engine, s.loaded, request_, stops))
     except APIError:
         for gen in generations:
             gen.close()
         raise
-    if len(generations) == 1 and not body.echo and body.logprobs is None:
-        return await respond(request, body, generations[0], chat=False)
-    return await respond_completions(request, body, generations, prompts)
+    return generations
 
 
 # ----------------------------------------------------------------------------- responses
 
 
-async def respond(request: HTTPRequest, body: Common, gen: Generation, chat: bool) -> Response:
+async def respond(request: HTTPRequest, body: Common, gens: list[Generation], chat: bool,
+                  prompts: list[tuple[list[int], bool]] | None = None) -> Response:
+    """The response to a request of one or more choices (n, or a completion's list of prompts), streamed or
+    whole; a client that leaves cancels every choice's generation."""
+    s = served(request)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": served(request).settings.model_name}
+            "model": s.settings.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(stream(gen, head, chat, include_usage), gen)
-    collect = asyncio.ensure_future(gen.text())
+        return EventStream(stream(gens, head, chat, include_usage, s.loaded.encoding), gens)
+    collect = asyncio.ensure_future(asyncio.gather(*(gen.text() for gen in gens)))
     gone = asyncio.ensure_future(until_disconnected(request))
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -713,16 +739,34 @@ async def respond(request: HTTPRequest, body: Common, gen: Generation, chat: boo
         gone.cancel()
         if not collect.done():  # the client left: stop generating for it
             collect.cancel()
-            gen.close()
+            for gen in gens:
+                gen.close()
     if not collect.done() or collect.cancelled():
         return Response(status_code=499)
-    text = collect.result()
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": gen.finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
-    return JSONResponse({**head, "choices": [choice], "usage": gen.usage})
+    choices = []
+    for i, (gen, text) in enumerate(zip(gens, collect.result())):
+        if chat:
+            logprobs = {"content": chat_logprobs(s.loaded.encoding, gen.scored)} if body.logprobs else None
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                            "finish_reason": gen.finish_reason})
+            continue
+        prompt, was_text = prompts[i]
+        shown = prompt[1:] if was_text else prompt  # text: its own tokens, not the end-of-text put before them
+        echoed = decode_text(s.loaded.encoding, shown) if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = logprobs_of(s.loaded.encoding, shown if body.echo else [], gen.prompt_scores, gen.scored
+                                   + ([gen.stop_scored] if gen.stop_scored else []))
+        choices.append({"index": i, "text": echoed + text, "logprobs": logprobs, "finish_reason": gen.finish_reason})
+    return JSONResponse({**head, "choices": choices, "usage": total_usage(gens)})
+
+
+def total_usage(gens: list[Generation]) -> dict:
+    """The usage of all choices: the prompt counted once per distinct prompt (n choices share one)."""
+    prompts = {id(gen.request.prompt): len(gen.request.prompt) for gen in gens}
+    completion = sum(gen.answer.tokens for gen in gens)
+    return {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
+            "total_tokens": sum(prompts.values()) + completion}
 
 
 def token_text(encoding, token: int) -> str:
@@ -754,64 +798,86 @@ def logprobs_of(encoding, shown: list[int], prompt_scores, generated: list[tuple
     return out
 
 
-async def respond_completions(request: HTTPRequest, body: CompletionBody, gens: list[Generation],
-                              prompts: list[tuple[list[int], bool]]) -> Response:
-    """A completion of several prompts (one choice each, in order), or with echo or logprobs: every
-    generation is collected (together, in the engine's batch) before the one response."""
-    s = served(request)
-    collect = asyncio.ensure_future(asyncio.gather(*(gen.text() for gen in gens)))
-    gone = asyncio.ensure_future(until_disconnected(request))
-    try:
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not collect.done():
-            collect.cancel()
-            for gen in gens:
-                gen.close()
-    if not collect.done() or collect.cancelled():
-        return Response(status_code=499)
-    choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for i, (gen, text, (prompt, was_text)) in enumerate(zip(gens, collect.result(), prompts)):
-        shown = prompt[1:] if was_text else prompt  # text: its own tokens, not the end-of-text put before them
-        echoed = decode_text(s.loaded.encoding, shown) if body.echo else ""
-        logprobs = None
-        if body.logprobs is not None:
-            logprobs = logprobs_of(s.loaded.encoding, shown if body.echo else [], gen.prompt_scores, gen.scored)
-        choices.append({"index": i, "text": echoed + text, "logprobs": logprobs, "finish_reason": gen.finish_reason})
-        usage = {k: usage[k] + v for k, v in gen.usage.items()}
-    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": s.settings.model_name}
-    return JSONResponse({**head, "choices": choices, "usage": usage})
+def chat_logprobs(encoding, scored: list[tuple[int, tuple]]) -> list[dict]:
+    """OpenAI's chat logprobs content: per token its text, log-probability, UTF-8 bytes and the likeliest."""
+    def entry(token: int, logprob: float) -> dict:
+        return {"token": token_text(encoding, token), "logprob": logprob,
+                "bytes": list(encoding.decode_single_token_bytes(token))}
+
+    return [{**entry(token, lp), "top_logprobs": [entry(i, v) for i, v in top]} for token, (lp, top) in scored]
 
 
-async def stream(gen: Generation, head: dict, chat: bool, include_usage: bool):
-    """Server-sent events: a chunk per piece of text (the first chat chunk names the role), a last
-    chunk with the finish reason and the usage, or with stream_options.include_usage the finish reason
-    alone and then OpenAI's usage chunk (no choices), then [DONE]. A client that leaves cancels the generator here, which frees the row."""
+async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: bool, encoding):
+    """Server-sent events: a chunk per piece of text of each choice (the first chat chunk of each names the
+    role), each with the log-probabilities of the tokens it covers when asked; a chunk with each choice's
+    finish reason, the last one with the usage, or with stream_options.include_usage the finish reasons alone
+    and then OpenAI's usage chunk (no choices); then [DONE]. A client that leaves cancels every generation."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    sent = [0] * len(gens)  # per choice: the tokens whose log-probabilities were sent
 
-    def chunk(piece: str | None, finish=None, role=False) -> dict:
+    def chunk(i: int, piece: str | None, finish=None, role=False) -> dict:
+        gen = gens[i]
+        logprobs = None
+        if gen.request.logprobs is not None:
+            new = gen.scored[sent[i]:] + ([gen.stop_scored] if finish and gen.stop_scored and not chat else [])
+            sent[i] = len(gen.scored)
+            logprobs = {"content": chat_logprobs(encoding, new)} if chat else logprobs_of(encoding, [], None, new)
         if chat:
             delta = ({"role": "assistant"} if role else {}) | ({} if piece is None else {"content": piece})
-            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        return {**head, "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]}
+            return {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        return {**head, "choices": [{"index": i, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}]}
 
     if chat:
-        yield sse(chunk("", role=True))
+        for i in range(len(gens)):
+            yield sse(chunk(i, "", role=True))
     try:
-        async for piece in gen.pieces():
-            yield sse(chunk(piece))
+        async for i, piece in merged(gens):
+            last = piece is None and all(g.finish_reason for g in gens)
+            if piece is not None:
+                yield sse(chunk(i, piece))
+            elif not last or include_usage:
+                yield sse(chunk(i, None, gens[i].finish_reason))
+            else:  # usage in every response all the same: on the last chunk, counted once
+                yield sse({**chunk(i, None, gens[i].finish_reason), "usage": total_usage(gens)})
     except APIError as e:  # the status is sent already: say it in the stream, as OpenAI does
         yield sse({"error": error_body(e.message, e.kind, e.param, e.code)})
         yield sse("[DONE]")
         return
     if include_usage:  # OpenAI's way: usage in a chunk of its own (no choices), none on the others
-        yield sse(chunk(None, gen.finish_reason))
-        yield sse({**head, "choices": [], "usage": gen.usage})
-    else:  # usage in every response all the same: on the last chunk, counted once
-        yield sse({**chunk(None, gen.finish_reason), "usage": gen.usage})
+        yield sse({**head, "choices": [], "usage": total_usage(gens)})
     yield sse("[DONE]")
+
+
+async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, str | None]]:
+    """(choice, piece) as each generation produces text, and (choice, None) when one finishes."""
+    if len(gens) == 1:  # the common case, without tasks
+        async for piece in gens[0].pieces():
+            yield 0, piece
+        yield 0, None
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for piece in gen.pieces():
+                await queue.put((i, piece, None))
+            await queue.put((i, None, None))
+        except APIError as e:
+            await queue.put((i, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, gen)) for i, gen in enumerate(gens)]
+    try:
+        for _ in range(len(gens)):
+            while True:
+                i, piece, error = await queue.get()
+                if error is not None:
+                    raise error
+                yield i, piece
+                if piece is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 # ----------------------------------------------------------------------------- running it

@@ -234,11 +234,14 @@ BAD_REQUESTS = [
     ({**GOOD, "top_p": 0}, "top_p", "greater than 0"),
     ({**GOOD, "top_k": 0}, "top_k", "greater than or equal to 1"),
     ({**GOOD, "stream": "yes"}, "stream", "valid boolean"),
-    ({**GOOD, "n": 2}, "n", "only n=1"),
+    ({**GOOD, "n": 0}, "n", "from 1 to 16"),
+    ({**GOOD, "n": 17}, "n", "from 1 to 16"),
     ({**GOOD, "seed": -1}, "seed", "greater than or equal to 0"),
     ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({**GOOD, "stop": ""}, "stop", "must not be empty"),
-    ({**GOOD, "logprobs": True}, "logprobs", "not supported"),
+    ({**GOOD, "top_logprobs": 3}, "top_logprobs", "with logprobs true"),
+    ({**GOOD, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "from 0 to 20"),
+    ({**GOOD, "logprobs": 2}, "logprobs", "true or false"),
 ]
 
 
@@ -489,8 +492,7 @@ def test_token_id_prompts_in_a_list_and_generated_logprobs(base_server):
 @pytest.mark.parametrize("body, param, message", [
     ({"prompt": "x", "logprobs": 6}, "logprobs", "from 0 to 5"),
     ({"prompt": "x", "logprobs": True}, "logprobs", "from 0 to 5"),
-    ({"prompt": ["a", "b"], "stream": True}, "stream", "not supported with a list of prompts"),
-    ({"prompt": "x", "logprobs": 1, "stream": True}, "stream", "logprobs or echo"),
+    ({"prompt": "x", "echo": True, "stream": True}, "stream", "not supported with echo"),
     ({"prompt": []}, "prompt", "an empty list"),
     ({"prompt": [[256, 1], []]}, "prompt[1]", "no token ids"),
     ({"prompt": [256, 99999]}, "prompt", "token ids must be in 0 .. 256"),
@@ -528,12 +530,13 @@ def test_the_tokenizer_endpoints_lm_eval_finds(base_server):
 CHAT_FIELDS = {
     "model": ("x", "honoured"), "max_tokens": (3, "honoured"), "max_completion_tokens": (3, "honoured"),
     "temperature": (0.5, "honoured"), "top_p": (0.5, "honoured"), "stop": ("x", "honoured"), "seed": (1, "honoured"),
-    "n": (1, "honoured"), "stream": (True, "honoured"), "stream_options": ({"include_usage": True}, "honoured"),
+    "n": (2, "honoured"), "stream": (True, "honoured"), "stream_options": ({"include_usage": True}, "honoured"),
     "user": ("u", "harmless"), "metadata": ({"k": "v"}, "harmless"), "store": (False, "harmless"),
     "service_tier": ("auto", "harmless"), "safety_identifier": ("u", "harmless"), "prompt_cache_key": ("k", "harmless"),
     "parallel_tool_calls": (False, "harmless"),
     "frequency_penalty": (0.5, "honoured"), "presence_penalty": (0.5, "honoured"), "logit_bias": ({"65": 5}, "honoured"),
-    "logprobs": (True, "refused"), "top_logprobs": (2, "refused"), "response_format": ({"type": "json_object"}, "refused"),
+    "logprobs": (True, "honoured"), "top_logprobs": (2, "honoured"),
+    "response_format": ({"type": "json_object"}, "refused"),
     "tools": ([{"type": "function", "function": {"name": "f", "parameters": {}}}], "refused"),
     "tool_choice": ("required", "refused"), "functions": ([{"name": "f", "parameters": {}}], "refused"),
     "function_call": ({"name": "f"}, "refused"), "modalities": (["text", "audio"], "refused"),
@@ -542,7 +545,7 @@ CHAT_FIELDS = {
 }
 COMPLETION_FIELDS = {
     "model": ("x", "honoured"), "max_tokens": (3, "honoured"), "temperature": (0.5, "honoured"), "top_p": (0.5, "honoured"),
-    "stop": ("x", "honoured"), "seed": (1, "honoured"), "n": (1, "honoured"), "stream": (True, "honoured"),
+    "stop": ("x", "honoured"), "seed": (1, "honoured"), "n": (2, "honoured"), "stream": (True, "honoured"),
     "stream_options": ({"include_usage": True}, "honoured"), "echo": (True, "honoured"), "logprobs": (1, "honoured"),
     "user": ("u", "harmless"),
     "frequency_penalty": (0.5, "honoured"), "presence_penalty": (0.5, "honoured"), "logit_bias": ({"65": 5}, "honoured"),
@@ -560,16 +563,16 @@ def test_every_openai_field_is_honoured_or_refused(chat_server, endpoint):
     with httpx.Client(base_url=chat_server.url, timeout=30) as http:
         for name, (value, kind) in fields.items():
             body = {**base, "max_tokens": 3, name: value}
-            if name == "stream_options":
-                body["stream"] = True
+            if name in ("stream_options", "top_logprobs"):  # each needs the other field on
+                body[{"stream_options": "stream", "top_logprobs": "logprobs"}[name]] = True
             r = http.post(path, json=body)
             if kind == "refused":
                 assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
             else:
                 assert r.status_code == 200, (name, r.text)
         nothing = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}
-        nothing |= {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],
-                    "top_logprobs": 0} if endpoint == "chat" else {"best_of": 1, "suffix": ""}
+        nothing |= {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"]
+                    } if endpoint == "chat" else {"best_of": 1, "suffix": ""}
         assert http.post(path, json={**base, "max_tokens": 3, **nothing}).status_code == 200
         r = http.post(path, json={**base, "min_tokens": 4})  # vLLM's, not implemented here
         assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
@@ -648,3 +651,62 @@ def test_penalties_and_logit_bias_reach_the_engine(base_server):
         r = httpx.post(base_server.url + "/v1/completions", json={"prompt": "x", **body}, timeout=10)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
     assert healthy(base_server)
+
+
+def sse_events(response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.text.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_n_choices_are_the_requests_with_the_derived_seeds(base_server, chat_server):
+    """n=4 with seed s gives the four answers of requests seeded s, s+1, s+2, s+3, streamed or not; the usage
+    counts the prompt once."""
+    c = client(base_server)
+    together = c.completions.create(model="x", prompt="The ", max_tokens=8, n=4, seed=7, temperature=1.0)
+    alone = [c.completions.create(model="x", prompt="The ", max_tokens=8, seed=7 + i, temperature=1.0).choices[0].text
+             for i in range(4)]
+    assert [ch.index for ch in together.choices] == [0, 1, 2, 3] and [ch.text for ch in together.choices] == alone
+    assert len(set(alone)) > 1 and together.usage.prompt_tokens == 5 and together.usage.completion_tokens == 32
+    events = sse_events(httpx.post(base_server.url + "/v1/completions", timeout=30, json={
+        "prompt": "The ", "max_tokens": 8, "n": 4, "seed": 7, "temperature": 1.0, "stream": True}))
+    streamed = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) for i in range(4)]
+    assert streamed == alone and events[-1]["usage"]["completion_tokens"] == 32
+    listed = c.completions.create(model="x", prompt=["The ", "A "], max_tokens=3, n=2, seed=1)
+    assert [ch.text for ch in listed.choices][:2] == [ch.text for ch in c.completions.create(
+        model="x", prompt="The ", max_tokens=3, n=2, seed=1).choices]  # by prompt, then by n
+    chat = client(chat_server).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}], n=3)
+    assert [ch.message.content for ch in chat.choices] == [CHAT_ANSWER] * 3
+    assert healthy(base_server) and healthy(chat_server)
+
+
+def test_chat_logprobs_are_the_models_streamed_or_not(chat_server):
+    """logprobs + top_logprobs on chat: each answer token's log-probability is log_softmax of the model's
+    forward (<= 1e-5), the likeliest listed first; streamed chunks carry the same entries, in order."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 2, "temperature": 0}
+    r = httpx.post(chat_server.url + "/v1/chat/completions", json=body, timeout=30).json()
+    content = r["choices"][0]["logprobs"]["content"]
+    chat = load_for_inference(*chat_server.checkpoints[:1], torch.device("cpu"), chat_server.checkpoints[1])
+    prompt = generate.encode_prompt(chat, "Hi")
+    answer = chat.encoding.encode_ordinary(CHAT_ANSWER)
+    assert "".join(e["token"] for e in content) == CHAT_ANSWER and [e["bytes"] for e in content] == [[t] for t in answer]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(chat.model(torch.tensor([prompt + answer])).float()[0], dim=-1)
+    expected = logprobs[len(prompt) - 1 : -1].gather(1, torch.tensor(answer)[:, None]).view(-1)
+    assert torch.allclose(torch.tensor([e["logprob"] for e in content]), expected, atol=1e-5)
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"]
+               for e in content)
+    events = sse_events(httpx.post(chat_server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30))
+    streamed = [e for ev in events for e in ((ev["choices"][0].get("logprobs") or {}).get("content") or [])]
+    assert streamed == content
+    plain = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+    done = httpx.post(chat_server.url + "/v1/chat/completions", json=plain, timeout=30).json()
+    assert done["choices"][0]["logprobs"] is None
+
+
+def test_streamed_completion_logprobs_are_the_whole_ones(base_server):
+    body = {"prompt": "The ", "logprobs": 2, "max_tokens": 6, "temperature": 0}
+    whole = httpx.post(base_server.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["logprobs"]
+    events = sse_events(httpx.post(base_server.url + "/v1/completions", json={**body, "stream": True}, timeout=30))
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    for key in ("tokens", "token_logprobs", "top_logprobs"):
+        assert [x for p in parts for x in p[key]] == whole[key]
