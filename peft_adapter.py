@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 
+from files import current_umask
 from hub import REPOSITORY, is_hub_id
 from lora import LoRAConfig
 
@@ -106,8 +107,10 @@ def save_peft_adapter(lora: dict, folder: str, base_name: str, where: str | None
 
     from hf_tokenizer import HF_INSTALL, hf_available, save_tokenizer
 
-    save_file(peft_tensors(lora["adapters"]), os.path.join(folder, ADAPTER_WEIGHTS),
+    weights = os.path.join(folder, ADAPTER_WEIGHTS)
+    save_file(peft_tensors(lora["adapters"]), weights,
               metadata={"format": "pt", "lightgpt_base_sha256": lora["base"]["sha256"]})
+    os.chmod(weights, 0o666 & ~current_umask())  # safetensors makes it private (0600); a shared adapter is not
     with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
         json.dump(adapter_config(lora, base_name), f, indent=2)
         f.write("\n")

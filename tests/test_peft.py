@@ -23,12 +23,13 @@ def run_export(*argv) -> str:
     return export.main(export.parse_args(list(argv)))
 
 
-def peft_model(base_folder: str, adapter: str):
-    """The documented route: the chat tokenizer from the adapter, the base grown to its size, the adapter."""
+def peft_model(base_folder: str, adapter: str, tokenizer_folder: str | None = None):
+    """The documented route: the chat tokenizer from the adapter (or, for an adapter written without the
+    transformers extra, from the chat model's export), the base grown to its size, the adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or adapter, trust_remote_code=True)
     base = AutoModelForCausalLM.from_pretrained(base_folder, trust_remote_code=True)
     base.resize_token_embeddings(len(tokenizer))
     return PeftModel.from_pretrained(base, adapter).eval(), tokenizer
