@@ -53,6 +53,7 @@ from common import (
 )
 from engine import Engine, EngineBusy, Event, Request
 from files import os_reason
+from serving_metrics import METRICS_INSTALL, ServerMetrics, server_metrics
 from generate import Loaded, Sampling, TextStream, add_sampling_args, base_prompt, decode_text, load_for_inference
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
@@ -75,6 +76,7 @@ class Settings:
     api_key: str | None = None
     hosts: tuple[str, ...] | None = None  # the Host names requests may carry (None: any); loopback names when
     # listening on loopback, so that a web page cannot reach the server by rebinding its own name to 127.0.0.1
+    access_log: bool = False  # one line per request on stderr (main turns it on; tests and bench.py do not)
 
 
 def host_name(header: str) -> str:
@@ -392,6 +394,8 @@ class Generation:
         self.stop_scored: tuple[int, tuple] | None = None  # the stop token's, when one ended the answer
         self.finish_reason: str | None = None
         self.closed = False
+        self.metrics: ServerMetrics | None = None  # set by start(): what the tokens' times are observed in
+        self.started, self.last_token = time.perf_counter(), None
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         try:
@@ -429,6 +433,7 @@ class Generation:
                     if tail:
                         yield tail
                     return
+                self._observe()
                 piece = self.answer.add(event.token)
                 if self.answer.stopped:  # a stop string: its text is cut, the rest is not generated
                     self.finish_reason = "stop"
@@ -439,6 +444,17 @@ class Generation:
                     return
         finally:
             self.close()
+
+    def _observe(self) -> None:
+        """A token arrived: the time to the first, or since the one before, into the histograms."""
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if self.last_token is None:
+                self.metrics.first_token.observe(now - self.started)
+            else:
+                self.metrics.token_gap.observe(now - self.last_token)
+            self.metrics.generated_tokens.inc()
+        self.last_token = now
 
     async def text(self) -> str:
         return "".join([piece async for piece in self.pieces()])
@@ -504,6 +520,7 @@ class Served:
     settings: Settings
     page: str
     created: int
+    metrics: ServerMetrics | None = None  # None without prometheus-client
 
 
 def served(request: HTTPRequest) -> Served:
@@ -519,15 +536,57 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
     in a thread (BackgroundServer)."""
     app = FastAPI(title="LightGPT", docs_url=None, redoc_url=None, openapi_url=None)
     with open(PAGE_PATH, encoding="utf-8") as f:
-        app.state.served = Served(engine, loaded, settings, f.read(), int(time.time()))
+        app.state.served = Served(engine, loaded, settings, f.read(), int(time.time()), server_metrics(engine))
     if settings.hosts is not None:
         app.middleware("http")(known_hosts_only)
+    app.add_middleware(AccessLog, served=app.state.served)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     app.include_router(router)
     return app
+
+
+class AccessLog:
+    """ASGI middleware: each request counted by path and status in the metrics, and with settings.access_log
+    one line on stderr once its response has ended (a stream's last chunk): client, method, path, status,
+    seconds. A response that never started (the client left) counts as 499."""
+
+    def __init__(self, app, served: Served):
+        self.app, self.served = app, served
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, logged = time.perf_counter(), [499], [False]
+
+        def done() -> None:
+            logged[0] = True
+            path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+            if self.served.metrics is not None:
+                self.served.metrics.requests.labels(path, str(status[0])).inc()
+            if self.served.settings.access_log:
+                client = scope.get("client") or ("-", 0)
+                log_line(f"{client[0]} {scope['method']} {scope['path']} {status[0]} "
+                         f"{time.perf_counter() - started:.3f} s")
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body") and not logged[0]:
+                done()
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if not logged[0]:
+                done()
+
+
+KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+               "/tokenizer_info", "/tokenize", "/detokenize")  # metrics label these; any other path is "other"
 
 
 async def known_hosts_only(request: HTTPRequest, call_next):
@@ -572,6 +631,17 @@ router = APIRouter()
 @router.get("/", response_class=HTMLResponse)
 async def chat_page(request: HTTPRequest):
     return HTMLResponse(served(request).page)
+
+
+@router.get("/metrics")
+async def metrics(request: HTTPRequest):
+    """Prometheus' text format (open like /health: counts, no content)."""
+    m = served(request).metrics
+    if m is None:
+        raise APIError(503, f"metrics need prometheus-client, which is not installed: {METRICS_INSTALL}",
+                       code="metrics_unavailable", kind="server_error")
+    body, content_type = m.exposition()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/health")
@@ -710,10 +780,13 @@ def start(s: Served, requests: list[Request], stops: tuple[str, ...]) -> list[Ge
     try:
         for request_ in requests:
             generations.append(Generation(s.engine, s.loaded, request_, stops))
+            generations[-1].metrics = s.metrics
     except APIError:
         for gen in generations:
             gen.close()
         raise
+    if s.metrics is not None:
+        s.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in {id(r.prompt): r for r in requests}.values()))
     return generations
 
 
@@ -1015,7 +1088,7 @@ def main(args) -> None:
     sock = listening_socket(args.host, args.port)
     settings = Settings(args.model_name or default_model_name(args), args.max_tokens,
                         Sampling.from_args(args), args.api_key,
-                        LOOPBACK if args.host in LOOPBACK else None)
+                        LOOPBACK if args.host in LOOPBACK else None, access_log=True)
     with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
                 compile_enabled(args.compile, device)) as engine:
         app = create_app(engine, loaded, settings)
@@ -1028,7 +1101,7 @@ def main(args) -> None:
             print(f"warning: --host {args.host} is reachable from other machines and no --api_key is set",
                   file=sys.stderr, flush=True)
         # Ctrl-C: streams still open get SHUTDOWN_GRACE seconds, then their requests are cancelled.
-        uvicorn.Server(server_config(app, log_level="info")).run(sockets=[sock])
+        uvicorn.Server(server_config(app, log_level="info", access_log=False)).run(sockets=[sock])  # AccessLog's
 
 
 if __name__ == "__main__":

@@ -710,3 +710,43 @@ def test_streamed_completion_logprobs_are_the_whole_ones(base_server):
     parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
     for key in ("tokens", "token_logprobs", "top_logprobs"):
         assert [x for p in parts for x in p[key]] == whole[key]
+
+
+def test_metrics_count_what_was_served_and_the_access_log_has_a_line_each(certain, capfd):
+    """/metrics in Prometheus' format on a fresh server: requests by path and status, prompt and generated
+    tokens, one first-token time per answer and one gap per later token; with access_log, one line per
+    request on stderr."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    loaded = load_for_inference(certain.base, torch.device("cpu"))
+    engine, server = started(loaded, serve.Settings("tiny-base", access_log=True))
+    with engine, server:
+        c = client(server)
+        answers = [c.completions.create(model="x", prompt="The ", max_tokens=m, seed=0) for m in (3, 5)]
+        assert httpx.post(server.url + "/v1/completions", json={"prompt": "x", "n": 0}, timeout=10).status_code == 400
+        text = httpx.get(server.url + "/metrics", timeout=10)
+    assert text.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text.text) for s in family.samples}
+    assert samples[("lightgpt_requests_total", (("path", "/v1/completions"), ("status", "200")))] == 2
+    assert samples[("lightgpt_requests_total", (("path", "/v1/completions"), ("status", "400")))] == 1
+    generated = sum(a.usage.completion_tokens for a in answers)
+    assert samples[("lightgpt_generated_tokens_total", ())] == generated == 8
+    assert samples[("lightgpt_prompt_tokens_total", ())] == sum(a.usage.prompt_tokens for a in answers)
+    assert samples[("lightgpt_time_to_first_token_seconds_count", ())] == 2
+    assert samples[("lightgpt_inter_token_latency_seconds_count", ())] == generated - 2
+    assert samples[("lightgpt_active_rows", ())] == 0 and samples[("lightgpt_decode_steps", ())] > 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if "/v1/completions" in line]
+    assert len(lines) == 3 and [line.split()[4] for line in lines] == ["200", "200", "400"], lines
+
+
+def test_without_prometheus_client_metrics_say_how_to_install(certain, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    loaded = load_for_inference(certain.base, torch.device("cpu"))
+    engine, server = started(loaded, serve.Settings("tiny-base"))
+    with engine, server:
+        r = httpx.get(server.url + "/metrics", timeout=10)
+        assert client(server).completions.create(model="x", prompt="The ", max_tokens=2).choices[0].text
+    assert r.status_code == 503 and "pip install prometheus-client" in r.json()["error"]["message"]
