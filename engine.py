@@ -82,17 +82,24 @@ class Ticket:
     done: bool = False
     sampler: Sampler | None = field(default=None, repr=False)
     noise: torch.Tensor | None = field(default=None, repr=False)
+    prefilled: int = 0  # prompt tokens in its row so far (chunked prefill)
+    decoding: bool = False  # prefilled whole: its row takes part in the decode steps
+    scores: list = field(default_factory=list, repr=False)  # score_prompt: the prompt's, chunk by chunk
 
 
 class Engine:
     def __init__(self, loaded: Loaded, context_length: int = 1024, max_batch: int = 16, max_waiting: int = 256,
-                 use_compile: bool = False):
+                 use_compile: bool = False, prefill_chunk: int = 256):
         if context_length < 2:
             raise ValueError("context_length must be at least 2: a prompt token and room to answer")
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be at least 1 and max_waiting not negative")
         self.model = loaded.model
         self.context_length, self.max_batch, self.max_waiting = context_length, max_batch, max_waiting
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: collections.deque[Ticket] = collections.deque()  # rows taken, prompts not yet whole
         self.device = self.model.token_embeddings.weight.device
         self.vocabulary_size = self.model.config.vocabulary_size
         self.cache = setup_kv_cache(self.model, max_batch, context_length,
@@ -225,7 +232,9 @@ class Engine:
                 for ticket in self._rows:
                     if ticket is not None and ticket.cancelled:
                         self._finish(ticket, "cancelled")
-                if any(self._rows):
+                if self._prefilling:  # one chunk of one prompt between decode steps: the others keep their pace
+                    self._guarded(self._prefill_chunk, self._prefilling[0])
+                if any(t is not None and t.decoding for t in self._rows):
                     self._guarded(self._step)
 
     def _guarded(self, work: Callable, *args) -> None:
@@ -240,32 +249,43 @@ class Engine:
                 self._finish(ticket, "error")
 
     def _join(self, ticket: Ticket) -> None:
-        """Prefill a new request into its row and sample its first token."""
+        """Admit a request to its row: its sampler, its noise and history, then its prompt chunk by chunk."""
         request = ticket.request
         ticket.sampler = Sampler(self.device, request.seed)
         ticket.noise = torch.ones(1, ticket.sampling.top_k, device=self.device)
-        self.cache.rows = slice(ticket.row, ticket.row + 1)  # the other rows keep their sequences
-        prompt = torch.tensor([request.prompt], device=self.device)
-        found: list[Scored] = []
-
-        def score(start: int, logits: torch.Tensor) -> None:  # (1, chunk, V): each predicts the next prompt token
-            targets = prompt[0, start + 1 : start + logits.size(1) + 1]
-            found.extend(scored(logits[0, : len(targets)], targets, request.logprobs or 0))
-
-        try:
-            logits = prefill(self.model, prompt, on_logits=score if request.score_prompt else None)  # (1, V)
-        finally:
-            self.cache.rows = None
-        if request.score_prompt:
-            self._emit(ticket, Event(None, prompt=tuple(found)))
-        if request.max_tokens == 0:
-            self._finish(ticket, "length")
-            return
-        ticket.position = len(request.prompt)
         if ticket.sampling.penalised:
             if self.history is None:
                 self.history = History(self.max_batch, self.vocabulary_size, self.device)
-            self.history.start(ticket.row, prompt[0])
+            self.history.start(ticket.row, torch.tensor(request.prompt, device=self.device))
+        self._prefilling.append(ticket)
+
+    def _prefill_chunk(self, ticket: Ticket) -> None:
+        """Prefill the next prefill_chunk tokens of a joining request into its row (the other rows keep what
+        they hold); after its last chunk, sample its first token and let it decode."""
+        request, start = ticket.request, ticket.prefilled
+        chunk = torch.tensor([request.prompt[start : start + self.prefill_chunk]], device=self.device)
+        prompt_end = len(request.prompt)
+
+        def score(offset: int, logits: torch.Tensor) -> None:  # (1, n, V): each predicts the next prompt token
+            first = start + offset + 1
+            targets = torch.tensor(request.prompt[first : first + logits.size(1)], device=self.device)
+            ticket.scores.extend(scored(logits[0, : len(targets)], targets, request.logprobs or 0))
+
+        self.cache.rows = slice(ticket.row, ticket.row + 1)
+        try:
+            logits = prefill(self.model, chunk, position=start, on_logits=score if request.score_prompt else None)
+        finally:
+            self.cache.rows = None
+        ticket.prefilled = start + chunk.size(1)
+        if ticket.prefilled < prompt_end:
+            return
+        self._prefilling.remove(ticket)
+        if request.score_prompt:
+            self._emit(ticket, Event(None, prompt=tuple(ticket.scores)))
+        if request.max_tokens == 0:
+            self._finish(ticket, "length")
+            return
+        ticket.position, ticket.decoding = prompt_end, True
         self._advance([ticket], [self._sample([ticket], logits)], logits)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -278,15 +298,19 @@ class Engine:
             top = self.max_batch
         rows = self._rows[:top]
         tokens = torch.tensor([[t.token if t else 0] for t in rows], device=self.device)  # (B, 1)
-        positions = torch.tensor([[t.position if t else 1] for t in rows], device=self.device)  # (B, 1); a free
-        # row decodes a dummy token at position 1 in its own row, which its next request's prefill clears
+        positions = torch.tensor([[(t.position if t.decoding else t.prefilled) if t else 1] for t in rows],
+                                 device=self.device)  # (B, 1). A free row decodes a dummy token at position 1 in
+        # its own row, which its next request's prefill clears; a row still prefilling one at the position its
+        # next chunk writes first, so that chunk overwrites it
         self.cache.rows = None if top == self.max_batch else slice(0, top)
-        self.cache.span = self.cache.span_for(max(t.position for t in rows if t))
+        self.cache.span = self.cache.span_for(max(t.position if t.decoding else t.prefilled for t in rows if t))
         try:
             logits = self._forward(tokens, positions)
         finally:
             self.cache.rows, self.cache.span = None, None
-        active = [t for t in rows if t is not None]
+            for t in self._prefilling:  # the dummy's slot is empty again: the next chunk must not attend to it
+                self.cache.slot_pos[t.row, t.prefilled % self.cache.length] = -1
+        active = [t for t in rows if t is not None and t.decoding]
         for t in active:
             t.position += 1
         self.steps += 1
@@ -339,6 +363,8 @@ class Engine:
         if ticket.done:
             return
         ticket.done = True
+        if ticket in self._prefilling:
+            self._prefilling.remove(ticket)
         with self._lock:
             if ticket.row is not None and self._rows[ticket.row] is ticket:
                 self._rows[ticket.row] = None

@@ -61,6 +61,7 @@ API_KEY_ENV = "LIGHTGPT_API_KEY"
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SHUTDOWN_GRACE = 5  # seconds open streams get to finish after Ctrl-C
+SERVE_PREFILL_CHUNK = 256  # prompt tokens per chunk between decode steps (engine.Engine's prefill_chunk)
 MAX_BODY = 4 * 2**20  # bytes of a request body: far more than any context's prompt, far less than a memory's
 
 
@@ -1075,6 +1076,9 @@ def parse_args(argv=None):
                    help="requests queued for a free row; beyond that a request gets 503")
     g.add_argument("--max_tokens", type=positive_int, default=1000,
                    help="tokens per answer when a request does not say, and the most it may ask for")
+    g.add_argument("--prefill_chunk", type=positive_int, default=SERVE_PREFILL_CHUNK,
+                   help="prompt tokens prefilled between two decode steps: a long prompt does not stall the "
+                        "answers streaming meanwhile")
     add_sampling_args(g)
     add_system_args(g, compile_help="compile the batched decode step (auto: on for CUDA)", seed_help=None)
     return p.parse_args(argv)
@@ -1090,7 +1094,7 @@ def main(args) -> None:
                         Sampling.from_args(args), args.api_key,
                         LOOPBACK if args.host in LOOPBACK else None, access_log=True)
     with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
-                compile_enabled(args.compile, device)) as engine:
+                compile_enabled(args.compile, device), args.prefill_chunk) as engine:
         app = create_app(engine, loaded, settings)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

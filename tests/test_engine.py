@@ -257,3 +257,34 @@ def test_close_cancels_what_is_left():
     assert events == [Event(None, "cancelled")]
     with pytest.raises(EngineBusy, match="shutting down"):
         engine.submit(Request([1, 2], max_tokens=3), events.append)
+
+
+@pytest.mark.parametrize("encoding", ["none", "rope", "alibi"])
+def test_chunked_prefill_changes_no_token(encoding):
+    """Prompts prefilled 8 tokens at a time, each chunk between decode steps of the other rows, give the
+    tokens one-at-a-time decoding gives (greedy and seeded), and a prompt's scores those of a whole prefill."""
+    model, L = tiny(encoding), 64
+    settings = [Sampling(temperature=0.0), Sampling(1.0, 50, 0.9), Sampling(temperature=0.0), Sampling(0.8, 20, 1.0)]
+    requests = [Request(p, max_tokens=12, sampling=s, seed=i)
+                for i, (p, s) in enumerate(zip(prompts([30, 5, 41, 17]), settings))]
+    expected = [one_at_a_time(model, r, L) for r in requests]
+    order = []
+    with Engine(loaded(model), context_length=L, max_batch=3, prefill_chunk=8) as engine:
+        for name in ("_prefill_chunk", "_step"):
+            method = getattr(engine, name)
+            setattr(engine, name, lambda *a, method=method, name=name: (order.append(name), method(*a))[1])
+        outputs, _ = staggered(engine, requests, gap_tokens=2)
+        scored = Request(prompts([29])[0], max_tokens=0, sampling=Sampling(0.0), logprobs=2, score_prompt=True)
+        events = []
+        engine.submit(scored, events.append)
+        deadline = time.monotonic() + 30
+        while not (events and events[-1].finish_reason) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert outputs == expected
+    chunks = "".join("c" if n == "_prefill_chunk" else "s" for n in order)
+    assert "cscsc" in chunks  # a long prompt's chunks alternate with the other rows' decode steps
+    with torch.no_grad():
+        whole = torch.log_softmax(model(torch.tensor([scored.prompt])).float()[0], dim=-1)
+    expected_scores = whole[:-1].gather(1, torch.tensor(scored.prompt[1:])[:, None]).view(-1)
+    got = torch.tensor([lp for lp, _ in events[0].prompt])
+    assert len(got) == len(scored.prompt) - 1 and torch.allclose(got, expected_scores, atol=1e-5)
