@@ -89,7 +89,7 @@ class Ticket:
 
 class Engine:
     def __init__(self, loaded: Loaded, context_length: int = 1024, max_batch: int = 16, max_waiting: int = 256,
-                 use_compile: bool = False, prefill_chunk: int = 256):
+                 use_compile: bool = False, prefill_chunk: int = 256, prefix_cache: bool = True):
         if context_length < 2:
             raise ValueError("context_length must be at least 2: a prompt token and room to answer")
         if max_batch < 1 or max_waiting < 0:
@@ -100,6 +100,13 @@ class Engine:
             raise ValueError("prefill_chunk must be at least 1")
         self.prefill_chunk = prefill_chunk
         self._prefilling: collections.deque[Ticket] = collections.deque()  # rows taken, prompts not yet whole
+        # Prefix caching: the tokens whose keys and values each row holds at positions 0, 1, ... (None once its
+        # ring has wrapped: the first ones are gone). A finished request's row keeps them; a new request whose
+        # prompt starts with some of them reuses them instead of prefilling them again.
+        self.prefix_cache = prefix_cache
+        self._row_tokens: list[list[int] | None] = [[] for _ in range(max_batch)]
+        self.prompt_tokens = 0  # prompt tokens admitted, and of those the ones read from the cache
+        self.cached_tokens = 0
         self.device = self.model.token_embeddings.weight.device
         self.vocabulary_size = self.model.config.vocabulary_size
         self.cache = setup_kv_cache(self.model, max_batch, context_length,
@@ -221,7 +228,8 @@ class Engine:
                     free = [row for row, t in enumerate(self._rows) if t is None]
                     while free and self._waiting:  # none of them is cancelled: cancel() takes this lock too
                         ticket = self._waiting.popleft()
-                        ticket.row = free.pop(0)  # the lowest free row, so the rows in use stay a prefix
+                        ticket.row = self._choose_row(ticket, free)
+                        free.remove(ticket.row)
                         self._rows[ticket.row] = ticket
                         joining.append(ticket)
                 for ticket in joining:  # the cancelled finish outside the lock, the admitted prefill
@@ -248,8 +256,49 @@ class Engine:
             for ticket in touched:
                 self._finish(ticket, "error")
 
+    def _choose_row(self, ticket: Ticket, free: list[int]) -> int:
+        """The free row whose kept tokens start the prompt furthest, else the lowest free row (so that the
+        rows in use stay near a prefix: an eager step runs the rows up to the highest in use)."""
+        if not self.prefix_cache or ticket.request.score_prompt:  # scoring needs every prompt position's logits
+            return free[0]
+        best = max(free, key=lambda row: (self._shared(row, ticket.request.prompt), -row))
+        return best if self._shared(best, ticket.request.prompt) > 0 else free[0]
+
+    def _shared(self, row: int, prompt: list[int]) -> int:
+        """How many of the prompt's first tokens row holds (at most all but the last: its logits start the
+        answer)."""
+        kept, n = self._row_tokens[row], 0
+        if kept is None:
+            return 0
+        for a, b in zip(kept, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _reuse(self, ticket: Ticket) -> None:
+        """Start the request's row: keep the prompt's prefix the row already holds (the best any row holds, copied
+        from that row when it is another), forget the rest."""
+        row, prompt = ticket.row, ticket.request.prompt
+        n = self._shared(row, prompt) if self.prefix_cache and not ticket.request.score_prompt else 0
+        if self.prefix_cache and not ticket.request.score_prompt:
+            source = max(range(self.max_batch), key=lambda r: self._shared(r, prompt))
+            if self._shared(source, prompt) > n:  # another row, busy or free, holds more of it: copy its keys
+                n = self._shared(source, prompt)
+                for k, v in self.cache._buffers_by_layer:
+                    k[row, :, :n] = k[source, :, :n]
+                    v[row, :, :n] = v[source, :, :n]
+        self.cache.slot_pos[row, n:] = -1  # (a row's kept tokens never wrapped: position p in slot p)
+        self.cache.slot_pos[row, :n] = torch.arange(n, device=self.device)
+        self._row_tokens[row] = list(prompt[:n])
+        ticket.prefilled = n
+        self.prompt_tokens += len(prompt)
+        self.cached_tokens += n
+
     def _join(self, ticket: Ticket) -> None:
-        """Admit a request to its row: its sampler, its noise and history, then its prompt chunk by chunk."""
+        """Admit a request to its row: its sampler, its noise and history, the prefix its row (or another)
+        holds, then the rest of its prompt chunk by chunk."""
+        self._reuse(ticket)
         request = ticket.request
         ticket.sampler = Sampler(self.device, request.seed)
         ticket.noise = torch.ones(1, ticket.sampling.top_k, device=self.device)
@@ -277,6 +326,7 @@ class Engine:
         finally:
             self.cache.rows = None
         ticket.prefilled = start + chunk.size(1)
+        self._keep(ticket.row, chunk[0].tolist())
         if ticket.prefilled < prompt_end:
             return
         self._prefilling.remove(ticket)
@@ -298,20 +348,20 @@ class Engine:
             top = self.max_batch
         rows = self._rows[:top]
         tokens = torch.tensor([[t.token if t else 0] for t in rows], device=self.device)  # (B, 1)
-        positions = torch.tensor([[(t.position if t.decoding else t.prefilled) if t else 1] for t in rows],
-                                 device=self.device)  # (B, 1). A free row decodes a dummy token at position 1 in
-        # its own row, which its next request's prefill clears; a row still prefilling one at the position its
-        # next chunk writes first, so that chunk overwrites it
+        dummies = {row: self._dummy_position(row, t) for row, t in enumerate(rows) if t is None or not t.decoding}
+        positions = torch.tensor([[dummies[row] if row in dummies else t.position] for row, t in enumerate(rows)],
+                                 device=self.device)  # (B, 1)
         self.cache.rows = None if top == self.max_batch else slice(0, top)
         self.cache.span = self.cache.span_for(max(t.position if t.decoding else t.prefilled for t in rows if t))
         try:
             logits = self._forward(tokens, positions)
         finally:
             self.cache.rows, self.cache.span = None, None
-            for t in self._prefilling:  # the dummy's slot is empty again: the next chunk must not attend to it
-                self.cache.slot_pos[t.row, t.prefilled % self.cache.length] = -1
+            for row, position in dummies.items():  # the dummies' slots are empty again: nothing attends to them
+                self.cache.slot_pos[row, position % self.cache.length] = -1
         active = [t for t in rows if t is not None and t.decoding]
         for t in active:
+            self._keep(t.row, [t.token])
             t.position += 1
         self.steps += 1
         groups: dict[Sampling, list[Ticket]] = {}  # rows with the same settings sample in one call
@@ -323,6 +373,27 @@ class Engine:
             tickets += group
             next_tokens.append(self._sample(group, logits.index_select(0, index)))
         self._advance(tickets, next_tokens, logits[torch.tensor([t.row for t in tickets], device=self.device)])
+
+    def _dummy_position(self, row: int, ticket: Ticket | None) -> int:
+        """Where a row that is not decoding (free, or still prefilling) writes the step's dummy token: the
+        first slot it does not hold (the slot is emptied after the step), never position 0, which would start
+        a new sequence and forget what the row keeps."""
+        if ticket is not None:
+            return max(1, ticket.prefilled)  # its next chunk writes there first
+        kept = self._row_tokens[row]
+        if kept is None:
+            return 1  # a wrapped row keeps nothing of use
+        if len(kept) >= self.cache.length:  # full: give up its last token for the dummy's slot
+            del kept[self.cache.length - 1:]
+        return max(1, len(kept))
+
+    def _keep(self, row: int, tokens: list[int]) -> None:
+        """Note the tokens just written at the row's next positions (prefix caching)."""
+        kept = self._row_tokens[row]
+        if kept is not None:
+            kept.extend(tokens)
+            if len(kept) > self.cache.length:  # the ring wrapped: its first positions are overwritten
+                self._row_tokens[row] = None
 
     def _sample(self, tickets: list[Ticket], logits: torch.Tensor) -> torch.Tensor:
         """The next tokens of requests with the same settings from their logits (N, V), each request's noise

@@ -1076,6 +1076,9 @@ def parse_args(argv=None):
                    help="requests queued for a free row; beyond that a request gets 503")
     g.add_argument("--max_tokens", type=positive_int, default=1000,
                    help="tokens per answer when a request does not say, and the most it may ask for")
+    g.add_argument("--prefix_cache", choices=("on", "off"), default="on",
+                   help="reuse the keys and values a row already holds for a prompt's first tokens (a shared "
+                        "system prompt, a chat's earlier turns)")
     g.add_argument("--prefill_chunk", type=positive_int, default=SERVE_PREFILL_CHUNK,
                    help="prompt tokens prefilled between two decode steps: a long prompt does not stall the "
                         "answers streaming meanwhile")
@@ -1094,7 +1097,7 @@ def main(args) -> None:
                         Sampling.from_args(args), args.api_key,
                         LOOPBACK if args.host in LOOPBACK else None, access_log=True)
     with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
-                compile_enabled(args.compile, device), args.prefill_chunk) as engine:
+                compile_enabled(args.compile, device), args.prefill_chunk, args.prefix_cache == "on") as engine:
         app = create_app(engine, loaded, settings)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -1,5 +1,6 @@
 """The server's Prometheus metrics (prometheus-client), served at /metrics: requests by path and status,
-prompt and generated tokens, the engine's active rows and waiting requests, decode steps, and histograms of
+prompt and generated tokens, the engine's active rows and waiting requests, decode steps, the prefix cache's
+hits, and histograms of
 the time to the first token and between tokens. Each app has a registry of its own (tests and bench.py run
 several servers in one process). prometheus-client is imported here only: without it (a GPU machine with
 the core requirements alone) the server runs and /metrics says how to install it."""
@@ -32,6 +33,10 @@ class ServerMetrics:
         Gauge("lightgpt_waiting_requests", "requests queued for a row", registry=registry).set_function(
             lambda: engine.waiting)
         Gauge("lightgpt_decode_steps", "batched decode steps run", registry=registry).set_function(lambda: engine.steps)
+        Gauge("lightgpt_prefix_cache_hit_tokens", "prompt tokens read from the prefix cache instead of prefilled",
+              registry=registry).set_function(lambda: engine.cached_tokens)
+        Gauge("lightgpt_prefix_cache_hit_ratio", "the share of prompt tokens read from the prefix cache",
+              registry=registry).set_function(lambda: engine.cached_tokens / max(1, engine.prompt_tokens))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format a Prometheus scrape reads, and its content type."""

@@ -288,3 +288,43 @@ def test_chunked_prefill_changes_no_token(encoding):
     expected_scores = whole[:-1].gather(1, torch.tensor(scored.prompt[1:])[:, None]).view(-1)
     got = torch.tensor([lp for lp, _ in events[0].prompt])
     assert len(got) == len(scored.prompt) - 1 and torch.allclose(got, expected_scores, atol=1e-5)
+
+
+def test_prefix_caching_reuses_rows_and_changes_no_token():
+    """Prompts that share a system prefix, a chat's next turn (its prompt holds the last answer), and a
+    request arriving while another with its prefix decodes (the keys copied from that busy row): the rows'
+    kept keys are reused, and every answer (greedy, seeded) is what one-at-a-time decoding gives."""
+    model, L = tiny(), 96
+    system = prompts([40], seed=5)[0]
+    first = Request(system + [3, 4, 5], max_tokens=10, sampling=Sampling(temperature=0.0))
+    answer = one_at_a_time(model, first, L)
+    follow_up = Request(system + [3, 4, 5] + answer + [7, 8], max_tokens=10, sampling=Sampling(temperature=0.0))
+    shared = [Request(system + tail, max_tokens=12, sampling=s, seed=i)
+              for i, (tail, s) in enumerate(zip(prompts([6, 1, 9, 3], seed=9),
+                                                [Sampling(0.0), Sampling(1.0, 50, 0.9), Sampling(0.0), Sampling(0.7)]))]
+    wrapping = Request(system, max_tokens=70, sampling=Sampling(temperature=0.0))  # 40 + 70 > 96: its ring wraps
+    requests = [first, follow_up, *shared, wrapping, Request(system + [9], 5, Sampling(temperature=0.0))]
+    expected = [one_at_a_time(model, r, L) for r in requests]
+    with Engine(loaded(model), context_length=L, max_batch=2) as engine:
+        sequential = [engine.generate(r)[0] for r in requests[:2]]
+        # the follow-up read the first's row: its prompt and its answer but the last token (sampled, never fed)
+        assert engine.cached_tokens == len(first.prompt) + len(answer) - 1
+        outputs, _ = staggered(engine, requests[2:], gap_tokens=3)  # arriving while others decode
+        cached = engine.cached_tokens
+    assert sequential + outputs == expected
+    assert cached >= len(first.prompt) + len(answer) - 1 + 4 * len(system)
+    with Engine(loaded(model), context_length=L, max_batch=2, prefix_cache=False) as engine:
+        assert [engine.generate(r)[0] for r in requests[:2]] == expected[:2] and engine.cached_tokens == 0
+
+
+def test_a_prefix_is_copied_from_a_busy_row():
+    """A fresh engine: the second request's free row holds nothing, the first's busy row holds the shared
+    prefix, whose keys are copied over; both answers are one-at-a-time decoding's."""
+    model, L = tiny("rope"), 64
+    system = prompts([30], seed=6)[0]
+    requests = [Request(system + [1, 2], 20, Sampling(temperature=0.0)), Request(system + [4], 8, Sampling(1.0), seed=3)]
+    expected = [one_at_a_time(model, r, L) for r in requests]
+    with Engine(loaded(model), context_length=L, max_batch=2) as engine:
+        outputs, _ = staggered(engine, requests, gap_tokens=4)
+        assert engine.cached_tokens == len(system) and engine.prompt_tokens == 30 + 2 + 30 + 1
+    assert outputs == expected
