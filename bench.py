@@ -122,6 +122,13 @@ def parse_args(argv=None):
     g.add_argument("--max_batch", type=positive_int, default=16, help="the batched server's rows")
     g.add_argument("--through", choices=("http", "engine"), default="http",
                    help="requests over HTTP to serve.py, or submitted to engine.py directly")
+    g.add_argument("--scenario", choices=("clients", "long-prompt", "shared-prefix"), default="clients",
+                   help="clients: throughput and latency from each --clients count; long-prompt: a long prompt "
+                        "arriving while 8 answers stream, prefilled whole and in chunks; shared-prefix: requests "
+                        "sharing a system prompt, prefix cache off and on")
+    g.add_argument("--prefill_chunk", type=positive_int, default=256, help="the engine's chunked-prefill size")
+    g.add_argument("--long_prompt_tokens", type=positive_int, default=1000, help="long-prompt: its length")
+    g.add_argument("--system_tokens", type=positive_int, default=200, help="shared-prefix: the system prompt's length")
     g = p.add_argument_group("tokenize")
     g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
     g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")
@@ -446,6 +453,94 @@ def _stream_completion(url: str, body: dict) -> int:
         connection.close()
 
 
+def timed_request(engine, request, on_token=None) -> dict:
+    """Submit a request to the engine and wait: its token count, time to first token and the gaps between
+    tokens (seconds). on_token(n) is called on the engine's thread after the n-th token."""
+    import threading
+
+    times, finished, start = [], threading.Event(), time.perf_counter()
+
+    def emit(event) -> None:
+        if event.prompt is not None:
+            return
+        if event.token is None:
+            finished.set()
+            return
+        times.append(time.perf_counter())
+        if on_token:
+            on_token(len(times))
+
+    engine.submit(request, emit)
+    finished.wait()
+    return {"tokens": len(times), "ttft": times[0] - start if times else None,
+            "gaps": [b - a for a, b in zip(times, times[1:])]}
+
+
+def latency_record(results: list[dict]) -> dict:
+    """p50 and p99 of the time to first token and of the gaps between tokens, in milliseconds."""
+    def ms(values, q):
+        return round(1000 * float(np.percentile(values, q)), 2) if values else None
+
+    ttft, gaps = [r["ttft"] for r in results if r["ttft"] is not None], [g for r in results for g in r["gaps"]]
+    return {"ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "itl_p50_ms": ms(gaps, 50),
+            "itl_p99_ms": ms(gaps, 99), "itl_max_ms": ms(gaps, 100)}
+
+
+def bench_long_prompt(args, device, rows) -> None:
+    """8 answers streaming when a --long_prompt_tokens prompt arrives: their gaps between tokens with the long
+    prompt prefilled whole (one chunk) and in --prefill_chunk chunks between decode steps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine import Engine, Request
+    from generate import Sampling
+
+    args.requests = 9
+    loaded, texts = serving_model(args, device)
+    prompts = [base_prompt(loaded, t) for t in texts[:8]]
+    long = base_prompt(loaded, (texts[8] * (args.long_prompt_tokens // max(1, len(texts[8])) + 1)))
+    long = long[: args.long_prompt_tokens]
+    context = args.long_prompt_tokens + args.max_tokens + args.prompt_tokens + 2
+    greedy = Sampling(temperature=0.0)
+    for label, chunk in (("whole prefill", context), (f"chunks of {args.prefill_chunk}", args.prefill_chunk)):
+        with Engine(loaded, context, 9, 16, prefill_chunk=chunk, prefix_cache=False) as engine:
+            timed_request(engine, Request(prompts[0], 4, greedy))  # warm-up
+            started = ThreadPoolExecutor(1)
+            arrived = []
+
+            def arrive(n: int) -> None:  # a stream's 16th token: the long prompt arrives
+                if n == 16 and not arrived:
+                    arrived.append(started.submit(timed_request, engine, Request(long, 4, greedy)))
+
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(lambda i: timed_request(engine, Request(prompts[i], args.max_tokens, greedy),
+                                                        arrive if i == 0 else None), range(8)))
+            long_result = arrived[0].result()
+            started.shutdown()
+        report(rows, {"mode": "serve", "scenario": "long-prompt", "system": label, "device": device_name(device),
+                      "streams": 8, "max_tokens": args.max_tokens, "long_prompt_tokens": len(long),
+                      "long_ttft_ms": round(1000 * long_result["ttft"], 1), **latency_record(results)})
+
+
+def bench_shared_prefix(args, device, rows) -> None:
+    """--requests requests whose prompts share a --system_tokens system prompt, one after another: their time
+    to first token with the prefix cache off and on."""
+    from engine import Engine, Request
+    from generate import Sampling
+
+    loaded, texts = serving_model(args, device)
+    system = base_prompt(loaded, (texts[0] * (args.system_tokens // max(1, len(texts[0])) + 1)))[: args.system_tokens]
+    prompts = [system + loaded.encoding.encode_ordinary(t[:16]) for t in texts]
+    context = args.system_tokens + 16 + args.max_tokens + 2
+    for label, cache in (("prefix cache off", False), ("prefix cache on", True)):
+        with Engine(loaded, context, args.max_batch, args.requests, prefix_cache=cache) as engine:
+            timed_request(engine, Request(base_prompt(loaded, "warm up"), 4, Sampling(temperature=0.0)))
+            results = [timed_request(engine, Request(p, args.max_tokens, Sampling(temperature=0.0))) for p in prompts]
+            hits = engine.cached_tokens
+        report(rows, {"mode": "serve", "scenario": "shared-prefix", "system": label, "device": device_name(device),
+                      "requests": len(prompts), "system_tokens": len(system), "cached_tokens": hits,
+                      **latency_record(results)})
+
+
 def bench_serve(args, device, rows) -> None:
     """The same requests from each number of concurrent clients, served one at a time and batched."""
     from concurrent.futures import ThreadPoolExecutor
@@ -586,8 +681,9 @@ def main(args) -> list[dict]:
     rows: list[dict] = []
     try:
         with attention_backend(args.attention_backend):
+            scenarios = {"clients": bench_serve, "long-prompt": bench_long_prompt, "shared-prefix": bench_shared_prefix}
             modes = {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize, "pack": bench_pack,
-                     "serve": bench_serve}
+                     "serve": scenarios[args.scenario]}
             modes[args.mode](args, device, rows)
     except RuntimeError as e:
         if not any(text in str(e) for text in ("No available kernel", "No viable backend")):

@@ -490,7 +490,7 @@ class GPT(nn.Module):
             k_pos = cache.row_view(cache.slot_pos)[:, : cache.span or cache.length]  # (B, S); -1: empty, masked
         elif cache is not None and cache.continuing:
             q_pos = input_pos.expand(cache.ring_pos.size(0), -1)  # (B, T)
-            k_pos = torch.cat([cache.ring_pos, q_pos], dim=1)  # (B, length + T): the ring as it was, then this chunk
+            k_pos = torch.cat([cache.ring_pos[:, : cache.ring], q_pos], dim=1)  # (B, R + T): the ring as it was, then this chunk
         weight = self.token_embeddings.weight
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         slopes = alibi_slopes(self.config.num_attention_heads, device)
@@ -591,6 +591,7 @@ class KVCache(nn.Module):
         self.slots: torch.Tensor | None = None  # where this call's tokens go, set by begin()
         self.positions: torch.Tensor | None = None  # a decode step's position in each row, (B,), set by begin()
         self.continuing = False  # whether this multi-token call continues the sequence in the ring
+        self.ring = length  # the ring slots a continuing call reads: those before its start while the ring is unfilled
         self.ring_pos: torch.Tensor | None = None  # ALiBi: slot_pos before a multi-token call, set by GPT
         self.output_weight: torch.Tensor | None = None  # a faster layout of the output layer, if any
         self.layers = nn.ModuleList(LayerKV(shape, device, dtype) for _ in range(config.num_hidden_layers))
@@ -646,9 +647,13 @@ class KVCache(nn.Module):
                 raise ValueError(f"a call that continues a sequence takes at most the cache length ({L}) tokens")
             else:
                 self.continuing = True
-                recent = (slot_pos[:, None, :] >= 0) & (slot_pos[:, None, :] > input_pos[None, :, None] - L)
+                # Until the ring wraps, position p sits in slot p: a chunk at `start` reads slots 0 .. start-1 only
+                # (a server's long prompt, chunk by chunk, attends over what is there, not over the whole ring).
+                self.ring = R = start if start <= L else L
+                ring = slot_pos[:, None, :R]
+                recent = (ring >= 0) & (ring > input_pos[None, :, None] - L)
                 causal = torch.ones(T, T, dtype=torch.bool, device=input_pos.device).tril().expand(B, T, T)
-                mask = torch.cat([recent, causal], dim=2).unsqueeze(1)  # (B, 1, T, L + T): ring keys, then the chunk
+                mask = torch.cat([recent, causal], dim=2).unsqueeze(1)  # (B, 1, T, R + T): ring keys, then the chunk
             self.slots = input_pos[-L:] % L  # only the last L tokens stay in the ring
             slot_pos.index_copy_(1, self.slots, input_pos[-L:].expand(B, -1))
             return mask
@@ -665,7 +670,9 @@ class KVCache(nn.Module):
         the queries attend over: a prefill its own keys, a decode step the span of the ring."""
         cache_k, cache_v = (self.row_view(t) for t in self._buffers_by_layer[layer])
         if self.continuing:  # read the ring before this chunk overwrites its oldest slots
-            keys, values = torch.cat([cache_k.to(k.dtype), k], dim=2), torch.cat([cache_v.to(v.dtype), v], dim=2)
+            R = self.ring
+            keys = torch.cat([cache_k[:, :, :R].to(k.dtype), k], dim=2)
+            values = torch.cat([cache_v[:, :, :R].to(v.dtype), v], dim=2)
         if k.size(2) > 1:  # a prefill: the same slots in every row
             n = self.slots.numel()
             cache_k.index_copy_(2, self.slots, k[:, :, -n:].to(cache_k.dtype))
