@@ -852,7 +852,7 @@ def token_text(encoding, token: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def logprobs_of(encoding, shown: list[int], prompt_scores, generated: list[tuple[int, tuple]]) -> dict:
+def logprobs_of(encoding, shown: list[int], prompt_scores, generated: list[tuple[int, tuple]], offset: int = 0) -> dict:
     """OpenAI's completion logprobs: tokens, token_logprobs, top_logprobs and text_offset, for the echoed
     prompt tokens `shown` (the first of a token-id prompt has none: nothing predicted it) and the generated."""
     entries = [(t, None) for t in shown]
@@ -861,7 +861,6 @@ def logprobs_of(encoding, shown: list[int], prompt_scores, generated: list[tuple
         entries = [(t, None) for t in shown[: len(shown) - len(scores)]] + list(zip(shown[len(shown) - len(scores):], scores))
     entries += generated
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
     for token, score in entries:
         text = token_text(encoding, token)
         out["tokens"].append(text)
@@ -888,6 +887,7 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
     and then OpenAI's usage chunk (no choices); then [DONE]. A client that leaves cancels every generation."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     sent = [0] * len(gens)  # per choice: the tokens whose log-probabilities were sent
+    offsets = [0] * len(gens)  # per choice: the characters of the token texts sent (a completion's text_offset)
 
     def chunk(i: int, piece: str | None, finish=None, role=False) -> dict:
         gen = gens[i]
@@ -895,7 +895,11 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
         if gen.request.logprobs is not None:
             new = gen.scored[sent[i]:] + ([gen.stop_scored] if finish and gen.stop_scored and not chat else [])
             sent[i] = len(gen.scored)
-            logprobs = {"content": chat_logprobs(encoding, new)} if chat else logprobs_of(encoding, [], None, new)
+            if chat:
+                logprobs = {"content": chat_logprobs(encoding, new)}
+            else:
+                logprobs = logprobs_of(encoding, [], None, new, offsets[i])
+                offsets[i] += sum(len(t) for t in logprobs["tokens"])
         if chat:
             delta = ({"role": "assistant"} if role else {}) | ({} if piece is None else {"content": piece})
             return {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}

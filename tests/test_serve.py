@@ -708,7 +708,7 @@ def test_streamed_completion_logprobs_are_the_whole_ones(base_server):
     whole = httpx.post(base_server.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["logprobs"]
     events = sse_events(httpx.post(base_server.url + "/v1/completions", json={**body, "stream": True}, timeout=30))
     parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
-    for key in ("tokens", "token_logprobs", "top_logprobs"):
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
         assert [x for p in parts for x in p[key]] == whole[key]
 
 
