@@ -126,7 +126,8 @@ def parse_args(argv=None):
                    help="clients: throughput and latency from each --clients count; long-prompt: a long prompt "
                         "arriving while 8 answers stream, prefilled whole and in chunks; shared-prefix: requests "
                         "sharing a system prompt, prefix cache off and on")
-    g.add_argument("--prefill_chunk", type=positive_int, default=256, help="the engine's chunked-prefill size")
+    g.add_argument("--prefill_chunk", type=positive_int, default=None,
+                   help="long-prompt: a fixed chunk size to time as well (default: only whole and the engine's auto)")
     g.add_argument("--long_prompt_tokens", type=positive_int, default=1000, help="long-prompt: its length")
     g.add_argument("--system_tokens", type=positive_int, default=200, help="shared-prefix: the system prompt's length")
     g = p.add_argument_group("tokenize")
@@ -501,7 +502,9 @@ def bench_long_prompt(args, device, rows) -> None:
     long = long[: args.long_prompt_tokens]
     context = args.long_prompt_tokens + args.max_tokens + args.prompt_tokens + 2
     greedy = Sampling(temperature=0.0)
-    for label, chunk in (("whole prefill", context), (f"chunks of {args.prefill_chunk}", args.prefill_chunk)):
+    chunks = [("whole prefill", context), ("auto chunks", None)]
+    chunks += [(f"chunks of {args.prefill_chunk}", args.prefill_chunk)] if args.prefill_chunk else []
+    for label, chunk in chunks:
         with Engine(loaded, context, 9, 16, prefill_chunk=chunk, prefix_cache=False) as engine:
             timed_request(engine, Request(prompts[0], 4, greedy))  # warm-up
             started = ThreadPoolExecutor(1)

@@ -24,13 +24,20 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from common import synchronize
 from generate import Loaded, prefill, setup_kv_cache
 from sampling import History, Sampler, Sampling, sample
+
+def mean_of(mean: float | None, value: float, weight: float = 0.1) -> float:
+    """A running mean (exponential, the latest value weighing `weight`)."""
+    return value if mean is None else (1 - weight) * mean + weight * value
+
 
 @dataclass(frozen=True)
 class Request:
@@ -89,16 +96,17 @@ class Ticket:
 
 class Engine:
     def __init__(self, loaded: Loaded, context_length: int = 1024, max_batch: int = 16, max_waiting: int = 256,
-                 use_compile: bool = False, prefill_chunk: int = 256, prefix_cache: bool = True):
+                 use_compile: bool = False, prefill_chunk: int | None = None, prefix_cache: bool = True):
         if context_length < 2:
             raise ValueError("context_length must be at least 2: a prompt token and room to answer")
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be at least 1 and max_waiting not negative")
         self.model = loaded.model
         self.context_length, self.max_batch, self.max_waiting = context_length, max_batch, max_waiting
-        if prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be at least 1")
-        self.prefill_chunk = prefill_chunk
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1 (None: sized to a decode step)")
+        self.prefill_chunk = prefill_chunk  # None: as many tokens as prefill in the time of a decode step
+        self._step_seconds = self._token_seconds = None  # running means, for the chunk's size
         self._prefilling: collections.deque[Ticket] = collections.deque()  # rows taken, prompts not yet whole
         # Prefix caching: the tokens whose keys and values each row holds at positions 0, 1, ... (None once its
         # ring has wrapped: the first ones are gone). A finished request's row keeps them; a new request whose
@@ -308,11 +316,25 @@ class Engine:
             self.history.start(ticket.row, torch.tensor(request.prompt, device=self.device))
         self._prefilling.append(ticket)
 
+    def _chunk_size(self) -> int:
+        """Prompt tokens to prefill before the next decode step. With no row decoding nobody waits: the whole
+        prompt (up to the cache). Else prefill_chunk, or by default as many tokens as prefill in about one
+        decode step's time, at least 64 (measured as the engine runs; 64 until both are known), so that a
+        long prompt arriving about doubles the gap between the running answers' tokens, no more."""
+        if not any(t is not None and t.decoding for t in self._rows):
+            return self.cache.length
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        if self._step_seconds is None or self._token_seconds is None:
+            return 64
+        return max(64, min(self.cache.length, int(self._step_seconds / self._token_seconds) // 16 * 16))
+
     def _prefill_chunk(self, ticket: Ticket) -> None:
-        """Prefill the next prefill_chunk tokens of a joining request into its row (the other rows keep what
+        """Prefill the next _chunk_size() tokens of a joining request into its row (the other rows keep what
         they hold); after its last chunk, sample its first token and let it decode."""
-        request, start = ticket.request, ticket.prefilled
-        chunk = torch.tensor([request.prompt[start : start + self.prefill_chunk]], device=self.device)
+        request, start, began = ticket.request, ticket.prefilled, time.perf_counter()
+        tokens = request.prompt[start : start + self._chunk_size()]
+        chunk = torch.tensor([tokens], device=self.device)
         prompt_end = len(request.prompt)
 
         def score(offset: int, logits: torch.Tensor) -> None:  # (1, n, V): each predicts the next prompt token
@@ -325,8 +347,11 @@ class Engine:
             logits = prefill(self.model, chunk, position=start, on_logits=score if request.score_prompt else None)
         finally:
             self.cache.rows = None
-        ticket.prefilled = start + chunk.size(1)
-        self._keep(ticket.row, chunk[0].tolist())
+        ticket.prefilled = start + len(tokens)
+        self._keep(ticket.row, tokens)
+        if len(tokens) >= 64:  # the time per prompt token (a smaller chunk's time is mostly a call's overhead)
+            synchronize(self.device)
+            self._token_seconds = mean_of(self._token_seconds, (time.perf_counter() - began) / len(tokens))
         if ticket.prefilled < prompt_end:
             return
         self._prefilling.remove(ticket)
@@ -343,6 +368,11 @@ class Engine:
 
     def _step(self) -> None:
         """One batched decode step for every row up to the highest in use, each at its own position."""
+        began = time.perf_counter()
+        self._decode_step()
+        self._step_seconds = mean_of(self._step_seconds, time.perf_counter() - began)  # (its tokens synced)
+
+    def _decode_step(self) -> None:
         top = max(row for row, t in enumerate(self._rows) if t is not None) + 1
         if self.use_compile:
             top = self.max_batch

@@ -61,7 +61,6 @@ API_KEY_ENV = "LIGHTGPT_API_KEY"
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SHUTDOWN_GRACE = 5  # seconds open streams get to finish after Ctrl-C
-SERVE_PREFILL_CHUNK = 256  # prompt tokens per chunk between decode steps (engine.Engine's prefill_chunk)
 MAX_BODY = 4 * 2**20  # bytes of a request body: far more than any context's prompt, far less than a memory's
 
 
@@ -1045,6 +1044,16 @@ class BackgroundServer:
         self.sock.close()
 
 
+def chunk_size(text: str) -> int | None:
+    """--prefill_chunk: a positive number of tokens, or auto (None: the engine sizes it)."""
+    if text == "auto":
+        return None
+    return positive_int(text)
+
+
+chunk_size.__name__ = "auto or a positive integer"
+
+
 def port_number(text: str) -> int:
     try:
         value = int(text)
@@ -1083,9 +1092,9 @@ def parse_args(argv=None):
     g.add_argument("--prefix_cache", choices=("on", "off"), default="on",
                    help="reuse the keys and values a row already holds for a prompt's first tokens (a shared "
                         "system prompt, a chat's earlier turns)")
-    g.add_argument("--prefill_chunk", type=positive_int, default=SERVE_PREFILL_CHUNK,
-                   help="prompt tokens prefilled between two decode steps: a long prompt does not stall the "
-                        "answers streaming meanwhile")
+    g.add_argument("--prefill_chunk", type=chunk_size, default=None, metavar="N|auto",
+                   help="prompt tokens prefilled between two decode steps, so that a long prompt does not stall the "
+                        "answers streaming meanwhile (default auto: as many as prefill in one decode step's time)")
     add_sampling_args(g)
     add_system_args(g, compile_help="compile the batched decode step (auto: on for CUDA)", seed_help=None)
     return p.parse_args(argv)
