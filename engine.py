@@ -248,8 +248,12 @@ class Engine:
                 for ticket in self._rows:
                     if ticket is not None and ticket.cancelled:
                         self._finish(ticket, "cancelled")
-                if self._prefilling:  # one chunk of one prompt between decode steps: the others keep their pace
-                    self._guarded(self._prefill_chunk, self._prefilling[0])
+                budget = self._chunk_size()  # prompt tokens to prefill before the next step: the others keep pace
+                while self._prefilling and budget > 0:
+                    ticket = self._prefilling[0]
+                    n = min(budget, len(ticket.request.prompt) - ticket.prefilled)
+                    self._guarded(self._prefill_chunk, ticket, n)
+                    budget -= n
                 if any(t is not None and t.decoding for t in self._rows):
                     self._guarded(self._step)
 
@@ -317,23 +321,23 @@ class Engine:
         self._prefilling.append(ticket)
 
     def _chunk_size(self) -> int:
-        """Prompt tokens to prefill before the next decode step. With no row decoding nobody waits: the whole
-        prompt (up to the cache). Else prefill_chunk, or by default as many tokens as prefill in about one
+        """Prompt tokens to prefill before the next decode step (several short prompts, or a chunk of a long
+        one). With no row decoding nobody waits: every joining prompt whole. Else prefill_chunk, or by default as many tokens as prefill in about one
         decode step's time, at least 64 (measured as the engine runs; 64 until both are known), so that a
         long prompt arriving about doubles the gap between the running answers' tokens, no more."""
         if not any(t is not None and t.decoding for t in self._rows):
-            return self.cache.length
+            return self.cache.length * self.max_batch
         if self.prefill_chunk is not None:
             return self.prefill_chunk
         if self._step_seconds is None or self._token_seconds is None:
             return 64
         return max(64, min(self.cache.length, int(self._step_seconds / self._token_seconds) // 16 * 16))
 
-    def _prefill_chunk(self, ticket: Ticket) -> None:
-        """Prefill the next _chunk_size() tokens of a joining request into its row (the other rows keep what
-        they hold); after its last chunk, sample its first token and let it decode."""
+    def _prefill_chunk(self, ticket: Ticket, n: int) -> None:
+        """Prefill the next n prompt tokens of a joining request into its row (the other rows keep what they
+        hold); after its last chunk, sample its first token and let it decode."""
         request, start, began = ticket.request, ticket.prefilled, time.perf_counter()
-        tokens = request.prompt[start : start + self._chunk_size()]
+        tokens = request.prompt[start : start + n]
         chunk = torch.tensor([tokens], device=self.device)
         prompt_end = len(request.prompt)
 
