@@ -78,6 +78,27 @@ ATTENTION_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_
                       "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
+def add_serve_args(g) -> None:
+    """bench.py serve's flags."""
+    g.add_argument("--checkpoint_path", default=None,
+                   help="serve this checkpoint (default: a random model of the shape flags, ids shown as characters)")
+    g.add_argument("--lora_path", default=None, help="with --checkpoint_path: its LoRA checkpoint")
+    g.add_argument("--requests", type=positive_int, default=16, help="streaming completions per measurement")
+    g.add_argument("--clients", type=client_counts, default=(1, 4, 16),
+                   help="concurrent clients, a comma-separated list")
+    g.add_argument("--max_batch", type=positive_int, default=16, help="the batched server's rows")
+    g.add_argument("--through", choices=("http", "engine"), default="http",
+                   help="requests over HTTP to serve.py, or submitted to engine.py directly")
+    g.add_argument("--scenario", choices=("clients", "long-prompt", "shared-prefix"), default="clients",
+                   help="clients: throughput from each --clients count; long-prompt: a long prompt "
+                        "arriving while 8 answers stream, prefilled whole and in chunks; shared-prefix: requests "
+                        "sharing a system prompt, prefix cache off and on")
+    g.add_argument("--prefill_chunk", type=positive_int, default=None,
+                   help="long-prompt: a fixed chunk size to time as well (default: only whole and the engine's auto)")
+    g.add_argument("--long_prompt_tokens", type=positive_int, default=1000, help="long-prompt: its length")
+    g.add_argument("--system_tokens", type=positive_int, default=200, help="shared-prefix: the system prompt's length")
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description="Benchmark LightGPT.")
     p.add_argument("mode", choices=("train", "decode", "tokenize", "pack", "serve"), help="what to measure")
@@ -112,24 +133,7 @@ def parse_args(argv=None):
     add_sampling_args(g)
     g = p.add_argument_group("pack")
     g.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of the instruction-tuning steps")
-    g = p.add_argument_group("serve")
-    g.add_argument("--checkpoint_path", default=None,
-                   help="serve this checkpoint (default: a random model of the shape flags, ids shown as characters)")
-    g.add_argument("--lora_path", default=None, help="with --checkpoint_path: its LoRA checkpoint")
-    g.add_argument("--requests", type=positive_int, default=16, help="streaming completions per measurement")
-    g.add_argument("--clients", type=client_counts, default=(1, 4, 16),
-                   help="concurrent clients, a comma-separated list")
-    g.add_argument("--max_batch", type=positive_int, default=16, help="the batched server's rows")
-    g.add_argument("--through", choices=("http", "engine"), default="http",
-                   help="requests over HTTP to serve.py, or submitted to engine.py directly")
-    g.add_argument("--scenario", choices=("clients", "long-prompt", "shared-prefix"), default="clients",
-                   help="clients: throughput and latency from each --clients count; long-prompt: a long prompt "
-                        "arriving while 8 answers stream, prefilled whole and in chunks; shared-prefix: requests "
-                        "sharing a system prompt, prefix cache off and on")
-    g.add_argument("--prefill_chunk", type=positive_int, default=None,
-                   help="long-prompt: a fixed chunk size to time as well (default: only whole and the engine's auto)")
-    g.add_argument("--long_prompt_tokens", type=positive_int, default=1000, help="long-prompt: its length")
-    g.add_argument("--system_tokens", type=positive_int, default=200, help="shared-prefix: the system prompt's length")
+    add_serve_args(p.add_argument_group("serve"))
     g = p.add_argument_group("tokenize")
     g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
     g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")

@@ -48,6 +48,7 @@ class Request:
     stop_tokens: frozenset[int] = frozenset()  # ids that end the answer; they are not emitted
     logprobs: int | None = None  # with a number n: each token's log-probability and the n likeliest
     score_prompt: bool = False  # the prompt's tokens' log-probabilities too (max_tokens may then be 0)
+    constraint: Callable[[], object] | None = None  # makes the answer's grammar matcher (structured.Constraint)
 
 
 Scored = tuple[float, tuple[tuple[int, float], ...]]  # a token's log-probability, and the likeliest (id, log p)
@@ -92,6 +93,7 @@ class Ticket:
     prefilled: int = 0  # prompt tokens in its row so far (chunked prefill)
     decoding: bool = False  # prefilled whole: its row takes part in the decode steps
     scores: list = field(default_factory=list, repr=False)  # score_prompt: the prompt's, chunk by chunk
+    constraint: object | None = field(default=None, repr=False)  # its grammar matcher, if any
 
 
 class Engine:
@@ -312,6 +314,7 @@ class Engine:
         holds, then the rest of its prompt chunk by chunk."""
         self._reuse(ticket)
         request = ticket.request
+        ticket.constraint = request.constraint() if request.constraint is not None else None
         ticket.sampler = Sampler(self.device, request.seed)
         ticket.noise = torch.ones(1, ticket.sampling.top_k, device=self.device)
         if ticket.sampling.penalised:
@@ -434,6 +437,9 @@ class Engine:
         drawn from its own generator as generate.Decoder draws it."""
         sampling = tickets[0].sampling
         noise = None if sampling.greedy else torch.cat([t.sampler.fill(t.noise) for t in tickets])
+        for i, t in enumerate(tickets):  # grammars: the tokens they forbid cannot be sampled
+            if t.constraint is not None:
+                t.constraint.mask(logits[i])
         if not sampling.penalised:
             return sample(logits, sampling, noise)
         rows = torch.tensor([t.row for t in tickets], device=self.device)
@@ -461,6 +467,11 @@ class Engine:
                 ticket.token = token
                 ticket.generated += 1
                 self._emit(ticket, Event(token, logprob=found.get(i)))
+                if ticket.constraint is not None:
+                    ticket.constraint.accept(token)
+                    if ticket.constraint.finished:  # the grammar is whole: nothing may follow
+                        self._finish(ticket, "stop")
+                        continue
                 if ticket.generated == ticket.request.max_tokens:
                     self._finish(ticket, "length")
 

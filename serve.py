@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -54,6 +55,7 @@ from common import (
 from engine import Engine, EngineBusy, Event, Request
 from files import os_reason
 from serving_metrics import METRICS_INSTALL, ServerMetrics, server_metrics
+from structured import GrammarError, Grammars, tool_call_schema, tool_calls
 from generate import Loaded, Sampling, TextStream, add_sampling_args, base_prompt, decode_text, load_for_inference
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
@@ -189,9 +191,6 @@ class CompletionBody(Common):
 HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
             "parallel_tool_calls", "stream_options.include_obfuscation")
 REFUSED_UNLESS = {  # field: (values that ask for nothing, what the 400 says is missing)
-    "response_format": (({"type": "text"},), "only {\"type\": \"text\"}: structured output (JSON) is not implemented"),
-    "tools": (([],), "tool calls are not implemented"),
-    "tool_choice": (("none", "auto"), "tool calls are not implemented"),
     "functions": (([],), "function calls are not implemented"),
     "function_call": (("none", "auto"), "function calls are not implemented"),
     "modalities": ((["text"],), "only text"),
@@ -511,7 +510,7 @@ def sse(data) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Served:
     """What the handlers answer from, on app.state.served: the started engine, its model, the settings,
     the chat page and the time the server was made."""
@@ -521,6 +520,7 @@ class Served:
     page: str
     created: int
     metrics: ServerMetrics | None = None  # None without prometheus-client
+    grammars: Grammars | None = None  # structured output's tokenizer for llguidance, made on first use
 
 
 def served(request: HTTPRequest) -> Served:
@@ -736,10 +736,64 @@ async def chat_completions(request: HTTPRequest):
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    grammar = structured_grammar(s, body)
+    constraint = partial(s.grammars.constraint, grammar) if grammar is not None else None
     settings = dict(max_tokens=max_tokens_of(requested, name, s.settings), sampling=sampling_of(body, s.settings,
-                    vocabulary(s)), stop_tokens=frozenset(s.loaded.stop), logprobs=logprobs)
+                    vocabulary(s)), stop_tokens=frozenset(s.loaded.stop), logprobs=logprobs, constraint=constraint)
     requests = [Request(prompt, seed=seed, **settings) for seed in choice_seeds(body.seed, 1 if body.n is None else body.n)]
     return await respond(request, body, start(s, requests, stops_of(body)), chat=True)
+
+
+def calls_tools(body: ChatBody) -> bool:
+    """Whether the answer is a tool call: tools given and tool_choice "required" or a named function."""
+    return bool(body.tools) and body.tool_choice not in (None, "none", "auto")
+
+
+def structured_grammar(s: Served, body: ChatBody) -> str | None:
+    """The grammar an answer is decoded under: a tool call's JSON, or response_format's JSON; None for text.
+    A tool_choice this server cannot force, a schema that does not compile, llguidance missing: a 400."""
+    tools, choice, fmt = body.tools, body.tool_choice, body.response_format
+    if tools is not None and not (isinstance(tools, list) and all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools)):
+        raise APIError(400, "tools: a list of {\"type\": \"function\", \"function\": {\"name\": ..., "
+                            "\"parameters\": {...}}}", "tools")
+    names = [t["function"]["name"] for t in tools or []]
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if choice is not None and not (choice in ("none", "auto", "required") or named in names):
+        raise APIError(400, f"tool_choice: none, auto, required or {{\"type\": \"function\", \"function\": "
+                            f"{{\"name\": one of {names}}}}}, got {choice!r}", "tool_choice")
+    if not tools and choice not in (None, "none"):
+        raise APIError(400, f"tool_choice: {choice!r} needs tools", "tool_choice")
+    if tools and choice in (None, "auto"):
+        raise APIError(400, "tool_choice: with tools this server needs \"required\" or a named function (it "
+                            "decodes the call under a grammar; letting the model choose between text and a call "
+                            "is not supported)", "tool_choice")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object", "json_schema")):
+        raise APIError(400, "response_format: {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                       "response_format")
+    if calls_tools(body) and body.stream:
+        raise APIError(400, "stream: not supported with tool calls yet; leave stream out", "stream")
+    schema, param = None, None
+    if calls_tools(body):
+        schema, param = tool_call_schema(tools, named), "tools"
+    elif fmt is not None and fmt["type"] == "json_object":
+        schema, param = {"type": "object"}, "response_format"
+    elif fmt is not None and fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError(400, "response_format.json_schema: {\"name\": ..., \"schema\": {...}}",
+                           "response_format")
+        schema, param = spec.get("schema", {}), "response_format"
+    if schema is None:
+        return None
+    try:
+        if s.grammars is None:
+            s.grammars = Grammars(s.loaded.encoding, sorted(s.loaded.stop), vocabulary(s))
+        return s.grammars.json_schema(schema)
+    except GrammarError as e:
+        raise APIError(400, f"{param}: {e}", param) from None
 
 
 @router.post("/v1/completions")
@@ -820,8 +874,11 @@ async def respond(request: HTTPRequest, body: Common, gens: list[Generation], ch
     for i, (gen, text) in enumerate(zip(gens, collect.result())):
         if chat:
             logprobs = {"content": chat_logprobs(s.loaded.encoding, gen.scored)} if body.logprobs else None
-            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                            "finish_reason": gen.finish_reason})
+            message, finish = {"role": "assistant", "content": text}, gen.finish_reason
+            if calls_tools(body) and finish == "stop":  # the grammar's JSON, whole: OpenAI's tool call
+                message, finish = {"role": "assistant", "content": None,
+                                   "tool_calls": tool_calls(text, f"call_{uuid.uuid4().hex[:24]}")}, "tool_calls"
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
             continue
         prompt, was_text = prompts[i]
         shown = prompt[1:] if was_text else prompt  # text: its own tokens, not the end-of-text put before them

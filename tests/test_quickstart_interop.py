@@ -118,3 +118,30 @@ def test_lm_eval_routes_agree_on_the_quick_start_model(exports, tasks, monkeypat
             a, b = loglikelihoods(results[name], task), loglikelihoods(results["lightgpt"], task)
             assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (name, task)
         assert results[name]["results"]["tiny_mc"]["acc,none"] == results["lightgpt"]["results"]["tiny_mc"]["acc,none"]
+
+
+def test_the_quick_start_chat_model_answers_in_json_and_tool_calls(exports):
+    """serve.py with the quick start's base and LoRA: json_schema answers parse and validate for 20 seeds, and a
+    required tool call comes back in OpenAI's tool_calls shape with arguments matching its parameters."""
+    import json
+
+    import httpx
+    import jsonschema
+    from test_serve import started
+    from test_structured import HI, SCHEMA, TIME, WEATHER
+
+    loaded = load_for_inference(BASE, torch.device("cpu"), LORA)
+    engine, server = started(loaded, serve.Settings("quickstart-chat", max_tokens=200))
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}}
+    with engine, server:
+        for seed in range(20):
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+                "messages": HI, "response_format": fmt, "seed": seed, "temperature": 1.0}).json()["choices"][0]
+            assert r["finish_reason"] == "stop", r
+            jsonschema.validate(json.loads(r["message"]["content"]), SCHEMA)
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "messages": HI, "tools": [WEATHER, TIME], "tool_choice": "required", "seed": 0}).json()["choices"][0]
+    assert r["finish_reason"] == "tool_calls"
+    call = r["message"]["tool_calls"][0]["function"]
+    schema = {"get_weather": WEATHER, "get_time": TIME}[call["name"]]["function"]["parameters"]
+    jsonschema.validate(json.loads(call["arguments"]), schema)

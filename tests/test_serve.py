@@ -536,9 +536,9 @@ CHAT_FIELDS = {
     "parallel_tool_calls": (False, "harmless"),
     "frequency_penalty": (0.5, "honoured"), "presence_penalty": (0.5, "honoured"), "logit_bias": ({"65": 5}, "honoured"),
     "logprobs": (True, "honoured"), "top_logprobs": (2, "honoured"),
-    "response_format": ({"type": "json_object"}, "refused"),
-    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {}}}], "refused"),
-    "tool_choice": ("required", "refused"), "functions": ([{"name": "f", "parameters": {}}], "refused"),
+    "response_format": ({"type": "json_object"}, "honoured"),
+    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {}}}], "honoured"),
+    "tool_choice": ("required", "refused"),  # without tools: an error "functions": ([{"name": "f", "parameters": {}}], "refused"),
     "function_call": ({"name": "f"}, "refused"), "modalities": (["text", "audio"], "refused"),
     "audio": ({"voice": "alloy", "format": "wav"}, "refused"), "prediction": ({"type": "content", "content": "x"}, "refused"),
     "reasoning_effort": ("low", "refused"), "verbosity": ("low", "refused"), "web_search_options": ({}, "refused"),
@@ -565,6 +565,8 @@ def test_every_openai_field_is_honoured_or_refused(chat_server, endpoint):
             body = {**base, "max_tokens": 3, name: value}
             if name in ("stream_options", "top_logprobs"):  # each needs the other field on
                 body[{"stream_options": "stream", "top_logprobs": "logprobs"}[name]] = True
+            if name == "tools":
+                body["tool_choice"] = "required"
             r = http.post(path, json=body)
             if kind == "refused":
                 assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
