@@ -98,7 +98,8 @@ class Ticket:
 
 class Engine:
     def __init__(self, loaded: Loaded, context_length: int = 1024, max_batch: int = 16, max_waiting: int = 256,
-                 use_compile: bool = False, prefill_chunk: int | None = None, prefix_cache: bool = True):
+                 use_compile: bool = False, prefill_chunk: int | None = None, prefix_cache: bool = True,
+                 forbidden: list[int] | None = None):
         if context_length < 2:
             raise ValueError("context_length must be at least 2: a prompt token and room to answer")
         if max_batch < 1 or max_waiting < 0:
@@ -118,6 +119,8 @@ class Engine:
         self.prompt_tokens = 0  # prompt tokens admitted, and of those the ones read from the cache
         self.cached_tokens = 0
         self.device = self.model.token_embeddings.weight.device
+        # ids never sampled: those the tokenizer cannot decode (cl100k_base and o200k_base leave gaps)
+        self.forbidden = torch.tensor(sorted(forbidden), device=self.device) if forbidden else None
         self.vocabulary_size = self.model.config.vocabulary_size
         self.cache = setup_kv_cache(self.model, max_batch, context_length,
                                     f"a KV cache of {max_batch} rows x {context_length} tokens")
@@ -266,7 +269,7 @@ class Engine:
             work(*args)
         except Exception as e:  # noqa: BLE001 - whatever failed, the server must stay up
             self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            touched = args if args else [t for t in self._rows if t is not None]
+            touched = [a for a in args if isinstance(a, Ticket)] or [t for t in self._rows if t is not None]
             for ticket in touched:
                 self._finish(ticket, "error")
 
@@ -437,6 +440,8 @@ class Engine:
         drawn from its own generator as generate.Decoder draws it."""
         sampling = tickets[0].sampling
         noise = None if sampling.greedy else torch.cat([t.sampler.fill(t.noise) for t in tickets])
+        if self.forbidden is not None:
+            logits.index_fill_(1, self.forbidden, float("-inf"))
         for i, t in enumerate(tickets):  # grammars: the tokens they forbid cannot be sampled
             if t.constraint is not None:
                 t.constraint.mask(logits[i])

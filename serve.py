@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import hmac
 import json
@@ -270,20 +271,21 @@ async def parse_body(request: HTTPRequest, model: type[_Body]) -> _Body:
 # ----------------------------------------------------------------------------- from a body to a Request
 
 
-def sampling_of(body: Common, settings: Settings, vocabulary_size: int) -> Sampling:
+def sampling_of(body: Common, settings: Settings, vocabulary_size: int, holes: frozenset[int] = frozenset()) -> Sampling:
     """The request's sampling: each field it leaves out takes the server's setting (--temperature, ...)."""
     d = settings.sampling
     chosen = {name: getattr(d, name) if getattr(body, name) is None else getattr(body, name)
               for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                            "frequency_penalty")}
-    return Sampling(**chosen, logit_bias=logit_bias_of(body.logit_bias, vocabulary_size))
+    return Sampling(**chosen, logit_bias=logit_bias_of(body.logit_bias, vocabulary_size, holes))
 
 
-def logit_bias_of(bias: dict[str, float] | None, vocabulary_size: int) -> tuple[tuple[int, float], ...]:
+def logit_bias_of(bias: dict[str, float] | None, vocabulary_size: int,
+                  holes: frozenset[int] = frozenset()) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as Sampling takes it (sorted pairs)."""
     out = {}
     for key, value in (bias or {}).items():
-        if not (key.isdigit() and int(key) < vocabulary_size):
+        if not (key.isascii() and key.isdigit() and int(key) < vocabulary_size and int(key) not in holes):
             raise APIError(400, f"logit_bias: {key!r} is not a token id (0 .. {vocabulary_size - 1})", "logit_bias")
         if not -100 <= value <= 100:
             raise APIError(400, f"logit_bias: the bias of {key} must be in [-100, 100], got {value}", "logit_bias")
@@ -327,7 +329,7 @@ def check_common(body: Common) -> None:
                             f"position), got {body.logprobs!r}", "logprobs")
 
 
-def completion_prompts(body: CompletionBody, loaded: Loaded) -> list[tuple[list[int], bool]]:
+def completion_prompts(body: CompletionBody, loaded: Loaded, holes: frozenset[int]) -> list[tuple[list[int], bool]]:
     """Each prompt's ids and whether it was text: text is read as generate.py reads a prompt (end-of-text
     first); token ids are taken as they are, each checked against the vocabulary."""
     prompt, single = body.prompt, isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
@@ -344,8 +346,9 @@ def completion_prompts(body: CompletionBody, loaded: Loaded) -> list[tuple[list[
         if not p:
             raise APIError(400, f"{where}: no token ids", where)
         vocabulary = loaded.model.config.vocabulary_size
-        if not all(0 <= t < vocabulary for t in p):
-            raise APIError(400, f"{where}: token ids must be in 0 .. {vocabulary - 1}", where)
+        if not all(0 <= t < vocabulary and t not in holes for t in p):
+            raise APIError(400, f"{where}: token ids must be in 0 .. {vocabulary - 1}, and ids the tokenizer "
+                                f"has (not {sorted(set(p) & holes)[:3] or 'out of range'})", where)
         out.append((list(p), False))
     return out
 
@@ -521,6 +524,7 @@ class Served:
     created: int
     metrics: ServerMetrics | None = None  # None without prometheus-client
     grammars: Grammars | None = None  # structured output's tokenizer for llguidance, made on first use
+    holes: frozenset[int] = frozenset()  # ids below the vocabulary size that the tokenizer cannot decode
 
 
 def served(request: HTTPRequest) -> Served:
@@ -531,12 +535,25 @@ def vocabulary(s: Served) -> int:
     return s.loaded.model.config.vocabulary_size
 
 
+def undecodable(loaded: Loaded) -> frozenset[int]:
+    """The ids below the model's vocabulary size that its tokenizer cannot decode (cl100k_base and o200k_base
+    have such gaps): refused in requests, and never sampled (Engine's forbidden)."""
+    holes = set()
+    for token in range(loaded.model.config.vocabulary_size):
+        try:
+            loaded.encoding.decode_single_token_bytes(token)
+        except KeyError:
+            holes.add(token)
+    return frozenset(holes)
+
+
 def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
     """The server's routes over a started engine. main runs it under uvicorn; tests and bench.py run it
     in a thread (BackgroundServer)."""
     app = FastAPI(title="LightGPT", docs_url=None, redoc_url=None, openapi_url=None)
     with open(PAGE_PATH, encoding="utf-8") as f:
-        app.state.served = Served(engine, loaded, settings, f.read(), int(time.time()), server_metrics(engine))
+        app.state.served = Served(engine, loaded, settings, f.read(), int(time.time()), server_metrics(engine),
+                                  holes=undecodable(loaded))
     if settings.hosts is not None:
         app.middleware("http")(known_hosts_only)
     app.add_middleware(AccessLog, served=app.state.served)
@@ -580,6 +597,10 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, sending)
+        except BaseException as e:  # the server-error handler answers outside this middleware: a 500
+            if status[0] == 499 and not isinstance(e, ClientGone):
+                status[0] = 500
+            raise
         finally:
             if not logged[0]:
                 done()
@@ -716,7 +737,7 @@ async def detokenize(request: HTTPRequest):
     check_key(request, s.settings)
     body = await parse_body(request, DetokenizeBody)
     vocabulary = s.loaded.model.config.vocabulary_size
-    if not all(0 <= t < vocabulary for t in body.tokens):
+    if not all(0 <= t < vocabulary and t not in s.holes for t in body.tokens):
         raise APIError(400, f"tokens: token ids must be in 0 .. {vocabulary - 1}", "tokens")
     return {"prompt": decode_text(s.loaded.encoding, body.tokens)}
 
@@ -802,16 +823,16 @@ async def completions(request: HTTPRequest):
     check_key(request, s.settings)
     body = await parse_body(request, CompletionBody)
     check_common(body)
-    prompts = completion_prompts(body, s.loaded)
+    prompts = completion_prompts(body, s.loaded, s.holes)
     if body.stream and body.echo:
         raise APIError(400, "stream: not supported with echo; leave one of them out", "stream")
     score_only = body.echo and body.max_tokens == 0  # lm-eval's way to score a text: nothing is generated
     max_tokens = 0 if score_only else max_tokens_of(body.max_tokens, "max_tokens", s.settings)
     for i, (prompt, _) in enumerate(prompts):
         check_room(prompt, s.engine.context_length, "prompt" if len(prompts) == 1 else f"prompt[{i}]", not score_only)
-    settings = dict(max_tokens=max_tokens, sampling=sampling_of(body, s.settings, vocabulary(s)),
+    settings = dict(max_tokens=max_tokens, sampling=sampling_of(body, s.settings, vocabulary(s), s.holes),
                     stop_tokens=frozenset(s.loaded.stop), logprobs=body.logprobs,
-                    score_prompt=bool(body.echo and body.logprobs is not None))
+                    score_prompt=bool(body.echo and (body.logprobs is not None or score_only)))
     seeds = choice_seeds(body.seed, 1 if body.n is None else body.n)
     requests = [Request(prompt, seed=seed, **settings) for prompt, _ in prompts for seed in seeds]
     shown = [prompt for prompt in prompts for _ in seeds]  # each choice's prompt: by prompt, then by n
@@ -866,8 +887,8 @@ async def respond(request: HTTPRequest, body: Common, gens: list[Generation], ch
         gone.cancel()
         if not collect.done():  # the client left: stop generating for it
             collect.cancel()
-            for gen in gens:
-                gen.close()
+        for gen in gens:  # and a choice that failed leaves none of the others decoding (a finished one: no-op)
+            gen.close()
     if not collect.done() or collect.cancelled():
         return Response(status_code=499)
     choices = []
@@ -908,7 +929,22 @@ def token_text(encoding, token: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-def logprobs_of(encoding, shown: list[int], prompt_scores, generated: list[tuple[int, tuple]], offset: int = 0) -> dict:
+class TextOffsets:
+    """Where each token starts in the text (OpenAI's text_offset), token after token: a token that is part of a
+    character adds nothing until the character is whole."""
+
+    def __init__(self, encoding):
+        self.encoding, self.offset = encoding, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+
+    def next(self, token: int) -> int:
+        start = self.offset
+        self.offset += len(self.decoder.decode(self.encoding.decode_single_token_bytes(token)))
+        return start
+
+
+def logprobs_of(encoding, shown: list[int], prompt_scores, generated: list[tuple[int, tuple]],
+                offsets: TextOffsets | None = None) -> dict:
     """OpenAI's completion logprobs: tokens, token_logprobs, top_logprobs and text_offset, for the echoed
     prompt tokens `shown` (the first of a token-id prompt has none: nothing predicted it) and the generated."""
     entries = [(t, None) for t in shown]
@@ -917,11 +953,10 @@ def logprobs_of(encoding, shown: list[int], prompt_scores, generated: list[tuple
         entries = [(t, None) for t in shown[: len(shown) - len(scores)]] + list(zip(shown[len(shown) - len(scores):], scores))
     entries += generated
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offsets = offsets or TextOffsets(encoding)
     for token, score in entries:
-        text = token_text(encoding, token)
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
+        out["tokens"].append(token_text(encoding, token))
+        out["text_offset"].append(offsets.next(token))
         out["token_logprobs"].append(None if score is None else score[0])
         out["top_logprobs"].append(None if score is None else {token_text(encoding, i): v for i, v in score[1]})
     return out
@@ -943,7 +978,7 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
     and then OpenAI's usage chunk (no choices); then [DONE]. A client that leaves cancels every generation."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     sent = [0] * len(gens)  # per choice: the tokens whose log-probabilities were sent
-    offsets = [0] * len(gens)  # per choice: the characters of the token texts sent (a completion's text_offset)
+    offsets = [TextOffsets(encoding) for _ in gens]  # per choice: a completion's text_offset goes on over chunks
 
     def chunk(i: int, piece: str | None, finish=None, role=False) -> dict:
         gen = gens[i]
@@ -955,7 +990,6 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
                 logprobs = {"content": chat_logprobs(encoding, new)}
             else:
                 logprobs = logprobs_of(encoding, [], None, new, offsets[i])
-                offsets[i] += sum(len(t) for t in logprobs["tokens"])
         if chat:
             delta = ({"role": "assistant"} if role else {}) | ({} if piece is None else {"content": piece})
             return {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
@@ -964,9 +998,11 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
     if chat:
         for i in range(len(gens)):
             yield sse(chunk(i, "", role=True))
+    finished = 0
     try:
         async for i, piece in merged(gens):
-            last = piece is None and all(g.finish_reason for g in gens)
+            finished += piece is None
+            last = piece is None and finished == len(gens)
             if piece is not None:
                 yield sse(chunk(i, piece))
             elif not last or include_usage:
@@ -1167,7 +1203,8 @@ def main(args) -> None:
                         Sampling.from_args(args), args.api_key,
                         LOOPBACK if args.host in LOOPBACK else None, access_log=True)
     with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
-                compile_enabled(args.compile, device), args.prefill_chunk, args.prefix_cache == "on") as engine:
+                compile_enabled(args.compile, device), args.prefill_chunk, args.prefix_cache == "on",
+                sorted(undecodable(loaded))) as engine:
         app = create_app(engine, loaded, settings)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -328,3 +328,34 @@ def test_a_prefix_is_copied_from_a_busy_row():
         outputs, _ = staggered(engine, requests, gap_tokens=4)
         assert engine.cached_tokens == len(system) and engine.prompt_tokens == 30 + 2 + 30 + 1
     assert outputs == expected
+
+
+def test_a_failing_prefill_chunk_ends_its_request_and_the_engine_goes_on():
+    """An error while prefilling a prompt (out of memory on a long one, say) ends that request with "error";
+    the engine thread lives on and serves the next request."""
+    model = tiny()
+    with Engine(loaded(model), context_length=32, max_batch=2) as engine:
+        real, calls = engine._prefill_chunk, []
+
+        def flaky(ticket, n):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("out of memory (simulated)")
+            return real(ticket, n)
+
+        engine._prefill_chunk = flaky
+        assert engine.generate(Request([1, 2, 3], 5, Sampling(0.0)), timeout=60)[1] == "error"
+        tokens, reason = engine.generate(Request([1, 2, 3], 5, Sampling(0.0)), timeout=60)
+        assert engine.running and reason == "length"
+        assert tokens == one_at_a_time(model, Request([1, 2, 3], 5, Sampling(0.0)), 32)
+
+
+def test_forbidden_ids_are_never_sampled():
+    """Ids the tokenizer cannot decode (cl100k_base's gaps) never come out, greedy or sampled."""
+    model = tiny()
+    plain = one_at_a_time(model, Request([1, 2, 3], 12, Sampling(0.0)), 32)
+    banned = sorted(set(plain))[:2]
+    with Engine(loaded(model), context_length=32, max_batch=2, forbidden=banned) as engine:
+        for sampling, seed in ((Sampling(0.0), None), (Sampling(1.5, 500, 1.0), 3)):
+            tokens = engine.generate(Request([1, 2, 3], 12, sampling, seed), timeout=60)[0]
+            assert not set(tokens) & set(banned) and len(tokens) == 12

@@ -752,3 +752,81 @@ def test_without_prometheus_client_metrics_say_how_to_install(certain, monkeypat
         r = httpx.get(server.url + "/metrics", timeout=10)
         assert client(server).completions.create(model="x", prompt="The ", max_tokens=2).choices[0].text
     assert r.status_code == 503 and "pip install prometheus-client" in r.json()["error"]["message"]
+
+
+def test_review_defects_of_the_new_fields(base_server, certain, monkeypatch):
+    """Found in review, each failed before its fix: a non-ASCII digit key in logit_bias (500), ids the tokenizer
+    cannot decode (500), n>1 streams sending the usage once per choice, a failed choice leaving the others
+    decoding, text_offset counting partial characters' labels, and echo with max_tokens 0 without logprobs."""
+    url = base_server.url
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "logit_bias": {"²": 1}}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    events = sse_events(httpx.post(url + "/v1/completions", timeout=30, json={
+        "prompt": "The ", "max_tokens": 5, "n": 4, "seed": 1, "stream": True}))
+    assert sum("usage" in e for e in events) == 1 and events[-1]["usage"]["completion_tokens"] == 20
+    lp = httpx.post(url + "/v1/completions", timeout=30, json={
+        "prompt": "é, ok", "echo": True, "logprobs": 0, "max_tokens": 0}).json()["choices"][0]["logprobs"]
+    assert lp["text_offset"] == [0, 0, 1, 2, 3, 4] and lp["tokens"][0] == "bytes:\\xc3"
+    echo = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "echo": True, "max_tokens": 0}, timeout=30)
+    assert echo.status_code == 200 and echo.json()["choices"][0]["text"] == "Hello"
+    holes = serve.undecodable(generate.Loaded(base_server.loaded.model, _Holed(base_server.loaded.encoding, {65}), 256))
+    assert holes == {65}
+
+
+class _Holed:
+    """An encoding that cannot decode some ids, as cl100k_base cannot decode 100256 and 100261-100275."""
+
+    def __init__(self, encoding, holes):
+        self.encoding, self.holes = encoding, holes
+
+    def decode_single_token_bytes(self, token):
+        if token in self.holes:
+            raise KeyError(token)
+        return self.encoding.decode_single_token_bytes(token)
+
+    def __getattr__(self, name):  # everything else is the encoding's
+        return getattr(self.encoding, name)
+
+
+def test_ids_the_tokenizer_lacks_are_refused_and_a_failed_choice_frees_the_others(certain, monkeypatch):
+    loaded = load_for_inference(certain.base, torch.device("cpu"))
+    loaded = generate.Loaded(loaded.model, _Holed(loaded.encoding, {65}), loaded.eot)
+    engine, server = started(loaded, serve.Settings("holed"))
+    with engine, server:
+        for body, param in (({"prompt": [256, 65]}, "prompt"), ({"prompt": "x", "logit_bias": {"65": 1}}, "logit_bias")):
+            r = httpx.post(server.url + "/v1/completions", json=body, timeout=10)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        r = httpx.post(server.url + "/detokenize", json={"tokens": [65]}, timeout=10)
+        assert r.status_code == 400
+        joins = []
+        real = engine._join
+
+        def third_fails(ticket):
+            joins.append(1)
+            if len(joins) == 3:
+                raise RuntimeError("simulated")
+            return real(ticket)
+
+        monkeypatch.setattr(engine, "_join", third_fails)
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "The ", "n": 4, "max_tokens": 3000}, timeout=60)
+        assert r.status_code in (500, 503)
+        assert healthy(server, timeout=20)["active"] == 0  # the other choices were cancelled, not left decoding
+
+
+def test_an_internal_error_is_counted_and_logged_as_a_500(certain, monkeypatch, capfd):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    loaded = load_for_inference(certain.base, torch.device("cpu"))
+    engine, server = started(loaded, serve.Settings("tiny-base", access_log=True))
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(serve, "completion_prompts", broken)
+    with engine, server:
+        assert httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 500
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+    counts = {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+              for s in f.samples if s.name == "lightgpt_requests_total"}
+    assert counts[(("path", "/v1/completions"), ("status", "500"))] == 1
+    assert any(line.endswith("s") and " 500 " in line for line in capfd.readouterr().err.splitlines())
