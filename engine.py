@@ -274,12 +274,15 @@ class Engine:
                 self._finish(ticket, "error")
 
     def _choose_row(self, ticket: Ticket, free: list[int]) -> int:
-        """The free row whose kept tokens start the prompt furthest, else the lowest free row (so that the
-        rows in use stay near a prefix: an eager step runs the rows up to the highest in use)."""
+        """The free row whose kept tokens start the prompt furthest; else the lowest free row that keeps nothing,
+        else the lowest free row (rows in use near a prefix: an eager step runs the rows up to the highest in use)."""
         if not self.prefix_cache or ticket.request.score_prompt:  # scoring needs every prompt position's logits
             return free[0]
         best = max(free, key=lambda row: (self._shared(row, ticket.request.prompt), -row))
-        return best if self._shared(best, ticket.request.prompt) > 0 else free[0]
+        if self._shared(best, ticket.request.prompt) > 0:
+            return best
+        empty = [row for row in free if not self._row_tokens[row]]  # no hit: keep the rows that hold something
+        return empty[0] if empty else free[0]
 
     def _shared(self, row: int, prompt: list[int]) -> int:
         """How many of the prompt's first tokens row holds (at most all but the last: its logits start the

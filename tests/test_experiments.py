@@ -49,6 +49,7 @@ def test_a_short_run_scores_every_variant_at_every_length(tmp_path):
     assert len(json.loads((out / "results.json").read_text())) == 3
 
 
+@pytest.mark.slow  # about 6 s: it times training steps of two models
 def test_the_step_comparison_times_pretrains_default_step(tmp_path, capsys):
     """experiments/step_vs_nanogpt.py against a stand-in for nanoGPT's model.py (the real one is not ours)."""
     (tmp_path / "model.py").write_text(
