@@ -152,6 +152,7 @@ def test_task_and_install_mistakes_are_one_line(exported, tasks, tmp_path, monke
     assert not os.path.exists(tmp_path / "out" / "lm_eval_results.json")
 
 
+@pytest.mark.slow  # imports lm-eval (seconds)
 def test_generate_until_stops_at_the_until_string(exported):
     """generate_until: greedy decoding of LightGPT's decoder, cut before the first `until` string."""
     from lm_eval.api.instance import Instance
