@@ -794,8 +794,6 @@ def structured_grammar(s: Served, body: ChatBody) -> str | None:
         raise APIError(400, "response_format: {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                             "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
                        "response_format")
-    if calls_tools(body) and body.stream:
-        raise APIError(400, "stream: not supported with tool calls yet; leave stream out", "stream")
     schema, param = None, None
     if calls_tools(body):
         schema, param = tool_call_schema(tools, named), "tools"
@@ -878,7 +876,8 @@ async def respond(request: HTTPRequest, body: Common, gens: list[Generation], ch
             "model": s.settings.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(stream(gens, head, chat, include_usage, s.loaded.encoding), gens)
+        tools = chat and calls_tools(body)
+        return EventStream(stream(gens, head, chat, include_usage, s.loaded.encoding, tools), gens)
     collect = asyncio.ensure_future(asyncio.gather(*(gen.text() for gen in gens)))
     gone = asyncio.ensure_future(until_disconnected(request))
     try:
@@ -971,12 +970,15 @@ def chat_logprobs(encoding, scored: list[tuple[int, tuple]]) -> list[dict]:
     return [{**entry(token, lp), "top_logprobs": [entry(i, v) for i, v in top]} for token, (lp, top) in scored]
 
 
-async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: bool, encoding):
+async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: bool, encoding,
+                 tools: bool = False):
     """Server-sent events: a chunk per piece of text of each choice (the first chat chunk of each names the
     role), each with the log-probabilities of the tokens it covers when asked; a chunk with each choice's
     finish reason, the last one with the usage, or with stream_options.include_usage the finish reasons alone
-    and then OpenAI's usage chunk (no choices); then [DONE]. A client that leaves cancels every generation."""
+    and then OpenAI's usage chunk (no choices); then [DONE]. A tool call (tools) is sent whole, as one delta
+    with its tool_calls, once its JSON is complete. A client that leaves cancels every generation."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    texts = [[] for _ in gens]  # a tool call's JSON, per choice, until it is whole
     sent = [0] * len(gens)  # per choice: the tokens whose log-probabilities were sent
     offsets = [TextOffsets(encoding) for _ in gens]  # per choice: a completion's text_offset goes on over chunks
 
@@ -1003,6 +1005,16 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
         async for i, piece in merged(gens):
             finished += piece is None
             last = piece is None and finished == len(gens)
+            if tools and piece is not None:
+                texts[i].append(piece)
+                continue
+            if tools and gens[i].finish_reason == "stop":  # the call's JSON is whole: OpenAI's tool_calls delta
+                calls = tool_calls("".join(texts[i]), f"call_{uuid.uuid4().hex[:24]}")
+                delta = {"tool_calls": [{"index": 0, **calls[0]}]}
+                yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+                gens[i].finish_reason = "tool_calls"
+            elif tools and texts[i]:  # cut at max_tokens: the text as it is
+                yield sse(chunk(i, "".join(texts[i])))
             if piece is not None:
                 yield sse(chunk(i, piece))
             elif not last or include_usage:

@@ -17,6 +17,7 @@ import torch
 
 LLGUIDANCE_INSTALL = "pip install llguidance"
 JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: a model cannot stall in whitespace
+MAX_COMPILED = 256  # schemas whose grammars are kept
 
 
 class GrammarError(ValueError):
@@ -32,6 +33,7 @@ class Grammars:
         except ImportError:
             raise GrammarError(f"structured output needs llguidance, which is not installed: {LLGUIDANCE_INSTALL}") from None
         self.vocabulary_size = vocabulary_size
+        self.compiled: dict[str, str] = {}  # schema (as JSON) -> grammar: a client's repeated schema compiles once
         self.tokenizer = llguidance.tiktoken.lltokenizer_from_encoding(encoding, n_vocab=vocabulary_size,
                                                                         eos_token=sorted(stop_tokens))
 
@@ -39,11 +41,17 @@ class Grammars:
         """The grammar of JSON matching a schema (closed: see closed())."""
         from llguidance import LLMatcher
 
+        key = json.dumps(schema, sort_keys=True)
+        if key in self.compiled:
+            return self.compiled[key]
         try:
             grammar = LLMatcher.grammar_from_json_schema(closed(schema), overrides=JSON_OPTIONS)
         except ValueError as e:
             raise GrammarError(f"not a JSON schema llguidance can use ({str(e).splitlines()[0]})") from None
         self.check(grammar)
+        if len(self.compiled) >= MAX_COMPILED:
+            self.compiled.pop(next(iter(self.compiled)))  # the oldest
+        self.compiled[key] = grammar
         return grammar
 
     def check(self, grammar: str) -> None:

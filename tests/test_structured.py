@@ -73,6 +73,14 @@ def test_a_required_tool_call_comes_back_in_openais_shape(server):
         assert call.type == "function" and call.id.startswith("call_")
         schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
         jsonschema.validate(json.loads(call.function.arguments), schema)
+    chunks = list(c.chat.completions.create(model="x", messages=HI, tools=[WEATHER, TIME], tool_choice="required",
+                                            seed=0, temperature=1.0, stream=True))
+    calls = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    whole = c.chat.completions.create(model="x", messages=HI, tools=[WEATHER, TIME], tool_choice="required", seed=0,
+                                      temperature=1.0).choices[0].message.tool_calls[0]
+    assert len(calls) == 1 and calls[0].function.name == whole.function.name  # streamed: the call in one delta
+    assert calls[0].function.arguments == whole.function.arguments
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
     named = c.chat.completions.create(model="x", messages=HI, tools=[WEATHER, TIME], seed=1,
                                       tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert named.choices[0].message.tool_calls[0].function.name == "get_time"
@@ -104,7 +112,6 @@ def test_langchain_structured_output_and_tools_work_against_the_server(server):
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "one of"),
     ({"tools": [{"name": "f"}], "tool_choice": "required"}, "tools", "a list of"),
-    ({"tools": [WEATHER], "tool_choice": "required", "stream": True}, "stream", "not supported with tool calls"),
     ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}},
      "response_format", "schema"),
