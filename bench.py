@@ -139,7 +139,8 @@ def parse_args(argv=None):
     g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")
     g.add_argument("--num_dataset_processes", type=positive_int, default=8, help="tokenizer threads")
     g = p.add_argument_group("system")
-    g.add_argument("--compare_hf", action="store_true", help="also time transformers' GPT-2 of the same shape")
+    g.add_argument("--compare_hf", action="store_true", help="also time transformers' GPT-2 of the same shape "
+                   "(serve: transformers' continuous batching, generate_batch, on a Llama of the served shape)")
     g.add_argument("--attention_backend", choices=tuple(ATTENTION_BACKENDS), default="auto",
                    help="the scaled_dot_product_attention kernel (auto: PyTorch's choice)")
     g.add_argument("--profile_path", default=None,
@@ -540,7 +541,7 @@ def bench_shared_prefix(args, device, rows) -> None:
     context = args.system_tokens + 16 + args.max_tokens + 2
     for label, cache in (("prefix cache off", False), ("prefix cache on", True)):
         with Engine(loaded, context, args.max_batch, args.requests, prefix_cache=cache) as engine:
-            timed_request(engine, Request(base_prompt(loaded, "warm up"), 4, Sampling(temperature=0.0)))
+            timed_request(engine, Request(base_prompt(loaded, texts[-1][:4]), 4, Sampling(temperature=0.0)))
             results = [timed_request(engine, Request(p, args.max_tokens, Sampling(temperature=0.0))) for p in prompts]
             hits = engine.cached_tokens
         report(rows, {"mode": "serve", "scenario": "shared-prefix", "system": label, "device": device_name(device),
@@ -604,6 +605,41 @@ def bench_serve(args, device, rows) -> None:
                                            f"{base['tokens']}: the same seeded requests must give the same tokens")
                     record["speedup"] = round(record["tokens_per_s"] / base["tokens_per_s"], 2)
                 report(rows, record)
+    if args.compare_hf:
+        report(rows, hf_generate_batch(args, device, loaded, texts, sampling, rows))
+
+
+def hf_generate_batch(args, device, loaded, texts: list[str], sampling, rows) -> dict:
+    """The peer: transformers' own continuous batching (generate_batch, paged SDPA attention) on a Llama of the
+    served model's shape (its width, heads, layers, vocabulary; a gated MLP of the same parameter count),
+    random weights, the same prompts, the same sampling settings and token counts (no end-of-text)."""
+    try:
+        from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise UserError("--compare_hf needs the transformers package: pip install transformers") from None
+    c = loaded.model.config
+    config = LlamaConfig(vocab_size=c.vocabulary_size, hidden_size=c.embedding_dimensions,
+                         intermediate_size=round(2 * c.feed_forward_ratio * c.embedding_dimensions / 3),
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_attention_heads, max_position_embeddings=args.context_length,
+                         tie_word_embeddings=True)
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).to(device, loaded.model.token_embeddings.weight.dtype).eval()
+    model.set_attn_implementation("paged|sdpa")
+    prompts = [base_prompt(loaded, t) for t in texts]
+    generation = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=not sampling.greedy,
+                                  temperature=max(sampling.temperature, 1e-5), top_k=sampling.top_k,
+                                  top_p=sampling.top_p, eos_token_id=-1, pad_token_id=0, max_batch_tokens=512)
+    model.generate_batch(inputs=prompts[:2], generation_config=generation, progress_bar=False)  # warm-up
+    start = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=generation, progress_bar=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.generated_tokens) for r in out.values())
+    ours = max((r["tokens_per_s"] for r in rows if r.get("system") == "batched"), default=None)
+    return {"mode": "serve", "system": "transformers generate_batch", "through": "engine",
+            "device": device_name(device), "requests": len(prompts), "max_tokens": args.max_tokens, "tokens": tokens,
+            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "lightgpt_batched_over_this": round(ours / (tokens / seconds), 2) if ours else None}
 
 
 # ----------------------------------------------------------------------------- tokenize

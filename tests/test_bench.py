@@ -140,3 +140,26 @@ def test_the_gpu_machines_scripts_need_none_of_the_optional_libraries():
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "--checkpoint_path: no checkpoint at ./checkpoints/none.pt"
+
+
+@pytest.mark.slow  # transformers' continuous batching starts a scheduler: seconds
+def test_serve_times_transformers_continuous_batching_beside_ours(capsys):
+    rows = run(capsys, "serve", *TINY, "--requests", "3", "--clients", "3", "--max_tokens", "4", "--prompt_tokens", "3",
+               "--context_length", "16", "--max_batch", "4", "--through", "engine", "--compare_hf")
+    peer = rows[-1]
+    assert peer["system"] == "transformers generate_batch" and peer["tokens"] == 3 * 4 and peer["tokens_per_s"] > 0
+    batched = next(r for r in rows if r["system"] == "batched")
+    assert peer["lightgpt_batched_over_this"] == pytest.approx(batched["tokens_per_s"] / peer["tokens_per_s"], rel=0.1)
+
+
+@pytest.mark.slow  # three engines, a long prompt each
+@pytest.mark.parametrize("scenario", ["long-prompt", "shared-prefix"])
+def test_the_latency_scenarios_report_their_percentiles(capsys, scenario):
+    rows = run(capsys, "serve", *TINY, "--scenario", scenario, "--max_tokens", "24", "--requests", "4",
+               "--prompt_tokens", "4", "--long_prompt_tokens", "100", "--system_tokens", "40", "--prefill_chunk", "16")
+    systems = [r["system"] for r in rows]
+    if scenario == "long-prompt":
+        assert systems == ["whole prefill", "auto chunks", "chunks of 16"] and all(r["long_prompt_tokens"] == 100 for r in rows)
+    else:
+        assert systems == ["prefix cache off", "prefix cache on"] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
+    assert all(0 < r["itl_p50_ms"] <= r["itl_p99_ms"] <= r["itl_max_ms"] and r["ttft_p50_ms"] > 0 for r in rows)
