@@ -770,6 +770,11 @@ def calls_tools(body: ChatBody) -> bool:
     return bool(body.tools) and body.tool_choice not in (None, "none", "auto")
 
 
+def may_call_tools(body: ChatBody) -> bool:
+    """Whether the model chooses between text and a tool call: tools given, tool_choice "auto" or left out."""
+    return bool(body.tools) and body.tool_choice in (None, "auto")
+
+
 def structured_grammar(s: Served, body: ChatBody) -> str | None:
     """The grammar an answer is decoded under: a tool call's JSON, or response_format's JSON; None for text.
     A tool_choice this server cannot force, a schema that does not compile, llguidance missing: a 400."""
@@ -786,16 +791,12 @@ def structured_grammar(s: Served, body: ChatBody) -> str | None:
                             f"{{\"name\": one of {names}}}}}, got {choice!r}", "tool_choice")
     if not tools and choice not in (None, "none"):
         raise APIError(400, f"tool_choice: {choice!r} needs tools", "tool_choice")
-    if tools and choice in (None, "auto"):
-        raise APIError(400, "tool_choice: with tools this server needs \"required\" or a named function (it "
-                            "decodes the call under a grammar; letting the model choose between text and a call "
-                            "is not supported)", "tool_choice")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object", "json_schema")):
         raise APIError(400, "response_format: {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
                             "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
                        "response_format")
     schema, param = None, None
-    if calls_tools(body):
+    if calls_tools(body) or may_call_tools(body):
         schema, param = tool_call_schema(tools, named), "tools"
     elif fmt is not None and fmt["type"] == "json_object":
         schema, param = {"type": "object"}, "response_format"
@@ -810,7 +811,7 @@ def structured_grammar(s: Served, body: ChatBody) -> str | None:
     try:
         if s.grammars is None:
             s.grammars = Grammars(s.loaded.encoding, sorted(s.loaded.stop), vocabulary(s))
-        return s.grammars.json_schema(schema)
+        return s.grammars.text_or_call(schema) if may_call_tools(body) else s.grammars.json_schema(schema)
     except GrammarError as e:
         raise APIError(400, f"{param}: {e}", param) from None
 
@@ -876,7 +877,7 @@ async def respond(request: HTTPRequest, body: Common, gens: list[Generation], ch
             "model": s.settings.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        tools = chat and calls_tools(body)
+        tools = ("required" if calls_tools(body) else "auto" if may_call_tools(body) else None) if chat else None
         return EventStream(stream(gens, head, chat, include_usage, s.loaded.encoding, tools), gens)
     collect = asyncio.ensure_future(asyncio.gather(*(gen.text() for gen in gens)))
     gone = asyncio.ensure_future(until_disconnected(request))
@@ -895,7 +896,8 @@ async def respond(request: HTTPRequest, body: Common, gens: list[Generation], ch
         if chat:
             logprobs = {"content": chat_logprobs(s.loaded.encoding, gen.scored)} if body.logprobs else None
             message, finish = {"role": "assistant", "content": text}, gen.finish_reason
-            if calls_tools(body) and finish == "stop":  # the grammar's JSON, whole: OpenAI's tool call
+            called = calls_tools(body) or (may_call_tools(body) and text.startswith("{"))
+            if called and finish == "stop":  # the grammar's JSON, whole: OpenAI's tool call
                 message, finish = {"role": "assistant", "content": None,
                                    "tool_calls": tool_calls(text, f"call_{uuid.uuid4().hex[:24]}")}, "tool_calls"
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
@@ -979,6 +981,8 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
     with its tool_calls, once its JSON is complete. A client that leaves cancels every generation."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     texts = [[] for _ in gens]  # a tool call's JSON, per choice, until it is whole
+    calling = [tools == "required" if tools else False for _ in gens]  # per choice: is it a call (auto: its "{")
+    decided = [tools != "auto" for _ in gens]
     sent = [0] * len(gens)  # per choice: the tokens whose log-probabilities were sent
     offsets = [TextOffsets(encoding) for _ in gens]  # per choice: a completion's text_offset goes on over chunks
 
@@ -1005,15 +1009,17 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
         async for i, piece in merged(gens):
             finished += piece is None
             last = piece is None and finished == len(gens)
-            if tools and piece is not None:
+            if piece is not None and not decided[i]:  # auto: the first text says which the model chose
+                decided[i], calling[i] = True, piece.startswith("{")
+            if calling[i] and piece is not None:
                 texts[i].append(piece)
                 continue
-            if tools and gens[i].finish_reason == "stop":  # the call's JSON is whole: OpenAI's tool_calls delta
+            if calling[i] and gens[i].finish_reason == "stop":  # the call's JSON is whole: OpenAI's tool_calls delta
                 calls = tool_calls("".join(texts[i]), f"call_{uuid.uuid4().hex[:24]}")
                 delta = {"tool_calls": [{"index": 0, **calls[0]}]}
                 yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
                 gens[i].finish_reason = "tool_calls"
-            elif tools and texts[i]:  # cut at max_tokens: the text as it is
+            elif calling[i] and texts[i]:  # cut at max_tokens: the text as it is
                 yield sse(chunk(i, "".join(texts[i])))
             if piece is not None:
                 yield sse(chunk(i, piece))

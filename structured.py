@@ -54,6 +54,20 @@ class Grammars:
         self.compiled[key] = grammar
         return grammar
 
+    def text_or_call(self, schema: dict) -> str:
+        """tool_choice "auto": the grammar of either text (not starting with "{") or a tool call's JSON. The model
+        chooses with its first token; the answer is a call when it starts with "{"."""
+        from llguidance import LLMatcher
+
+        key = "auto:" + json.dumps(schema, sort_keys=True)
+        if key not in self.compiled:
+            call = {**closed(schema), "x-guidance": JSON_OPTIONS}
+            grammar = LLMatcher.grammar_from_lark(f"start: call | text\ncall: %json {json.dumps(call)}\n"
+                                                   f"text: /[^{{][\\s\\S]*/\n")
+            self.check(grammar)
+            self.compiled[key] = grammar
+        return self.compiled[key]
+
     def check(self, grammar: str) -> None:
         from llguidance import LLMatcher
 

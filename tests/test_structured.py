@@ -87,6 +87,22 @@ def test_a_required_tool_call_comes_back_in_openais_shape(server):
     assert healthy(server)
 
 
+def test_with_tool_choice_auto_the_model_chooses_text_or_a_call(server):
+    """tool_choice auto (or left out): the grammar lets the model write text or a call; this model, left alone,
+    answers in text ("yes."); pushed to open with "{" (logit_bias), it makes a valid call."""
+    c = client(server)
+    for choice in ("auto", None):
+        kwargs = {"tool_choice": choice} if choice else {}
+        text = c.chat.completions.create(model="x", messages=HI, tools=[WEATHER], seed=0, **kwargs).choices[0]
+        assert text.message.content == "yes." and not text.message.tool_calls and text.finish_reason == "stop"
+    forced = c.chat.completions.create(model="x", messages=HI, tools=[WEATHER], tool_choice="auto", seed=0,
+                                       logit_bias={"123": 100}).choices[0]
+    assert forced.finish_reason == "tool_calls" and forced.message.tool_calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(forced.message.tool_calls[0].function.arguments), WEATHER["function"]["parameters"])
+    chunks = list(c.chat.completions.create(model="x", messages=HI, tools=[WEATHER], seed=0, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "yes."
+
+
 def test_langchain_structured_output_and_tools_work_against_the_server(server):
     pytest.importorskip("langchain_openai")
     from langchain_openai import ChatOpenAI
@@ -104,11 +120,11 @@ def test_langchain_structured_output_and_tools_work_against_the_server(server):
     message = llm.bind_tools([WEATHER], tool_choice="required").invoke("What is the weather?")
     (call,) = message.tool_calls
     assert call["name"] == "get_weather" and call["args"]["city"] in ("Paris", "Oslo")
+    chose = llm.bind_tools([WEATHER]).invoke("Hi")  # langchain's default: tool_choice left out, "auto"
+    assert chose.content == "yes." and chose.tool_calls == []
 
 
 @pytest.mark.parametrize("body, param, message", [
-    ({"tools": [WEATHER]}, "tool_choice", "needs \"required\" or a named function"),
-    ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice", "needs \"required\""),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "one of"),
     ({"tools": [{"name": "f"}], "tool_choice": "required"}, "tools", "a list of"),
