@@ -973,16 +973,14 @@ def chat_logprobs(encoding, scored: list[tuple[int, tuple]]) -> list[dict]:
 
 
 async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: bool, encoding,
-                 tools: bool = False):
+                 tools: str | None = None):
     """Server-sent events: a chunk per piece of text of each choice (the first chat chunk of each names the
     role), each with the log-probabilities of the tokens it covers when asked; a chunk with each choice's
     finish reason, the last one with the usage, or with stream_options.include_usage the finish reasons alone
     and then OpenAI's usage chunk (no choices); then [DONE]. A tool call (tools) is sent whole, as one delta
     with its tool_calls, once its JSON is complete. A client that leaves cancels every generation."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-    texts = [[] for _ in gens]  # a tool call's JSON, per choice, until it is whole
-    calling = [tools == "required" if tools else False for _ in gens]  # per choice: is it a call (auto: its "{")
-    decided = [tools != "auto" for _ in gens]
+    held = HeldCalls(tools, len(gens))
     sent = [0] * len(gens)  # per choice: the tokens whose log-probabilities were sent
     offsets = [TextOffsets(encoding) for _ in gens]  # per choice: a completion's text_offset goes on over chunks
 
@@ -1009,18 +1007,14 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
         async for i, piece in merged(gens):
             finished += piece is None
             last = piece is None and finished == len(gens)
-            if piece is not None and not decided[i]:  # auto: the first text says which the model chose
-                decided[i], calling[i] = True, piece.startswith("{")
-            if calling[i] and piece is not None:
-                texts[i].append(piece)
+            if piece is not None and held.hold(i, piece):
                 continue
-            if calling[i] and gens[i].finish_reason == "stop":  # the call's JSON is whole: OpenAI's tool_calls delta
-                calls = tool_calls("".join(texts[i]), f"call_{uuid.uuid4().hex[:24]}")
-                delta = {"tool_calls": [{"index": 0, **calls[0]}]}
-                yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
-                gens[i].finish_reason = "tool_calls"
-            elif calling[i] and texts[i]:  # cut at max_tokens: the text as it is
-                yield sse(chunk(i, "".join(texts[i])))
+            if piece is None:
+                delta, text = held.release(i, gens[i])
+                if delta:
+                    yield sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]})
+                if text:
+                    yield sse(chunk(i, text))
             if piece is not None:
                 yield sse(chunk(i, piece))
             elif not last or include_usage:
@@ -1034,6 +1028,36 @@ async def stream(gens: list[Generation], head: dict, chat: bool, include_usage: 
     if include_usage:  # OpenAI's way: usage in a chunk of its own (no choices), none on the others
         yield sse({**head, "choices": [], "usage": total_usage(gens)})
     yield sse("[DONE]")
+
+
+class HeldCalls:
+    """A stream's tool calls, held per choice until whole (tools: "required", "auto" or None; with auto an
+    answer is a call when its text starts with "{")."""
+
+    def __init__(self, tools: str | None, n: int):
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.calling = [tools == "required"] * n
+        self.decided = [tools != "auto"] * n
+
+    def hold(self, i: int, piece: str) -> bool:
+        """Whether choice i's piece is held (part of a call) rather than sent as text."""
+        if not self.decided[i]:
+            self.decided[i], self.calling[i] = True, piece.startswith("{")
+        if self.calling[i]:
+            self.texts[i].append(piece)
+        return self.calling[i]
+
+    def release(self, i: int, gen: Generation) -> tuple[dict | None, str | None]:
+        """At choice i's end: OpenAI's tool_calls delta when its JSON is whole (its finish_reason becomes
+        tool_calls), or the text held when max_tokens cut it."""
+        if not self.calling[i]:
+            return None, None
+        text = "".join(self.texts[i])
+        if gen.finish_reason != "stop":
+            return None, text or None
+        gen.finish_reason = "tool_calls"
+        call = tool_calls(text, f"call_{uuid.uuid4().hex[:24]}")[0]
+        return {"tool_calls": [{"index": 0, **call}]}, None
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, str | None]]:
