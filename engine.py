@@ -99,7 +99,7 @@ class Ticket:
 class Engine:
     def __init__(self, loaded: Loaded, context_length: int = 1024, max_batch: int = 16, max_waiting: int = 256,
                  use_compile: bool = False, prefill_chunk: int | None = None, prefix_cache: bool = True,
-                 forbidden: list[int] | None = None):
+                 forbidden: list[int] | None = None):  # forbidden: default loaded.undecodable
         if context_length < 2:
             raise ValueError("context_length must be at least 2: a prompt token and room to answer")
         if max_batch < 1 or max_waiting < 0:
@@ -120,6 +120,7 @@ class Engine:
         self.cached_tokens = 0
         self.device = self.model.token_embeddings.weight.device
         # ids never sampled: those the tokenizer cannot decode (cl100k_base and o200k_base leave gaps)
+        forbidden = loaded.undecodable if forbidden is None else forbidden
         self.forbidden = torch.tensor(sorted(forbidden), device=self.device) if forbidden else None
         self.vocabulary_size = self.model.config.vocabulary_size
         self.cache = setup_kv_cache(self.model, max_batch, context_length,
@@ -276,38 +277,39 @@ class Engine:
     def _choose_row(self, ticket: Ticket, free: list[int]) -> int:
         """The free row whose kept tokens start the prompt furthest; else the lowest free row that keeps nothing,
         else the lowest free row (rows in use near a prefix: an eager step runs the rows up to the highest in use)."""
-        if not self.prefix_cache or ticket.request.score_prompt:  # scoring needs every prompt position's logits
-            return free[0]
-        best = max(free, key=lambda row: (self._shared(row, ticket.request.prompt), -row))
-        if self._shared(best, ticket.request.prompt) > 0:
+        shared = self._shared(ticket)
+        best = max(free, key=lambda row: (shared[row], -row))
+        if shared[best] > 0:
             return best
         empty = [row for row in free if not self._row_tokens[row]]  # no hit: keep the rows that hold something
         return empty[0] if empty else free[0]
 
-    def _shared(self, row: int, prompt: list[int]) -> int:
-        """How many of the prompt's first tokens row holds (at most all but the last: its logits start the
-        answer)."""
-        kept, n = self._row_tokens[row], 0
-        if kept is None:
-            return 0
-        for a, b in zip(kept, prompt[:-1]):
-            if a != b:
-                break
-            n += 1
-        return n
+    def _shared(self, ticket: Ticket) -> list[int]:
+        """Per row, how many of the request's first prompt tokens it holds (at most all but the last: its logits
+        start the answer); none without the prefix cache, or for a request scoring its prompt (every position's
+        logits are needed)."""
+        prompt, out = ticket.request.prompt, [0] * self.max_batch
+        if not self.prefix_cache or ticket.request.score_prompt:
+            return out
+        for row, kept in enumerate(self._row_tokens):
+            for a, b in zip(kept or (), prompt[:-1]):
+                if a != b:
+                    break
+                out[row] += 1
+        return out
 
     def _reuse(self, ticket: Ticket) -> None:
         """Start the request's row: keep the prompt's prefix the row already holds (the best any row holds, copied
         from that row when it is another), forget the rest."""
         row, prompt = ticket.row, ticket.request.prompt
-        n = self._shared(row, prompt) if self.prefix_cache and not ticket.request.score_prompt else 0
-        if self.prefix_cache and not ticket.request.score_prompt:
-            source = max(range(self.max_batch), key=lambda r: self._shared(r, prompt))
-            if self._shared(source, prompt) > n:  # another row, busy or free, holds more of it: copy its keys
-                n = self._shared(source, prompt)
-                for k, v in self.cache._buffers_by_layer:
-                    k[row, :, :n] = k[source, :, :n]
-                    v[row, :, :n] = v[source, :, :n]
+        shared = self._shared(ticket)
+        n = shared[row]
+        source = max(range(self.max_batch), key=shared.__getitem__)
+        if shared[source] > n:  # another row, busy or free, holds more of it: copy its keys
+            n = shared[source]
+            for k, v in self.cache._buffers_by_layer:
+                k[row, :, :n] = k[source, :, :n]
+                v[row, :, :n] = v[source, :, :n]
         self.cache.slot_pos[row, n:] = -1  # (a row's kept tokens never wrapped: position p in slot p)
         self.cache.slot_pos[row, :n] = torch.arange(n, device=self.device)
         self._row_tokens[row] = list(prompt[:n])
@@ -374,7 +376,7 @@ class Engine:
             self._finish(ticket, "length")
             return
         ticket.position, ticket.decoding = prompt_end, True
-        self._advance([ticket], [self._sample([ticket], logits)], logits)
+        self._advance([ticket], [self._sample([ticket], logits)], logits, [0])
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, input_pos=positions)[:, -1]  # (B, V)
@@ -415,7 +417,7 @@ class Engine:
             index = torch.tensor([t.row for t in group], device=self.device)
             tickets += group
             next_tokens.append(self._sample(group, logits.index_select(0, index)))
-        self._advance(tickets, next_tokens, logits[torch.tensor([t.row for t in tickets], device=self.device)])
+        self._advance(tickets, next_tokens, logits, [t.row for t in tickets])
 
     def _dummy_position(self, row: int, ticket: Ticket | None) -> int:
         """Where a row that is not decoding (free, or still prefilling) writes the step's dummy token: the
@@ -455,17 +457,18 @@ class Engine:
         self.history.add(rows, tokens)
         return tokens
 
-    def _advance(self, tickets: list[Ticket], next_tokens: list[torch.Tensor], logits: torch.Tensor) -> None:
+    def _advance(self, tickets: list[Ticket], next_tokens: list[torch.Tensor], logits: torch.Tensor,
+                 rows: list[int]) -> None:
         """Hand each request its new token (one host sync for all of them), with its log-probability where
-        asked (from the same logits (N, V), tickets' order), and retire the finished."""
+        asked (from the logits (B, V) it was sampled from, ticket i's at rows[i]), and retire the finished."""
         tokens = torch.cat(next_tokens)
         wanted = [i for i, t in enumerate(tickets) if t.request.logprobs is not None]
         found = {}
         if wanted:
-            index = torch.tensor(wanted, device=self.device)
             n = max(tickets[i].request.logprobs for i in wanted)
-            found = {i: (lp, top[: tickets[i].request.logprobs])
-                     for i, (lp, top) in zip(wanted, scored(logits[index], tokens[index], n))}
+            chosen = logits[torch.tensor([rows[i] for i in wanted], device=self.device)]
+            found = {i: (lp, top[: tickets[i].request.logprobs]) for i, (lp, top) in
+                     zip(wanted, scored(chosen, tokens[torch.tensor(wanted, device=self.device)], n))}
         for i, (ticket, token) in enumerate(zip(tickets, tokens.tolist())):
             if ticket.cancelled:
                 self._finish(ticket, "cancelled")

@@ -24,6 +24,7 @@ import argparse
 import codecs
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -128,6 +129,18 @@ class Loaded:
     def stop(self) -> set[int]:
         """The tokens that end an answer."""
         return {self.eot} if self.chat is None else {self.eot, self.chat.im_end}
+
+    @cached_property
+    def undecodable(self) -> frozenset[int]:
+        """The ids below the model's vocabulary size that its tokenizer cannot decode (cl100k_base and o200k_base
+        leave gaps): the engine never samples them and the server refuses them in requests."""
+        holes = set()
+        for token in range(self.model.config.vocabulary_size if self.encoding is not None else 0):
+            try:
+                self.encoding.decode_single_token_bytes(token)
+            except KeyError:
+                holes.add(token)
+        return frozenset(holes)
 
 
 def load_for_inference(checkpoint_path: str, device: torch.device, lora_path: str | None = None,

@@ -110,7 +110,7 @@ def error_body(message: str, kind: str = "invalid_request_error", param=None, co
 # Every field is honoured or refused: strict types ("stream": "yes" or "temperature": "0.5" is an error, not
 # a guess), an unknown field is a 400 naming it (as OpenAI answers), and each OpenAI field this server does
 # not implement is accepted only at the value that asks for nothing (REFUSED_UNLESS), else a 400 naming it.
-# HARMLESS fields change nothing OpenAI would do differently for the answer (bookkeeping) and are accepted.
+# Bookkeeping fields change nothing OpenAI would do differently for the answer and are accepted (Common).
 
 
 class _Body(BaseModel):
@@ -189,8 +189,6 @@ class CompletionBody(Common):
     suffix: Any = None
 
 
-HARMLESS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-            "parallel_tool_calls", "stream_options.include_obfuscation")
 REFUSED_UNLESS = {  # field: (values that ask for nothing, what the 400 says is missing)
     "functions": (([],), "function calls are not implemented"),
     "function_call": (("none", "auto"), "function calls are not implemented"),
@@ -271,22 +269,21 @@ async def parse_body(request: HTTPRequest, model: type[_Body]) -> _Body:
 # ----------------------------------------------------------------------------- from a body to a Request
 
 
-def sampling_of(body: Common, settings: Settings, vocabulary_size: int, holes: frozenset[int] = frozenset()) -> Sampling:
+def sampling_of(body: Common, s: Served) -> Sampling:
     """The request's sampling: each field it leaves out takes the server's setting (--temperature, ...)."""
-    d = settings.sampling
+    d = s.settings.sampling
     chosen = {name: getattr(d, name) if getattr(body, name) is None else getattr(body, name)
               for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                            "frequency_penalty")}
-    return Sampling(**chosen, logit_bias=logit_bias_of(body.logit_bias, vocabulary_size, holes))
+    return Sampling(**chosen, logit_bias=logit_bias_of(body.logit_bias, s))
 
 
-def logit_bias_of(bias: dict[str, float] | None, vocabulary_size: int,
-                  holes: frozenset[int] = frozenset()) -> tuple[tuple[int, float], ...]:
+def logit_bias_of(bias: dict[str, float] | None, s: Served) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as Sampling takes it (sorted pairs)."""
     out = {}
     for key, value in (bias or {}).items():
-        if not (key.isascii() and key.isdigit() and int(key) < vocabulary_size and int(key) not in holes):
-            raise APIError(400, f"logit_bias: {key!r} is not a token id (0 .. {vocabulary_size - 1})", "logit_bias")
+        if not (key.isascii() and key.isdigit() and is_token(s, int(key))):
+            raise APIError(400, f"logit_bias: {key!r} is not a token id (0 .. {vocabulary(s) - 1})", "logit_bias")
         if not -100 <= value <= 100:
             raise APIError(400, f"logit_bias: the bias of {key} must be in [-100, 100], got {value}", "logit_bias")
         out[int(key)] = float(value)
@@ -318,9 +315,7 @@ def check_common(body: Common) -> None:
     if isinstance(body, ChatBody):
         if body.logprobs is not None and not isinstance(body.logprobs, bool):
             raise APIError(400, f"logprobs: true or false for chat completions, got {body.logprobs!r}", "logprobs")
-        if body.top_logprobs is not None and (not body.logprobs or isinstance(body.top_logprobs, bool) or
-                                              not isinstance(body.top_logprobs, int) or
-                                              not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS):
+        if body.top_logprobs is not None and (not body.logprobs or not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS):
             raise APIError(400, f"top_logprobs: an integer from 0 to {MAX_TOP_LOGPROBS}, with logprobs true, got "
                                 f"{body.top_logprobs!r}", "top_logprobs")
     if isinstance(body, CompletionBody) and body.logprobs is not None and (
@@ -329,7 +324,7 @@ def check_common(body: Common) -> None:
                             f"position), got {body.logprobs!r}", "logprobs")
 
 
-def completion_prompts(body: CompletionBody, loaded: Loaded, holes: frozenset[int]) -> list[tuple[list[int], bool]]:
+def completion_prompts(body: CompletionBody, s: Served) -> list[tuple[list[int], bool]]:
     """Each prompt's ids and whether it was text: text is read as generate.py reads a prompt (end-of-text
     first); token ids are taken as they are, each checked against the vocabulary."""
     prompt, single = body.prompt, isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
@@ -341,14 +336,13 @@ def completion_prompts(body: CompletionBody, loaded: Loaded, holes: frozenset[in
     for i, p in enumerate(prompt):
         where = "prompt" if single else f"prompt[{i}]"
         if isinstance(p, str):
-            out.append((base_prompt(loaded, p), True))
+            out.append((base_prompt(s.loaded, p), True))
             continue
         if not p:
             raise APIError(400, f"{where}: no token ids", where)
-        vocabulary = loaded.model.config.vocabulary_size
-        if not all(0 <= t < vocabulary and t not in holes for t in p):
-            raise APIError(400, f"{where}: token ids must be in 0 .. {vocabulary - 1}, and ids the tokenizer "
-                                f"has (not {sorted(set(p) & holes)[:3] or 'out of range'})", where)
+        if not all(is_token(s, t) for t in p):
+            raise APIError(400, f"{where}: token ids must be in 0 .. {vocabulary(s) - 1}, and ids the tokenizer "
+                                f"has (not {sorted(set(p) & s.loaded.undecodable)[:3] or 'out of range'})", where)
         out.append((list(p), False))
     return out
 
@@ -388,7 +382,8 @@ class Generation:
     """One request in the engine: the text pieces as they come, then finish_reason and usage; with the
     request's logprobs, each token's (and with score_prompt the prompt's) log-probabilities."""
 
-    def __init__(self, engine: Engine, loaded: Loaded, request: Request, stops: tuple[str, ...]):
+    def __init__(self, engine: Engine, loaded: Loaded, request: Request, stops: tuple[str, ...],
+                 metrics: ServerMetrics | None = None):
         self.engine, self.request = engine, request
         self.answer = TextStream(loaded.encoding, stops)
         self.prompt_scores: tuple | None = None  # Event.prompt: the prompt's tokens after the first
@@ -396,7 +391,7 @@ class Generation:
         self.stop_scored: tuple[int, tuple] | None = None  # the stop token's, when one ended the answer
         self.finish_reason: str | None = None
         self.closed = False
-        self.metrics: ServerMetrics | None = None  # set by start(): what the tokens' times are observed in
+        self.metrics = metrics  # what the tokens' times are observed in (None: nowhere)
         self.started, self.last_token = time.perf_counter(), None
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
@@ -524,7 +519,6 @@ class Served:
     created: int
     metrics: ServerMetrics | None = None  # None without prometheus-client
     grammars: Grammars | None = None  # structured output's tokenizer for llguidance, made on first use
-    holes: frozenset[int] = frozenset()  # ids below the vocabulary size that the tokenizer cannot decode
 
 
 def served(request: HTTPRequest) -> Served:
@@ -535,16 +529,9 @@ def vocabulary(s: Served) -> int:
     return s.loaded.model.config.vocabulary_size
 
 
-def undecodable(loaded: Loaded) -> frozenset[int]:
-    """The ids below the model's vocabulary size that its tokenizer cannot decode (cl100k_base and o200k_base
-    have such gaps): refused in requests, and never sampled (Engine's forbidden)."""
-    holes = set()
-    for token in range(loaded.model.config.vocabulary_size):
-        try:
-            loaded.encoding.decode_single_token_bytes(token)
-        except KeyError:
-            holes.add(token)
-    return frozenset(holes)
+def is_token(s: Served, token: int) -> bool:
+    """An id of the vocabulary that the tokenizer decodes (Loaded.undecodable)."""
+    return 0 <= token < vocabulary(s) and token not in s.loaded.undecodable
 
 
 def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
@@ -552,8 +539,7 @@ def create_app(engine: Engine, loaded: Loaded, settings: Settings) -> FastAPI:
     in a thread (BackgroundServer)."""
     app = FastAPI(title="LightGPT", docs_url=None, redoc_url=None, openapi_url=None)
     with open(PAGE_PATH, encoding="utf-8") as f:
-        app.state.served = Served(engine, loaded, settings, f.read(), int(time.time()), server_metrics(engine),
-                                  holes=undecodable(loaded))
+        app.state.served = Served(engine, loaded, settings, f.read(), int(time.time()), server_metrics(engine))
     if settings.hosts is not None:
         app.middleware("http")(known_hosts_only)
     app.add_middleware(AccessLog, served=app.state.served)
@@ -718,7 +704,7 @@ async def tokenizer_info(request: HTTPRequest):
     check_key(request, s.settings)
     eot = token_text(s.loaded.encoding, s.loaded.eot)
     return {"tokenizer_class": "tiktoken", "eos_token": eot, "bos_token": eot, "pad_token": None,
-            "model_max_length": s.engine.context_length, "vocab_size": s.loaded.model.config.vocabulary_size}
+            "model_max_length": s.engine.context_length, "vocab_size": vocabulary(s)}
 
 
 @router.post("/tokenize")
@@ -736,9 +722,9 @@ async def detokenize(request: HTTPRequest):
     s = served(request)
     check_key(request, s.settings)
     body = await parse_body(request, DetokenizeBody)
-    vocabulary = s.loaded.model.config.vocabulary_size
-    if not all(0 <= t < vocabulary and t not in s.holes for t in body.tokens):
-        raise APIError(400, f"tokens: token ids must be in 0 .. {vocabulary - 1}", "tokens")
+    if not all(is_token(s, t) for t in body.tokens):
+        raise APIError(400, f"tokens: token ids must be in 0 .. {vocabulary(s) - 1}, and ids the tokenizer has",
+                       "tokens")
     return {"prompt": decode_text(s.loaded.encoding, body.tokens)}
 
 
@@ -759,8 +745,8 @@ async def chat_completions(request: HTTPRequest):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     grammar = structured_grammar(s, body)
     constraint = partial(s.grammars.constraint, grammar) if grammar is not None else None
-    settings = dict(max_tokens=max_tokens_of(requested, name, s.settings), sampling=sampling_of(body, s.settings,
-                    vocabulary(s)), stop_tokens=frozenset(s.loaded.stop), logprobs=logprobs, constraint=constraint)
+    settings = dict(max_tokens=max_tokens_of(requested, name, s.settings), sampling=sampling_of(body, s),
+                    stop_tokens=frozenset(s.loaded.stop), logprobs=logprobs, constraint=constraint)
     requests = [Request(prompt, seed=seed, **settings) for seed in choice_seeds(body.seed, 1 if body.n is None else body.n)]
     return await respond(request, body, start(s, requests, stops_of(body)), chat=True)
 
@@ -822,14 +808,14 @@ async def completions(request: HTTPRequest):
     check_key(request, s.settings)
     body = await parse_body(request, CompletionBody)
     check_common(body)
-    prompts = completion_prompts(body, s.loaded, s.holes)
+    prompts = completion_prompts(body, s)
     if body.stream and body.echo:
         raise APIError(400, "stream: not supported with echo; leave one of them out", "stream")
     score_only = body.echo and body.max_tokens == 0  # lm-eval's way to score a text: nothing is generated
     max_tokens = 0 if score_only else max_tokens_of(body.max_tokens, "max_tokens", s.settings)
     for i, (prompt, _) in enumerate(prompts):
         check_room(prompt, s.engine.context_length, "prompt" if len(prompts) == 1 else f"prompt[{i}]", not score_only)
-    settings = dict(max_tokens=max_tokens, sampling=sampling_of(body, s.settings, vocabulary(s), s.holes),
+    settings = dict(max_tokens=max_tokens, sampling=sampling_of(body, s),
                     stop_tokens=frozenset(s.loaded.stop), logprobs=body.logprobs,
                     score_prompt=bool(body.echo and (body.logprobs is not None or score_only)))
     seeds = choice_seeds(body.seed, 1 if body.n is None else body.n)
@@ -853,8 +839,7 @@ def start(s: Served, requests: list[Request], stops: tuple[str, ...]) -> list[Ge
     generations = []
     try:
         for request_ in requests:
-            generations.append(Generation(s.engine, s.loaded, request_, stops))
-            generations[-1].metrics = s.metrics
+            generations.append(Generation(s.engine, s.loaded, request_, stops, s.metrics))
     except APIError:
         for gen in generations:
             gen.close()
@@ -1245,8 +1230,7 @@ def main(args) -> None:
                         Sampling.from_args(args), args.api_key,
                         LOOPBACK if args.host in LOOPBACK else None, access_log=True)
     with Engine(loaded, args.context_length, args.max_batch, args.max_waiting,
-                compile_enabled(args.compile, device), args.prefill_chunk, args.prefix_cache == "on",
-                sorted(undecodable(loaded))) as engine:
+                compile_enabled(args.compile, device), args.prefill_chunk, args.prefix_cache == "on") as engine:
         app = create_app(engine, loaded, settings)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
