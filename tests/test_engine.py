@@ -230,19 +230,23 @@ def test_bad_requests_are_refused_at_submit(prompt, max_tokens, message):
         engine.submit(Request(prompt, max_tokens=max_tokens), print)
 
 
+def failing_on(call: int, real, message: str):
+    """real, except that its call-th call raises RuntimeError(message)."""
+    calls = []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError(message)
+        return real(*args)
+
+    return flaky
+
+
 def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(monkeypatch):
     model = tiny()
     with Engine(loaded(model), context_length=32, max_batch=2) as engine:
-        real = engine._forward
-        calls = []
-
-        def flaky(tokens, positions):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("CUDA out of memory (simulated)")
-            return real(tokens, positions)
-
-        engine._forward = flaky
+        engine._forward = failing_on(2, engine._forward, "CUDA out of memory (simulated)")
         tokens, reason = engine.generate(Request([1, 2, 3], max_tokens=5, sampling=Sampling(0.0)), timeout=60)
         assert reason == "error" and engine.last_error.startswith("RuntimeError: CUDA out of memory")
         tokens, reason = engine.generate(Request([1, 2, 3], max_tokens=5, sampling=Sampling(0.0)), timeout=60)
@@ -335,15 +339,7 @@ def test_a_failing_prefill_chunk_ends_its_request_and_the_engine_goes_on():
     the engine thread lives on and serves the next request."""
     model = tiny()
     with Engine(loaded(model), context_length=32, max_batch=2) as engine:
-        real, calls = engine._prefill_chunk, []
-
-        def flaky(ticket, n):
-            calls.append(1)
-            if len(calls) == 1:
-                raise RuntimeError("out of memory (simulated)")
-            return real(ticket, n)
-
-        engine._prefill_chunk = flaky
+        engine._prefill_chunk = failing_on(1, engine._prefill_chunk, "out of memory (simulated)")
         assert engine.generate(Request([1, 2, 3], 5, Sampling(0.0)), timeout=60)[1] == "error"
         tokens, reason = engine.generate(Request([1, 2, 3], 5, Sampling(0.0)), timeout=60)
         assert engine.running and reason == "length"

@@ -20,6 +20,7 @@ from data import load_encoding
 from engine import Engine, EngineBusy, Request
 from generate import Decoder, Sampler, Sampling, decode_text, load_for_inference
 from helpers import CHAT_ANSWER
+from test_engine import failing_on
 
 openai = pytest.importorskip("openai")
 
@@ -769,7 +770,7 @@ def test_review_defects_of_the_new_fields(base_server, certain, monkeypatch):
     assert lp["text_offset"] == [0, 0, 1, 2, 3, 4] and lp["tokens"][0] == "bytes:\\xc3"
     echo = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "echo": True, "max_tokens": 0}, timeout=30)
     assert echo.status_code == 200 and echo.json()["choices"][0]["text"] == "Hello"
-    holes = serve.undecodable(generate.Loaded(base_server.loaded.model, _Holed(base_server.loaded.encoding, {65}), 256))
+    holes = generate.Loaded(base_server.loaded.model, _Holed(base_server.loaded.encoding, {65}), 256).undecodable
     assert holes == {65}
 
 
@@ -798,16 +799,7 @@ def test_ids_the_tokenizer_lacks_are_refused_and_a_failed_choice_frees_the_other
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         r = httpx.post(server.url + "/detokenize", json={"tokens": [65]}, timeout=10)
         assert r.status_code == 400
-        joins = []
-        real = engine._join
-
-        def third_fails(ticket):
-            joins.append(1)
-            if len(joins) == 3:
-                raise RuntimeError("simulated")
-            return real(ticket)
-
-        monkeypatch.setattr(engine, "_join", third_fails)
+        monkeypatch.setattr(engine, "_join", failing_on(3, engine._join, "simulated"))
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "The ", "n": 4, "max_tokens": 3000}, timeout=60)
         assert r.status_code in (500, 503)
         assert healthy(server, timeout=20)["active"] == 0  # the other choices were cancelled, not left decoding
