@@ -50,7 +50,6 @@ from common import (
     first_line,
     model_config,
     non_negative_int,
-    parse_with_preset,
     positive_float,
     positive_int,
     precision_name,
@@ -59,8 +58,10 @@ from common import (
     run_main,
     synchronize,
 )
+from data import VOCABULARY_SIZES
 from generate import Decoder, Sampler, Sampling, add_sampling_args, base_prompt, kv_cache_bytes
 from model import GPT, peak_tflops
+from run_config import add_config_args, parse_with_config
 
 
 def client_counts(text: str) -> tuple[int, ...]:
@@ -103,7 +104,9 @@ def parse_args(argv=None):
     p = ArgumentParser(description="Benchmark LightGPT.")
     p.add_argument("mode", choices=("train", "decode", "tokenize", "pack", "serve"), help="what to measure")
     g = p.add_argument_group("model")
-    g.add_argument("--vocabulary_size", type=positive_int, default=50_257, help="vocabulary of the random model")
+    g.add_argument("--vocabulary_size", type=positive_int, default=None,
+                   help="vocabulary of the random model (default: --token_encoding's, 50,257 for r50k_base)")
+    add_config_args(g, presets=True)
     add_model_args(g)
     g = p.add_argument_group("train")
     g.add_argument("--batch_size", type=positive_int, default=16, help="samples per forward pass")
@@ -146,7 +149,10 @@ def parse_args(argv=None):
     g.add_argument("--profile_path", default=None,
                    help="also profile LightGPT's timed work: print the top ops, write a Chrome trace here")
     add_system_args(g, compile_help="torch.compile (auto: on for CUDA)", seed_default=0)
-    return parse_with_preset(p, argv)  # --model fills the flags not given
+    args = parse_with_config(p, argv)  # --config, then --model, fill the flags not given
+    if args.vocabulary_size is None:
+        args.vocabulary_size = VOCABULARY_SIZES.get(args.token_encoding, VOCABULARY_SIZES["r50k_base"])
+    return args
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -645,6 +651,9 @@ def hf_generate_batch(args, device, loaded, texts: list[str], sampling, rows) ->
 # ----------------------------------------------------------------------------- tokenize
 
 
+TOKENIZE_DOCUMENTS = 100_000  # the most documents bench.py tokenize repeats a corpus to
+
+
 def bench_tokenize(args, device, rows) -> None:
     from data import load_encoding, resolve_corpus, write_token_files
 
@@ -655,7 +664,9 @@ def bench_tokenize(args, device, rows) -> None:
     characters = sum(len(d) for d in documents)
     if not characters:
         raise UserError(f"--dataset {args.dataset} holds no text to tokenize (no documents, or only empty ones)")
-    repeats = max(1, -(-4_000_000 // characters))  # at least 4M characters: long enough to time
+    # At least 4M characters, long enough to time, in at most TOKENIZE_DOCUMENTS documents: a corpus of tiny
+    # documents repeated to 4M characters would be millions of Python strings and id lists (gigabytes).
+    repeats = max(1, min(-(-4_000_000 // characters), TOKENIZE_DOCUMENTS // len(documents)))
     documents = documents * repeats
     batch = 1024
     threads = args.num_dataset_processes
