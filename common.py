@@ -1,5 +1,5 @@
 """What every LightGPT script shares: one-line errors, the arguments (number types, the shared flag groups,
---model presets, the entry point that turns errors into one line), and devices and precision (which device,
+the entry point that turns errors into one line), and devices and precision (which device,
 bf16 or fp32, memory checks). Rank 0 alone prints (print0). Everything else has its own module: files.py,
 checkpoint.py, hub.py, lora.py, parallel.py, training.py."""
 
@@ -145,54 +145,9 @@ def float_in(low: float, high: float):
 ARCHITECTURE_FLAGS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocabulary_size")
 
 
-# --model names a shape so nobody types its flags: the model card's six (docs/sizing.md "Suggested model shapes"),
-# each with the tokenizer it was sized for and that tokenizer's vocabulary (bench.py's random model takes
-# it; pretrain.py reads it from the token files), and the README's quick start, a whole offline run.
-# A preset fills only the flags a command line leaves out (parse_with_preset), and only those the script has.
-MODEL_PRESETS: dict[str, dict] = {
-    "small": dict(embedding_dimensions=1024, num_attention_heads=16, num_hidden_layers=24,
-                  token_encoding="r50k_base", vocabulary_size=50_257),
-    "medium": dict(embedding_dimensions=2048, num_attention_heads=32, num_hidden_layers=32,
-                   token_encoding="r50k_base", vocabulary_size=50_257),
-    "large": dict(embedding_dimensions=4096, num_attention_heads=64, num_hidden_layers=32,
-                  token_encoding="cl100k_base", vocabulary_size=100_277),
-    "xlarge": dict(embedding_dimensions=4096, num_attention_heads=64, num_hidden_layers=64,
-                   token_encoding="cl100k_base", vocabulary_size=100_277),
-    "xxlarge": dict(embedding_dimensions=8192, num_attention_heads=128, num_hidden_layers=64,
-                    token_encoding="o200k_base", vocabulary_size=200_019),
-    "xxxlarge": dict(embedding_dimensions=8192, num_attention_heads=128, num_hidden_layers=128,
-                     token_encoding="o200k_base", vocabulary_size=200_019),
-    # The quick start: many small steps of a small model (docs/nope-at-small-scale.md), 85% of them on
-    # 64-byte windows, then 256; no dropout at this budget.
-    "quickstart": dict(dataset="builtin", token_encoding="bytes", vocabulary_size=257, device="cpu",
-                       embedding_dimensions=128, num_attention_heads=4, num_hidden_layers=4, dropout=0.0,
-                       batch_size=12, gradient_accumulation_steps=1, tokens_per_sample=256,
-                       short_tokens_per_sample=64, short_fraction=0.85,
-                       samples_per_epoch=9000, num_epochs=4, eval_interval=1, warmup_steps=1000,
-                       learning_rate=5e-2, seed=0,
-                       checkpoint_path="./checkpoints/quickstart.pt", run_dir_path="./runs/quickstart"),
-}
-
-
-def parse_with_preset(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse a command line that may name a --model preset. Each flag takes the command line's value if
-    it gives one (even one equal to the default), else the preset's, else its default."""
-    args = p.parse_args(argv)
-    unset = object()  # a second parse into a namespace of sentinels tells which flags were given
-    given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    for key, value in MODEL_PRESETS[args.model].items():
-        if hasattr(args, key) and getattr(given, key) is unset:
-            setattr(args, key, value)
-    return args
-
-
 def add_model_args(g) -> None:
     """The architecture flags pretrain.py and bench.py share (the Small shape by default), one per
-    ARCHITECTURE_FLAGS entry."""
-    # --model takes effect only when the script parses with parse_with_preset
-    g.add_argument("--model", choices=tuple(MODEL_PRESETS), default="small",
-                   help="a named shape (with its tokenizer), or quickstart, the README's whole offline run; "
-                        "flags given on the command line override it")
+    ARCHITECTURE_FLAGS entry (run_config.add_config_args adds --model, a named shape)."""
     g.add_argument("--embedding_dimensions", type=positive_int, default=1024, help="model width")
     g.add_argument("--num_attention_heads", type=positive_int, default=16, help="attention heads per block")
     g.add_argument("--num_hidden_layers", type=positive_int, default=24, help="Transformer blocks")

@@ -41,6 +41,8 @@ from hub import HUB_TIMEOUT, hub_endpoint, hub_offline, hub_reachable
 FINEWEB = "HuggingFaceFW/fineweb"
 FINEWEB_SUBSETS = ("sample-10BT", "sample-100BT", "sample-350BT", "all")  # the first is the default
 NAMED_ENCODINGS = ("r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+VOCABULARY_SIZES = {"r50k_base": 50_257, "p50k_base": 50_281, "cl100k_base": 100_277, "o200k_base": 200_019,
+                    "bytes": 257}  # each encoding's tokens, end-of-text included (tests check them against tiktoken)
 ENDOFTEXT = "<|endoftext|>"
 LOCAL_EXTENSIONS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKEN_FILE_FORMAT = 2  # 2: each split's content hash, sample-block hash and largest id; skipped rows

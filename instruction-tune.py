@@ -30,7 +30,7 @@ from functools import partial
 import torch
 
 from adafactor import Adafactor
-from chat import SMOLTALK, SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data
+from chat import SMOLTALK, SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data, render_prompt
 from checkpoint import (
     LORA_ENTRIES,
     MODEL_ENTRIES,
@@ -65,9 +65,11 @@ from lora import LoRAConfig, adapted_model, lora_model, lora_state_dict, merge_l
 from model import GPT
 from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
 from peft_adapter import ADAPTER_CONFIG, peft_base_name, save_peft_adapter
+from run_config import add_config_args, parse_with_config, run_settings
 from training import (
     Hooks,
     Plan,
+    add_loop_args,
     allow_tf32,
     already_complete,
     batch_layout,
@@ -78,10 +80,12 @@ from training import (
     rng_states,
     run_seed,
     run_trainer,
+    sample_texts,
     start_rng_streams,
 )
 
 CHECKPOINT_KIND = "lora"  # checkpoint.lora_checkpoint builds it
+SAMPLE_QUESTIONS = ("What is a class?", "Hello! Who are you?")  # answered in TensorBoard at each evaluation
 DATA_FLAGS = ("dataset", "dataset_subset", "max_tokens_per_sample", "mask_input")  # they choose the rows: fixed on resume
 # Adafactor scales each step by the parameter's own RMS, floored at 1e-3. B starts at zero, so at that
 # floor it would move by lr / 1000 per step and the adapters would sleep for thousands of steps; its
@@ -115,6 +119,7 @@ def parse_args(argv=None):
     add_optimizer_args(g, warmup_steps=10, low_memory_names=("--optimizer_low_memory", "--low_memory_optimizer"))
     g.add_argument("--eval_interval", type=positive_int, default=1, help="evaluate test perplexity every this many epochs")
     g.add_argument("--eval_samples", type=positive_int, default=256, help="test rows per evaluation (at most)")
+    add_loop_args(g)
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=positive_int, default=8, help="rank of the LoRA matrices")
     g.add_argument("--alpha", type=float_in(1e-6, 1e6), default=1.0, help="strength of the LoRA update: it is "
@@ -133,7 +138,8 @@ def parse_args(argv=None):
                    "base's export (default: --checkpoint_path without .pt, plus -peft)")
     g.add_argument("--run_dir_path", default="./runs/instruction-tune", help="TensorBoard run folder")
     add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
-    args = p.parse_args(argv)
+    add_config_args(g)
+    args = parse_with_config(p, argv)
     if args.peft_path is None:
         args.peft_path = os.path.splitext(args.checkpoint_path)[0] + "-peft"
     return args
@@ -218,13 +224,17 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple | None:
     plan = Plan(start_step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch, num_epochs=args.num_epochs,
                 accumulation=accumulation, max_gradient_norm=args.max_gradient_norm, eval_interval=args.eval_interval,
                 checkpoint_interval=args.checkpoint_interval, checkpoint_path=args.checkpoint_path,
-                run_dir=args.run_dir_path, description="instruction tuning")
+                run_dir=args.run_dir_path, description="instruction tuning", log_interval=args.log_interval,
+                nonfinite=args.nonfinite, settings=run_settings(args, seed=seed))
     hooks = Hooks(
         next_batch=batches.next,
         learning_rate=lambda step: learning_rate_at(step, total_steps, args.learning_rate, args.warmup_steps,
                                                     args.lr_schedule, args.min_lr_ratio),
         eval_batches=partial(eval_batches, eval_rows, args.batch_size, device),
         state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, base, steps_per_epoch, ctx),
+        samples=partial(sample_texts, parallel.model, [(text, render_prompt(tokenizer, [{"role": "user", "content": text}]))
+                                                       for text in SAMPLE_QUESTIONS], tokenizer.decode, device,
+                        stop_id=tokenizer.im_end),
     )
     return plan, hooks, parallel, optimizer
 

@@ -41,7 +41,6 @@ from common import (
     compile_enabled,
     model_config,
     non_negative_int,
-    parse_with_preset,
     positive_float,
     positive_int,
     probability,
@@ -56,16 +55,19 @@ from data import (
     WindowSampler,
     corpus_subset,
     eval_windows,
+    load_encoding,
     open_tokens,
     prepare_token_files,
     to_device,
     window_batch,
 )
 from model import INITIALISATIONS, GPT, GPTConfig
+from run_config import add_config_args, parse_with_config, run_settings
 from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
 from training import (
     Hooks,
     Plan,
+    add_loop_args,
     allow_tf32,
     already_complete,
     batch_layout,
@@ -76,6 +78,7 @@ from training import (
     rng_states,
     run_seed,
     run_trainer,
+    sample_texts,
     start_rng_streams,
 )
 
@@ -116,7 +119,9 @@ def parse_args(argv=None):
                    help="evaluate test perplexity every this many epochs")
     g.add_argument("--eval_samples", type=positive_int, default=256,
                    help="test windows per evaluation (fixed, spread over the test split)")
+    add_loop_args(g)
     g = p.add_argument_group("model")
+    add_config_args(g, presets=True)
     add_model_args(g)
     g.add_argument("--init", choices=INITIALISATIONS[::-1], default="zero_proj",
                    help="zero_proj: the residual projections start at zero, every block as the identity; "
@@ -131,7 +136,7 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     g.add_argument("--run_dir_path", default="./runs/pretrain", help="TensorBoard run folder")
     add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
-    return parse_with_preset(p, argv)  # --model fills the flags not given
+    return parse_with_config(p, argv)  # --config, then --model, fill the flags not given
 
 
 # ----------------------------------------------------------------------------- main
@@ -174,7 +179,8 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
     plan = Plan(start_step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch, num_epochs=args.num_epochs,
                 accumulation=accumulation, max_gradient_norm=args.max_gradient_norm, eval_interval=args.eval_interval,
                 checkpoint_interval=args.checkpoint_interval, checkpoint_path=args.checkpoint_path,
-                run_dir=args.run_dir_path, description="pretraining")
+                run_dir=args.run_dir_path, description="pretraining", log_interval=args.log_interval,
+                nonfinite=args.nonfinite, settings=run_settings(args, seed=seed))
     hooks = Hooks(
         next_batch=batches.next,
         learning_rate=lambda step: learning_rate_at(step, total_steps, args.learning_rate, args.warmup_steps,
@@ -182,6 +188,7 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
         eval_batches=partial(eval_batches, test_tokens, eval_starts, args.tokens_per_sample, args.batch_size,
                              start_token, device),
         state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, files.meta, ctx),
+        samples=sampler_of_texts(args, parallel, start_token, device),
     )
     return plan, hooks, parallel, optimizer
 
@@ -325,6 +332,22 @@ def eval_batches(tokens: np.ndarray, starts: list[int], tokens_per_sample: int, 
     """This rank's test windows, batch by batch, on the device, made as the training windows are."""
     for i in range(0, len(starts), batch_size):
         yield to_device(window_batch(tokens, starts[i : i + batch_size], tokens_per_sample, start_token), device)
+
+
+SAMPLE_PROMPTS = ("The", "Once upon a time,", "The class statement")  # the last one suits the builtin corpus
+
+
+def sampler_of_texts(args, parallel: Parallel, start_token: int | None, device: torch.device):
+    """The hook that samples continuations of SAMPLE_PROMPTS at each evaluation (TensorBoard text), or None
+    where the tokenizer cannot be had (an encoding not cached on an offline machine whose token files exist)."""
+    try:
+        encoding = load_encoding(args.token_encoding)
+    except UserError as e:
+        print0(f"note: no sample texts in TensorBoard ({e})")
+        return None
+    start = [] if start_token is None else [start_token]
+    prompts = [(text, start + encoding.encode_ordinary(text)) for text in SAMPLE_PROMPTS]
+    return partial(sample_texts, parallel.model, prompts, encoding.decode, device)
 
 
 def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: BatchPrefetcher, seed: int,

@@ -58,6 +58,7 @@ from files import os_reason
 from serving_metrics import METRICS_INSTALL, ServerMetrics, server_metrics
 from structured import GrammarError, Grammars, tool_call_schema, tool_calls
 from generate import Loaded, Sampling, TextStream, add_sampling_args, base_prompt, decode_text, load_for_inference
+from run_config import add_config_args, parse_with_config
 
 PAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 API_KEY_ENV = "LIGHTGPT_API_KEY"
@@ -1217,7 +1218,8 @@ def parse_args(argv=None):
                         "answers streaming meanwhile (default auto: as many as prefill in one decode step's time)")
     add_sampling_args(g)
     add_system_args(g, compile_help="compile the batched decode step (auto: on for CUDA)", seed_help=None)
-    return p.parse_args(argv)
+    add_config_args(p)
+    return parse_with_config(p, argv)  # --config fills the flags the command line leaves out
 
 
 def main(args) -> None:

@@ -32,13 +32,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from chat import SPECIAL_TOKENS
-from common import MODEL_PRESETS
 from lora import LoRAConfig, add_lora, lora_parameters
+from data import VOCABULARY_SIZES
 from model import GPT, GPUS, GPTConfig, _chunk_rows, gpu_spec, peak_tflops
+from run_config import MODEL_PRESETS
 
 GIB = 2**30
 GPU_SIZES_GIB = (24, 40, 80, 141)  # the common cards: RTX 4090 / L4 / A10G, A100 40GB, A100 / H100 80GB, H200
-# The model card's six shapes (common.MODEL_PRESETS) with their names and training-token budgets.
+# The model card's six shapes (run_config.MODEL_PRESETS, configs/*.yaml) with their names and training-token budgets.
 CARD = {"small": ("Small", 7e9), "medium": ("Medium", 34e9), "large": ("Large", 132e9),
         "xlarge": ("X-large", 262e9), "xxlarge": ("XX-large", 1e12), "xxxlarge": ("XXX-large", 2e12)}
 TOKENS_PER_PARAMETER = 20  # compute-optimal training tokens per parameter (Hoffmann et al., 2022)
@@ -96,8 +97,10 @@ class Plan(GPTConfig):
 
     @classmethod
     def preset(cls, name: str, **settings) -> "Plan":
-        """A card shape by its --model name (common.MODEL_PRESETS), with any other fields."""
-        shape = {k: v for k, v in MODEL_PRESETS[name].items() if k in cls.__dataclass_fields__}
+        """A card shape by its --model name (configs/NAME.yaml), with any other fields."""
+        preset = MODEL_PRESETS[name]
+        shape = {k: v for k, v in preset.items() if k in cls.__dataclass_fields__}
+        shape["vocabulary_size"] = VOCABULARY_SIZES[preset["token_encoding"]]
         return cls(**{**shape, **settings})
 
     @property

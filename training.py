@@ -18,6 +18,8 @@ and rhythm) and callables (Hooks: the next batch, the learning rate, the test ba
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
 import signal
@@ -40,10 +42,13 @@ from common import (
     autocast,
     first_line,
     out_of_memory_is_one_line,
+    positive_int,
     print0,
     synchronize,
 )
 from files import check_writable, os_reason, remove_stale_temporaries
+from model import peak_tflops as model_peak_tflops
+from run_config import config_path_beside, write_config
 from parallel import (
     Distributed,
     Parallel,
@@ -110,6 +115,19 @@ def learning_rate_at(step: int, total_steps: int, peak: float, warmup_steps: int
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return peak * (min_ratio + (1 - min_ratio) * decay)
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def add_loop_args(g, log_interval: int = 10) -> None:
+    """The loop's own flags, which both trainers take."""
+    g.add_argument("--log_interval", type=positive_int, default=log_interval,
+                   help="a metrics line and TensorBoard points (loss, gradient norm, learning rate, tokens/s, "
+                   "MFU, peak memory) every this many optimizer steps")
+    g.add_argument("--nonfinite", choices=("stop", "skip"), default="stop",
+                   help="a step whose loss or gradient norm is not finite: stop the run in one line, keeping the "
+                   "last good checkpoint, or skip the step's update (one host sync per step)")
 
 
 # ----------------------------------------------------------------------------- batch arithmetic
@@ -270,10 +288,22 @@ def rng_states(ctx: Distributed) -> list[dict]:
     return states
 
 
+OPTIMIZER_REMEDY = ("its state needs 4 to 8 bytes per weight: shard it with --ddp_sharding_level 2 or 3 under torchrun, "
+                    "use --momentum 0 (4 bytes per weight less), or train a smaller model")
+GATHER_REMEDY = ("a checkpoint gathers the whole model and optimizer state into host memory; give the machine more "
+                 "memory, or run fewer processes on it")
+
+
 def write_checkpoint(ctx: Distributed, state: dict, path: str) -> None:
     """Rank 0 writes the state every rank helped to build; the others wait for the whole file, so none
     runs ahead (or exits) while it is written, and stop with rank 0 when it cannot be (a full disk)."""
     agree(ctx, lambda: save_checkpoint(state, path), who="rank0")
+
+
+def gathered_state(hooks: "Hooks", step: int) -> dict:
+    """The checkpoint to save (a collective: the shards are gathered), an allocation failure in one line."""
+    with out_of_memory_is_one_line(f"gathering the checkpoint of step {step:,}", GATHER_REMEDY):
+        return hooks.state_to_save(step)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -299,6 +329,45 @@ def evaluate(module: torch.nn.Module, ctx: Distributed, batches: Iterable[tuple]
     return math.exp(total.item() / (samples * ctx.world_size))
 
 
+# ----------------------------------------------------------------------------- sample texts
+
+
+@torch.no_grad()
+def sample_texts(model: torch.nn.Module, prompts: list[tuple[str, list[int]]], decode: Callable[[list[int]], str],
+                 device: torch.device, new_tokens: int = 32, stop_id: int | None = None) -> list[tuple[str, str]]:
+    """(prompt, continuation) of each (text, token ids) prompt, sampled at temperature 0.8 from the top 50
+    tokens by one generator seeded alike at every call (so evaluations compare like with like). Every row is
+    padded to one length so the model sees one shape; causal attention keeps the padding from touching what
+    comes before it. No KV cache: a few dozen short forwards, on every rank (under FSDP each is a collective)."""
+    P = len(prompts)
+    ends = torch.tensor([len(ids) for _, ids in prompts], device=device)
+    idx = torch.zeros((P, int(ends.max()) + new_tokens), dtype=torch.long, device=device)
+    for row, (_, ids) in enumerate(prompts):
+        idx[row, : len(ids)] = torch.tensor(ids, device=device)
+    rows = torch.arange(P, device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    was_training = model.training
+    model.eval()
+    for _ in range(new_tokens):
+        with autocast(device):
+            logits = model(idx)[rows, ends - 1].float() / 0.8  # (P, vocabulary)
+        if not bool(torch.isfinite(logits).all()):
+            model.train(was_training)
+            return [(text, " (no sample: the logits are not finite)") for text, _ in prompts]
+        top, choices = logits.topk(min(50, logits.size(-1)), dim=-1)
+        picked = torch.multinomial(top.softmax(-1), 1, generator=generator).squeeze(1)  # (P,)
+        idx[rows, ends] = choices[rows, picked]
+        ends += 1
+    model.train(was_training)
+    texts = []
+    for row, (text, ids) in enumerate(prompts):
+        new = idx[row, len(ids) : int(ends[row])].tolist()
+        if stop_id is not None and stop_id in new:
+            new = new[: new.index(stop_id)]
+        texts.append((text, decode(new)))
+    return texts
+
+
 # ----------------------------------------------------------------------------- logging
 
 
@@ -307,8 +376,8 @@ class RunLog:
     (rank 0 writes them) and the history of test perplexities that train() returns. A failure to write
     the events (a full disk) is kept and raised by check(), which every rank calls at the same points."""
 
-    def __init__(self, run_dir: str, ctx: Distributed):
-        self.rank, self.run_dir = ctx.rank, run_dir
+    def __init__(self, run_dir: str, ctx: Distributed, peak_tflops: float | None = None):
+        self.rank, self.run_dir, self.peak_tflops = ctx.rank, run_dir, peak_tflops
         self.writer, self.error = None, None
         self.progress = None
         self.history: list[tuple[int, float]] = []  # (step, test perplexity)
@@ -345,10 +414,60 @@ class RunLog:
             for name, value in values.items():
                 self._write(lambda: self.writer.add_scalar(f"{prefix}/{name}", value, step))
 
+    def write(self, text: str) -> None:
+        """A line on standard output (rank 0) that leaves the progress bar whole."""
+        if self.rank != 0:
+            return
+        if self.progress is not None and not self.progress.disable:
+            self.progress.write(text)
+        else:
+            print(text, flush=True)
+
+    def line(self, step: int, values: dict) -> None:
+        """A log interval's metrics as one line."""
+        parts = [f"step {step:,}:"]
+        if "cross_entropy" in values:
+            parts.append(f"loss {values['cross_entropy']:.4f}, gradient norm {values['gradient_norm']:.3f},")
+        parts.append(f"lr {values['learning_rate']:.2e}, {values['tokens_per_s']:,.0f} tokens/s")
+        if "mfu" in values:
+            parts[-1] += f", MFU {values['mfu']:.1%}"
+        if "peak_memory_gib" in values:
+            parts[-1] += f", peak memory {values['peak_memory_gib']:.2f} GiB"
+        if "skipped_steps" in values:
+            parts[-1] += f", {_steps(values['skipped_steps'])} skipped (non-finite)"
+        self.write(" ".join(parts))
+
     def perplexity(self, step: int, value: float) -> None:
         self.scalars(step, "test", perplexity=value)
         self.history.append((step, value))
-        print0(f"step {step:,}: test perplexity {value:.3f}")
+        self.write(f"step {step:,}: test perplexity {value:.3f}")
+
+    def samples(self, step: int, make: Callable[[], list[tuple[str, str]]] | None) -> None:
+        """Sampled continuations of the fixed prompts as TensorBoard text (every rank samples: under FSDP
+        every forward is a collective)."""
+        if make is None:
+            return
+        pairs = make()
+        if self.writer:
+            text = "\n\n".join(f"**{_markdown(prompt)}**{_markdown(continuation)}" for prompt, continuation in pairs)
+            self._write(lambda: self.writer.add_text("samples", text, step))
+
+    def settings(self, settings: dict) -> None:
+        """The run's resolved flags: TensorBoard's hparams (the HParams tab compares runs by them) and text."""
+        if not self.writer or not settings:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        plain = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in settings.items()}
+        experiment, start, end = hparams(plain, {"test/perplexity": 0.0})
+        lines = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in settings.items())
+
+        def write() -> None:
+            for summary in (experiment, start, end):
+                self.writer.file_writer.add_summary(summary)
+            self.writer.add_text("config", lines, 0)
+
+        self._write(write)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -356,6 +475,22 @@ class RunLog:
         if self.writer:
             self._write(self.writer.close)
             self.writer = None
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'s' if n != 1 else ''}"
+
+
+def _markdown(text: str) -> str:
+    """Text shown as itself in TensorBoard's markdown: special characters escaped, line breaks kept."""
+    for c in "\\`*_{}[]<>()#+-.!|":
+        text = text.replace(c, "\\" + c)
+    return text.replace("\n", "  \n")
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's data-sheet peak for MFU: a known GPU's (model.GPUS), else None (no MFU logged)."""
+    return model_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def quiet_event_writer_threads() -> None:
@@ -416,6 +551,9 @@ class Plan:
     checkpoint_path: str
     run_dir: str  # TensorBoard events
     description: str = "training"  # the progress bar's label
+    log_interval: int = 10  # a metrics line and TensorBoard points every this many optimizer steps
+    nonfinite: str = "stop"  # a step with a non-finite loss or gradient norm: stop, or skip it
+    settings: dict = field(default_factory=dict)  # the run's resolved flags, for TensorBoard's hparams and text
 
 
 @dataclass
@@ -427,20 +565,80 @@ class Hooks:
     learning_rate: Callable[[int], float]  # step -> learning rate, a pure function of the step
     eval_batches: Callable[[], Iterable[tuple]]  # this rank's share of the test set, afresh for each evaluation
     state_to_save: Callable[[int], dict]  # step -> the whole checkpoint (a collective: weights are gathered)
+    samples: Callable[[], list[tuple[str, str]]] | None = None  # (prompt, continuation) pairs logged at evaluations
 
 
 @dataclass
-class EpochTotals:
-    """Sums over the optimizer steps of one epoch, kept on the device until the epoch ends."""
+class Totals:
+    """Sums over a stretch of optimizer steps (a log interval, an epoch), kept on the device until read."""
     loss: torch.Tensor
     norm: torch.Tensor
     steps: int = 0
     tokens: int = 0  # this rank's input tokens
+    flops: float = 0.0  # this rank's training FLOPs (model.flops_per_token's convention)
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient norm (--nonfinite skip)
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def start(cls, device: torch.device) -> "EpochTotals":
+    def start(cls, device: torch.device) -> "Totals":
         return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, tokens: int, flops: float) -> None:
+        self.loss += loss
+        self.norm += norm
+        self.steps += 1
+        self.tokens += tokens
+        self.flops += flops
+
+
+class NonFinite:
+    """The guard against a non-finite loss or gradient norm. The norm is global (the same on every rank)
+    and a non-finite loss on any rank makes it non-finite, so every rank decides alike. stop: the run
+    ends in one line naming the first such step, before any checkpoint holds its weights (on the CPU
+    before the step is applied; on an accelerator the step is recorded on the device, without a host
+    sync, and read at the next log line, evaluation or save). skip: the step's update is dropped (one
+    host sync per step); MAX_SKIPPED_IN_A_ROW such steps in a row end the run."""
+
+    MAX_SKIPPED_IN_A_ROW = 10
+
+    def __init__(self, mode: str, device: torch.device, checkpoint_path: str):
+        self.mode, self.device, self.checkpoint_path = mode, device, checkpoint_path
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # the first non-finite step, on the device
+        self.in_a_row = 0
+
+    def skip(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> bool:
+        """Whether step `step` (1-based) must not be applied; raises when the run must stop at once."""
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        if self.mode == "stop" and self.device.type != "cpu":
+            self.first = torch.where((self.first < 0) & ~finite, step, self.first)
+            return False
+        if bool(finite):
+            self.in_a_row = 0
+            return False
+        if self.mode == "stop":
+            self.fail(step, float(loss), float(norm))
+        self.in_a_row += 1
+        if self.in_a_row >= self.MAX_SKIPPED_IN_A_ROW:
+            raise UserError(f"steps {step - self.in_a_row + 1:,} to {step:,}: {self.in_a_row} non-finite losses or "
+                            f"gradient norms in a row (skipped); the weights are left as they were after step "
+                            f"{step - self.in_a_row:,}, unsaved. {self.remedy()}", everywhere=True)
+        return True
+
+    def check(self) -> None:
+        """Raise if a step recorded on the device was non-finite (a host sync: call it where one is due)."""
+        first = int(self.first)
+        if first >= 0:
+            self.fail(first)
+
+    def fail(self, step: int, loss: float | None = None, norm: float | None = None) -> None:
+        values = f" (loss {loss}, gradient norm {norm})" if loss is not None else ""
+        raise UserError(f"step {step:,}: non-finite loss or gradient norm{values}; training stopped and "
+                        f"{self.checkpoint_path} keeps its last good state (nothing after it was saved). "
+                        f"{self.remedy()}", everywhere=True)
+
+    @staticmethod
+    def remedy() -> str:
+        return "Lower --learning_rate, raise --warmup_steps, or pass --nonfinite skip to drop such steps"
 
 
 def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ctx: Distributed,
@@ -448,74 +646,158 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
     """Train from plan.start_step to plan.total_steps; returns (step, test perplexity) of every evaluation.
     `stop` is the script's StopFlag, entered before set-up; from here a signal is only flagged, so that
     every rank stops at the same point: after the first evaluation (nothing saved) or after a step (saved)."""
-    log = RunLog(plan.run_dir, ctx)
+    log = RunLog(plan.run_dir, ctx, peak_tflops(device))
+    log.settings(plan.settings)
+    agree(ctx, functools.partial(write_run_config, plan), who="rank0")
     step, A = plan.start_step, plan.accumulation
+    guard = NonFinite(plan.nonfinite, device, plan.checkpoint_path)
     stop.defer()
+    check_finite_weights(parallel, ctx, plan.checkpoint_path if step else None)
     if step == 0:  # the untrained baseline
         log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
+        log.samples(step, hooks.samples)
     agree(ctx, log.check, who="rank0")  # TensorBoard can write its events, before any training
     if stop_requested(ctx, stop):
         log.close()
         raise Stopped(stop.signal_number, NOTHING_SAVED, everywhere=True)
     parallel.wrapped.train()
     log.start_progress(plan.total_steps, step, plan.description)
-    totals = EpochTotals.start(device)
-    remedy = "lower --batch_size or --tokens_per_sample"  # they size the activations
-    remedy += "" if parallel.model.activation_checkpointing else ", or use --activation_checkpointing"
+    window, totals = Totals.start(device), Totals.start(device)  # since the last log line; the epoch
+    flops_per_token = functools.lru_cache(parallel.model.flops_per_token)
     while step < plan.total_steps:
         lr = hooks.learning_rate(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with out_of_memory_is_one_line(f"in training step {step + 1:,} on {device.type}", remedy):
-            for micro in range(A):
-                batch = hooks.next_batch()
-                with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
-                    with autocast(device):
-                        loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
-                    loss.backward()
-                totals.loss += loss.detach()
-                totals.tokens += batch[0].numel()
-        totals.norm += parallel.clip_grad_norm_(plan.max_gradient_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        done = take_step(step + 1, A, plan.max_gradient_norm, hooks, parallel, optimizer, guard, device,
+                         flops_per_token)
+        for t in (window, totals):
+            if done is None:
+                t.skipped += 1
+            else:
+                t.add(*done)
         step += 1
-        totals.steps += 1
         if step == plan.start_step + 1:  # compiled and warmed up: a rank that hangs from now on is noticed soon
             shorten_timeouts(ctx, device)
         log.progress.update()
         if stop_requested(ctx, stop):  # every rank sees the same answer at the same step
+            guard.check()
             interrupt(step, stop, plan, hooks, log, ctx)
+        if step % plan.log_interval == 0 or step == plan.total_steps:
+            guard.check()
+            log_metrics(step, lr, window, parallel, log, ctx, device)
+            window = Totals.start(device)
         if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
+            guard.check()
             end_epoch(step, lr, totals, plan, hooks, parallel, log, ctx, device)
-            totals = EpochTotals.start(device)  # its clock starts after the evaluation and the save
+            totals = Totals.start(device)  # its clock starts after the evaluation and the save
+            window.started = totals.started
     log.close()
     agree(ctx, log.check, who="rank0")  # the last events reached the disk, or one line says why not
     return log.history
 
 
-def end_epoch(step: int, lr: float, totals: EpochTotals, plan: Plan, hooks: Hooks, parallel: Parallel,
+def check_finite_weights(parallel: Parallel, ctx: Distributed, resumed_from: str | None) -> None:
+    """Refuse, in one line, to train weights that are already non-finite (a checkpoint saved from a run that
+    blew up): every step would be non-finite. Each rank checks its shards; the answer is all-reduced."""
+    finite = torch.stack([torch.isfinite(_local_tensor(p)).all() for p in parallel.model.parameters()]).all()
+    finite = finite.to(torch.int32)
+    if ctx.enabled:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        where = f"{resumed_from} holds" if resumed_from else "the model's starting weights hold"
+        raise UserError(f"{where} non-finite weights (NaN or infinity): training them cannot recover; resume from "
+                        f"an earlier checkpoint or start afresh", everywhere=True)
+
+
+def _local_tensor(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def write_run_config(plan: Plan) -> None:
+    """The run's resolved flags beside its checkpoint and in its TensorBoard folder, as a config file:
+    `--config` of it (with a new --checkpoint_path and --run_dir_path) repeats the run."""
+    if not plan.settings:
+        return
+    header = (f"The resolved flags of the run that wrote {plan.checkpoint_path}. Repeat it with --config this file "
+              f"(and a new\n--checkpoint_path and --run_dir_path); flags on the command line override it.")
+    for path in (config_path_beside(plan.checkpoint_path), os.path.join(plan.run_dir, "config.yaml")):
+        try:
+            write_config(plan.settings, path, header)
+        except OSError as e:
+            raise UserError(f"cannot write the run's config to {path} ({os_reason(e)})") from None
+
+
+def take_step(step: int, A: int, max_norm: float, hooks: Hooks, parallel: Parallel, optimizer: Adafactor,
+              guard: NonFinite, device: torch.device, flops_per_token: Callable[[int], float]) -> tuple | None:
+    """Optimizer step `step` (1-based): A micro-batches forward and backward, clip, step. Returns its (loss,
+    gradient norm) on the device, this rank's tokens and FLOPs; None when the guard skipped it."""
+    step_loss, tokens, flops = torch.zeros((), device=device), 0, 0.0
+    remedy = "lower --batch_size or --tokens_per_sample"  # they size the activations
+    remedy += "" if parallel.model.activation_checkpointing else ", or use --activation_checkpointing"
+    with out_of_memory_is_one_line(f"in training step {step:,} on {device.type}", remedy):
+        for micro in range(A):
+            batch = hooks.next_batch()
+            with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
+                with autocast(device):
+                    loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
+                loss.backward()
+            step_loss += loss.detach()
+            tokens += batch[0].numel()
+            flops += batch[0].numel() * flops_per_token(batch[0].size(1))
+        norm = parallel.clip_grad_norm_(max_norm)
+    skip = guard.skip(step, step_loss, norm)
+    if not skip:
+        with out_of_memory_is_one_line(f"in the optimizer step {step:,} on {device.type}", OPTIMIZER_REMEDY):
+            optimizer.step()  # its state is allocated at the first step
+    optimizer.zero_grad(set_to_none=True)
+    return None if skip else (step_loss, norm, tokens, flops)
+
+
+def log_metrics(step: int, lr: float, window: Totals, parallel: Parallel, log: RunLog, ctx: Distributed,
+                device: torch.device) -> None:
+    """A log interval's line and TensorBoard points: loss and gradient norm averaged over its steps (and the
+    ranks), the learning rate, tokens/s, MFU against the device's peak where known, peak memory on CUDA."""
+    synchronize(device)
+    seconds = time.perf_counter() - window.started
+    values = {"learning_rate": lr, "tokens_per_s": window.tokens * ctx.world_size / seconds}
+    if window.steps:
+        values["cross_entropy"] = parallel.all_reduce_mean(window.loss).item() / window.steps
+        values["gradient_norm"] = window.norm.item() / window.steps  # the global norm: the same on every rank
+    if log.peak_tflops:
+        values["mfu"] = window.flops / seconds / (log.peak_tflops * 1e12)  # this rank's FLOPs on its device
+    if device.type == "cuda":
+        values["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    if window.skipped:
+        values["skipped_steps"] = window.skipped
+    log.scalars(step, "train", **values)
+    log.line(step, values)
+
+
+def end_epoch(step: int, lr: float, totals: Totals, plan: Plan, hooks: Hooks, parallel: Parallel,
               log: RunLog, ctx: Distributed, device: torch.device) -> None:
-    """The epoch's metrics, averaged over the ranks (its one host sync); then evaluation and a
-    checkpoint when they are due."""
-    loss = parallel.all_reduce_mean(totals.loss).item() / totals.steps
-    norm = totals.norm.item() / totals.steps  # the global norm: already the same on every rank
+    """The epoch's line, averaged over the ranks (its one host sync); then evaluation and a checkpoint
+    when they are due."""
+    loss = parallel.all_reduce_mean(totals.loss).item() / max(1, totals.steps)
+    norm = totals.norm.item() / max(1, totals.steps)  # the global norm: already the same on every rank
     synchronize(device)
     tokens_per_s = totals.tokens * ctx.world_size / (time.perf_counter() - totals.started)
     epoch = step // plan.steps_per_epoch
-    log.scalars(step, "train", cross_entropy=loss, gradient_norm=norm, learning_rate=lr, tokens_per_s=tokens_per_s)
     log.progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    print0(f"epoch {epoch}/{plan.num_epochs}: cross-entropy {loss:.4f}, gradient norm {norm:.3f}, "
-           f"lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s")
+    skipped = f", {_steps(totals.skipped)} skipped (non-finite)" if totals.skipped else ""
+    log.write(f"epoch {epoch}/{plan.num_epochs}: cross-entropy {loss:.4f}, gradient norm {norm:.3f}, "
+              f"lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s{skipped}")
     last = step == plan.total_steps
     if epoch % plan.eval_interval == 0 or last:
         log.perplexity(step, evaluate(parallel.wrapped, ctx, hooks.eval_batches(), device))
+        log.samples(step, hooks.samples)
     if epoch % plan.checkpoint_interval == 0 or last:
         try:
-            write_checkpoint(ctx, hooks.state_to_save(step), plan.checkpoint_path)
+            write_checkpoint(ctx, gathered_state(hooks, step), plan.checkpoint_path)
         except UserError:  # a full disk: end the progress bar's line before the error's
             log.close()
             raise
-        print0(f"saved checkpoint to {plan.checkpoint_path}")
+        log.write(f"saved checkpoint to {plan.checkpoint_path}")
     agree(ctx, log.check, who="rank0")  # after the save: events that cannot be written end the run, not the work
 
 
@@ -534,7 +816,7 @@ def stop_requested(ctx: Distributed, stop: StopFlag) -> bool:
 def interrupt(step: int, stop: StopFlag, plan: Plan, hooks: Hooks, log: RunLog, ctx: Distributed) -> None:
     """Save where every rank stopped, then leave with the signal's exit status (run_main prints why)."""
     log.progress.close()  # before the save, so its line does not interleave with the message
-    write_checkpoint(ctx, hooks.state_to_save(step), plan.checkpoint_path)
+    write_checkpoint(ctx, gathered_state(hooks, step), plan.checkpoint_path)
     log.close()
     name = stop.name() if stop.requested else "a signal on another rank"
     raise Interrupted(f"stopped by {name}: checkpoint at step {step:,} saved to {plan.checkpoint_path}; "

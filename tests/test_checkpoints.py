@@ -94,7 +94,7 @@ def test_a_second_run_on_a_held_checkpoint_stops_at_once_naming_the_holder(built
                    f"pid {os.getpid()} on {socket.gethostname()}")
     assert not os.path.exists(tmp_path / "checkpoint.pt")  # stopped before any work
     run(argv)  # released: the path is free again, and no lock file is left behind
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "runs"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "checkpoint.yaml", "runs"]  # the run and its config
 
 
 @pytest.mark.slow
@@ -365,13 +365,14 @@ def test_a_full_disk_under_the_tensorboard_events_is_one_line(builtin_data, tmp_
     real, written = record_writer.RecordWriter.write, []
 
     def write_until_the_disk_is_full(self, data):
-        if len(written) == 2:  # the file's header and the first perplexity; then the disk is full
+        if b"train/" in data:  # the header, the settings and the first evaluation went; the first metrics do not
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written.append(data)
         real(self, data)
 
     monkeypatch.setattr(record_writer.RecordWriter, "write", write_until_the_disk_is_full)
-    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "2", "--checkpoint_interval", "1")
+    argv = tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "2", "--checkpoint_interval", "1",
+                              "--log_interval", "1")
     fails_with(capsys, argv, f"--run_dir_path: cannot write TensorBoard events to {tmp_path / 'runs'} "
                              f"(no space left on device)")
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")["step"] == 2  # saved before it stopped

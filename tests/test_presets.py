@@ -1,14 +1,15 @@
-"""--model presets: a preset fills the flags a command line leaves out, explicit flags win, and the presets
-are the documentation's model shapes and quick start."""
+"""--model presets (configs/*.yaml): a preset fills the flags a command line leaves out, explicit flags win,
+and the presets are the documentation's model shapes and quick start."""
 
 import shlex
 
 
 import bench
 import pretrain
-from common import MODEL_PRESETS
 from conftest import fails_with_one_line
+from data import VOCABULARY_SIZES
 from helpers import model_shapes, section, tiktoken_vocabulary
+from run_config import MODEL_PRESETS
 
 SHAPE = ("embedding_dimensions", "num_attention_heads", "num_hidden_layers")
 
@@ -69,15 +70,20 @@ def test_presets_are_the_readme_model_shapes_with_their_vocabularies(monkeypatch
     for _, config, _, name in rows:
         preset = MODEL_PRESETS[name]
         assert (preset["embedding_dimensions"], preset["num_attention_heads"], preset["num_hidden_layers"],
-                preset["vocabulary_size"]) == (config.embedding_dimensions, config.num_attention_heads,
-                                               config.num_hidden_layers, config.vocabulary_size), name
-    for name, preset in MODEL_PRESETS.items():
-        encoding = preset["token_encoding"]
-        vocabulary = 257 if encoding == "bytes" else tiktoken_vocabulary(encoding, monkeypatch)
-        assert preset["vocabulary_size"] == vocabulary, name
+                VOCABULARY_SIZES[preset["token_encoding"]]) == (
+            config.embedding_dimensions, config.num_attention_heads, config.num_hidden_layers,
+            config.vocabulary_size), name
+    for encoding, size in VOCABULARY_SIZES.items():
+        assert size == (257 if encoding == "bytes" else tiktoken_vocabulary(encoding, monkeypatch)), encoding
 
 
-def test_every_preset_key_is_a_flag():
-    flags = set(vars(pretrain.parse_args([]))) | set(vars(bench.parse_args(["train"])))
+def test_every_preset_key_is_a_pretrain_flag():
+    """So a shipped preset is also a config file: `--config configs/NAME.yaml` takes it whole."""
+    flags = set(vars(pretrain.parse_args([])))
     for name, preset in MODEL_PRESETS.items():
         assert set(preset) <= flags, (name, set(preset) - flags)
+        by_config = vars(pretrain.parse_args(["--config", f"configs/{name}.yaml"]))
+        by_name = vars(pretrain.parse_args(["--model", name]))
+        for args in (by_config, by_name):
+            del args["config"], args["model"]
+        assert by_config == by_name, name

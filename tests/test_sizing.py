@@ -15,7 +15,8 @@ import model as model_module
 import sizing
 from adafactor import Adafactor
 from chat import SPECIAL_TOKENS
-from common import MODEL_PRESETS
+from data import VOCABULARY_SIZES
+from run_config import MODEL_PRESETS
 from lora import LoRAConfig, add_lora, grow_vocabulary, trainable_by_kind
 from model import GPT, GPTConfig
 from parallel import training_memory
@@ -44,7 +45,7 @@ def test_parameter_counts_of_the_card_shapes_are_the_models(name):
     count, the split adds up, the bytes are the weights' storage, and LoRA's count is add_lora's."""
     config = Plan.preset(name).config
     assert (config.vocabulary_size, config.embedding_dimensions) == (
-        MODEL_PRESETS[name]["vocabulary_size"], MODEL_PRESETS[name]["embedding_dimensions"])
+        VOCABULARY_SIZES[MODEL_PRESETS[name]["token_encoding"]], MODEL_PRESETS[name]["embedding_dimensions"])
     model = meta(config)
     stored = sum(p.numel() for p in model.parameters())
     counts = sizing.parameters(config, lora_rank=8)
