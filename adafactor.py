@@ -53,6 +53,19 @@ def _full(local: torch.Tensor, like: torch.Tensor, full_shape) -> torch.Tensor:
     return dt.full_tensor()
 
 
+def _placed(local: torch.Tensor, like: torch.Tensor, full_shape, replicated: bool = False) -> torch.Tensor:
+    """A local state tensor as a DTensor placed like the parameter `like` (or replicated over its mesh),
+    sharing its storage; the tensor itself where `like` is no DTensor."""
+    if not isinstance(like, DTensor):
+        return local
+    from torch.distributed.tensor import Replicate
+
+    placements = [Replicate()] * like.device_mesh.ndim if replicated else like.placements
+    full_shape = torch.Size(full_shape)
+    stride = torch.empty(full_shape, device="meta").stride()
+    return DTensor.from_local(local, like.device_mesh, placements, run_check=False, shape=full_shape, stride=stride)
+
+
 # ----------------------------------------------------------------------------- the step's arithmetic
 # Three pure functions over lists of tensors, with every per-step number (1 - beta2, step sizes) in
 # device tensors: eager they are the algorithm as written; compiled (Adafactor(compile=True)) each one
@@ -224,16 +237,7 @@ class Adafactor(torch.optim.Optimizer):
         for p, grad in zip(params, grads):
             if grad.dim() > 2:
                 raise ValueError("this Adafactor handles parameters of at most 2 dimensions")
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                if grad.dim() > 1:
-                    state["row_var"] = grad.new_zeros((*grad.shape[:-1], 1))
-                    state["col_var"] = grad.new_zeros((*grad.shape[:-2], 1, grad.shape[-1]))
-                else:
-                    state["variance"] = torch.zeros_like(grad)
-            if group.get("beta1", 0.0) and "exp_avg" not in state:  # also for a state loaded without one
-                state["exp_avg"] = torch.zeros_like(grad)
+            state = self._state_of(p, group)
             states.append(state)
             eps1s.append(torch.finfo(_local(p).dtype).eps if group["eps"][0] is None else group["eps"][0])
         counts = [state["step"] for state in states]
@@ -242,6 +246,40 @@ class Adafactor(torch.optim.Optimizer):
             betas.append(step ** group["beta2_decay"])  # 1 - beta2_t
             rhos.append(min(group["lr"], 1 / step**0.5))
         return states, betas, rhos, eps1s
+
+    def _state_of(self, p: torch.Tensor, group: dict) -> dict:
+        """p's state, created (zeros, step 0) where missing: local shards, shaped as p's local rows are."""
+        state, local = self.state[p], _local(p)
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            if local.dim() > 1:
+                state["row_var"] = local.new_zeros((*local.shape[:-1], 1))
+                state["col_var"] = local.new_zeros((*local.shape[:-2], 1, local.shape[-1]))
+            else:
+                state["variance"] = torch.zeros_like(local)
+        if group.get("beta1", 0.0) and "exp_avg" not in state:  # also for a state loaded without one
+            state["exp_avg"] = torch.zeros_like(local)
+        return state
+
+    def sharded_state_dict(self) -> dict:
+        """Every parameter's state ("0", "1", ... in parameter order) as DTensors placed as the parameter is
+        (its rows sharded on dim 0, col_var replicated: it is all-reduced), sharing storage with the state
+        itself, for torch.distributed.checkpoint: it saves each rank's shards and loads into them in place,
+        resharding across world sizes. Plain tensors where the parameters are (one process). Missing state is
+        created first (zeros, step 0), so a fresh optimizer can be loaded into."""
+        entries, index = {}, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self._state_of(p, group)
+                entry = {"step": state["step"]}
+                for key, value in state.items():
+                    if key == "col_var":
+                        entry[key] = _placed(value, p, value.shape, replicated=True)
+                    elif key != "step":
+                        entry[key] = _placed(value, p, (*p.shape[:-1], 1) if key == "row_var" else p.shape)
+                entries[str(index)] = entry
+                index += 1
+        return entries
 
     def _divisors(self, params, col_vars, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Each parameter's whole-tensor size, and what divides the local sums into means: the sizes, then

@@ -4,12 +4,15 @@
     python bench.py train --model medium          # a named shape (pretrain.py's --model)
     python bench.py decode                        # 256 tokens after a 16-token prompt, batch 1 and 8
     python bench.py tokenize --token_encoding r50k_base --dataset ./corpus.jsonl
+    python bench.py stream --token_encoding r50k_base --dataset ./shards/   # pretrain.py --streaming's batches/s
     python bench.py pack --token_encoding bytes   # LoRA steps on the builtin conversations, packed vs padded
     python bench.py serve --device cpu --checkpoint_path ./checkpoints/quickstart.pt   # serve.py, 1/4/16 clients
     python bench.py train --device cpu --embedding_dimensions 128 --num_attention_heads 4 \\
         --num_hidden_layers 2 --batch_size 4 --tokens_per_sample 128 --compare_hf   # tiny, on a CPU
 
-`pack` times instruction tuning's LoRA steps on the builtin conversations packed into rows (as
+`stream` draws pretrain.py --streaming's batches (--batch_size windows of --tokens_per_sample) from --dataset
+with 1, 2, 4, ... up to --num_dataset_processes tokenizer threads and counts the tokens per second the stream
+delivers, against which a run's tokens/s per rank is the need. `pack` times instruction tuning's LoRA steps on the builtin conversations packed into rows (as
 instruction-tune.py does) and one conversation per padded row, and counts the conversation tokens each
 processes per second. `serve` sends the same --requests streaming completions from 1, 4 and 16 concurrent
 clients (--clients) to serve.py in this process on a loopback port, batched (continuous batching, up to
@@ -102,7 +105,7 @@ def add_serve_args(g) -> None:
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Benchmark LightGPT.")
-    p.add_argument("mode", choices=("train", "decode", "tokenize", "pack", "serve"), help="what to measure")
+    p.add_argument("mode", choices=("train", "decode", "tokenize", "stream", "pack", "serve"), help="what to measure")
     g = p.add_argument_group("model")
     g.add_argument("--vocabulary_size", type=positive_int, default=None,
                    help="vocabulary of the random model (default: --token_encoding's, 50,257 for r50k_base)")
@@ -138,7 +141,8 @@ def parse_args(argv=None):
     g.add_argument("--rank", type=positive_int, default=8, help="LoRA rank of the instruction-tuning steps")
     add_serve_args(p.add_argument_group("serve"))
     g = p.add_argument_group("tokenize")
-    g.add_argument("--dataset", default="builtin", help="a local corpus (file, folder, glob) or builtin")
+    g.add_argument("--dataset", default="builtin",
+                   help="tokenize, stream: a local corpus (file, folder, glob), builtin, or (stream) a hub dataset")
     g.add_argument("--token_encoding", default="r50k_base", help="tiktoken encoding, bytes, or a .tiktoken file")
     g.add_argument("--num_dataset_processes", type=positive_int, default=8, help="tokenizer threads")
     g = p.add_argument_group("system")
@@ -651,7 +655,36 @@ def hf_generate_batch(args, device, loaded, texts: list[str], sampling, rows) ->
 # ----------------------------------------------------------------------------- tokenize
 
 
-TOKENIZE_DOCUMENTS = 100_000  # the most documents bench.py tokenize repeats a corpus to
+TOKENIZE_DOCUMENTS = 20_000  # the most documents bench.py tokenize repeats a corpus to
+
+
+def bench_stream(args, device, rows) -> None:
+    """The stream's batches as pretrain.py --streaming draws them (one rank), by tokenizer threads: tokens
+    per second after the buffer's first fill (the first --warmup_iterations batches are not timed)."""
+    from data import load_encoding
+    from streaming import StreamSampler, open_source
+
+    source, encoding = open_source(args.dataset, None), load_encoding(args.token_encoding)
+    workers, counts = 1, []
+    while workers <= args.num_dataset_processes:
+        counts.append(workers)
+        workers *= 2
+    for workers in counts:
+        sampler = StreamSampler(source, encoding, args.tokens_per_sample, args.batch_size, seed=0,
+                                buffer_tokens=1 << 20, workers=workers)
+        try:
+            for _ in range(args.warmup_iterations):
+                sampler.next_batch()
+            started, tokens = time.perf_counter(), 0
+            for _ in range(args.iterations):
+                tokens += sampler.next_batch()[0].numel()
+            seconds = time.perf_counter() - started
+        finally:
+            sampler.close()
+        report(rows, {"mode": "stream", "system": "lightgpt", "device": f"cpu ({os.cpu_count()} cores)",
+                      "threads": workers, "encoding": args.token_encoding, "batch_size": args.batch_size,
+                      "tokens_per_sample": args.tokens_per_sample, "tokens": tokens,
+                      "tokens_per_s": round(tokens / seconds, 1)})
 
 
 def bench_tokenize(args, device, rows) -> None:
@@ -702,7 +735,7 @@ def bench_tokenize(args, device, rows) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ["mode", "system", "clients", "batch_size", "tokens_per_s", "ms_per_step", "ms_per_token", "model_tflops", "mfu",
+    columns = ["mode", "system", "clients", "threads", "batch_size", "tokens_per_s", "ms_per_step", "ms_per_token", "model_tflops", "mfu",
                "peak_memory_gib", "fraction_of_raw", "rows", "fill", "epoch_s", "speedup"]
     columns = [c for c in columns if any(c in r and r[c] is not None for r in rows)]
     cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in columns] for r in rows]
@@ -726,7 +759,7 @@ def attention_backend(name: str):
 
 
 def main(args) -> list[dict]:
-    device = resolve_device(args.device) if args.mode != "tokenize" else torch.device("cpu")
+    device = resolve_device(args.device) if args.mode not in ("tokenize", "stream") else torch.device("cpu")
     if (args.checkpoint_path or args.lora_path) and args.mode != "serve":
         raise UserError(f"--checkpoint_path and --lora_path are for bench.py serve, not {args.mode}")
     if args.mode == "train" and args.optimizer == "torch" and args.momentum:
@@ -736,8 +769,8 @@ def main(args) -> list[dict]:
     try:
         with attention_backend(args.attention_backend):
             scenarios = {"clients": bench_serve, "long-prompt": bench_long_prompt, "shared-prefix": bench_shared_prefix}
-            modes = {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize, "pack": bench_pack,
-                     "serve": scenarios[args.scenario]}
+            modes = {"train": bench_train, "decode": bench_decode, "tokenize": bench_tokenize, "stream": bench_stream,
+                     "pack": bench_pack, "serve": scenarios[args.scenario]}
             modes[args.mode](args, device, rows)
     except RuntimeError as e:
         if not any(text in str(e) for text in ("No available kernel", "No viable backend")):

@@ -150,6 +150,15 @@ def unloadable_reason(path: str, error: Exception) -> str:
     return "a truncated or damaged PyTorch file"
 
 
+def _sampler_ok(value) -> bool:
+    """A token file's or chat rows' sampler (a generator state and the samples drawn), or a streamed run's
+    list of every rank's stream state (streaming.StreamSampler: an anchor and the batches drawn since)."""
+    if isinstance(value, dict):
+        return isinstance(value.get("generator"), torch.Tensor) and isinstance(value.get("samples_drawn"), int)
+    return bool(value) and all(isinstance(s, dict) and isinstance(s.get("anchor"), dict)
+                               and isinstance(s.get("skip"), int) for s in value)
+
+
 # The checkpoint's schema: what each entry holds, as (type, check or None, the words for both). A script
 # names the entries it needs (required=); whatever is present is checked.
 CHECKPOINT_ENTRIES = {
@@ -161,9 +170,8 @@ CHECKPOINT_ENTRIES = {
     "optimizer": (dict, None, "torch.optim's state dict"),
     "step": (int, lambda v: v >= 0, "an integer >= 0"),
     "steps_per_epoch": (int, lambda v: v >= 1, "a positive integer"),
-    "sampler": (dict, lambda v: isinstance(v.get("generator"), torch.Tensor)
-                and isinstance(v.get("samples_drawn"), int),
-                "a dict with a generator state and samples_drawn"),
+    "sampler": ((dict, list), lambda v: _sampler_ok(v),
+                "a dict with a generator state and samples_drawn, or a list of stream states, one per process"),
     "rng": (list, lambda v: v and all(isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) for r in v),
             "a list of RNG states, one per process"),
     "seed": (int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
@@ -179,10 +187,15 @@ CHECKPOINT_ENTRIES = {
              "a dict of the base checkpoint's sha256 and vocabulary_size"),
     # chat models (LoRA checkpoints and merged ones): the ChatML special tokens after the base vocabulary
     "special_tokens": (list, lambda v: v and all(isinstance(t, str) for t in v), "a list of token strings"),
+    # a sharded checkpoint's pointer (sharded_checkpoint.py): its weights and optimizer state are in a folder
+    "sharded": (dict, lambda v: isinstance(v.get("folder"), str) and isinstance(v.get("files"), dict)
+                and _is(v.get("world_size"), int), "a dict of the shards' folder, files and world size"),
+    "optimizer_groups": (list, None, "a list of the optimizer's settings"),
 }  # and "version" and "sha256", checked by load_checkpoint before the rest
 MODEL_ENTRIES = ("config", "model", "token_encoding", "eot_id")  # enough to generate
 TRAINING_ENTRIES = ("optimizer", "step", "sampler", "rng", "seed")
 RESUME_ENTRIES = (*MODEL_ENTRIES, *TRAINING_ENTRIES)  # enough to continue training
+SHARDED_RESUME_ENTRIES = ("config", "token_encoding", "eot_id", "sharded", "step", "sampler", "rng", "seed")
 LORA_ENTRIES = ("config", "adapters", "lora", "base", "special_tokens", "token_encoding", "eot_id")  # enough to chat
 
 
@@ -210,6 +223,10 @@ def checkpoint_problem(state: dict, required: tuple[str, ...] = ()) -> str | Non
     follow "its file is not usable: ", or None. The one place the checkpoint's schema is checked."""
     for key in required:
         if key not in state:
+            if key in ("model", "optimizer") and isinstance(state.get("sharded"), dict):
+                return (f"it is a sharded checkpoint (its weights are in the folder {state['sharded'].get('folder')} "
+                        f"beside it); make one file of it first: python consolidate.py --checkpoint_path <it> "
+                        f"--output_path <new file>")
             return f"it has no {key!r} entry"
     for key, (kind, check, words) in CHECKPOINT_ENTRIES.items():
         if key in state and not (_is(state[key], kind) and (check is None or check(state[key]))):
@@ -337,6 +354,13 @@ def load_checkpoint(path: str, kind: str, flag: str = "--checkpoint_path", requi
         raise UserError(f"{flag}: {path} is not a usable {kind} checkpoint: {problem}")
     state["sha256"] = digest or state_digest(state)  # its identity: a LoRA checkpoint names its base by it
     return state
+
+
+def require_entries(state: dict, required: tuple[str, ...], path: str, kind: str, flag: str = "--checkpoint_path") -> None:
+    """One line if a loaded checkpoint lacks what the caller needs (load_checkpoint checked the rest)."""
+    problem = checkpoint_problem(state, required)
+    if problem:
+        raise UserError(f"{flag}: {path} is not a usable {kind} checkpoint: {problem}")
 
 
 def model_from_checkpoint(state: dict) -> GPT:

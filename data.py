@@ -222,7 +222,7 @@ def _forking_workers():
 _WRAPPERS = ("DatasetGenerationError",)  # datasets' "An error occurred while generating the dataset"
 
 
-def _cause(error: BaseException) -> str:
+def error_cause(error: BaseException) -> str:
     """The first line of the error that explains `error`, type first. datasets wraps the real one (a JSON
     parse error, a bad Parquet footer) in a DatasetGenerationError that says only "An error occurred while
     generating the dataset", and from a worker process (num_proc > 1) passes it on as the text of a
@@ -277,9 +277,11 @@ def hub_what(name: str, subset: str | None) -> str:
     return f"dataset {name}" + (f" ({subset})" if subset else "")
 
 
-def load_hub_dataset(name: str, subset: str | None, processes: int, split: str | None = "train"):
-    """A HuggingFace hub dataset's split (all its splits, a DatasetDict, when split is None), or one clear
-    error: the hub unreachable, offline without a cached copy, or a download that failed."""
+def load_hub_dataset(name: str, subset: str | None, processes: int, split: str | None = "train",
+                     streaming: bool = False):
+    """A HuggingFace hub dataset's split (all its splits, a DatasetDict, when split is None; an
+    IterableDataset read as it goes with streaming), or one clear error: the hub unreachable, offline
+    without a cached copy, or a download that failed."""
     try:
         import datasets
     except ImportError:
@@ -295,13 +297,14 @@ def load_hub_dataset(name: str, subset: str | None, processes: int, split: str |
                             f"{ways_out}")
     try:
         with _quiet_hub(), _forking_workers():
-            dataset = datasets.load_dataset(name, name=subset, split=split, num_proc=processes)
+            workers = {"streaming": True} if streaming else {"num_proc": processes}
+            dataset = datasets.load_dataset(name, name=subset, split=split, **workers)
     except Exception as e:
         if offline and isinstance(e, ConnectionError):  # what datasets raises offline for a dataset not cached
             raise UserError(f"{what} is not in the HuggingFace cache and {offline} is set, so it is not "
                             f"downloaded; unset {offline} to download it, {ways_out}") from None
         raise UserError(
-            f"could not load {what} from the HuggingFace hub ({_cause(e)}); check the name "
+            f"could not load {what} from the HuggingFace hub ({error_cause(e)}); check the name "
             f"and your network, {ways_out}"
         ) from None
     return dataset
@@ -338,7 +341,7 @@ def load_local_dataset(files: list[str], builder: str, processes: int):
         named = [f for f in files if any(f"'{os.path.abspath(f)}'" in line or f"'{os.path.realpath(f)}'" in line
                                          for line in logged)]
         where = named[0] if named else files[0] + (" and others" if len(files) > 1 else "")
-        raise UserError(f"could not read {where} ({_cause(failure)})") from None
+        raise UserError(f"could not read {where} ({error_cause(failure)})") from None
     return dataset
 
 
@@ -689,7 +692,7 @@ def _read_batches(batches: Iterator[list], source: str) -> Iterator[list]:
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"could not read {source} ({_cause(e)})") from None
+            raise UserError(f"could not read {source} ({error_cause(e)})") from None
         yield batch
 
 

@@ -62,6 +62,7 @@ from common import (
 from data import BatchPrefetcher, RowSampler, load_encoding, to_device
 from files import atomic_folder, check_writable
 from lora import LoRAConfig, adapted_model, lora_model, lora_state_dict, merge_lora, trainable_by_kind
+from metrics import sample_texts
 from model import GPT
 from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
 from peft_adapter import ADAPTER_CONFIG, peft_base_name, save_peft_adapter
@@ -80,7 +81,6 @@ from training import (
     rng_states,
     run_seed,
     run_trainer,
-    sample_texts,
     start_rng_streams,
 )
 
@@ -225,7 +225,8 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple | None:
                 accumulation=accumulation, max_gradient_norm=args.max_gradient_norm, eval_interval=args.eval_interval,
                 checkpoint_interval=args.checkpoint_interval, checkpoint_path=args.checkpoint_path,
                 run_dir=args.run_dir_path, description="instruction tuning", log_interval=args.log_interval,
-                nonfinite=args.nonfinite, settings=run_settings(args, seed=seed))
+                nonfinite=args.nonfinite, settings=run_settings(args, seed=seed), wandb=args.wandb,
+                peak_tflops=args.peak_tflops)
     hooks = Hooks(
         next_batch=batches.next,
         learning_rate=lambda step: learning_rate_at(step, total_steps, args.learning_rate, args.warmup_steps,

@@ -164,6 +164,15 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def gather_objects(ctx: Distributed, value) -> list:
+    """Every rank's `value`, in rank order, on every rank (a collective on the control group)."""
+    if not ctx.enabled:
+        return [value]
+    values = [None] * ctx.world_size
+    dist.all_gather_object(values, value, group=ctx.control_group)
+    return values
+
+
 def agree(ctx: Distributed, work: Callable, who: str = "all"):
     """Run `work` on the ranks named by `who` ("all", "rank0" or "local0"), and make a UserError on any
     of them a UserError on every rank, so all ranks stop together with the same one-line message

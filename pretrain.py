@@ -20,6 +20,7 @@ that instruction tuning shares.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -27,7 +28,12 @@ import numpy as np
 import torch
 
 from adafactor import Adafactor
-from checkpoint import model_checkpoint
+from checkpoint import (
+    RESUME_ENTRIES,
+    SHARDED_RESUME_ENTRIES,
+    model_checkpoint,
+    require_entries,
+)
 from common import (
     ARCHITECTURE_FLAGS,
     ArgumentParser,
@@ -43,9 +49,9 @@ from common import (
     non_negative_int,
     positive_float,
     positive_int,
-    probability,
     precision_name,
     print0,
+    probability,
     run_main,
 )
 from data import (
@@ -54,6 +60,7 @@ from data import (
     TokenFiles,
     WindowSampler,
     corpus_subset,
+    eot_id,
     eval_windows,
     load_encoding,
     open_tokens,
@@ -61,9 +68,29 @@ from data import (
     to_device,
     window_batch,
 )
-from model import INITIALISATIONS, GPT, GPTConfig
+from files import os_reason
+from metrics import sample_texts
+from model import GPT, INITIALISATIONS, GPTConfig
+from parallel import (
+    Distributed,
+    Parallel,
+    agree,
+    eval_rank_share,
+    gather_objects,
+    training_memory,
+)
 from run_config import add_config_args, parse_with_config, run_settings
-from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
+from sharded_checkpoint import (
+    check_files,
+    is_sharded,
+    load_shards,
+    model_tensors,
+    new_folder,
+    save_shards,
+    sharded_entry,
+)
+from streaming import Source, StreamSampler, open_source
+from streaming import test_tokens as stream_test_tokens
 from training import (
     Hooks,
     Plan,
@@ -78,7 +105,6 @@ from training import (
     rng_states,
     run_seed,
     run_trainer,
-    sample_texts,
     start_rng_streams,
 )
 
@@ -98,6 +124,10 @@ def parse_args(argv=None):
     g.add_argument("--dataset_path", default="./datasets", help="folder for the token files")
     g.add_argument("--num_dataset_processes", type=positive_int, default=8,
                    help="workers for loading and tokenizing the corpus")
+    g.add_argument("--streaming", action="store_true", help="read the corpus as a stream while training, "
+                   "tokenized on the fly by --num_dataset_processes threads: no download or token files first")
+    g.add_argument("--shuffle_buffer_tokens", type=positive_int, default=1 << 20,
+                   help="--streaming: tokens of packed windows in each rank's shuffle buffer")
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", type=positive_int, default=1, help="samples per forward pass")
     g.add_argument("--gradient_accumulation_steps", type=positive_int, default=128,
@@ -133,6 +163,10 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint_interval", type=positive_int, default=20,
                    help="save a checkpoint every this many epochs")
     g.add_argument("--checkpoint_path", default="./checkpoints/checkpoint.pt", help="checkpoint file")
+    g.add_argument("--checkpoint_format", choices=("auto", "single", "sharded"), default="auto",
+                   help="single: one file (weights gathered on rank 0); sharded: every rank writes its own shards "
+                   "(torch.distributed.checkpoint) beside a small file naming them; auto: sharded at "
+                   "--ddp_sharding_level 2 and 3 under torchrun, single otherwise")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     g.add_argument("--run_dir_path", default="./runs/pretrain", help="TensorBoard run folder")
     add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
@@ -158,17 +192,23 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
         return None
     seed = run_seed(ctx, checkpoint, args.seed)
     torch.manual_seed(seed)  # the seed alone decides the initial weights, on every rank
-    files = token_files(args, ctx)
-    config = architecture(args, checkpoint, files.meta["vocabulary_size"])
+    corpus = streamed_corpus(args, ctx) if args.streaming else token_files(args, ctx)
+    config = architecture(args, checkpoint, corpus.meta["vocabulary_size"])
     check_learned_positions(config, args.tokens_per_sample, "--tokens_per_sample")
-    train_tokens, test_tokens = open_tokens(files.train, files.meta), open_tokens(files.test, files.meta)
-    # Every sample is drawn by one generator shared by all ranks; rank r takes the r-th of each round of
-    # draws, so ranks see different samples and the global batch does not depend on the world size.
-    start_token = files.meta["eot_id"] if args.start_token == "eot" else None
+    start_token = corpus.meta["eot_id"] if args.start_token == "eot" else None
     total_steps = steps_per_epoch * args.num_epochs  # the schedule spans all epochs (a longer resume stretches it)
     short_samples = round(args.short_fraction * total_steps) * args.batch_size * accumulation * ctx.world_size
-    sampler = WindowSampler(train_tokens, args.tokens_per_sample, args.batch_size, seed, ctx.rank, ctx.world_size,
-                            start_token, args.short_tokens_per_sample, short_samples)
+    curriculum = (start_token, args.short_tokens_per_sample, short_samples)
+    if args.streaming:
+        test_tokens = corpus.test
+        sampler = StreamSampler(corpus.source, corpus.encoding, args.tokens_per_sample, args.batch_size, seed, ctx.rank,
+                                ctx.world_size, *curriculum, args.shuffle_buffer_tokens, args.num_dataset_processes)
+    else:
+        train_tokens, test_tokens = open_tokens(corpus.train, corpus.meta), open_tokens(corpus.test, corpus.meta)
+        # Every sample is drawn by one generator shared by all ranks; rank r takes the r-th of each round of
+        # draws, so ranks see different samples and the global batch does not depend on the world size.
+        sampler = WindowSampler(train_tokens, args.tokens_per_sample, args.batch_size, seed, ctx.rank,
+                                ctx.world_size, *curriculum)
     eval_starts = eval_share(args, ctx, test_tokens)
     parallel, optimizer = build_model(args, config, checkpoint, ctx, device)
     step = resume_streams(args, ctx, checkpoint, sampler, seed, steps_per_epoch)
@@ -180,15 +220,17 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple[Plan, Hooks, P
                 accumulation=accumulation, max_gradient_norm=args.max_gradient_norm, eval_interval=args.eval_interval,
                 checkpoint_interval=args.checkpoint_interval, checkpoint_path=args.checkpoint_path,
                 run_dir=args.run_dir_path, description="pretraining", log_interval=args.log_interval,
-                nonfinite=args.nonfinite, settings=run_settings(args, seed=seed))
+                nonfinite=args.nonfinite, settings=run_settings(args, seed=seed), wandb=args.wandb,
+                peak_tflops=args.peak_tflops)
     hooks = Hooks(
         next_batch=batches.next,
         learning_rate=lambda step: learning_rate_at(step, total_steps, args.learning_rate, args.warmup_steps,
                                                     args.lr_schedule, args.min_lr_ratio),
         eval_batches=partial(eval_batches, test_tokens, eval_starts, args.tokens_per_sample, args.batch_size,
                              start_token, device),
-        state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, files.meta, ctx),
+        state_to_save=partial(checkpoint_state, args, parallel, optimizer, batches, seed, corpus.meta, ctx),
         samples=sampler_of_texts(args, parallel, start_token, device),
+        close=sampler.close if args.streaming else None,
     )
     return plan, hooks, parallel, optimizer
 
@@ -204,12 +246,17 @@ def check_curriculum(args) -> None:
 
 def resume_state(args) -> dict | None:
     """The checkpoint to continue (with --resume), checked against the flags that cannot change: the
-    corpus and its tokenizer (a resume continues the same sample stream)."""
-    state = read_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, args.resume)
+    corpus and its tokenizer (a resume continues the same sample stream). A sharded checkpoint's file
+    holds all but the weights and optimizer state, which build_model loads from its shards."""
+    state = read_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, args.resume, required=())
     if not state:
         return None
+    require_entries(state, SHARDED_RESUME_ENTRIES if is_sharded(state) else RESUME_ENTRIES, args.checkpoint_path,
+                    CHECKPOINT_KIND)
     pairs = [("--token_encoding", args.token_encoding, state["token_encoding"])]
     saved = state.get("args")
+    if isinstance(saved, dict):  # a stream's state and a token file's sampler do not continue each other
+        pairs.append(("--streaming", args.streaming, bool(saved.get("streaming", False))))
     if isinstance(saved, dict) and isinstance(saved.get("dataset"), str):
         pairs[:0] = [("--dataset", args.dataset, saved["dataset"]),
                      ("--dataset_subset", corpus_subset(args.dataset, args.dataset_subset),
@@ -226,6 +273,26 @@ def token_files(args, ctx: Distributed) -> TokenFiles:
                       args.num_dataset_processes)
     files = agree(ctx, prepare, who="local0")
     return agree(ctx, lambda: files if ctx.local_rank == 0 else prepare())  # the others find the files whole
+
+
+@dataclass
+class StreamedCorpus:
+    source: Source
+    encoding: object  # tiktoken.Encoding
+    test: np.ndarray  # the held-out test tokens
+    meta: dict  # what token files' metadata would say: vocabulary_size, eot_id, source
+
+
+def streamed_corpus(args, ctx: Distributed) -> StreamedCorpus:
+    """--streaming: the corpus opened as a stream and its held-out test tokens (rank 0 reads them from the
+    stream's start; every rank gets them)."""
+    encoding = load_encoding(args.token_encoding)
+    source = agree(ctx, lambda: open_source(args.dataset, args.dataset_subset))
+    wanted = args.eval_samples * args.tokens_per_sample + 1
+    test = agree(ctx, lambda: stream_test_tokens(source, encoding, wanted), who="rank0")
+    meta = {"vocabulary_size": encoding.n_vocab, "eot_id": eot_id(encoding), "source": f"stream: {source.what}"}
+    print0(f"streaming {source.what}: {len(test):,} held-out test tokens (every {source.test_every}th document)")
+    return StreamedCorpus(source, encoding, test, meta)
 
 
 def architecture(args, checkpoint: dict | None, vocabulary_size: int) -> GPTConfig:
@@ -258,7 +325,12 @@ def resume_streams(args, ctx: Distributed, checkpoint: dict | None, sampler: Win
     if not checkpoint:
         return 0
     step, rng = checkpoint["step"], checkpoint["rng"]
-    sampler.load_state_dict(checkpoint["sampler"])  # its generator draws starts for windows of any length
+    if not args.streaming:
+        sampler.load_state_dict(checkpoint["sampler"])  # its generator draws starts for windows of any length
+    elif len(checkpoint["sampler"]) == ctx.world_size:
+        sampler.load_state_dict(checkpoint["sampler"][ctx.rank])  # each rank's own stream, where it stopped
+    else:  # written by another world size: every rank from the earliest position, no document skipped
+        sampler.resharded(checkpoint["sampler"])
     saved = checkpoint.get("args")
     trained_at = saved.get("tokens_per_sample") if isinstance(saved, dict) else None
     if isinstance(trained_at, int) and trained_at != args.tokens_per_sample:  # growing (or shrinking) the context
@@ -275,14 +347,20 @@ def build_model(args, config: GPTConfig, checkpoint: dict | None, ctx: Distribut
     agree(ctx, partial(check_model_fits, args, config, checkpoint, ctx, device))
     model = GPT(config, args.init).to(device)  # the same seed on every rank: identical weights before sharding
     model.set_activation_checkpointing(args.activation_checkpointing)
-    if checkpoint:
+    sharded = checkpoint is not None and is_sharded(checkpoint)
+    if checkpoint and not sharded:
         model.load_state_dict(checkpoint["model"])
     allow_tf32(device)
     # Under torchrun: DDP, or FSDP with each block compiled before it is sharded; else the model, compiled.
     parallel = Parallel(model, ctx, device, args.ddp_sharding_level, compile_enabled(args.compile, device))
     optimizer = parallel.optimizer(lr=args.learning_rate, beta2_decay=args.rms_decay, beta1=args.momentum,
                                    foreach=not args.low_memory_optimizer)
-    if checkpoint:
+    if sharded:  # every rank checks a share of the files, then loads into its own shards (DCP reshards)
+        entry = checkpoint["sharded"]
+        agree(ctx, lambda: check_files(args.checkpoint_path, entry, ctx.rank, ctx.world_size))
+        agree(ctx, lambda: load_shards(args.checkpoint_path, entry, model_tensors(parallel),
+                                       optimizer.sharded_state_dict(), ctx.control_group))
+    elif checkpoint:
         parallel.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
     return parallel, optimizer
 
@@ -350,24 +428,54 @@ def sampler_of_texts(args, parallel: Parallel, start_token: int | None, device: 
     return partial(sample_texts, parallel.model, prompts, encoding.decode, device)
 
 
+def saves_sharded(args, ctx: Distributed) -> bool:
+    """--checkpoint_format: sharded (DCP) at FSDP levels 2 and 3 under torchrun, by default; one file else."""
+    fsdp = ctx.enabled and args.ddp_sharding_level in (2, 3)
+    return args.checkpoint_format == "sharded" or (args.checkpoint_format == "auto" and fsdp)
+
+
 def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: BatchPrefetcher, seed: int,
                      meta: dict, ctx: Distributed, step: int) -> dict:
-    """Everything an exact resume needs. Every rank builds it (weights and optimizer state are gathered
-    from the shards); rank 0 writes it."""
-    return model_checkpoint(
+    """Everything an exact resume needs. Every rank builds it; rank 0 writes it. One file: the weights and
+    optimizer state gathered from the shards. Sharded: every rank first writes its own shards into a new
+    folder (sharded_checkpoint.py), and the file written is the pointer to them."""
+    if saves_sharded(args, ctx):
+        folder = agree(ctx, lambda: new_folder(args.checkpoint_path, step), who="rank0")
+        mine = agree(ctx, lambda: write_shards(model_tensors(parallel), optimizer.sharded_state_dict(), folder,
+                                               ctx.rank, ctx.control_group))
+        weights, optimizer_state = {}, None
+        shards = sharded_entry(args.checkpoint_path, folder, gather_objects(ctx, mine), ctx.world_size,
+                               args.ddp_sharding_level)
+    else:
+        weights, optimizer_state = parallel.model_state_dict(), parallel.optimizer_state_dict(optimizer)
+    state = model_checkpoint(
         parallel.model.config,
-        parallel.model_state_dict(),
+        weights,
         token_encoding=args.token_encoding,  # a resume must tokenize the same way; generate.py decodes with it
         eot_id=meta["eot_id"],
         args=vars(args),  # for the record; a resume takes its flags from its own command line
-        optimizer=parallel.optimizer_state_dict(optimizer),  # torch.optim.Adafactor's format, whole tensors
         step=step,
-        sampler=batches.state_dict(),  # from before the prefetched batch, which a resume draws again
+        # from before the prefetched batch, which a resume draws again; streamed: every rank's own stream
+        sampler=gather_objects(ctx, batches.state_dict()) if args.streaming else batches.state_dict(),
         rng=rng_states(ctx),
         seed=seed,
         world_size=ctx.world_size,
         dataset=meta["source"],
     )
+    if optimizer_state is not None:
+        state["optimizer"] = optimizer_state  # torch.optim.Adafactor's format, whole tensors
+        return state
+    del state["model"]  # in the shards
+    state["sharded"] = shards
+    state["optimizer_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return state
+
+
+def write_shards(model_state: dict, optimizer_state: dict, folder: str, rank: int, group) -> dict[str, str]:
+    try:
+        return save_shards(model_state, optimizer_state, folder, rank, group)
+    except OSError as e:
+        raise UserError(f"--checkpoint_path: cannot write the sharded checkpoint to {folder} ({os_reason(e)})") from None
 
 
 if __name__ == "__main__":

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,31 +31,40 @@ import torch
 import torch.distributed as dist
 
 from adafactor import Adafactor
-from checkpoint import RESUME_ENTRIES, CheckpointLock, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (
+    RESUME_ENTRIES,
+    CheckpointLock,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from common import (
     NOTHING_SAVED,
     Interrupted,
     Stopped,
     UserError,
     autocast,
-    first_line,
     out_of_memory_is_one_line,
+    positive_float,
     positive_int,
     print0,
     synchronize,
 )
 from files import check_writable, os_reason, remove_stale_temporaries
-from model import peak_tflops as model_peak_tflops
-from run_config import config_path_beside, write_config
+from metrics import RunLog, check_wandb, peak_tflops, steps_text
 from parallel import (
     Distributed,
     Parallel,
     agree,
+    gather_objects,
     lost_rank_is_one_line,
     setup_distributed,
     shorten_timeouts,
     teardown_distributed,
 )
+from run_config import config_path_beside, write_config
+from sharded_checkpoint import prune as prune_shards
 
 # ----------------------------------------------------------------------------- stopping
 
@@ -125,6 +132,12 @@ def add_loop_args(g, log_interval: int = 10) -> None:
     g.add_argument("--log_interval", type=positive_int, default=log_interval,
                    help="a metrics line and TensorBoard points (loss, gradient norm, learning rate, tokens/s, "
                    "MFU, peak memory) every this many optimizer steps")
+    g.add_argument("--peak_tflops", type=positive_float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: a known GPU's data-sheet bf16 peak; on the CPU "
+                   "the fp32 matrix-product rate measured at start)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log to this Weights & Biases project (pip install wandb; WANDB_MODE=offline keeps "
+                   "the run on the disk)")
     g.add_argument("--nonfinite", choices=("stop", "skip"), default="stop",
                    help="a step whose loss or gradient norm is not finite: stop the run in one line, keeping the "
                    "last good checkpoint, or skip the step's update (one host sync per step)")
@@ -281,11 +294,7 @@ def allow_tf32(device: torch.device) -> None:
 
 def rng_states(ctx: Distributed) -> list[dict]:
     """Every rank's RNG state, one per rank (a collective), so a resume continues each dropout stream."""
-    if not ctx.enabled:
-        return [rng_state()]
-    states = [None] * ctx.world_size
-    dist.all_gather_object(states, rng_state(), group=ctx.control_group)
-    return states
+    return gather_objects(ctx, rng_state())
 
 
 OPTIMIZER_REMEDY = ("its state needs 4 to 8 bytes per weight: shard it with --ddp_sharding_level 2 or 3 under torchrun, "
@@ -296,8 +305,13 @@ GATHER_REMEDY = ("a checkpoint gathers the whole model and optimizer state into 
 
 def write_checkpoint(ctx: Distributed, state: dict, path: str) -> None:
     """Rank 0 writes the state every rank helped to build; the others wait for the whole file, so none
-    runs ahead (or exits) while it is written, and stop with rank 0 when it cannot be (a full disk)."""
-    agree(ctx, lambda: save_checkpoint(state, path), who="rank0")
+    runs ahead (or exits) while it is written, and stop with rank 0 when it cannot be (a full disk). Once it
+    is in place, shard folders it does not name (an earlier save's) are removed."""
+    def save() -> None:
+        save_checkpoint(state, path)
+        prune_shards(path, state["sharded"]["folder"] if "sharded" in state else None)
+
+    agree(ctx, save, who="rank0")
 
 
 def gathered_state(hooks: "Hooks", step: int) -> dict:
@@ -329,186 +343,6 @@ def evaluate(module: torch.nn.Module, ctx: Distributed, batches: Iterable[tuple]
     return math.exp(total.item() / (samples * ctx.world_size))
 
 
-# ----------------------------------------------------------------------------- sample texts
-
-
-@torch.no_grad()
-def sample_texts(model: torch.nn.Module, prompts: list[tuple[str, list[int]]], decode: Callable[[list[int]], str],
-                 device: torch.device, new_tokens: int = 32, stop_id: int | None = None) -> list[tuple[str, str]]:
-    """(prompt, continuation) of each (text, token ids) prompt, sampled at temperature 0.8 from the top 50
-    tokens by one generator seeded alike at every call (so evaluations compare like with like). Every row is
-    padded to one length so the model sees one shape; causal attention keeps the padding from touching what
-    comes before it. No KV cache: a few dozen short forwards, on every rank (under FSDP each is a collective)."""
-    P = len(prompts)
-    ends = torch.tensor([len(ids) for _, ids in prompts], device=device)
-    idx = torch.zeros((P, int(ends.max()) + new_tokens), dtype=torch.long, device=device)
-    for row, (_, ids) in enumerate(prompts):
-        idx[row, : len(ids)] = torch.tensor(ids, device=device)
-    rows = torch.arange(P, device=device)
-    generator = torch.Generator(device).manual_seed(0)
-    was_training = model.training
-    model.eval()
-    for _ in range(new_tokens):
-        with autocast(device):
-            logits = model(idx)[rows, ends - 1].float() / 0.8  # (P, vocabulary)
-        if not bool(torch.isfinite(logits).all()):
-            model.train(was_training)
-            return [(text, " (no sample: the logits are not finite)") for text, _ in prompts]
-        top, choices = logits.topk(min(50, logits.size(-1)), dim=-1)
-        picked = torch.multinomial(top.softmax(-1), 1, generator=generator).squeeze(1)  # (P,)
-        idx[rows, ends] = choices[rows, picked]
-        ends += 1
-    model.train(was_training)
-    texts = []
-    for row, (text, ids) in enumerate(prompts):
-        new = idx[row, len(ids) : int(ends[row])].tolist()
-        if stop_id is not None and stop_id in new:
-            new = new[: new.index(stop_id)]
-        texts.append((text, decode(new)))
-    return texts
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-class RunLog:
-    """Where a run reports: a progress bar and lines on standard output (rank 0), TensorBoard scalars
-    (rank 0 writes them) and the history of test perplexities that train() returns. A failure to write
-    the events (a full disk) is kept and raised by check(), which every rank calls at the same points."""
-
-    def __init__(self, run_dir: str, ctx: Distributed, peak_tflops: float | None = None):
-        self.rank, self.run_dir, self.peak_tflops = ctx.rank, run_dir, peak_tflops
-        self.writer, self.error = None, None
-        self.progress = None
-        self.history: list[tuple[int, float]] = []  # (step, test perplexity)
-        if ctx.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter  # slow to import, and only training needs it
-
-            quiet_event_writer_threads()
-            self._write(lambda: setattr(self, "writer", SummaryWriter(run_dir)))
-
-    def _write(self, work: Callable[[], None]) -> None:
-        if self.error is None:
-            try:
-                work()
-            except Exception as e:  # OSError; other types where TensorFlow's file system does the writing
-                self.error = e
-
-    def check(self) -> None:
-        """Flush the events; a write that failed since the last check ends the run in one line."""
-        if self.writer is not None:
-            self._write(self.writer.flush)
-        if self.error is not None:
-            self.close()  # end the progress bar's line before the error's
-            reason = os_reason(self.error) if isinstance(self.error, OSError) else first_line(self.error)
-            raise UserError(f"--run_dir_path: cannot write TensorBoard events to {self.run_dir} ({reason})")
-
-    def start_progress(self, total: int, initial: int, description: str) -> None:
-        from tqdm import tqdm
-
-        self.progress = tqdm(total=total, initial=initial, unit="step", desc=description,
-                             disable=None if self.rank == 0 else True)
-
-    def scalars(self, step: int, prefix: str, **values: float) -> None:
-        if self.writer:
-            for name, value in values.items():
-                self._write(lambda: self.writer.add_scalar(f"{prefix}/{name}", value, step))
-
-    def write(self, text: str) -> None:
-        """A line on standard output (rank 0) that leaves the progress bar whole."""
-        if self.rank != 0:
-            return
-        if self.progress is not None and not self.progress.disable:
-            self.progress.write(text)
-        else:
-            print(text, flush=True)
-
-    def line(self, step: int, values: dict) -> None:
-        """A log interval's metrics as one line."""
-        parts = [f"step {step:,}:"]
-        if "cross_entropy" in values:
-            parts.append(f"loss {values['cross_entropy']:.4f}, gradient norm {values['gradient_norm']:.3f},")
-        parts.append(f"lr {values['learning_rate']:.2e}, {values['tokens_per_s']:,.0f} tokens/s")
-        if "mfu" in values:
-            parts[-1] += f", MFU {values['mfu']:.1%}"
-        if "peak_memory_gib" in values:
-            parts[-1] += f", peak memory {values['peak_memory_gib']:.2f} GiB"
-        if "skipped_steps" in values:
-            parts[-1] += f", {_steps(values['skipped_steps'])} skipped (non-finite)"
-        self.write(" ".join(parts))
-
-    def perplexity(self, step: int, value: float) -> None:
-        self.scalars(step, "test", perplexity=value)
-        self.history.append((step, value))
-        self.write(f"step {step:,}: test perplexity {value:.3f}")
-
-    def samples(self, step: int, make: Callable[[], list[tuple[str, str]]] | None) -> None:
-        """Sampled continuations of the fixed prompts as TensorBoard text (every rank samples: under FSDP
-        every forward is a collective)."""
-        if make is None:
-            return
-        pairs = make()
-        if self.writer:
-            text = "\n\n".join(f"**{_markdown(prompt)}**{_markdown(continuation)}" for prompt, continuation in pairs)
-            self._write(lambda: self.writer.add_text("samples", text, step))
-
-    def settings(self, settings: dict) -> None:
-        """The run's resolved flags: TensorBoard's hparams (the HParams tab compares runs by them) and text."""
-        if not self.writer or not settings:
-            return
-        from torch.utils.tensorboard.summary import hparams
-
-        plain = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in settings.items()}
-        experiment, start, end = hparams(plain, {"test/perplexity": 0.0})
-        lines = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in settings.items())
-
-        def write() -> None:
-            for summary in (experiment, start, end):
-                self.writer.file_writer.add_summary(summary)
-            self.writer.add_text("config", lines, 0)
-
-        self._write(write)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        if self.writer:
-            self._write(self.writer.close)
-            self.writer = None
-
-
-def _steps(n: int) -> str:
-    return f"{n} step{'s' if n != 1 else ''}"
-
-
-def _markdown(text: str) -> str:
-    """Text shown as itself in TensorBoard's markdown: special characters escaped, line breaks kept."""
-    for c in "\\`*_{}[]<>()#+-.!|":
-        text = text.replace(c, "\\" + c)
-    return text.replace("\n", "  \n")
-
-
-def peak_tflops(device: torch.device) -> float | None:
-    """The device's data-sheet peak for MFU: a known GPU's (model.GPUS), else None (no MFU logged)."""
-    return model_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-
-
-def quiet_event_writer_threads() -> None:
-    """TensorBoard writes events from a thread of its own, whose failure (a full disk) Python prints as a
-    traceback before the writer raises it again in the training thread. RunLog reports it there, in one
-    line, so the thread's traceback is left out; every other thread's is printed as before."""
-    previous = threading.excepthook
-    if getattr(previous, "lightgpt", False):
-        return
-
-    def excepthook(args) -> None:
-        if type(args.thread).__name__ != "_AsyncWriterThread":
-            previous(args)
-
-    excepthook.lightgpt = True
-    threading.excepthook = excepthook
-
-
 # ----------------------------------------------------------------------------- a whole run
 
 
@@ -523,7 +357,7 @@ def run_trainer(args, set_up: Callable, finish: Callable | None = None) -> list[
         try:
             with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):
                 run = set_up(ctx, device)
-                with lost_rank_is_one_line(ctx):  # a rank that hangs in training: one line on the others
+                with lost_rank_is_one_line(ctx), _closing(run):  # a rank that hangs: one line on the others
                     history = train(*run, ctx, device, stop) if run else []
                     if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
                         dist.barrier(group=ctx.control_group)
@@ -532,6 +366,16 @@ def run_trainer(args, set_up: Callable, finish: Callable | None = None) -> list[
             return history
         finally:
             teardown_distributed()
+
+
+@contextlib.contextmanager
+def _closing(run: tuple | None):
+    """Call the hooks' close when the loop ends, however it ends."""
+    try:
+        yield
+    finally:
+        if run and run[1].close is not None:
+            run[1].close()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -554,6 +398,8 @@ class Plan:
     log_interval: int = 10  # a metrics line and TensorBoard points every this many optimizer steps
     nonfinite: str = "stop"  # a step with a non-finite loss or gradient norm: stop, or skip it
     settings: dict = field(default_factory=dict)  # the run's resolved flags, for TensorBoard's hparams and text
+    wandb: str | None = None  # a Weights & Biases project to log to as well
+    peak_tflops: float | None = None  # MFU's denominator, if given (else metrics.peak_tflops decides)
 
 
 @dataclass
@@ -566,6 +412,7 @@ class Hooks:
     eval_batches: Callable[[], Iterable[tuple]]  # this rank's share of the test set, afresh for each evaluation
     state_to_save: Callable[[int], dict]  # step -> the whole checkpoint (a collective: weights are gathered)
     samples: Callable[[], list[tuple[str, str]]] | None = None  # (prompt, continuation) pairs logged at evaluations
+    close: Callable[[], None] | None = None  # called when the loop ends, however it ends (a stream's threads)
 
 
 @dataclass
@@ -576,6 +423,7 @@ class Totals:
     steps: int = 0
     tokens: int = 0  # this rank's input tokens
     flops: float = 0.0  # this rank's training FLOPs (model.flops_per_token's convention)
+    data_seconds: float = 0.0  # time the loop waited for its next batch
     skipped: int = 0  # steps skipped for a non-finite loss or gradient norm (--nonfinite skip)
     started: float = field(default_factory=time.perf_counter)
 
@@ -583,12 +431,13 @@ class Totals:
     def start(cls, device: torch.device) -> "Totals":
         return cls(torch.zeros((), device=device), torch.zeros((), device=device))
 
-    def add(self, loss: torch.Tensor, norm: torch.Tensor, tokens: int, flops: float) -> None:
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, tokens: int, flops: float, data_seconds: float) -> None:
         self.loss += loss
         self.norm += norm
         self.steps += 1
         self.tokens += tokens
         self.flops += flops
+        self.data_seconds += data_seconds
 
 
 class NonFinite:
@@ -646,9 +495,9 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
     """Train from plan.start_step to plan.total_steps; returns (step, test perplexity) of every evaluation.
     `stop` is the script's StopFlag, entered before set-up; from here a signal is only flagged, so that
     every rank stops at the same point: after the first evaluation (nothing saved) or after a step (saved)."""
-    log = RunLog(plan.run_dir, ctx, peak_tflops(device))
+    log = RunLog(plan.run_dir, ctx.rank, peak_tflops(device, plan.peak_tflops), plan.wandb)
     log.settings(plan.settings)
-    agree(ctx, functools.partial(write_run_config, plan), who="rank0")
+    agree(ctx, functools.partial(write_run_config, plan), who="rank0")  # (and --wandb's package is there)
     step, A = plan.start_step, plan.accumulation
     guard = NonFinite(plan.nonfinite, device, plan.checkpoint_path)
     stop.defer()
@@ -688,9 +537,10 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
             window = Totals.start(device)
         if step % plan.steps_per_epoch == 0 or step == plan.total_steps:
             guard.check()
+            paused = time.perf_counter()
             end_epoch(step, lr, totals, plan, hooks, parallel, log, ctx, device)
             totals = Totals.start(device)  # its clock starts after the evaluation and the save
-            window.started = totals.started
+            window.started += time.perf_counter() - paused  # nor does the log interval's count them
     log.close()
     agree(ctx, log.check, who="rank0")  # the last events reached the disk, or one line says why not
     return log.history
@@ -716,6 +566,7 @@ def _local_tensor(p: torch.Tensor) -> torch.Tensor:
 def write_run_config(plan: Plan) -> None:
     """The run's resolved flags beside its checkpoint and in its TensorBoard folder, as a config file:
     `--config` of it (with a new --checkpoint_path and --run_dir_path) repeats the run."""
+    check_wandb(plan.wandb)
     if not plan.settings:
         return
     header = (f"The resolved flags of the run that wrote {plan.checkpoint_path}. Repeat it with --config this file "
@@ -731,12 +582,14 @@ def take_step(step: int, A: int, max_norm: float, hooks: Hooks, parallel: Parall
               guard: NonFinite, device: torch.device, flops_per_token: Callable[[int], float]) -> tuple | None:
     """Optimizer step `step` (1-based): A micro-batches forward and backward, clip, step. Returns its (loss,
     gradient norm) on the device, this rank's tokens and FLOPs; None when the guard skipped it."""
-    step_loss, tokens, flops = torch.zeros((), device=device), 0, 0.0
+    step_loss, tokens, flops, waited = torch.zeros((), device=device), 0, 0.0, 0.0
     remedy = "lower --batch_size or --tokens_per_sample"  # they size the activations
     remedy += "" if parallel.model.activation_checkpointing else ", or use --activation_checkpointing"
     with out_of_memory_is_one_line(f"in training step {step:,} on {device.type}", remedy):
         for micro in range(A):
+            started = time.perf_counter()
             batch = hooks.next_batch()
+            waited += time.perf_counter() - started
             with parallel.gradient_sync(micro == A - 1):  # gradients are reduced once, on the last one
                 with autocast(device):
                     loss = parallel.wrapped(*batch) / A  # the step's loss is the mean over its micro-batches
@@ -750,7 +603,7 @@ def take_step(step: int, A: int, max_norm: float, hooks: Hooks, parallel: Parall
         with out_of_memory_is_one_line(f"in the optimizer step {step:,} on {device.type}", OPTIMIZER_REMEDY):
             optimizer.step()  # its state is allocated at the first step
     optimizer.zero_grad(set_to_none=True)
-    return None if skip else (step_loss, norm, tokens, flops)
+    return None if skip else (step_loss, norm, tokens, flops, waited)
 
 
 def log_metrics(step: int, lr: float, window: Totals, parallel: Parallel, log: RunLog, ctx: Distributed,
@@ -770,6 +623,7 @@ def log_metrics(step: int, lr: float, window: Totals, parallel: Parallel, log: R
         torch.cuda.reset_peak_memory_stats(device)
     if window.skipped:
         values["skipped_steps"] = window.skipped
+    values["data_wait"] = window.data_seconds / seconds  # the fraction of the time spent waiting for batches
     log.scalars(step, "train", **values)
     log.line(step, values)
 
@@ -784,7 +638,7 @@ def end_epoch(step: int, lr: float, totals: Totals, plan: Plan, hooks: Hooks, pa
     tokens_per_s = totals.tokens * ctx.world_size / (time.perf_counter() - totals.started)
     epoch = step // plan.steps_per_epoch
     log.progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    skipped = f", {_steps(totals.skipped)} skipped (non-finite)" if totals.skipped else ""
+    skipped = f", {steps_text(totals.skipped)} skipped (non-finite)" if totals.skipped else ""
     log.write(f"epoch {epoch}/{plan.num_epochs}: cross-entropy {loss:.4f}, gradient norm {norm:.3f}, "
               f"lr {lr:.2e}, {tokens_per_s:,.0f} tokens/s{skipped}")
     last = step == plan.total_steps

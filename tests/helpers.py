@@ -28,6 +28,7 @@ import importlib
 import os
 import re
 import subprocess
+import time
 import sys
 from types import SimpleNamespace
 
@@ -287,3 +288,17 @@ def check(result):
 def losses(stdout):
     return [float(line.split("cross-entropy ")[1].split(",")[0]) for line in stdout.splitlines()
             if "cross-entropy" in line]
+
+
+def whole(path):
+    """A pretrain checkpoint's whole state; a sharded one (the default at levels 2 and 3) consolidated first,
+    into a file beside it."""
+    from checkpoint import load_checkpoint
+    from sharded_checkpoint import consolidate, is_sharded
+
+    state = load_checkpoint(str(path), "pretrain", required=())
+    if not is_sharded(state):
+        return state
+    one = f"{path}.whole-{os.getpid()}-{time.monotonic_ns()}.pt"
+    consolidate(str(path), state, one)
+    return load_checkpoint(one, "pretrain")

@@ -172,3 +172,11 @@ def test_the_latency_scenarios_report_their_percentiles(capsys, scenario):
     else:
         assert systems == ["prefix cache off", "prefix cache on"] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
     assert all(0 < r["itl_p50_ms"] <= r["itl_p99_ms"] <= r["itl_max_ms"] and r["ttft_p50_ms"] > 0 for r in rows)
+
+
+def test_stream_counts_the_batches_a_streamed_run_would_draw(capsys):
+    rows = run(capsys, "stream", "--token_encoding", "bytes", "--num_dataset_processes", "2", "--batch_size", "4",
+               "--tokens_per_sample", "64", "--iterations", "20", "--warmup_iterations", "2")
+    assert [r["threads"] for r in rows] == [1, 2]  # 1, 2, 4, ... up to --num_dataset_processes
+    for r in rows:
+        assert r["mode"] == "stream" and r["tokens"] == 20 * 4 * 64 and r["tokens_per_s"] > 0

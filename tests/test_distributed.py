@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, tiny_pretrain_args
-from helpers import check, launch, losses
+from helpers import check, launch, losses, whole
 
 from checkpoint import load_checkpoint
 
@@ -26,7 +26,7 @@ def args(data, run, *extra):
 
 
 def assert_same_state(a_path, b_path, atol=1e-6):
-    a, b = load_checkpoint(str(a_path), "pretrain"), load_checkpoint(str(b_path), "pretrain")
+    a, b = whole(a_path), whole(b_path)
     assert a["step"] == b["step"] and a.keys() == b.keys()
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
@@ -183,3 +183,119 @@ def test_a_hung_rank_stops_the_others_within_the_collective_timeout(builtin_data
     if hung == 1:  # the survivor is the writer: it left no partial file (a rank 0 killed mid-write may)
         assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"), "pretrain")["step"] > 0  # the last one, whole
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+
+def shard_folders(run) -> list[str]:
+    return sorted(os.listdir(run / "checkpoint.pt.shards"))
+
+
+@pytest.mark.parametrize("level", [2, 3])
+def test_sharded_checkpoints_resume_exactly_and_leave_one_folder(builtin_data, tmp_path, level):
+    common = ("--ddp_sharding_level", str(level), "--dropout", "0.1")
+    check(launch(2, args(builtin_data, tmp_path / "straight", *common)))
+    check(launch(2, args(builtin_data, tmp_path / "split", *common, "--num_epochs", "2")))
+    pointer = load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"), "pretrain")
+    assert "model" not in pointer and pointer["sharded"]["world_size"] == 2
+    assert sorted(pointer["sharded"]["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank its own
+    assert len(shard_folders(tmp_path / "split")) == 1
+    check(launch(2, args(builtin_data, tmp_path / "split", *common, "--resume")))
+    assert len(shard_folders(tmp_path / "split")) == 1  # the earlier save's folder removed
+    assert_same_state(tmp_path / "straight" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt", atol=1e-7)
+
+
+def test_a_sharded_checkpoint_reshards_to_one_process(builtin_data, tmp_path, single):
+    """Half the run at 2 processes, level 3, sharded; the rest in 1 process: the weights of a run straight
+    through in 1 process."""
+    run, _ = single
+    check(launch(2, args(builtin_data, tmp_path, "--ddp_sharding_level", "3", "--num_epochs", "2")))
+    resumed = check(launch(1, args(builtin_data, tmp_path, "--resume")))
+    assert "written by 2 process(es), now 1" in resumed.stdout
+    assert not os.path.exists(tmp_path / "checkpoint.pt.shards") or not shard_folders(tmp_path)  # now one file
+    assert_same_state(run / "checkpoint.pt", tmp_path / "checkpoint.pt")
+
+
+def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint(builtin_data, tmp_path):
+    """Rank 1 dies (SIGKILL) right after writing its shards of the second save, before the pointer moves:
+    the first save stays whole, and a resume from it finishes the run."""
+    argv = args(builtin_data, tmp_path, "--ddp_sharding_level", "2", "--checkpoint_interval", "1", "--num_epochs", "2")
+    script = tmp_path / "die_in_second_save.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import sharded_checkpoint\n"
+        "save, saves = sharded_checkpoint.save_shards, [0]\n"
+        "def save_then_die(*a, **k):\n"
+        "    result = save(*a, **k)\n"
+        "    saves[0] += 1\n"
+        "    if saves[0] == 2 and os.environ['RANK'] == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return result\n"
+        "sharded_checkpoint.save_shards = save_then_die\n"
+        "import pretrain\n"
+        "pretrain.save_shards = save_then_die\n"
+        f"pretrain.main(pretrain.parse_args({argv!r}))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    pointer = load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")
+    assert pointer["step"] == 2  # the first save's
+    assert len(shard_folders(tmp_path)) == 2  # its folder, and the second save's, never named
+    resumed = check(launch(2, [*argv, "--num_epochs", "4", "--resume"]))
+    assert "resumed" in resumed.stdout and len(shard_folders(tmp_path)) == 1
+    assert whole(tmp_path / "checkpoint.pt")["step"] == 8
+
+
+def test_a_consolidated_checkpoint_generates_exports_and_resumes(builtin_data, tmp_path, capsys):
+    import consolidate
+    import export
+    import generate
+    from conftest import fails_with_one_line
+
+    check(launch(2, args(builtin_data, tmp_path, "--ddp_sharding_level", "3", "--num_epochs", "2")))
+    pointer = str(tmp_path / "checkpoint.pt")
+    fails_with_one_line(capsys, generate, ["--checkpoint_path", pointer, "--device", "cpu", "--prompt", "a"],
+                        "is a sharded checkpoint", "python consolidate.py")
+    one = str(tmp_path / "whole.pt")
+    consolidate.main(consolidate.parse_args(["--checkpoint_path", pointer, "--output_path", one]))
+    state = load_checkpoint(one, "pretrain")
+    assert state["step"] == 4 and "sharded" not in state and state["optimizer"]["state"]
+    generate.main(generate.parse_args(["--checkpoint_path", one, "--device", "cpu", "--prompt", "The", "--max_tokens",
+                                       "5", "--seed", "0"]))
+    export.main(export.parse_args(["--checkpoint_path", one, "--output_path", str(tmp_path / "export")]))
+    assert os.path.isfile(tmp_path / "export" / "model.safetensors")
+    fails_with_one_line(capsys, consolidate, ["--checkpoint_path", one, "--output_path", str(tmp_path / "x.pt")],
+                        "already one file")
+
+
+def test_a_missing_or_damaged_shard_file_is_one_line(builtin_data, tmp_path):
+    check(launch(2, args(builtin_data, tmp_path, "--ddp_sharding_level", "2", "--num_epochs", "2")))
+    (folder,) = shard_folders(tmp_path)
+    shard = tmp_path / "checkpoint.pt.shards" / folder / "__1_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    failed = launch(2, args(builtin_data, tmp_path, "--ddp_sharding_level", "2", "--resume"))
+    assert failed.returncode != 0 and "__1_0.distcp is damaged" in failed.stderr + failed.stdout
+    shard.unlink()
+    failed = launch(1, args(builtin_data, tmp_path, "--resume"))
+    ours = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "__1_0.distcp is missing (rank 1 of the 2 that saved it wrote it)" in ours[0]
+
+
+def test_shards_that_cannot_fill_this_model_are_one_line(builtin_data, tmp_path):
+    """A pointer naming another model's shards (written by a run of another width): resharding is impossible."""
+    from checkpoint import save_checkpoint
+
+    check(launch(2, args(builtin_data, tmp_path / "a", "--num_epochs", "2")))
+    check(launch(2, args(builtin_data, tmp_path / "b", "--num_epochs", "2", "--embedding_dimensions", "30")))
+    pointer = load_checkpoint(str(tmp_path / "a" / "checkpoint.pt"), "pretrain")
+    other = load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"), "pretrain")
+    pointer.pop("sha256")
+    pointer["sharded"] = {**other["sharded"], "folder": os.path.join("..", "b", other["sharded"]["folder"])}
+    save_checkpoint(pointer, str(tmp_path / "a" / "checkpoint.pt"))
+    failed = launch(2, args(builtin_data, tmp_path / "a", "--resume"))
+    ours = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode != 0 and ours and "cannot load its shards into this run" in ours[0], failed.stderr[-2000:]

@@ -34,8 +34,8 @@ def texts(accumulator, tag) -> dict[int, str]:
 
 
 def test_metrics_every_log_interval_with_settings_and_samples(builtin_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(training, "peak_tflops", lambda device: 0.5)  # as if the device's peak were known
-    args = pretrain.parse_args(tiny_pretrain_args(builtin_data, str(tmp_path), "--log_interval", "3"))
+    args = pretrain.parse_args(tiny_pretrain_args(builtin_data, str(tmp_path), "--log_interval", "3",
+                                                  "--peak_tflops", "0.5"))
     pretrain.main(args)  # 4 epochs of 2 steps: 8 steps, evaluations at 0, 4 and 8
     out = capsys.readouterr().out
     run = events(tmp_path / "runs")
@@ -55,6 +55,18 @@ def test_metrics_every_log_interval_with_settings_and_samples(builtin_data, tmp_
     assert "learning_rate: 0.01" in config and "seed: 7" in config
     plugins = run.PluginTagToContent("hparams")
     assert plugins, "no hparams summary"
+
+
+def test_on_the_cpu_mfu_is_against_its_measured_matrix_product_rate(builtin_data, tmp_path, monkeypatch):
+    import metrics
+
+    monkeypatch.setattr(metrics, "cpu_matmul_tflops", lambda: 0.25)
+    pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(tmp_path), "--num_epochs", "2")))
+    run = events(tmp_path / "runs")
+    (mfu,), (tokens_per_s,) = run.Scalars("train/mfu"), run.Scalars("train/tokens_per_s")
+    flops_per_token = load_model_flops(tmp_path / "checkpoint.pt", 32)
+    assert mfu.value == pytest.approx(tokens_per_s.value * flops_per_token / 0.25e12, rel=0.05)
+    assert 0 < metrics.__dict__["cpu_matmul_tflops"]() and 0 < metrics.peak_tflops(torch.device("cpu"), None)
 
 
 def load_model_flops(path, context: int) -> float:
@@ -206,3 +218,58 @@ def test_out_of_memory_gathering_a_checkpoint_is_one_line(builtin_data, tmp_path
     err = fails_with_one_line(capsys, pretrain, tiny_pretrain_args(builtin_data, str(tmp_path)),
                               "out of memory gathering the checkpoint of step 4", "host memory")
     assert "Traceback" not in err and not os.path.exists(tmp_path / "checkpoint.pt")
+
+
+# ----------------------------------------------------------------------------- Weights & Biases
+
+
+class FakeWandbRun:
+    """What the loop hands W&B, recorded."""
+
+    def __init__(self, **init):
+        self.init, self.logged, self.finished = init, [], False
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_gets_the_metrics_settings_and_samples(builtin_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # an optional extra (requirements-dev.txt installs it for the tests)
+    import wandb
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **init: runs.append(FakeWandbRun(**init)) or runs[-1])
+    pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(tmp_path), "--wandb", "lightgpt-tests",
+                                                         "--log_interval", "4")))
+    (run,) = runs
+    assert run.init["project"] == "lightgpt-tests" and run.init["dir"] == str(tmp_path / "runs")
+    assert run.init["config"]["seed"] == 7 and run.init["config"]["log_interval"] == 4
+    steps = {key: [step for step, values in run.logged if key in values] for key in
+             ("train/cross_entropy", "train/tokens_per_s", "test/perplexity", "samples")}
+    assert steps == {"train/cross_entropy": [4, 8], "train/tokens_per_s": [4, 8], "test/perplexity": [0, 4, 8],
+                     "samples": [0, 4, 8]}
+    table = next(values["samples"] for _, values in run.logged if "samples" in values)
+    assert table.columns == ["prompt", "continuation"] and table.data[0][0] == pretrain.SAMPLE_PROMPTS[0]
+    assert run.finished
+
+
+def test_wandb_offline_writes_its_run_beside_the_events(builtin_data, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(tmp_path), "--wandb", "lightgpt-tests",
+                                                         "--num_epochs", "2")))
+    (log,) = (tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+    assert log.stat().st_size > 0 and wandb.run is None  # written and finished
+
+
+def test_wandb_without_the_package_is_one_line(builtin_data, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    fails_with_one_line(capsys, pretrain, tiny_pretrain_args(builtin_data, str(tmp_path), "--wandb", "p"),
+                        "--wandb p needs the wandb package: pip install wandb")
