@@ -209,7 +209,7 @@ def add_distributed_args(g) -> None:
     g.add_argument("--ddp_sharding_level", type=int, choices=(0, 2, 3), default=2,
                    help="under torchrun: 0 DDP, 2 shard gradients and optimizer state, 3 shard everything")
     g.add_argument("--collective_timeout", type=positive_float, default=10.0,
-                   help="under torchrun: minutes a collective waits for a rank, after the first step, before all stop")
+                   help="under torchrun: minutes a collective or a silent rank is waited for, before all stop")
 
 
 def check_learned_positions(config: GPTConfig, length: int, flag: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from adafactor import Adafactor
-from common import UserError, bf16_supported, first_line, resolve_device, synchronize
+from common import UserError, bf16_supported, first_line, resolve_device
 from model import GPTConfig
 from sizing import adafactor_state_bytes, gradient_bytes, weight_bytes
 
@@ -44,17 +45,13 @@ class Distributed:
     world_size: int = 1
     control_group: object = None  # a gloo group for small CPU messages (stop flags, errors)
     probe_group: object = None  # a gloo group left idle, to find out who still answers when a collective failed
-    collective_timeout: timedelta = timedelta(minutes=10)  # what collectives wait after shorten_timeouts()
+    collective_timeout: timedelta = timedelta(minutes=10)  # what a collective, or a rank's silence, may last
+    agreements: int = 0  # agree() calls so far: every rank makes the same ones, in the same order
+    phase: str = "set-up"  # what the ranks are doing, for the message when one stops answering: then "training"
 
     @property
     def enabled(self) -> bool:
         return dist.is_available() and dist.is_initialized()
-
-
-# The other ranks wait on the gloo control group while each node's first process downloads and
-# tokenizes the corpus, which can take far longer than gloo's 30-minute default. shorten_timeouts()
-# brings it down to --collective_timeout once training is under way.
-CONTROL_TIMEOUT = timedelta(hours=6)
 
 
 def launched_by_torchrun() -> bool:
@@ -64,25 +61,33 @@ def launched_by_torchrun() -> bool:
 def setup_distributed(device_name: str, collective_timeout: timedelta = timedelta(minutes=10)
                       ) -> tuple[Distributed, torch.device]:
     """Join the process group torchrun prepared (NCCL on CUDA, gloo on the CPU), one device per local
-    rank. Returns the rank layout and this process's device; collective_timeout is for shorten_timeouts()."""
+    rank. Returns the rank layout and this process's device. Every group waits at most collective_timeout
+    for a rank, from the start: long work on some ranks (one process per node tokenizing the corpus) goes
+    through agree(), whose waiting ranks watch the workers' heartbeat instead of a collective's clock."""
     device = resolve_device(device_name)
     if not launched_by_torchrun():
         return Distributed(), device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
-                            f"lower --nproc-per-node")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    elif device.type == "cpu":
-        dist.init_process_group("gloo", timeout=CONTROL_TIMEOUT)
-        control = dist.group.WORLD
-    else:
-        raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
-    probe = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    limit = f"--collective_timeout {collective_timeout.total_seconds() / 60:g} minutes"
+    try:
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"local rank {local_rank} has no GPU: this node shows {torch.cuda.device_count()}; "
+                                f"lower --nproc-per-node")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device, timeout=collective_timeout)
+            control = dist.new_group(backend="gloo", timeout=collective_timeout)
+        elif device.type == "cpu":
+            dist.init_process_group("gloo", timeout=collective_timeout)
+            control = dist.group.WORLD
+        else:
+            raise UserError(f"--device {device_name}: distributed training runs on cuda (NCCL) or cpu (gloo)")
+        probe = dist.new_group(backend="gloo", timeout=collective_timeout)
+    except RuntimeError as e:  # DistStoreError, gloo's connect timeout: a rank that never came
+        if not lost_rank(e):
+            raise
+        raise UserError(f"not every rank joined the process group within {limit}: {first_line(e)}") from None
     return Distributed(rank, local_rank, world, control, probe, collective_timeout), device
 
 
@@ -123,40 +128,35 @@ def lost_rank(error: BaseException) -> bool:
         s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer"))
 
 
-def shorten_timeouts(ctx: Distributed, device: torch.device) -> None:
-    """Every rank calls this after its first optimizer step: from here on every collective (the default
-    group's, the control group's) waits at most collective_timeout for the other ranks. Set-up, the first
-    evaluation and the first step (tokenizing, building and compiling) keep the long timeouts, as
-    torchtitan does. The barrier comes first, under the long timeout, so that no rank waits with the
-    short one for a peer still finishing its first step."""
-    if not ctx.enabled:
-        return
-    from torch.distributed.distributed_c10d import _set_pg_timeout  # private; torchtitan's way to do it
-
-    synchronize(device)
-    dist.barrier(group=ctx.control_group)
-    for group in (None, ctx.control_group):  # None: the default group
-        _set_pg_timeout(ctx.collective_timeout, group)
-
-
 @contextlib.contextmanager
 def lost_rank_is_one_line(ctx: Distributed):
     """A collective that fails because a rank stopped answering (a timeout) or went away becomes one line
-    naming that rank, on every rank still running (UserError, exit status 2), instead of a traceback. On
-    GPUs NCCL's watchdog may end the process first, after the same timeout (torchrun sets
-    TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
+    naming that rank and ctx.phase ("set-up", "training"), on every rank still running (UserError, exit
+    status 2), instead of a traceback. On GPUs NCCL's watchdog may end the process first, after the same
+    timeout (torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING=1)."""
     try:
         yield
     except RuntimeError as e:  # gloo and NCCL raise RuntimeErrors (DistError among them)
         if not (ctx.enabled and lost_rank(e)):
             raise
+        phase = ctx.phase
         silent = [r for r in silent_ranks(ctx) if r != ctx.rank]
-        limit = f"--collective_timeout {ctx.collective_timeout.total_seconds() / 60:g} minutes"
         if not silent:
-            raise UserError(f"a collective failed in training: {first_line(e)} ({limit})") from None
-        ranks = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
-        raise UserError(f"{ranks} stopped answering in training (no reply within {limit}); every rank stops, "
-                        f"saving nothing: continue from the last checkpoint with --resume") from None
+            raise UserError(f"a collective failed in {phase}: {first_line(e)} ({_limit(ctx)})") from None
+        raise UserError(f"{_ranks(silent)} stopped answering in {phase} (no reply within {_limit(ctx)}); every "
+                        f"rank stops, saving nothing{_resume_hint(phase)}") from None
+
+
+def _limit(ctx: Distributed) -> str:
+    return f"--collective_timeout {ctx.collective_timeout.total_seconds() / 60:g} minutes"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
+
+def _resume_hint(phase: str) -> str:
+    return ": continue from the last checkpoint with --resume" if phase == "training" else ""
 
 
 def teardown_distributed() -> None:
@@ -176,16 +176,31 @@ def gather_objects(ctx: Distributed, value) -> list:
 def agree(ctx: Distributed, work: Callable, who: str = "all"):
     """Run `work` on the ranks named by `who` ("all", "rank0" or "local0"), and make a UserError on any
     of them a UserError on every rank, so all ranks stop together with the same one-line message
-    instead of some waiting forever. With who="rank0" the result is broadcast to every rank."""
+    instead of some waiting forever. With who="rank0" the result is broadcast to every rank.
+
+    The work may take hours (one process per node downloading and tokenizing a corpus) while the other
+    ranks wait: they wait on the workers' heartbeat, not on a collective's clock. A worker beats every
+    HEARTBEAT_SECONDS (at most a quarter of the timeout) from a thread while it works; a rank stops with
+    one line naming the workers when none of the unfinished ones has beaten for --collective_timeout (a
+    frozen or lost process)."""
     if not ctx.enabled:
         return work()
     runs_here = who == "all" or (who == "rank0" and ctx.rank == 0) or (who == "local0" and ctx.local_rank == 0)
+    workers = _workers(ctx, who)
+    key = f"lightgpt/agree/{ctx.agreements}"
+    ctx.agreements += 1
+    store = dist.distributed_c10d._get_default_store()  # private, but the one store every rank already shares
+    interval = min(HEARTBEAT_SECONDS, ctx.collective_timeout.total_seconds() / 4)
     result, error = None, None
     if runs_here:
-        try:
-            result = work()
-        except UserError as e:
-            error = str(e)
+        with _heartbeat(store, f"{key}/beat", interval):
+            try:
+                result = work()
+            except UserError as e:
+                error = str(e)
+        store.set(f"{key}/done/{ctx.rank}", "1")
+        store.add(f"{key}/done", 1)
+    _await_workers(ctx, store, key, workers, interval)
     errors = [None] * ctx.world_size
     dist.all_gather_object(errors, error, group=ctx.control_group)
     first = next((e for e in errors if e is not None), None)
@@ -196,6 +211,59 @@ def agree(ctx: Distributed, work: Callable, who: str = "all"):
         dist.broadcast_object_list(box, src=0, group=ctx.control_group)
         result = box[0]
     return result
+
+
+HEARTBEAT_SECONDS = 1.0
+
+
+def _workers(ctx: Distributed, who: str) -> list[int]:
+    """The ranks that run agree()'s work. Local rank 0 of each node: torchrun numbers ranks node by node, with
+    the same number of processes on every node (LOCAL_WORLD_SIZE)."""
+    if who == "all":
+        return list(range(ctx.world_size))
+    if who == "rank0":
+        return [0]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    return list(range(0, ctx.world_size, per_node))
+
+
+@contextlib.contextmanager
+def _heartbeat(store, key: str, interval: float):
+    """Add 1 to the store's counter `key` every `interval` seconds while the block runs (a daemon thread: a
+    process frozen by the OS, or one holding the GIL forever, stops beating)."""
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(interval):
+            try:
+                store.add(key, 1)
+            except RuntimeError:  # the store went away: the waiting ranks will say so
+                return
+
+    thread = threading.Thread(target=beat, name="lightgpt-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _await_workers(ctx: Distributed, store, key: str, workers: list[int], interval: float) -> None:
+    """Return once every worker of agree() `key` has finished; raise a one-line UserError when the unfinished
+    ones have all been silent (no heartbeat) for collective_timeout. Polls two counters, so thousands of ranks
+    cost the store little."""
+    patience = ctx.collective_timeout.total_seconds()
+    beats, heard = -1, time.monotonic()
+    while store.add(f"{key}/done", 0) < len(workers):
+        now = store.add(f"{key}/beat", 0)
+        if now != beats:
+            beats, heard = now, time.monotonic()
+        elif time.monotonic() - heard > patience:
+            missing = [r for r in workers if not store.check([f"{key}/done/{r}"])]
+            raise UserError(f"{_ranks(missing)} stopped answering in {ctx.phase} (no sign of life within "
+                            f"{_limit(ctx)}); every rank stops, saving nothing")
+        time.sleep(interval / 2)
 
 
 # ----------------------------------------------------------------------------- data parallelism

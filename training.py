@@ -60,7 +60,6 @@ from parallel import (
     gather_objects,
     lost_rank_is_one_line,
     setup_distributed,
-    shorten_timeouts,
     teardown_distributed,
 )
 from run_config import config_path_beside, write_config
@@ -355,9 +354,11 @@ def run_trainer(args, set_up: Callable, finish: Callable | None = None) -> list[
     with StopFlag() as stop:
         ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
         try:
-            with claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):
+            # a rank that hangs or goes away, in set-up or training: one line on the others
+            with lost_rank_is_one_line(ctx), claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):
                 run = set_up(ctx, device)
-                with lost_rank_is_one_line(ctx), _closing(run):  # a rank that hangs: one line on the others
+                ctx.phase = "training"
+                with _closing(run):
                     history = train(*run, ctx, device, stop) if run else []
                     if ctx.enabled:  # leave together, so no rank tears down while a peer still talks to it
                         dist.barrier(group=ctx.control_group)
@@ -525,8 +526,6 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
             else:
                 t.add(*done)
         step += 1
-        if step == plan.start_step + 1:  # compiled and warmed up: a rank that hangs from now on is noticed soon
-            shorten_timeouts(ctx, device)
         log.progress.update()
         if stop_requested(ctx, stop):  # every rank sees the same answer at the same step
             guard.check()

@@ -1,5 +1,6 @@
 """torchrun on the CPU with gloo: 2 processes at every sharding level against 1 process."""
 
+import contextlib
 import os
 import re
 import signal
@@ -183,6 +184,90 @@ def test_a_hung_rank_stops_the_others_within_the_collective_timeout(builtin_data
     if hung == 1:  # the survivor is the writer: it left no partial file (a rank 0 killed mid-write may)
         assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"), "pretrain")["step"] > 0  # the last one, whole
+
+
+# A pretrain.py whose corpus preparation (rank 0 tokenizes, then rank 1 finds its files) is slow or freezes
+# on one rank: set-up work that no collective times.
+SLOW_SETUP = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import pretrain
+from common import run_main
+
+real = pretrain.prepare_token_files
+
+def prepare(*args, **kwargs):
+    if os.environ["RANK"] == {rank!r}:
+        if {freeze}:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep({sleep})
+    return real(*args, **kwargs)
+
+pretrain.prepare_token_files = prepare
+run_main(pretrain.main, pretrain.parse_args)
+"""
+
+
+def slow_setup(tmp_path, rank, freeze=False, sleep=0.0):
+    script = tmp_path / "slow_setup.py"
+    script.write_text(SLOW_SETUP.format(root=ROOT, rank=str(rank), freeze=freeze, sleep=sleep))
+    return str(script)
+
+
+def test_tokenizing_longer_than_the_collective_timeout_is_not_a_hang(builtin_data, tmp_path):
+    """Rank 0 prepares the corpus for 8 s while rank 1 waits with --collective_timeout 0.05 (3 s): the waiting
+    rank watches rank 0's heartbeat, so the run goes on and finishes."""
+    script = slow_setup(tmp_path, rank=0, sleep=8)
+    argv = args(builtin_data, tmp_path / "run", "--num_epochs", "1", "--collective_timeout", "0.05")
+    result = check(launch(2, argv, script=script))
+    assert "error:" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_a_rank_frozen_in_set_up_stops_the_others_within_the_collective_timeout(builtin_data, tmp_path, frozen):
+    """A rank frozen (SIGSTOP) while preparing the corpus: rank 0 as the one process that tokenizes, rank 1 as
+    one finding its files afterwards. The other waited the 6-hour set-up timeout; it must stop within
+    --collective_timeout (3 s) with one line naming the frozen rank and the phase."""
+    script = slow_setup(tmp_path, rank=frozen, freeze=True)
+    argv = args(builtin_data, tmp_path / "run", "--num_epochs", "1", "--collective_timeout", "0.05")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", script, *argv],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
+    stopped = None
+    try:
+        deadline = time.monotonic() + 120
+        while stopped is None:
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+            with contextlib.suppress(AssertionError):
+                pid = worker_of_rank(launcher.pid, frozen)
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                        stopped = pid
+        survivor = worker_of_rank(launcher.pid, 1 - frozen)
+        frozen_at = time.monotonic()
+        while is_running(survivor):
+            assert time.monotonic() - frozen_at < 60, "the other rank still waits a minute later"
+            time.sleep(0.2)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGKILL)
+        try:
+            launcher.wait(timeout=60)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    text = log.read_text()
+    ours = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1, text[-3000:]
+    assert ours[0].startswith(f"error: rank {frozen} stopped answering in set-up"), ours[0]
+    assert "--collective_timeout 0.05 minutes" in ours[0]
+    assert re.search(r"exitcode\s*:\s*2 ", text), text[-3000:]  # torchrun's report: the survivor's status
+    assert not re.search(r'(pretrain|training|common|parallel)\.py", line', text), text[-3000:]
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints
