@@ -1,10 +1,11 @@
-"""Instruction-tune a pretrained LightGPT with LoRA on conversations in the ChatML format.
+"""Instruction-tune a pretrained LightGPT with LoRA (or every weight, --full) on conversations in ChatML.
 
     python instruction-tune.py --base_model_path ./checkpoints/checkpoint.pt     # SmolTalk, every subset
     python instruction-tune.py --dataset_subset smol-magpie-ultra,smol-rewrite      # a mix of subsets
     python instruction-tune.py --dataset chats.jsonl                             # a local 'messages' file
     python instruction-tune.py --dataset builtin --device cpu ...                # offline, no download
     python instruction-tune.py --resume --merge_path ./checkpoints/chat.pt       # fold the adapters in
+    python instruction-tune.py --full --checkpoint_path ./checkpoints/chat-full.pt # every weight, no LoRA
 
 The base checkpoint is loaded and frozen. Its vocabulary grows by the ChatML special tokens
 <|im_start|>, <|im_end|> and <|pad|> (new rows from the mean of the old ones, still tied to the
@@ -20,17 +21,30 @@ base checkpoint's content hash, so it is small and refuses another base. Chat wi
 generate.py / beam_search.py --lora_path, or write a merged checkpoint with --merge_path that every
 script loads like a pretrained one. After training it is also written as a peft adapter folder
 (--peft_path) for the base's export: transformers + peft load the pair (peft_adapter.py).
+
+With --full there are no adapters: every weight trains (with --dropout as the model's own dropout), and
+the checkpoint is the whole chat model (a "pretrain" checkpoint with the special tokens, as a merged one
+is) with its training state and the base's content hash; every script loads it, --resume continues it,
+and --merge_path writes the model alone, without the optimizer state.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from functools import partial
 
 import torch
 
 from adafactor import Adafactor
-from chat import SMOLTALK, SPECIAL_TOKENS, ChatTokenizer, pack, prepare_chat_data, render_prompt
+from chat import (
+    SMOLTALK,
+    SPECIAL_TOKENS,
+    ChatTokenizer,
+    pack,
+    prepare_chat_data,
+    render_prompt,
+)
 from checkpoint import (
     LORA_ENTRIES,
     MODEL_ENTRIES,
@@ -61,9 +75,17 @@ from common import (
 )
 from data import BatchPrefetcher, RowSampler, load_encoding, to_device
 from files import atomic_folder, check_writable
-from lora import LoRAConfig, adapted_model, lora_model, lora_state_dict, merge_lora, trainable_by_kind
+from lora import (
+    LoRAConfig,
+    adapted_model,
+    grow_vocabulary,
+    lora_model,
+    lora_state_dict,
+    merge_lora,
+    trainable_by_kind,
+)
 from metrics import sample_texts
-from model import GPT
+from model import GPT, GPTConfig
 from parallel import Distributed, Parallel, agree, eval_rank_share, training_memory
 from peft_adapter import ADAPTER_CONFIG, peft_base_name, save_peft_adapter
 from run_config import add_config_args, parse_with_config, run_settings
@@ -85,8 +107,10 @@ from training import (
 )
 
 CHECKPOINT_KIND = "lora"  # checkpoint.lora_checkpoint builds it
+FULL_KIND = "pretrain"  # --full: checkpoint.model_checkpoint builds it, a chat model with its training state
 SAMPLE_QUESTIONS = ("What is a class?", "Hello! Who are you?")  # answered in TensorBoard at each evaluation
 DATA_FLAGS = ("dataset", "dataset_subset", "max_tokens_per_sample", "mask_input")  # they choose the rows: fixed on resume
+FULL_RESUME_ENTRIES = (*MODEL_ENTRIES, *TRAINING_ENTRIES, "steps_per_epoch", "args", "base", "special_tokens")
 # Adafactor scales each step by the parameter's own RMS, floored at 1e-3. B starts at zero, so at that
 # floor it would move by lr / 1000 per step and the adapters would sleep for thousands of steps; its
 # floor is 1 instead: absolute steps of lr, as Adam takes, until B has grown. The new embedding rows
@@ -121,10 +145,13 @@ def parse_args(argv=None):
     g.add_argument("--eval_samples", type=positive_int, default=256, help="test rows per evaluation (at most)")
     add_loop_args(g)
     g = p.add_argument_group("LoRA")
+    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA adapters (needs the "
+                   "memory of pretraining this model); the checkpoint is the whole chat model")
     g.add_argument("--rank", type=positive_int, default=8, help="rank of the LoRA matrices")
     g.add_argument("--alpha", type=float_in(1e-6, 1e6), default=1.0, help="strength of the LoRA update: it is "
                    "scaled by alpha / rank")
-    g.add_argument("--dropout", type=probability, default=0.05, help="dropout on the adapters' inputs")
+    g.add_argument("--dropout", type=probability, default=0.05, help="dropout on the adapters' inputs (with "
+                   "--full: the model's own dropout)")
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute block activations in backward to save memory")
     g = p.add_argument_group("system")
@@ -140,6 +167,8 @@ def parse_args(argv=None):
     add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
     add_config_args(g)
     args = parse_with_config(p, argv)
+    if args.full and args.peft_path is not None:
+        p.error("--peft_path: a --full run has no adapters to write; export the chat model with export.py")
     if args.peft_path is None:
         args.peft_path = os.path.splitext(args.checkpoint_path)[0] + "-peft"
     return args
@@ -150,12 +179,14 @@ def parse_args(argv=None):
 
 def main(args) -> list[tuple[int, float]]:
     check_merge_path(args)
-    check_peft_path(args)
+    if not args.full:
+        check_peft_path(args)
 
     def merge(ctx: Distributed) -> None:
         if args.merge_path:
             agree(ctx, partial(write_merged, args), who="rank0")
-        agree(ctx, partial(write_peft, args), who="rank0")
+        if not args.full:
+            agree(ctx, partial(write_peft, args), who="rank0")
 
     return run_trainer(args, partial(set_up, args), merge)
 
@@ -244,14 +275,26 @@ def set_up(args, ctx: Distributed, device: torch.device) -> tuple | None:
 
 
 def resume_state(args, base: dict) -> dict | None:
-    """The LoRA checkpoint to continue (with --resume), which must adapt this very base."""
-    state = read_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, args.resume,
-                            required=(*LORA_ENTRIES, *TRAINING_ENTRIES, "steps_per_epoch", "args"))
+    """The checkpoint to continue (with --resume), which must have been tuned from this very base: a LoRA
+    checkpoint, or with --full a whole chat model with its training state."""
+    kind, required = ((FULL_KIND, FULL_RESUME_ENTRIES) if args.full else
+                      (CHECKPOINT_KIND, (*LORA_ENTRIES, *TRAINING_ENTRIES, "steps_per_epoch", "args")))
+    try:
+        state = read_checkpoint(args.checkpoint_path, kind, args.resume, required=required)
+    except UserError as e:
+        other = CHECKPOINT_KIND if args.full else FULL_KIND
+        if f"is a {other!r} checkpoint, expected" not in str(e):
+            raise
+        how = "it was tuned with LoRA: resume it without --full" if args.full else \
+            "a --full run's checkpoint resumes with --full"
+        raise UserError(f"{e}; {how}") from None
     if state:
         check_base(state, args.checkpoint_path, base, args.base_model_path, "--base_model_path")
         saved = state["args"]
         check_same_flags([(f"--{k}", getattr(args, k), saved.get(k)) for k in DATA_FLAGS], args.checkpoint_path)
-        changed = [f"--{k}" for k in ("rank", "alpha", "dropout") if getattr(args, k) != state["lora"][k]]
+        if args.full and args.dropout != state["config"]["dropout"]:
+            print0(f"note: resuming with the checkpoint's dropout {state['config']['dropout']}; ignoring --dropout")
+        changed = [f"--{k}" for k in ("rank", "alpha", "dropout") if not args.full and getattr(args, k) != state["lora"][k]]
         if changed:
             print0(f"note: resuming with the checkpoint's LoRA settings; ignoring {', '.join(changed)}")
     return state
@@ -287,23 +330,38 @@ def eval_share(args, ctx: Distributed, test) -> tuple[torch.Tensor, ...]:
 
 def build_model(args, base: dict, checkpoint: dict | None, ctx: Distributed,
                 device: torch.device) -> tuple[Parallel, Adafactor]:
-    if checkpoint:
+    if args.full:
+        model = full_model(base, checkpoint, args.dropout)
+    elif checkpoint:
         model = adapted_model(model_from_checkpoint(base), checkpoint)
     else:
         model = lora_model(model_from_checkpoint(base), LoRAConfig(args.rank, args.alpha, args.dropout), len(SPECIAL_TOKENS))
     check_learned_positions(model.config, args.max_tokens_per_sample, "--max_tokens_per_sample")
     check_fits(args, model, ctx, device)
-    table = model.token_embeddings.base[: base["config"]["vocabulary_size"]]
-    row_scale = table.float().square().mean().sqrt().item()  # before sharding: the whole table
+    row_scale = None
+    if not args.full:
+        table = model.token_embeddings.base[: base["config"]["vocabulary_size"]]
+        row_scale = table.float().square().mean().sqrt().item()  # before sharding: the whole table
     model.to(device).set_activation_checkpointing(args.activation_checkpointing)
     allow_tf32(device)
     parallel = Parallel(model, ctx, device, args.ddp_sharding_level, compile_enabled(args.compile, device))
     optimizer = parallel.optimizer(lr=args.learning_rate, beta2_decay=args.rms_decay, beta1=args.momentum,
                                    foreach=not args.optimizer_low_memory,
-                                   params=param_groups(parallel.model, row_scale))
+                                   params=None if args.full else param_groups(parallel.model, row_scale))
     if checkpoint:
         parallel.load_optimizer_state_dict(optimizer, checkpoint["optimizer"])
     return parallel, optimizer
+
+
+def full_model(base: dict, checkpoint: dict | None, dropout: float) -> GPT:
+    """--full: the base with its vocabulary grown by the special tokens, every weight trainable, at
+    `dropout`; resumed, the checkpoint's own model (its weights and dropout)."""
+    if checkpoint:
+        return model_from_checkpoint(checkpoint)
+    grown = grow_vocabulary(model_from_checkpoint(base), len(SPECIAL_TOKENS))
+    model = GPT(replace(grown.config, dropout=dropout))
+    model.load_state_dict(grown.state_dict())
+    return model
 
 
 def param_groups(model: GPT, row_scale: float) -> list[dict]:
@@ -319,11 +377,13 @@ def check_fits(args, model: GPT, ctx: Distributed, device: torch.device) -> None
     after they are built), and the adapters' gradients and Adafactor state (parallel.training_memory,
     pretraining's count). Activations are not counted."""
     shards = ctx.world_size if ctx.enabled and args.ddp_sharding_level else 1
-    need, _ = training_memory(model.config, shards, lora_rank=model.lora_config.rank, momentum=args.momentum > 0)
+    rank = 0 if args.full else model.lora_config.rank
+    need, _ = training_memory(model.config, shards, lora_rank=rank, momentum=args.momentum > 0)
     c = model.config
-    check_memory(need, device, f"LoRA tuning --base_model_path {args.base_model_path} ({c.num_hidden_layers} layers, "
-                               f"width {c.embedding_dimensions}: its weights, and gradients and optimizer state of the "
-                               f"adapters)")
+    what = "every weight's" if args.full else "the adapters'"
+    check_memory(need, device, f"{'fully tuning' if args.full else 'LoRA tuning'} --base_model_path "
+                               f"{args.base_model_path} ({c.num_hidden_layers} layers, width {c.embedding_dimensions}: "
+                               f"its weights, and {what} gradients and optimizer state)")
 
 
 def print_summary(args, parallel: Parallel, rows, ctx: Distributed, device: torch.device, accumulation: int,
@@ -331,9 +391,11 @@ def print_summary(args, parallel: Parallel, rows, ctx: Distributed, device: torc
     model, c = parallel.model, parallel.model.config
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     compiled = ", compiled" if compile_enabled(args.compile, device) else ""
+    how = (f"every weight, dropout {c.dropout}" if args.full else
+           f"LoRA rank {model.lora_config.rank} on {', '.join(model.lora_config.targets)}")
     print0(f"model: {c.num_hidden_layers} layers, width {c.embedding_dimensions}, vocabulary {c.vocabulary_size:,}; "
-           f"LoRA rank {model.lora_config.rank} on {', '.join(model.lora_config.targets)}: {trainable:,} trainable "
-           f"parameters; {device.type} {precision_name(device)}{compiled}{parallel.summary}")
+           f"{how}: {trainable:,} trainable parameters; {device.type} {precision_name(device)}{compiled}"
+           f"{parallel.summary}")
     targets = rows.target_count()
     print0(f"data: {rows.conversations:,} training conversations packed into {len(rows):,} rows of "
            f"{args.max_tokens_per_sample} tokens ({targets:,} targets{', assistant only' if args.mask_input else ''})")
@@ -351,9 +413,18 @@ def eval_batches(rows: tuple[torch.Tensor, ...], batch_size: int, device: torch.
 
 def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: BatchPrefetcher, seed: int,
                      base: dict, steps_per_epoch: int, ctx: Distributed, step: int) -> dict:
-    """What an exact resume and chatting need, and nothing of the frozen base but its identity."""
+    """What an exact resume and chatting need, and nothing of the frozen base but its identity (with --full,
+    the whole chat model and the base's identity)."""
     model = parallel.model
     weights = parallel.model_state_dict()  # a collective under FSDP; only the trained entries are kept
+    training = dict(optimizer=parallel.optimizer_state_dict(optimizer), step=step, steps_per_epoch=steps_per_epoch,
+                    sampler=batches.state_dict(), rng=rng_states(ctx), seed=seed, world_size=ctx.world_size,
+                    dataset=args.dataset)
+    if args.full:
+        identity = {"sha256": base["sha256"], "vocabulary_size": base["config"]["vocabulary_size"],
+                    "path": os.path.abspath(args.base_model_path)}
+        return model_checkpoint(model.config, weights, base["token_encoding"], base["eot_id"], vars(args),
+                                special_tokens=SPECIAL_TOKENS, base=identity, **training)
     adapters = {k: weights[k] for k in lora_state_dict(model)} if weights else {}
     return lora_checkpoint(
         model.config,  # the grown vocabulary
@@ -363,14 +434,7 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
         base,
         args.base_model_path,
         args=vars(args),
-        optimizer=parallel.optimizer_state_dict(optimizer),
-        step=step,
-        steps_per_epoch=steps_per_epoch,
-        sampler=batches.state_dict(),
-        rng=rng_states(ctx),
-        seed=seed,
-        world_size=ctx.world_size,
-        dataset=args.dataset,
+        **training,
     )
 
 
@@ -378,7 +442,15 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
 
 
 def write_merged(args) -> None:
-    """Base + adapters + new tokens as one ordinary checkpoint (rank 0), from the saved checkpoints."""
+    """Base + adapters + new tokens as one ordinary checkpoint (rank 0), from the saved checkpoints; with
+    --full the saved chat model without its training state."""
+    if args.full:
+        state = load_checkpoint(args.checkpoint_path, FULL_KIND, required=MODEL_ENTRIES)
+        save_checkpoint(model_checkpoint(GPTConfig.from_dict(state["config"]), state["model"], state["token_encoding"],
+                                         state["eot_id"], vars(args), special_tokens=state["special_tokens"]),
+                        args.merge_path, flag="--merge_path")
+        print0(f"saved the chat model to {args.merge_path}")
+        return
     base = load_checkpoint(args.base_model_path, "pretrain", "--base_model_path", MODEL_ENTRIES)
     lora = load_checkpoint(args.checkpoint_path, CHECKPOINT_KIND, required=LORA_ENTRIES)
     check_base(lora, args.checkpoint_path, base, args.base_model_path, "--base_model_path")

@@ -122,7 +122,7 @@ def write_certain_model(folder) -> SimpleNamespace:
     save_checkpoint(lora_checkpoint(model.config, lora_state_dict(model), model.lora_config, SPECIAL_TOKENS, base,
                                     paths.base, {}), paths.lora)
     tune = importlib.import_module("instruction-tune")
-    tune.write_merged(SimpleNamespace(base_model_path=paths.base, checkpoint_path=paths.lora,
+    tune.write_merged(SimpleNamespace(full=False, base_model_path=paths.base, checkpoint_path=paths.lora,
                                       merge_path=paths.merged))
     return paths
 

@@ -132,6 +132,52 @@ def test_resume_continues_exactly(base, chats, tmp_path):
             assert torch.equal(value, b["optimizer"]["state"][index][key]), (index, key)
 
 
+def test_full_tuning_trains_every_weight_resumes_exactly_and_merges(base, chats, tmp_path, capsys):
+    """--full: every weight trains (no adapters); the checkpoint is the whole chat model with its training
+    state, resumes exactly, loads in generate.py, and --merge_path writes it without the optimizer state."""
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    common = ("--full", "--lr_schedule", "constant", "--dropout", "0.1", "--learning_rate", "1e-2",
+              "--checkpoint_path")
+    run_tune(*tune_args(base, chats, straight, "--num_epochs", "2", *common, str(straight / "full.pt")))
+    run_tune(*tune_args(base, chats, halves, "--num_epochs", "1", *common, str(halves / "full.pt")))
+    run_tune(*tune_args(base, chats, halves, "--num_epochs", "2", "--resume", "--merge_path", str(halves / "chat.pt"),
+                        *common, str(halves / "full.pt")))
+    a, b = load_checkpoint(str(straight / "full.pt"), "pretrain"), load_checkpoint(str(halves / "full.pt"), "pretrain")
+    assert a["step"] == b["step"] > 0 and a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][key]), (index, key)
+    pretrained = load_checkpoint(base, "pretrain")
+    assert a["special_tokens"] == ["<|im_start|>", "<|im_end|>", "<|pad|>"] and "adapters" not in a
+    assert a["base"]["sha256"] == pretrained["sha256"]
+    assert a["config"]["vocabulary_size"] == 257 + 3 and a["config"]["dropout"] == 0.1
+    for name, weight in pretrained["model"].items():  # every weight moved, the old vocabulary's rows too
+        tuned = a["model"][name][: weight.shape[0]]
+        assert torch.isfinite(tuned).all() and not torch.equal(tuned, weight), name
+    merged = load_checkpoint(str(halves / "chat.pt"), "pretrain")
+    assert "optimizer" not in merged and merged["special_tokens"] == a["special_tokens"]
+    assert all(torch.equal(merged["model"][k], b["model"][k]) for k in b["model"])
+    assert not os.path.exists(halves / "full-peft")  # no adapters, no peft folder
+    flags = ["--device", "cpu", "--prompt", "Say river.", "--temperature", "0", "--max_tokens", "8"]
+    answers = [generate.main(generate.parse_args(["--checkpoint_path", str(path), *flags]))
+               for path in (halves / "full.pt", halves / "chat.pt")]
+    assert answers[0] == answers[1]
+    capsys.readouterr()
+
+
+def test_full_and_lora_checkpoints_do_not_resume_each_other(base, chats, tuned, tmp_path, capsys):
+    out, _ = tuned
+    fails = lambda argv, *fragments: fails_with_one_line(capsys, tune, argv, *fragments)  # noqa: E731
+    fails(tune_args(base, chats, out, "--resume", "--full"), "tuned with LoRA: resume it without --full")
+    full = tmp_path / "full.pt"
+    run_tune(*tune_args(base, chats, tmp_path, "--full", "--num_epochs", "1", "--checkpoint_path", str(full)))
+    fails(tune_args(base, chats, tmp_path, "--resume", "--checkpoint_path", str(full)),
+          "is a 'pretrain' checkpoint", "resumes with --full")
+    fails(tune_args(base, chats, tmp_path, "--full", "--peft_path", str(tmp_path / "p")), "--peft_path", "export.py")
+
+
 def test_packed_rows_hold_only_valid_ids(base, chats, tmp_path):
     from chat import pack, prepare_chat_data
 
@@ -160,24 +206,27 @@ def test_a_finished_run_merges_on_resume_and_keeps_its_data(base, chats, tuned, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("level", [0, 3])
-def test_two_processes_tune_as_one_does(base, chats, tmp_path, level):
-    """torchrun with 2 CPU processes (gloo), DDP or FSDP sharding everything: the same losses and
-    adapters as one process (the global batch does not depend on the world size)."""
+@pytest.mark.parametrize("level,full", [(0, False), (3, False), (3, True)])
+def test_two_processes_tune_as_one_does(base, chats, tmp_path, level, full):
+    """torchrun with 2 CPU processes (gloo), DDP or FSDP sharding everything, with LoRA or --full: the same
+    losses and trained weights as one process (the global batch does not depend on the world size)."""
     flags = ("--dropout", "0", "--num_epochs", "2", "--gradient_accumulation_steps", "2")
+    if full:
+        flags += ("--full", "--learning_rate", "1e-2")
     one = check(launch(1, tune_args(base, chats, tmp_path / "one", *flags), script="instruction-tune.py"))
     two = check(launch(2, tune_args(base, chats, tmp_path / "two", *flags, "--ddp_sharding_level", str(level)),
                        script="instruction-tune.py"))
     assert f"2 processes, {'ddp' if level == 0 else 'fsdp level 3'}" in two.stdout
     assert losses(two.stdout) == pytest.approx(losses(one.stdout), abs=1e-4)
-    a = load_checkpoint(str(tmp_path / "one" / "lora.pt"), "lora")
-    b = load_checkpoint(str(tmp_path / "two" / "lora.pt"), "lora")
-    assert a["adapters"].keys() == b["adapters"].keys()
+    kind, entry = ("pretrain", "model") if full else ("lora", "adapters")
+    a = load_checkpoint(str(tmp_path / "one" / "lora.pt"), kind)[entry]
+    b = load_checkpoint(str(tmp_path / "two" / "lora.pt"), kind)[entry]
+    assert a.keys() == b.keys()
     # Summed in another order, the gradients differ in the last bits, and Adafactor's normalised steps
     # carry that on: 3e-6 apart at most with AVX2 kernels, 3.2e-5 (on weights up to 0.3) with the generic
     # ones (ATEN_CPU_CAPABILITY=default); training moves them from zero to 0.3.
-    for name in a["adapters"]:
-        torch.testing.assert_close(a["adapters"][name], b["adapters"][name], rtol=1e-3, atol=1e-4, msg=name)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------- errors
