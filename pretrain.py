@@ -20,6 +20,7 @@ that instruction tuning shares.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -474,8 +475,11 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
 def write_shards(model_state: dict, optimizer_state: dict, folder: str, rank: int, group) -> dict[str, str]:
     try:
         return save_shards(model_state, optimizer_state, folder, rank, group)
-    except OSError as e:
-        raise UserError(f"--checkpoint_path: cannot write the sharded checkpoint to {folder} ({os_reason(e)})") from None
+    except OSError as e:  # on every rank: DCP hands each the first failure
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # the half-written folder; the pointer still names the last
+        raise UserError(f"--checkpoint_path: cannot write the sharded checkpoint to {folder} ({os_reason(e)}); "
+                        f"the checkpoint already there is intact") from None
 
 
 if __name__ == "__main__":

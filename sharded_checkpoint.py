@@ -49,9 +49,13 @@ def save_shards(model_state: dict, optimizer_state: dict, folder: str, rank: int
     """Every rank: write this rank's shards into `folder` (DCP, coordinating over `group`), fsync them, and
     return {file: sha256} of the files this rank wrote (its own .distcp files; rank 0 also .metadata)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder, process_group=group,
-             no_dist=not _distributed())
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder, process_group=group,
+                 no_dist=not _distributed())
+    except CheckpointException as e:  # every rank gets the first failure (a full disk on any of them)
+        raise first_failure(e) from None
     mine = {}
     for name in sorted(os.listdir(folder)):
         if name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata"):
@@ -59,6 +63,16 @@ def save_shards(model_state: dict, optimizer_state: dict, folder: str, rank: int
             fsync_path(path)
             mine[name] = file_sha256(path)
     return mine
+
+
+def first_failure(e: BaseException) -> BaseException:
+    """DCP wraps the ranks' failures in one CheckpointException (a BaseException, not an Exception): the first
+    rank's own exception."""
+    failures = getattr(e, "failures", None)
+    if not failures:
+        return e
+    first = next(iter(failures.values()))
+    return first[0] if isinstance(first, tuple) else first
 
 
 def sharded_entry(checkpoint_path: str, folder: str, hashes: list[dict[str, str]], world_size: int,
@@ -115,9 +129,11 @@ def load_shards(checkpoint_path: str, entry: dict, model_state: dict, optimizer_
     however they are placed now. Optimizer keys this run has and the checkpoint lacks (momentum added on
     resume) stay zero; keys the checkpoint has and this run does not want are left out."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     folder = folder_of(checkpoint_path, entry["folder"])
-    saved = set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
+    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    saved = set(metadata)
     state = {"model": model_state}
     if optimizer_state is not None:
         state["optimizer"] = {index: {key: value for key, value in entry_state.items()
@@ -126,11 +142,17 @@ def load_shards(checkpoint_path: str, entry: dict, model_state: dict, optimizer_
     missing = [f"model.{k}" for k in model_state if f"model.{k}" not in saved]
     if missing:
         raise UserError(f"{checkpoint_path}: its shards hold no {missing[0]}: a checkpoint of another model")
+    for name, tensor in model_state.items():
+        shape = tuple(getattr(metadata[f"model.{name}"], "size", ()))
+        if shape != tuple(tensor.shape):  # a DTensor's shape is the whole tensor's
+            raise UserError(f"{checkpoint_path}: cannot load its shards into this run: its {name} has shape "
+                            f"{shape}, this model's {tuple(tensor.shape)} (the shards are another model's)")
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=folder, process_group=group, no_dist=not _distributed())
-    except Exception as e:  # a shape that cannot be resharded into this run's tensors
+    except (Exception, CheckpointException) as e:  # what cannot be resharded into this run's tensors
+        e = first_failure(e)
         raise UserError(f"{checkpoint_path}: cannot load its shards into this run ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
 

@@ -67,8 +67,18 @@ grep -q "2 processes, fsdp level 2" "$work/node0.log" || { echo "multinode: node
 
 "$py" - "$work/single/checkpoint.pt" "$work/multi/checkpoint.pt" <<'PY'
 import sys
-import torch
-a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in sys.argv[1:3])
+sys.path.insert(0, ".")
+from checkpoint import load_checkpoint
+from sharded_checkpoint import consolidate, is_sharded
+
+def whole(path):  # level 2 saves sharded: every rank its own shards, on both nodes
+    state = load_checkpoint(path, "pretrain", required=())
+    if is_sharded(state):
+        consolidate(path, state, path + ".whole.pt")
+        state = load_checkpoint(path + ".whole.pt", "pretrain")
+    return state
+
+a, b = (whole(p) for p in sys.argv[1:3])
 assert a["step"] == b["step"] > 0, (a["step"], b["step"])
 assert a["model"].keys() == b["model"].keys()
 worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])

@@ -15,6 +15,7 @@ import zipfile
 import pytest
 import torch
 from conftest import ROOT, fails_with_one_line, tiny_pretrain_args
+from helpers import check
 
 import checkpoint
 import files
@@ -474,14 +475,31 @@ def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(builtin_data,
 
 
 @pytest.mark.slow
-def test_under_torchrun_a_full_disk_stops_every_rank_in_one_line(trained, builtin_data, tmp_path, tmpfs):
-    """Rank 0's failed save reaches the other ranks, which would otherwise wait at the barrier for hours."""
+@pytest.mark.parametrize("form", ["single", "sharded"])
+def test_under_torchrun_a_full_disk_stops_every_rank_in_one_line(trained, builtin_data, tmp_path, tmpfs, form):
+    """A failed save (rank 0's file, or any rank's shards) reaches the other ranks, which would otherwise wait at
+    the barrier for hours; the checkpoint already there stays whole."""
     size = os.path.getsize(trained)
+    if form == "sharded":  # the shards' files hold more than one file does: measure a first save of them
+        check(torchrun(tiny_pretrain_args(builtin_data, str(tmp_path / "measure"), "--num_epochs", "2",
+                                          "--checkpoint_format", form)))
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(tmp_path / "measure")
+                   for f in files if "runs" not in d)
     folder = tmpfs(f"{(size * 3 // 2 // 4096 + 2) * 4096}")  # room for the first checkpoint, not for two at once
-    argv = tiny_pretrain_args(builtin_data, str(folder), "--num_epochs", "4", "--run_dir_path", str(tmp_path / "runs"))
+    argv = tiny_pretrain_args(builtin_data, str(folder), "--num_epochs", "4", "--run_dir_path", str(tmp_path / "runs"),
+                              "--checkpoint_format", form)
     result = torchrun(argv)
     assert result.returncode != 0
-    assert our_errors(result) == [f"error: --checkpoint_path: cannot save step 8 to {folder / 'checkpoint.pt'} "
-                                  f"(no space left on device); the checkpoint already there is intact"]
-    assert load_checkpoint(str(folder / "checkpoint.pt"), "pretrain")["step"] == 4
+    errors = our_errors(result)
+    if form == "single":
+        assert errors == [f"error: --checkpoint_path: cannot save step 8 to {folder / 'checkpoint.pt'} "
+                          f"(no space left on device); the checkpoint already there is intact"]
+    else:
+        assert len(errors) == 1 and errors[0].startswith("error: --checkpoint_path: cannot write the sharded "
+                                                         "checkpoint to "), result.stderr[-3000:]
+        assert errors[0].endswith("(no space left on device); the checkpoint already there is intact")
+        assert os.listdir(folder / "checkpoint.pt.shards") == [load_checkpoint(
+            str(folder / "checkpoint.pt"), "pretrain", required=())["sharded"]["folder"].split(os.sep)[-1]]
+    assert 'pretrain.py", line' not in result.stderr
+    assert load_checkpoint(str(folder / "checkpoint.pt"), "pretrain", required=())["step"] == 4
     assert temporary_files(folder) == []
