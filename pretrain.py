@@ -19,6 +19,7 @@ that instruction tuning shares.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from common import (
     check_learned_positions,
     check_memory,
     compile_enabled,
+    first_line,
     model_config,
     non_negative_int,
     positive_float,
@@ -475,11 +477,29 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
 def write_shards(model_state: dict, optimizer_state: dict, folder: str, rank: int, group) -> dict[str, str]:
     try:
         return save_shards(model_state, optimizer_state, folder, rank, group)
-    except OSError as e:  # on every rank: DCP hands each the first failure
+    except (OSError, RuntimeError) as e:  # on every rank: DCP hands each the first failure
+        reason = os_reason(e) if isinstance(e, OSError) else write_probe(folder) or first_line(e)
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # the half-written folder; the pointer still names the last
-        raise UserError(f"--checkpoint_path: cannot write the sharded checkpoint to {folder} ({os_reason(e)}); "
+        raise UserError(f"--checkpoint_path: cannot write the sharded checkpoint to {folder} ({reason}); "
                         f"the checkpoint already there is intact") from None
+
+
+def write_probe(folder: str) -> str | None:
+    """Why the disk refuses a write into `folder` (a full disk, a quota), or None when it takes one: torch's
+    writers report a failed write only as "unexpected pos 704 vs 598"."""
+    probe = os.path.join(folder, f".probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return os_reason(e)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None
 
 
 if __name__ == "__main__":

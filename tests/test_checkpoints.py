@@ -22,6 +22,7 @@ import files
 import generate
 import pretrain
 from checkpoint import load_checkpoint
+from common import UserError
 
 
 def run(argv):
@@ -472,6 +473,26 @@ def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(builtin_data,
         f"{result.stderr.split(' on ', 1)[1].split(')')[0]}); wait for it to end, or choose another --checkpoint_path"]
     # torchrun reports the failed workers with a traceback of its own; none comes from our code.
     assert 'pretrain.py", line' not in result.stderr and "[rank0]: Traceback" not in result.stderr
+
+
+def test_a_sharded_save_that_torch_reports_as_a_bad_position_names_the_full_disk(tmpfs, monkeypatch):
+    """DCP's writers sometimes meet a full disk inside torch's zip writer, which says only "unexpected pos":
+    the one line asks the disk itself why, and removes the half-written folder."""
+    folder = tmpfs("64k") / "step-000000008-abcd"
+    folder.mkdir()
+    with open(folder / "__0_0.distcp", "wb") as f:  # the disk fills up
+        with pytest.raises(OSError):
+            f.write(b"x" * (1 << 20))
+            f.flush()
+
+    def failing(*args):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(pretrain, "save_shards", failing)
+    with pytest.raises(UserError, match=r"cannot write the sharded checkpoint to .* \(no space left on device\); "
+                                        r"the checkpoint already there is intact"):
+        pretrain.write_shards({}, {}, str(folder), 0, None)
+    assert not folder.exists()
 
 
 @pytest.mark.slow
