@@ -277,6 +277,8 @@ class Engine:
     def _choose_row(self, ticket: Ticket, free: list[int]) -> int:
         """The free row whose kept tokens start the prompt furthest; else the lowest free row that keeps nothing,
         else the lowest free row (rows in use near a prefix: an eager step runs the rows up to the highest in use)."""
+        if not self.prefix_cache:
+            return free[0]  # nothing kept is ever reused: the lowest row keeps an eager step smallest
         shared = self._shared(ticket)
         best = max(free, key=lambda row: (shared[row], -row))
         if shared[best] > 0:

@@ -294,6 +294,18 @@ def test_chunked_prefill_changes_no_token(encoding):
     assert len(got) == len(scored.prompt) - 1 and torch.allclose(got, expected_scores, atol=1e-5)
 
 
+def test_without_the_prefix_cache_requests_one_after_another_take_the_lowest_row():
+    """With nothing kept for reuse, a request takes the lowest free row, so an eager step (the rows up to the
+    highest in use) stays one row wide; it used to walk up every row that had held something."""
+    rows = []
+    with Engine(loaded(tiny()), context_length=64, max_batch=4, prefix_cache=False) as engine:
+        join = engine._join
+        engine._join = lambda ticket: (rows.append(ticket.row), join(ticket))[1]
+        for prompt in prompts([5, 7, 6, 9]):
+            engine.generate(Request(prompt, max_tokens=3, sampling=Sampling(temperature=0.0)), timeout=30)
+    assert rows == [0, 0, 0, 0]
+
+
 def test_prefix_caching_reuses_rows_and_changes_no_token():
     """Prompts that share a system prefix, a chat's next turn (its prompt holds the last answer), and a
     request arriving while another with its prefix decodes (the keys copied from that busy row): the rows'
