@@ -351,6 +351,7 @@ def run_trainer(args, set_up: Callable, finish: Callable | None = None) -> list[
     where every rank can stop), the process group, the checkpoint's lock for the whole run, then
     set_up(ctx, device) -> train()'s first four arguments (None: nothing to train), the loop, and
     finish(ctx) (None: nothing), every rank alike. Returns train()'s history."""
+    check_wandb(args.wandb)  # the optional package, before any work
     with StopFlag() as stop:
         ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
         try:
@@ -498,7 +499,7 @@ def train(plan: Plan, hooks: Hooks, parallel: Parallel, optimizer: Adafactor, ct
     every rank stops at the same point: after the first evaluation (nothing saved) or after a step (saved)."""
     log = RunLog(plan.run_dir, ctx.rank, peak_tflops(device, plan.peak_tflops), plan.wandb)
     log.settings(plan.settings)
-    agree(ctx, functools.partial(write_run_config, plan), who="rank0")  # (and --wandb's package is there)
+    agree(ctx, functools.partial(write_run_config, plan), who="rank0")
     step, A = plan.start_step, plan.accumulation
     guard = NonFinite(plan.nonfinite, device, plan.checkpoint_path)
     stop.defer()
@@ -565,7 +566,6 @@ def _local_tensor(p: torch.Tensor) -> torch.Tensor:
 def write_run_config(plan: Plan) -> None:
     """The run's resolved flags beside its checkpoint and in its TensorBoard folder, as a config file:
     `--config` of it (with a new --checkpoint_path and --run_dir_path) repeats the run."""
-    check_wandb(plan.wandb)
     if not plan.settings:
         return
     header = (f"The resolved flags of the run that wrote {plan.checkpoint_path}. Repeat it with --config this file "

@@ -83,6 +83,7 @@ def test_tokenize_on_empty_documents_is_one_line(capsys, tmp_path):
     assert err.strip().splitlines()[-1].endswith("holds no text to tokenize (no documents, or only empty ones)")
 
 
+@pytest.mark.slow
 def test_tokenize_of_a_tiny_corpus_stays_small(capsys, tmp_path):
     """The defect: a 3-character corpus was repeated into 1.3 million documents and grew past 7.5 GB."""
     corpus = tmp_path / "tiny.txt"
@@ -92,6 +93,7 @@ def test_tokenize_of_a_tiny_corpus_stays_small(capsys, tmp_path):
     assert rows[0]["documents"] == bench.TOKENIZE_DOCUMENTS and rows[0]["tokens"] == 3 * bench.TOKENIZE_DOCUMENTS
 
 
+@pytest.mark.slow
 def test_tokenize_leaves_out_rows_that_are_not_text(capsys, tmp_path):
     corpus = tmp_path / "mixed.jsonl"
     text = "some text " * 20_000  # long, so that few copies reach the 4M characters timed

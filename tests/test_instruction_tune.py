@@ -132,6 +132,7 @@ def test_resume_continues_exactly(base, chats, tmp_path):
             assert torch.equal(value, b["optimizer"]["state"][index][key]), (index, key)
 
 
+@pytest.mark.slow
 def test_full_tuning_trains_every_weight_resumes_exactly_and_merges(base, chats, tmp_path, capsys):
     """--full: every weight trains (no adapters); the checkpoint is the whole chat model with its training
     state, resumes exactly, loads in generate.py, and --merge_path writes it without the optimizer state."""

@@ -179,6 +179,7 @@ def test_skip_stops_after_ten_nonfinite_steps_in_a_row(builtin_data, tmp_path, m
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"), "pretrain")["step"] == 8  # the last save (step 2's weights)
 
 
+@pytest.mark.slow
 def test_a_nan_adapter_is_refused_before_tuning_and_nothing_is_saved(base, chats, tuned, tmp_path, capsys):
     """The defect: resumed from a LoRA whose A matrix is NaN, tuning ran on at `cross-entropy nan` and saved
     NaN weights over its checkpoint, exit 0."""
@@ -256,6 +257,7 @@ def test_wandb_gets_the_metrics_settings_and_samples(builtin_data, tmp_path, mon
     assert run.finished
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_its_run_beside_the_events(builtin_data, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -90,6 +90,7 @@ def test_the_state_before_a_batch_draws_it_again(shards, monkeypatch):
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
+@pytest.mark.slow
 def test_a_streamed_run_resumed_equals_an_uninterrupted_one(shards, tmp_path):
     folder, _ = shards
     straight, split = tmp_path / "straight", tmp_path / "split"
