@@ -143,6 +143,21 @@ def is_running(pid):
         return False
 
 
+def end_frozen_run(launcher, stopped):
+    """Kill the frozen worker (torchrun's SIGTERM cannot end a stopped process), then the launcher."""
+    if stopped is not None:
+        os.kill(stopped, signal.SIGKILL)
+    try:
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def our_lines(log) -> list[str]:
+    return [line for line in log.read_text().splitlines() if line.startswith("error:")]
+
+
 @pytest.mark.parametrize("hung", [1, 0])
 def test_a_hung_rank_stops_the_others_within_the_collective_timeout(builtin_data, tmp_path, hung):
     """A rank frozen mid-training (SIGSTOP) used to hold every other rank for the 6-hour set-up timeout;
@@ -168,15 +183,8 @@ def test_a_hung_rank_stops_the_others_within_the_collective_timeout(builtin_data
             assert time.monotonic() - frozen_at < 60, "the other rank still waits a minute later"
             time.sleep(0.2)
     finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGKILL)  # torchrun's SIGTERM cannot end a stopped process
-        try:
-            launcher.wait(timeout=60)
-        finally:
-            if launcher.poll() is None:
-                launcher.kill()
-    text = log.read_text()
-    ours = [line for line in text.splitlines() if line.startswith("error:")]
+        end_frozen_run(launcher, stopped)
+    text, ours = log.read_text(), our_lines(log)
     assert len(ours) == 1 and ours[0].startswith(f"error: rank {hung} stopped answering"), text[-3000:]
     assert "--collective_timeout" in ours[0]
     assert re.search(r"exitcode\s*:\s*2 ", text), text[-3000:]  # torchrun's report: the survivor's status
@@ -254,15 +262,8 @@ def test_a_rank_frozen_in_set_up_stops_the_others_within_the_collective_timeout(
             assert time.monotonic() - frozen_at < 60, "the other rank still waits a minute later"
             time.sleep(0.2)
     finally:
-        if stopped is not None:
-            os.kill(stopped, signal.SIGKILL)
-        try:
-            launcher.wait(timeout=60)
-        finally:
-            if launcher.poll() is None:
-                launcher.kill()
-    text = log.read_text()
-    ours = [line for line in text.splitlines() if line.startswith("error:")]
+        end_frozen_run(launcher, stopped)
+    text, ours = log.read_text(), our_lines(log)
     assert len(ours) == 1, text[-3000:]
     assert ours[0].startswith(f"error: rank {frozen} stopped answering in set-up"), ours[0]
     assert "--collective_timeout 0.05 minutes" in ours[0]
