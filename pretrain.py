@@ -444,8 +444,13 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
     folder (sharded_checkpoint.py), and the file written is the pointer to them."""
     if saves_sharded(args, ctx):
         folder = agree(ctx, lambda: new_folder(args.checkpoint_path, step), who="rank0")
-        mine = agree(ctx, lambda: write_shards(model_tensors(parallel), optimizer.sharded_state_dict(), folder,
-                                               ctx.rank, ctx.control_group))
+        try:
+            mine = agree(ctx, lambda: write_shards(model_tensors(parallel), optimizer.sharded_state_dict(), folder,
+                                                   ctx.rank, ctx.control_group))
+        except UserError:  # every rank is past its writes: rank 0 removes the half-written folder
+            if ctx.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)  # (the pointer still names the last whole one)
+            raise
         weights, optimizer_state = {}, None
         shards = sharded_entry(args.checkpoint_path, folder, gather_objects(ctx, mine), ctx.world_size,
                                args.ddp_sharding_level)
@@ -478,16 +483,15 @@ def write_shards(model_state: dict, optimizer_state: dict, folder: str, rank: in
     try:
         return save_shards(model_state, optimizer_state, folder, rank, group)
     except (OSError, RuntimeError) as e:  # on every rank: DCP hands each the first failure
-        reason = os_reason(e) if isinstance(e, OSError) else write_probe(folder) or first_line(e)
-        if rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)  # the half-written folder; the pointer still names the last
+        reason = os_reason(e) if isinstance(e, OSError) else write_probe(os.path.dirname(folder)) or first_line(e)
         raise UserError(f"--checkpoint_path: cannot write the sharded checkpoint to {folder} ({reason}); "
                         f"the checkpoint already there is intact") from None
 
 
 def write_probe(folder: str) -> str | None:
     """Why the disk refuses a write into `folder` (a full disk, a quota), or None when it takes one: torch's
-    writers report a failed write only as "unexpected pos 704 vs 598"."""
+    writers report a failed write only as "unexpected pos 704 vs 598". (Beside the shards' folder, not in
+    it: rank 0 is removing that one.)"""
     probe = os.path.join(folder, f".probe-{os.getpid()}")
     try:
         with open(probe, "wb") as f:

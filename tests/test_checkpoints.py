@@ -477,7 +477,7 @@ def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops(builtin_data,
 
 def test_a_sharded_save_that_torch_reports_as_a_bad_position_names_the_full_disk(tmpfs, monkeypatch):
     """DCP's writers sometimes meet a full disk inside torch's zip writer, which says only "unexpected pos":
-    the one line asks the disk itself why, and removes the half-written folder."""
+    the one line asks the disk itself why (the torchrun test below checks that the folder is removed)."""
     folder = tmpfs("64k") / "step-000000008-abcd"
     folder.mkdir()
     with open(folder / "__0_0.distcp", "wb") as f:  # the disk fills up
@@ -492,7 +492,6 @@ def test_a_sharded_save_that_torch_reports_as_a_bad_position_names_the_full_disk
     with pytest.raises(UserError, match=r"cannot write the sharded checkpoint to .* \(no space left on device\); "
                                         r"the checkpoint already there is intact"):
         pretrain.write_shards({}, {}, str(folder), 0, None)
-    assert not folder.exists()
 
 
 @pytest.mark.slow
