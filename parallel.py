@@ -254,7 +254,7 @@ def _await_workers(ctx: Distributed, store, key: str, workers: list[int], interv
     ones have all been silent (no heartbeat) for collective_timeout. Polls two counters, so thousands of ranks
     cost the store little."""
     patience = ctx.collective_timeout.total_seconds()
-    beats, heard = -1, time.monotonic()
+    beats, heard, pause = -1, time.monotonic(), 0.001
     while store.add(f"{key}/done", 0) < len(workers):
         now = store.add(f"{key}/beat", 0)
         if now != beats:
@@ -263,7 +263,8 @@ def _await_workers(ctx: Distributed, store, key: str, workers: list[int], interv
             missing = [r for r in workers if not store.check([f"{key}/done/{r}"])]
             raise UserError(f"{_ranks(missing)} stopped answering in {ctx.phase} (no sign of life within "
                             f"{_limit(ctx)}); every rank stops, saving nothing")
-        time.sleep(interval / 2)
+        time.sleep(pause)  # short at first: most agree() work takes milliseconds
+        pause = min(2 * pause, interval / 2)
 
 
 # ----------------------------------------------------------------------------- data parallelism
