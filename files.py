@@ -210,3 +210,20 @@ class FileLock:
     @property
     def held(self) -> bool:
         return self.fd is not None
+
+
+def write_refusal(folder: str) -> str | None:
+    """Why the disk refuses a small write into `folder` (a full disk, a quota), or None when it takes one: for
+    writers that report a failed write only as torch's zip writer does ("unexpected pos 704 vs 598")."""
+    probe = os.path.join(folder, f".probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return os_reason(e)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None

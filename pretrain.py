@@ -19,7 +19,6 @@ that instruction tuning shares.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from common import (
     check_learned_positions,
     check_memory,
     compile_enabled,
-    first_line,
     model_config,
     non_negative_int,
     positive_float,
@@ -71,7 +69,6 @@ from data import (
     to_device,
     window_batch,
 )
-from files import os_reason
 from metrics import sample_texts
 from model import GPT, INITIALISATIONS, GPTConfig
 from parallel import (
@@ -445,7 +442,7 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
     if saves_sharded(args, ctx):
         folder = agree(ctx, lambda: new_folder(args.checkpoint_path, step), who="rank0")
         try:
-            mine = agree(ctx, lambda: write_shards(model_tensors(parallel), optimizer.sharded_state_dict(), folder,
+            mine = agree(ctx, lambda: save_shards(model_tensors(parallel), optimizer.sharded_state_dict(), folder,
                                                    ctx.rank, ctx.control_group))
         except UserError:  # every rank is past its writes: rank 0 removes the half-written folder
             if ctx.rank == 0:
@@ -477,33 +474,6 @@ def checkpoint_state(args, parallel: Parallel, optimizer: Adafactor, batches: Ba
     state["sharded"] = shards
     state["optimizer_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     return state
-
-
-def write_shards(model_state: dict, optimizer_state: dict, folder: str, rank: int, group) -> dict[str, str]:
-    try:
-        return save_shards(model_state, optimizer_state, folder, rank, group)
-    except (OSError, RuntimeError) as e:  # on every rank: DCP hands each the first failure
-        reason = os_reason(e) if isinstance(e, OSError) else write_probe(os.path.dirname(folder)) or first_line(e)
-        raise UserError(f"--checkpoint_path: cannot write the sharded checkpoint to {folder} ({reason}); "
-                        f"the checkpoint already there is intact") from None
-
-
-def write_probe(folder: str) -> str | None:
-    """Why the disk refuses a write into `folder` (a full disk, a quota), or None when it takes one: torch's
-    writers report a failed write only as "unexpected pos 704 vs 598". (Beside the shards' folder, not in
-    it: rank 0 is removing that one.)"""
-    probe = os.path.join(folder, f".probe-{os.getpid()}")
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * (1 << 16))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        return os_reason(e)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(probe)
-    return None
 
 
 if __name__ == "__main__":

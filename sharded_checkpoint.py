@@ -24,8 +24,8 @@ import warnings
 
 import torch
 
-from common import UserError
-from files import file_sha256, fsync_path, os_reason
+from common import UserError, first_line
+from files import file_sha256, fsync_path, os_reason, write_refusal
 
 SHARDS = ".shards"  # the folders' folder: <checkpoint>.shards/
 
@@ -47,22 +47,30 @@ def _distributed() -> bool:
 
 def save_shards(model_state: dict, optimizer_state: dict, folder: str, rank: int, group=None) -> dict[str, str]:
     """Every rank: write this rank's shards into `folder` (DCP, coordinating over `group`), fsync them, and
-    return {file: sha256} of the files this rank wrote (its own .distcp files; rank 0 also .metadata)."""
+    return {file: sha256} of the files this rank wrote (its own .distcp files; rank 0 also .metadata). A
+    failed write, on any rank, is one line on every rank."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder, process_group=group,
-                 no_dist=not _distributed())
-    except CheckpointException as e:  # every rank gets the first failure (a full disk on any of them)
-        raise first_failure(e) from None
-    mine = {}
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata"):
-            path = os.path.join(folder, name)
-            fsync_path(path)
-            mine[name] = file_sha256(path)
-    return mine
+        try:
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder,
+                     process_group=group, no_dist=not _distributed())
+        except CheckpointException as e:  # every rank gets the first failure (a full disk on any of them)
+            raise first_failure(e) from None
+        mine = {}
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(f"__{rank}_") or (rank == 0 and name == ".metadata"):
+                path = os.path.join(folder, name)
+                fsync_path(path)
+                mine[name] = file_sha256(path)
+        return mine
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a full disk as "unexpected pos": ask the disk, beside the folder (rank 0
+        # removes the folder itself once every rank has failed)
+        reason = os_reason(e) if isinstance(e, OSError) else write_refusal(os.path.dirname(folder)) or first_line(e)
+        raise UserError(f"--checkpoint_path: cannot write the sharded checkpoint to {folder} ({reason}); "
+                        f"the checkpoint already there is intact") from None
 
 
 def first_failure(e: BaseException) -> BaseException:

@@ -485,13 +485,17 @@ def test_a_sharded_save_that_torch_reports_as_a_bad_position_names_the_full_disk
             f.write(b"x" * (1 << 20))
             f.flush()
 
-    def failing(*args):
+    def failing(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
-    monkeypatch.setattr(pretrain, "save_shards", failing)
+    import torch.distributed.checkpoint as dcp
+
+    from sharded_checkpoint import save_shards
+
+    monkeypatch.setattr(dcp, "save", failing)
     with pytest.raises(UserError, match=r"cannot write the sharded checkpoint to .* \(no space left on device\); "
                                         r"the checkpoint already there is intact"):
-        pretrain.write_shards({}, {}, str(folder), 0, None)
+        save_shards({}, {}, str(folder), 0, None)
 
 
 @pytest.mark.slow
