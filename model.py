@@ -229,7 +229,8 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.size(-1)).add_(eps)).unsqueeze(-1)  # (..., 1)
+        # rms through one reduction (vector_norm reads x once; a dot product writes x * x first)
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)  # the input, not x / rms: the same bytes, and what LayerNorm's backward reads
         return (x * rstd).mul_(weight)
 
