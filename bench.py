@@ -641,6 +641,10 @@ def hf_generate_batch(args, device, loaded, texts: list[str], sampling, rows) ->
                                   temperature=max(sampling.temperature, 1e-5), top_k=sampling.top_k,
                                   top_p=sampling.top_p, eos_token_id=-1, pad_token_id=0, max_batch_tokens=512)
     model.generate_batch(inputs=prompts[:2], generation_config=generation, progress_bar=False)  # warm-up
+    if device.type == "cpu":  # its scheduler's thread gets the cores' OpenMP team, as our engine's does
+        from engine import release_openmp_threads
+
+        release_openmp_threads()
     start = time.perf_counter()
     out = model.generate_batch(inputs=prompts, generation_config=generation, progress_bar=False)
     seconds = time.perf_counter() - start

@@ -1,13 +1,16 @@
 """Continuous batching: per-row cache positions, and batched serving equal to one request at a time."""
 
 import copy
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import ROOT, TINY
 from engine import Engine, EngineBusy, Event, Request
 from generate import Decoder, Loaded, Sampler, Sampling, generate
 from model import GPT, GPTConfig
@@ -367,3 +370,23 @@ def test_forbidden_ids_are_never_sampled():
         for sampling, seed in ((Sampling(0.0), None), (Sampling(1.5, 500, 1.0), 3)):
             tokens = engine.generate(Request([1, 2, 3], 12, sampling, seed), timeout=60)[0]
             assert not set(tokens) & set(banned) and len(tokens) == 12
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP pause is called on Linux only")
+def test_starting_an_engine_on_the_cpu_ends_the_callers_openmp_workers():
+    """The caller's idle OpenMP team would make libgomp wake the engine's workers through the kernel (every CPU
+    forward of the engine 1.5x slower on 2 cores): Engine.start() ends it. A fresh interpreter, so the count of
+    its threads is its own."""
+    script = textwrap.dedent("""
+        import os, torch
+        from engine import release_openmp_threads
+        torch.set_num_threads(2)
+        torch.ones(4_000_000).add_(1)  # a parallel kernel: the calling thread's team of two now exists
+        before = len(os.listdir("/proc/self/task"))
+        assert release_openmp_threads()
+        print(before, len(os.listdir("/proc/self/task")))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert after == before - 1  # the one worker of the team of two has ended
