@@ -5,9 +5,10 @@
 
 The engine owns one KV cache of `max_batch` rows and a thread that decodes. Each request gets a row of
 its own and keeps its own position in it (KVCache keeps per-row positions), so requests of any length,
-arriving at any time, share one batched decode step. Between steps new requests join (their prompts are
-prefilled into their rows, one request at a time, while the other rows keep what they hold) and
-finished or cancelled ones leave; requests wait in a bounded queue while every row is busy.
+arriving at any time, share one batched decode step. New requests join (their prompts are prefilled into
+their rows while the other rows keep what they hold: whole when no row decodes, else a chunk at a time
+inside the decode steps' own forward, KVCache.mixed) and finished or cancelled ones leave; requests wait
+in a bounded queue while every row is busy.
 
 Each request samples with its own settings and its own seeded generator, drawing its noise exactly as
 generate.Decoder does, so a request with a seed gives the tokens `generate.py --seed` gives, and at
@@ -119,7 +120,7 @@ class Ticket:
 class Engine:
     def __init__(self, loaded: Loaded, context_length: int = 1024, max_batch: int = 16, max_waiting: int = 256,
                  use_compile: bool = False, prefill_chunk: int | None = None, prefix_cache: bool = True,
-                 forbidden: list[int] | None = None):  # forbidden: default loaded.undecodable
+                 forbidden: list[int] | None = None, mixed_prefill: bool = True):  # forbidden: default loaded.undecodable
         if context_length < 2:
             raise ValueError("context_length must be at least 2: a prompt token and room to answer")
         if max_batch < 1 or max_waiting < 0:
@@ -128,8 +129,13 @@ class Engine:
         self.context_length, self.max_batch, self.max_waiting = context_length, max_batch, max_waiting
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1 (None: sized to a decode step)")
-        self.prefill_chunk = prefill_chunk  # None: as many tokens as prefill in the time of a decode step
+        self.prefill_chunk = prefill_chunk  # None: sized to the decode step (_chunk_size, _mixed_size)
+        # Mixed steps: a chunk of a joining prompt runs in the decode step's own forward (eager, NoPE model only)
+        self.mixed_prefill = (mixed_prefill and not use_compile
+                              and loaded.model.config.position_encoding == "none")
         self._step_seconds = self._token_seconds = None  # running means, for the chunk's size
+        self._mixed_next = 32  # the next mixed step's chunk (by default), sized from the last one's time
+        self.mixed_steps = 0  # decode steps that carried a prompt chunk
         self._prefilling: collections.deque[Ticket] = collections.deque()  # rows taken, prompts not yet whole
         # Prefix caching: the tokens whose keys and values each row holds at positions 0, 1, ... (None once its
         # ring has wrapped: the first ones are gone). A finished request's row keeps them; a new request whose
@@ -276,14 +282,15 @@ class Engine:
                 for ticket in self._rows:
                     if ticket is not None and ticket.cancelled:
                         self._finish(ticket, "cancelled")
-                budget = self._chunk_size()  # prompt tokens to prefill before the next step: the others keep pace
+                chunk = self._mixed_chunk()  # a prompt chunk for the next step's own forward, or None
+                budget = 0 if chunk else self._chunk_size()  # else prompt tokens to prefill before the step
                 while self._prefilling and budget > 0:
                     ticket = self._prefilling[0]
                     n = min(budget, len(ticket.request.prompt) - ticket.prefilled)
                     self._guarded(self._prefill_chunk, ticket, n)
                     budget -= n
                 if any(t is not None and t.decoding for t in self._rows):
-                    self._guarded(self._step)
+                    self._guarded(self._step, chunk)  # (a failed mixed step ends every row's request)
 
     def _guarded(self, work: Callable, *args) -> None:
         """Run a prefill or a step; a failure (out of memory, say) ends the requests it touched with
@@ -368,29 +375,62 @@ class Engine:
             return 64
         return max(64, min(self.cache.length, int(self._step_seconds / self._token_seconds) // 16 * 16))
 
+    def _mixed_chunk(self) -> tuple[Ticket, int] | None:
+        """(the joining request, how many of its prompt tokens) for the next decode step to run in its own
+        forward, as vLLM schedules a chunked prefill: the chunk shares the step's call, its weights' reads and
+        its Python, so the running answers' next token waits for the chunk's arithmetic only. None when no row
+        decodes (prompts are prefilled whole, nobody waits), when nothing is joining, for a chunk of one token,
+        or where steps are not mixed (compiled steps, position encodings)."""
+        if not self.mixed_prefill or not self._prefilling:
+            return None
+        if not any(t is not None and t.decoding for t in self._rows):
+            return None
+        ticket = self._prefilling[0]
+        n = min(self._mixed_size(), len(ticket.request.prompt) - ticket.prefilled)
+        return (ticket, n) if n >= 2 else None
+
+    def _mixed_size(self) -> int:
+        """A mixed step's chunk: prefill_chunk, or by default as many tokens as add about three quarters of a
+        plain step's time: 32 at first, then the last chunk scaled by how far its step's time was from that
+        (at most doubled, at least 16 tokens), so that the answers' gap between tokens grows by about 1.75x
+        while a long prompt joins, as the chunks' cost grows with their position."""
+        if self.prefill_chunk is not None:
+            return min(self.prefill_chunk, self.cache.length)
+        return self._mixed_next
+
     def _prefill_chunk(self, ticket: Ticket, n: int) -> None:
         """Prefill the next n prompt tokens of a joining request into its row (the other rows keep what they
         hold); after its last chunk, sample its first token and let it decode."""
         request, start, began = ticket.request, ticket.prefilled, time.perf_counter()
         tokens = request.prompt[start : start + n]
         chunk = torch.tensor([tokens], device=self.device)
-        prompt_end = len(request.prompt)
 
-        def score(offset: int, logits: torch.Tensor) -> None:  # (1, n, V): each predicts the next prompt token
-            first = start + offset + 1
-            targets = torch.tensor(request.prompt[first : first + logits.size(1)], device=self.device)
-            ticket.scores.extend(scored(logits[0, : len(targets)], targets, request.logprobs or 0))
+        def score(offset: int, logits: torch.Tensor) -> None:
+            self._score(ticket, start + offset, logits)
 
         self.cache.rows = slice(ticket.row, ticket.row + 1)
         try:
             logits = prefill(self.model, chunk, position=start, on_logits=score if request.score_prompt else None)
         finally:
             self.cache.rows = None
-        ticket.prefilled = start + len(tokens)
-        self._keep(ticket.row, tokens)
         if len(tokens) >= 64:  # the time per prompt token (a smaller chunk's time is mostly a call's overhead)
             synchronize(self.device)
             self._token_seconds = mean_of(self._token_seconds, (time.perf_counter() - began) / len(tokens))
+        self._chunk_done(ticket, tokens, logits)
+
+    def _score(self, ticket: Ticket, position: int, logits: torch.Tensor) -> None:
+        """A prompt-scoring request's chunk from `position`: logits (1, n, V), each predicting the next prompt token."""
+        first = position + 1
+        targets = torch.tensor(ticket.request.prompt[first : first + logits.size(1)], device=self.device)
+        ticket.scores.extend(scored(logits[0, : len(targets)], targets, ticket.request.logprobs or 0))
+
+    def _chunk_done(self, ticket: Ticket, tokens: list[int], logits: torch.Tensor) -> None:
+        """After a chunk of the request's prompt ran into its row (logits (1, V) after its last token): note
+        it, and after the prompt's last chunk sample the first token and let the request decode."""
+        request = ticket.request
+        ticket.prefilled += len(tokens)
+        self._keep(ticket.row, tokens)
+        prompt_end = len(request.prompt)
         if ticket.prefilled < prompt_end:
             return
         self._prefilling.remove(ticket)
@@ -405,13 +445,20 @@ class Engine:
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(tokens, input_pos=positions)[:, -1]  # (B, V)
 
-    def _step(self) -> None:
-        """One batched decode step for every row up to the highest in use, each at its own position."""
+    def _step(self, chunk: tuple[Ticket, int] | None = None) -> None:
+        """One batched decode step for every row up to the highest in use, each at its own position, with a
+        chunk of a joining prompt in the same forward if given (a mixed step)."""
         began = time.perf_counter()
-        self._decode_step()
-        self._step_seconds = mean_of(self._step_seconds, time.perf_counter() - began)  # (its tokens synced)
+        self._decode_step(chunk)
+        seconds = time.perf_counter() - began  # (its tokens synced)
+        if chunk is None:
+            self._step_seconds = mean_of(self._step_seconds, seconds)
+        elif self._step_seconds is not None:  # scale the next chunk by what this one added against the target
+            added = max(seconds - self._step_seconds, 0.01 * self._step_seconds)
+            scale = min(2.0, 0.75 * self._step_seconds / added)  # (a chunk's cost grows with its position)
+            self._mixed_next = max(16, min(self.cache.length, int(chunk[1] * scale)))
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, chunk: tuple[Ticket, int] | None = None) -> None:
         top = max(row for row, t in enumerate(self._rows) if t is not None) + 1
         if self.use_compile:
             top = self.max_batch
@@ -420,12 +467,28 @@ class Engine:
         dummies = {row: self._dummy_position(row, t) for row, t in enumerate(rows) if t is None or not t.decoding}
         positions = torch.tensor([[dummies[row] if row in dummies else t.position] for row, t in enumerate(rows)],
                                  device=self.device)  # (B, 1)
-        self.cache.rows = None if top == self.max_batch else slice(0, top)
-        self.cache.span = self.cache.span_for(max(t.position if t.decoding else t.prefilled for t in rows if t))
+        # The span holds every decoding row's keys; a dummy written past it is simply not attended to (its
+        # row's output is dropped), so a long prompt joining does not widen the other rows' attention.
+        self.cache.span = self.cache.span_for(max(t.position for t in rows if t is not None and t.decoding))
+        self.cache.split = None if self.use_compile else self._split(rows, self.cache.span)
+        if chunk is not None:  # the chunk's row decodes a dummy inside its chunk, which the chunk overwrites
+            ticket, n = chunk
+            piece = ticket.request.prompt[ticket.prefilled : ticket.prefilled + n]
+            tokens = torch.cat([tokens.view(1, -1), torch.tensor([piece], device=self.device)], dim=1)  # (1, D + n)
+            positions = torch.cat([positions.view(-1), torch.arange(ticket.prefilled, ticket.prefilled + n,
+                                                                    device=self.device)])  # (D + n,)
+            self.cache.mixed = (top, ticket.row)
+            del dummies[ticket.row]
+        else:
+            self.cache.rows = None if top == self.max_batch else slice(0, top)
         try:
-            logits = self._forward(tokens, positions)
+            if chunk is None:
+                logits = self._forward(tokens, positions)
+            else:
+                both = self.model(tokens, input_pos=positions)  # (1, D + n, V)
+                logits, chunk_logits = both[0, :top], both[:, top:]
         finally:
-            self.cache.rows, self.cache.span = None, None
+            self.cache.rows, self.cache.span, self.cache.mixed, self.cache.split = None, None, None, None
             for row, position in dummies.items():  # the dummies' slots are empty again: nothing attends to them
                 self.cache.slot_pos[row, position % self.cache.length] = -1
         active = [t for t in rows if t is not None and t.decoding]
@@ -441,7 +504,27 @@ class Engine:
             index = torch.tensor([t.row for t in group], device=self.device)
             tickets += group
             next_tokens.append(self._sample(group, logits.index_select(0, index)))
-        self._advance(tickets, next_tokens, logits, [t.row for t in tickets])
+        if tickets:
+            self._advance(tickets, next_tokens, logits, [t.row for t in tickets])
+        if chunk is not None:
+            self.mixed_steps += 1
+            if ticket.request.score_prompt:
+                self._score(ticket, ticket.prefilled, chunk_logits)
+            self._chunk_done(ticket, piece, chunk_logits[:, -1])
+
+    def _split(self, rows: list[Ticket | None], span: int) -> tuple[int, int, int] | None:
+        """(n, a, b): the step's rows 0 .. n-1 attend over their first a slots and the others over b (KVCache.split),
+        where that saves at least a quarter of the attention's work over every row attending the whole span (a
+        long sequence decoding beside short ones); else None. Rows that do not decode attend anywhere (their
+        output is dropped)."""
+        need = [self.cache.span_for(t.position) if t is not None and t.decoding else 0 for t in rows]
+        smallest, best = self.cache.spans()[0], None
+        for n in range(1, len(rows)):
+            a, b = max(max(need[:n]), smallest), max(max(need[n:]), smallest)
+            cost = n * a + (len(rows) - n) * b
+            if cost <= 0.75 * len(rows) * span and (best is None or cost < best[0]):
+                best = (cost, (n, min(a, span), min(b, span)))
+        return None if best is None else best[1]
 
     def _dummy_position(self, row: int, ticket: Ticket | None) -> int:
         """Where a row that is not decoding (free, or still prefilling) writes the step's dummy token: the

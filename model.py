@@ -138,6 +138,14 @@ def document_positions(documents: torch.Tensor) -> torch.Tensor:
     return t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T): minus the start of its document
 
 
+def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean attention mask as the additive one SDPA makes of it (0 where allowed, -inf elsewhere); an
+    additive mask (ALiBi's) or None as it is."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def rope_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles at these positions ((T,) or (B, T)), fp32, shaped to broadcast
     over (B, n_head, T, head_dim // 2). Computed from the positions, so no length caps them and a
@@ -197,8 +205,14 @@ class CausalSelfAttention(nn.Module):
                    for t in self.qkv(x).split(C, dim=2))  # 3 x (B, T, C)
         if rope is not None:  # keys rotated at their absolute positions before they enter the ring
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None and cache.mixed is not None:
+            y = self._mixed(q, k, v, cache, mask)  # (1, n_head, D + T, head_dim)
+            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # decode: the cached keys and values, this one included
+            if T == 1 and cache.split is not None:
+                y = decode_attention(q, k, v, mask, cache.split)
+                return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         dropout = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
@@ -206,6 +220,33 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+
+    def _mixed(self, q, k, v, cache: "KVCache", masks: tuple) -> torch.Tensor:
+        """A mixed step's attention: the first D tokens are the decode rows' (one each, over their rows of the
+        cache), the rest a prompt chunk of one row (over that row's ring and itself, causally)."""
+        D = cache.mixed[0]
+        (k_dec, v_dec), (k_chunk, v_chunk) = cache.update_mixed(self.layer_index, k, v)
+        decode_mask, chunk_mask = masks
+        y_dec = decode_attention(q[:, :, :D].transpose(0, 2), k_dec, v_dec, decode_mask, cache.split)
+        if chunk_mask is None:  # a chunk that starts its sequence: plain causal
+            y_chunk = F.scaled_dot_product_attention(q[:, :, D:], k_chunk, v_chunk, is_causal=True)
+        else:
+            y_chunk = F.scaled_dot_product_attention(q[:, :, D:], k_chunk, v_chunk, attn_mask=chunk_mask)
+        return torch.cat([y_dec.transpose(0, 2), y_chunk], dim=2)  # (1, n_head, D + T, head_dim)
+
+
+def decode_attention(q, k, v, mask, split: tuple[int, int, int] | None) -> torch.Tensor:
+    """A decode step's attention, q (B, n_head, 1, head_dim) over the span's keys (B, n_head, S, head_dim). With
+    split (n, a, b), rows 0 .. n-1 attend over their first a slots and the rest over their first b (views, no
+    copy): a batch whose rows hold sequences of very different lengths does not pay the longest one's span in
+    every row (a row's slots past its own span are empty, so the result is the same)."""
+    if split is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    n, a, b = split
+    head = F.scaled_dot_product_attention(q[:n], k[:n, :, :a], v[:n, :, :a], attn_mask=mask[:n, ..., :a])
+    tail = F.scaled_dot_product_attention(q[n:], k[n:, :, :b], v[n:, :, :b], attn_mask=mask[n:, ..., :b])
+    return torch.cat([head, tail])
 
 
 class MLP(nn.Module):
@@ -425,7 +466,9 @@ class GPT(nn.Module):
 
         input_pos (T,) absolute positions switch on the KV cache (setup_cache first): T > 1 is a prefill
         that starts a new sequence (or continues one), T = 1 decodes one token (position 0 starts a new
-        sequence too); input_pos (B, 1) decodes each row at its own position (KVCache.begin).
+        sequence too); input_pos (B, 1) decodes each row at its own position (KVCache.begin). With the
+        cache's `mixed` set, idx (1, D + T) is a mixed step: rows 0 .. D-1's next tokens, then a prompt chunk
+        of one row, at input_pos (D + T,) (KVCache.begin_mixed); the logits are (1, D + T, vocabulary_size).
         window limits attention to the last `window` keys (sliding-window causal attention; a cache of
         length L implies window L)."""
         cache, mask = self._attention(idx.size(1), documents, input_pos, window, idx.device)
@@ -434,6 +477,9 @@ class GPT(nn.Module):
             x = x + self.position_embeddings(self._absolute_positions(idx.size(1), documents, input_pos, cache))
         elif self.config.position_encoding != "none":
             mask, rope = self._positions(idx.size(1), documents, input_pos, cache, mask, idx.device)
+        if cache is not None:  # a cached call's boolean masks as SDPA's additive ones, made once, not in every layer
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            mask = tuple(additive(m, dtype) for m in mask) if isinstance(mask, tuple) else additive(mask, dtype)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cache, mask, rope, use_reentrant=False)
@@ -455,6 +501,10 @@ class GPT(nn.Module):
                 raise RuntimeError("call setup_cache() before decoding with input_pos")
             if window is not None and window != cache.length:
                 raise ValueError(f"a KV cache fixes the window at the cache length ({cache.length}), not {window}")
+            if cache.mixed is not None:
+                if self.config.position_encoding != "none":
+                    raise ValueError("a mixed step runs the default model only (no position encoding)")
+                return cache, cache.begin_mixed(input_pos)
             if self.config.position_encoding == "alibi" and input_pos.numel() > 1:
                 cache.ring_pos = cache.row_view(cache.slot_pos).clone()  # the ring before this chunk overwrites it
             return cache, cache.begin(input_pos)
@@ -581,17 +631,24 @@ class KVCache(nn.Module):
     (each row's empty ones masked), not over all `length`. `span` is None (every slot) unless a decoder
     sets it for one step to a bucket from spans(), so that a compiled decode needs only a few shapes.
     `rows` (None: all) limits the calls to a slice of the batch: a server prefills one new request into
-    its own row while the other rows keep theirs. Not part of the model's state dict."""
+    its own row while the other rows keep theirs. `mixed` (None: off) makes the next call a mixed step: the
+    decode tokens of rows 0 .. D-1 and a chunk of one row's prompt in one forward (begin_mixed). Not part of
+    the model's state dict. `split` (None: off) lets a decode step's first rows and the others attend over spans
+    of their own (decode_attention)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, length: int, device, dtype: torch.dtype):
         super().__init__()
         shape = (batch_size, config.num_attention_heads, length, config.head_dimensions)
         self.batch_size, self.length = batch_size, length
         self.span: int | None = None
+        self.split: tuple[int, int, int] | None = None  # (n, a, b): a decode step's rows 0 .. n-1 attend over a slots, the rest b
         self.rows: slice | None = None  # the batch rows the next calls use; None: every row
         self.slots: torch.Tensor | None = None  # where this call's tokens go, set by begin()
         self.positions: torch.Tensor | None = None  # a decode step's position in each row, (B,), set by begin()
         self.continuing = False  # whether this multi-token call continues the sequence in the ring
+        self.in_place = False  # a continuing call whose tokens go right after the ring's filled slots (no wrap)
+        self.mixed: tuple[int, int] | None = None  # (decode rows D, chunk row): the next call is a mixed step
+        self._mixed_calls: tuple | None = None  # the two calls' places in the ring, set by begin_mixed()
         self.ring = length  # the ring slots a continuing call reads: those before its start while the ring is unfilled
         self.ring_pos: torch.Tensor | None = None  # ALiBi: slot_pos before a multi-token call, set by GPT
         self.output_weight: torch.Tensor | None = None  # a faster layout of the output layer, if any
@@ -651,6 +708,7 @@ class KVCache(nn.Module):
                 # Until the ring wraps, position p sits in slot p: a chunk at `start` reads slots 0 .. start-1 only
                 # (a server's long prompt, chunk by chunk, attends over what is there, not over the whole ring).
                 self.ring = R = start if start <= L else L
+                self.in_place = start + T <= L  # slots start .. start+T-1 follow the ring: attend over the cache
                 ring = slot_pos[:, None, :R]
                 recent = (ring >= 0) & (ring > input_pos[None, :, None] - L)
                 causal = torch.ones(T, T, dtype=torch.bool, device=input_pos.device).tril().expand(B, T, T)
@@ -670,6 +728,11 @@ class KVCache(nn.Module):
         """Write one layer's new keys and values (B, n_head, T, head_dim) into their slots and return what
         the queries attend over: a prefill its own keys, a decode step the span of the ring."""
         cache_k, cache_v = (self.row_view(t) for t in self._buffers_by_layer[layer])
+        if self.continuing and self.in_place:  # the ring, then this chunk, is the cache's first R + T slots
+            cache_k.index_copy_(2, self.slots, k.to(cache_k.dtype))
+            cache_v.index_copy_(2, self.slots, v.to(cache_v.dtype))
+            end = self.ring + k.size(2)
+            return cache_k[:, :, :end].to(k.dtype), cache_v[:, :, :end].to(v.dtype)
         if self.continuing:  # read the ring before this chunk overwrites its oldest slots
             R = self.ring
             keys = torch.cat([cache_k[:, :, :R].to(k.dtype), k], dim=2)
@@ -684,6 +747,40 @@ class KVCache(nn.Module):
         cache_v.scatter_(2, index, v.to(cache_v.dtype))
         S = self.span or self.length
         return cache_k[:, :, :S].to(k.dtype), cache_v[:, :, :S].to(v.dtype)
+
+    def begin_mixed(self, input_pos: torch.Tensor) -> tuple:
+        """Place a mixed step's tokens and return its two masks: input_pos (D + T,) holds the decode positions
+        of rows 0 .. D-1, then the T >= 2 consecutive positions of a prompt chunk for row `chunk` (self.mixed =
+        (D, chunk)), which starts its sequence or continues it. The two calls are placed exactly as a decode
+        step of rows 0 .. D-1 and then a prefill of the chunk into its row would place them; a server gives
+        the chunk's row, when it is below D, a dummy decode position inside the chunk (overwritten by it)."""
+        D, chunk = self.mixed
+        if input_pos.size(0) - D < 2:
+            raise ValueError("a mixed step's prompt chunk takes at least 2 tokens")
+        try:
+            self.rows = slice(0, D)
+            decode_mask = self.begin(input_pos[:D].view(D, 1))
+            decode = (self.slots, self.positions)
+            self.rows = slice(chunk, chunk + 1)
+            chunk_mask = self.begin(input_pos[D:])
+            self._mixed_calls = (decode, (self.slots, self.continuing, self.ring, self.in_place))
+        finally:
+            self.rows = None
+        return decode_mask, chunk_mask
+
+    def update_mixed(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """A mixed step's update: k, v (1, n_head, D + T, head_dim) -> the decode rows' keys and values (D, n_head,
+        span, head_dim) and the chunk's (1, n_head, ring + T or T, head_dim), each written as update() writes it."""
+        D, chunk = self.mixed
+        (slots, positions), (chunk_slots, continuing, ring, in_place) = self._mixed_calls
+        try:
+            self.rows, self.slots, self.positions, self.continuing = slice(0, D), slots, positions, False
+            decode = self.update(layer, k[:, :, :D].transpose(0, 2), v[:, :, :D].transpose(0, 2))  # (D, n_head, 1, hd)
+            self.rows, self.slots, self.continuing, self.ring = slice(chunk, chunk + 1), chunk_slots, continuing, ring
+            self.in_place = in_place
+            return decode, self.update(layer, k[:, :, D:], v[:, :, D:])
+        finally:
+            self.rows, self.continuing = None, False
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (e.g. the beams that survive a beam-search step), in place."""

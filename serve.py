@@ -1214,8 +1214,8 @@ def parse_args(argv=None):
                    help="reuse the keys and values a row already holds for a prompt's first tokens (a shared "
                         "system prompt, a chat's earlier turns)")
     g.add_argument("--prefill_chunk", type=chunk_size, default=None, metavar="N|auto",
-                   help="prompt tokens prefilled between two decode steps, so that a long prompt does not stall the "
-                        "answers streaming meanwhile (default auto: as many as prefill in one decode step's time)")
+                   help="prompt tokens prefilled in each decode step's forward, so that a long prompt does not stall "
+                        "the answers streaming meanwhile (default auto: sized to add about 3/4 of a step's time)")
     add_sampling_args(g)
     add_system_args(g, compile_help="compile the batched decode step (auto: on for CUDA)", seed_help=None)
     add_config_args(p)

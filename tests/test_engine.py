@@ -266,35 +266,88 @@ def test_close_cancels_what_is_left():
         engine.submit(Request([1, 2], max_tokens=3), events.append)
 
 
-@pytest.mark.parametrize("encoding", ["none", "rope", "alibi"])
-def test_chunked_prefill_changes_no_token(encoding):
-    """Prompts prefilled 8 tokens at a time, each chunk between decode steps of the other rows, give the
-    tokens one-at-a-time decoding gives (greedy and seeded), and a prompt's scores those of a whole prefill."""
+@pytest.mark.parametrize("encoding,mixed", [("none", True), ("none", False), ("rope", True), ("alibi", True)])
+def test_chunked_prefill_changes_no_token(encoding, mixed):
+    """Prompts prefilled 8 tokens at a time while other rows decode give the tokens one-at-a-time decoding
+    gives (greedy and seeded), and a prompt's scores those of a whole prefill: chunks inside the decode
+    steps' own forward (mixed steps, the default model's) or as calls between the steps (mixed_prefill off,
+    and the position encodings, which never mix)."""
     model, L = tiny(encoding), 64
     settings = [Sampling(temperature=0.0), Sampling(1.0, 50, 0.9), Sampling(temperature=0.0), Sampling(0.8, 20, 1.0)]
     requests = [Request(p, max_tokens=12, sampling=s, seed=i)
                 for i, (p, s) in enumerate(zip(prompts([30, 5, 41, 17]), settings))]
     expected = [one_at_a_time(model, r, L) for r in requests]
     order = []
-    with Engine(loaded(model), context_length=L, max_batch=3, prefill_chunk=8) as engine:
+    with Engine(loaded(model), context_length=L, max_batch=3, prefill_chunk=8, mixed_prefill=mixed) as engine:
+        assert engine.mixed_prefill == (mixed and encoding == "none")
         for name in ("_prefill_chunk", "_step"):
             method = getattr(engine, name)
-            setattr(engine, name, lambda *a, method=method, name=name: (order.append(name), method(*a))[1])
+            setattr(engine, name, lambda *a, method=method, name=name: (order.append((name, a)), method(*a))[1])
         outputs, _ = staggered(engine, requests, gap_tokens=2)
         scored = Request(prompts([29])[0], max_tokens=0, sampling=Sampling(0.0), logprobs=2, score_prompt=True)
+        busy = Request(prompts([3], seed=5)[0], max_tokens=40, sampling=Sampling(0.0))
         events = []
+        started = threading.Event()
+        engine.submit(busy, lambda e: started.set())  # the scored prompt joins while a row decodes
+        assert started.wait(30)
         engine.submit(scored, events.append)
         deadline = time.monotonic() + 30
         while not (events and events[-1].finish_reason) and time.monotonic() < deadline:
             time.sleep(0.01)
     assert outputs == expected
-    chunks = "".join("c" if n == "_prefill_chunk" else "s" for n in order)
-    assert "cscsc" in chunks  # a long prompt's chunks alternate with the other rows' decode steps
+    if engine.mixed_prefill:  # every chunk of the 41- and 29-token prompts ran inside a decode step
+        mixed_chunks = [a[0][1] for name, a in order if name == "_step" and a and a[0] is not None]
+        assert len(mixed_chunks) >= 8 and max(mixed_chunks) == 8
+    else:
+        chunks = "".join("c" if name == "_prefill_chunk" else "s" for name, _ in order)
+        assert "cscsc" in chunks  # a long prompt's chunks alternate with the other rows' decode steps
     with torch.no_grad():
         whole = torch.log_softmax(model(torch.tensor([scored.prompt])).float()[0], dim=-1)
     expected_scores = whole[:-1].gather(1, torch.tensor(scored.prompt[1:])[:, None]).view(-1)
     got = torch.tensor([lp for lp, _ in events[0].prompt])
     assert len(got) == len(scored.prompt) - 1 and torch.allclose(got, expected_scores, atol=1e-5)
+
+
+def test_a_mixed_step_gives_a_decode_step_and_a_chunk_prefill():
+    """The model's mixed step (rows 0 .. D-1 decode one token each while a prompt chunk continues, or starts,
+    another row's sequence, in one forward) gives the logits, the keys and values and the slot positions
+    that the decode step and then the chunk's prefill give as two calls."""
+    model, L = tiny(), 64
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(1, TINY["vocabulary_size"], (n,), generator=g) for n in (5, 9, 3)]
+    chunk = torch.randint(1, TINY["vocabulary_size"], (30,), generator=g)
+
+    def cache_with(chunk_row_holds: int):
+        cache = model.setup_cache(4, L)
+        for row, tokens in enumerate(rows + [chunk[:chunk_row_holds]]):
+            if len(tokens):
+                cache.rows = slice(row, row + 1)
+                model(tokens[None], input_pos=torch.arange(len(tokens)))
+        cache.rows = None
+        return cache
+
+    tokens, positions = torch.tensor([[7], [8], [9]]), torch.tensor([[5], [9], [3]])
+    for start, D in ((10, 4), (0, 3)):  # continue row 3 (a dummy for it inside the chunk), or start it
+        with torch.inference_mode():
+            cache = cache_with(start)
+            cache.rows = slice(0, 3)
+            decoded = model(tokens, input_pos=positions)[:, -1]
+            cache.rows = slice(3, 4)
+            prefilled = model(chunk[None, start : start + 12], input_pos=torch.arange(start, start + 12))
+            cache.rows = None
+            apart = [(kv.k.clone(), kv.v.clone()) for kv in cache.layers], cache.slot_pos.clone()
+
+            cache = cache_with(start)
+            cache.mixed = (D, 3)
+            step = [7, 8, 9, 0][:D]
+            idx = torch.cat([torch.tensor(step), chunk[start : start + 12]])[None]
+            logits = model(idx, input_pos=torch.cat([torch.tensor([5, 9, 3, start][:D]), torch.arange(start, start + 12)]))
+            cache.mixed = None
+        assert torch.allclose(logits[0, :3], decoded, atol=1e-5)  # (the batch shapes differ: last bits may)
+        assert torch.allclose(logits[0, D:], prefilled[0], atol=1e-5)
+        assert torch.equal(cache.slot_pos, apart[1])
+        for kv, (k, v) in zip(cache.layers, apart[0]):
+            assert torch.allclose(kv.k, k, atol=1e-6) and torch.allclose(kv.v, v, atol=1e-6)
 
 
 def test_without_the_prefix_cache_requests_one_after_another_take_the_lowest_row():
@@ -372,6 +425,7 @@ def test_forbidden_ids_are_never_sampled():
             assert not set(tokens) & set(banned) and len(tokens) == 12
 
 
+@pytest.mark.slow  # a fresh interpreter: over a second
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP pause is called on Linux only")
 def test_starting_an_engine_on_the_cpu_ends_the_callers_openmp_workers():
     """The caller's idle OpenMP team would make libgomp wake the engine's workers through the kernel (every CPU
@@ -390,3 +444,33 @@ def test_starting_an_engine_on_the_cpu_ends_the_callers_openmp_workers():
     assert out.returncode == 0, out.stderr
     before, after = map(int, out.stdout.split())
     assert after == before - 1  # the one worker of the team of two has ended
+
+
+def test_a_long_row_beside_short_ones_attends_over_its_own_span():
+    """A decode step whose rows hold sequences of very different lengths splits them into two groups, each over
+    its own span (KVCache.split): the logits are those of one span for all, and the engine's tokens those of
+    one-at-a-time decoding."""
+    model, L = tiny(), 512
+    requests = [Request(p, max_tokens=10, sampling=Sampling(temperature=0.0)) for p in prompts([300, 5, 7])]
+    expected = [one_at_a_time(model, r, L) for r in requests]
+    splits = []
+    with Engine(loaded(model), context_length=L, max_batch=3) as engine:
+        split = engine._split
+        engine._split = lambda rows, span: (splits.append(split(rows, span)), splits[-1])[1]
+        outputs, _ = staggered(engine, requests, gap_tokens=1)
+    assert outputs == expected
+    assert (1, 512, 64) in splits  # row 0 over its 512 slots, rows 1 and 2 over 64
+
+    with torch.inference_mode():  # the model alone: split or not, the same logits
+        cache = model.setup_cache(3, L)
+        for row, prompt in enumerate(prompts([300, 5, 7])):
+            cache.rows = slice(row, row + 1)
+            model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
+        cache.rows, cache.span = None, 512
+        step = torch.tensor([[3], [4], [5]]), torch.tensor([[300], [5], [7]])
+        whole = model(step[0], input_pos=step[1])
+        for row, position in enumerate((300, 5, 7)):
+            cache.slot_pos[row, position] = -1  # undo the step's writes
+        cache.split = (1, 512, 64)
+        split_logits = model(step[0], input_pos=step[1])
+    assert torch.allclose(whole, split_logits, atol=1e-5)
