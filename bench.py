@@ -95,7 +95,8 @@ def add_serve_args(g) -> None:
                    help="requests over HTTP to serve.py, or submitted to engine.py directly")
     g.add_argument("--scenario", choices=("clients", "long-prompt", "shared-prefix"), default="clients",
                    help="clients: throughput from each --clients count; long-prompt: a long prompt "
-                        "arriving while 8 answers stream, prefilled whole and in chunks; shared-prefix: requests "
+                        "arriving while 8 answers stream, prefilled whole, in chunks inside the steps and between them; "
+                        "shared-prefix: requests "
                         "sharing a system prompt, prefix cache off and on")
     g.add_argument("--prefill_chunk", type=positive_int, default=None,
                    help="long-prompt: a fixed chunk size to time as well (default: only whole and the engine's auto)")
@@ -489,7 +490,7 @@ def timed_request(engine, request, on_token=None) -> dict:
     engine.submit(request, emit)
     finished.wait()
     return {"tokens": len(times), "ttft": times[0] - start if times else None,
-            "gaps": [b - a for a, b in zip(times, times[1:])]}
+            "gaps": [b - a for a, b in zip(times, times[1:])], "times": times}
 
 
 def latency_record(results: list[dict]) -> dict:
@@ -503,8 +504,10 @@ def latency_record(results: list[dict]) -> dict:
 
 
 def bench_long_prompt(args, device, rows) -> None:
-    """8 answers streaming when a --long_prompt_tokens prompt arrives: their gaps between tokens with the long
-    prompt prefilled whole (one chunk) and in --prefill_chunk chunks between decode steps."""
+    """8 answers streaming when a --long_prompt_tokens prompt arrives (once each has 16 tokens): their gaps
+    between tokens, all of them and while all 8 decode (steady_: the streams' own joins left out), with the long
+    prompt prefilled whole (one call), in the engine's chunks inside its decode steps (mixed steps, the
+    default) and between them, and in --prefill_chunk chunks if given."""
     from concurrent.futures import ThreadPoolExecutor
 
     from engine import Engine, Request
@@ -517,26 +520,33 @@ def bench_long_prompt(args, device, rows) -> None:
     long = long[: args.long_prompt_tokens]
     context = args.long_prompt_tokens + args.max_tokens + args.prompt_tokens + 2
     greedy = Sampling(temperature=0.0)
-    chunks = [("whole prefill", context), ("auto chunks", None)]
-    chunks += [(f"chunks of {args.prefill_chunk}", args.prefill_chunk)] if args.prefill_chunk else []
-    for label, chunk in chunks:
-        with Engine(loaded, context, 9, 16, prefill_chunk=chunk, prefix_cache=False) as engine:
+    chunks = [("whole prefill", context, False), ("auto chunks in the steps", None, True),
+              ("auto chunks between the steps", None, False)]
+    chunks += [(f"chunks of {args.prefill_chunk}", args.prefill_chunk, True)] if args.prefill_chunk else []
+    for label, chunk, mixed in chunks:
+        with Engine(loaded, context, 9, 16, prefill_chunk=chunk, prefix_cache=False, mixed_prefill=mixed) as engine:
             timed_request(engine, Request(prompts[0], 4, greedy))  # warm-up
             started = ThreadPoolExecutor(1)
-            arrived = []
+            arrived, counts = [], [0] * 8
 
-            def arrive(n: int) -> None:  # a stream's 16th token: the long prompt arrives
-                if n == 16 and not arrived:
+            def arrive(i: int, n: int) -> None:  # every stream has 16 tokens: the long prompt arrives
+                counts[i] = n  # (called on the engine's thread only)
+                if min(counts) >= 16 and not arrived:
                     arrived.append(started.submit(timed_request, engine, Request(long, 4, greedy)))
 
             with ThreadPoolExecutor(8) as pool:
                 results = list(pool.map(lambda i: timed_request(engine, Request(prompts[i], args.max_tokens, greedy),
-                                                        arrive if i == 0 else None), range(8)))
+                                                        lambda n, i=i: arrive(i, n)), range(8)))
             long_result = arrived[0].result()
             started.shutdown()
+        # while all 8 decode: the gaps after the last stream's first token (the streams' own joins excluded)
+        decoding = max(r["times"][0] for r in results)
+        steady = [{"ttft": None, "gaps": [b - a for a, b in zip(r["times"], r["times"][1:]) if a >= decoding]}
+                  for r in results]
+        steady = {f"steady_{k}": v for k, v in latency_record(steady).items() if k.startswith("itl")}
         report(rows, {"mode": "serve", "scenario": "long-prompt", "system": label, "device": device_name(device),
                       "streams": 8, "max_tokens": args.max_tokens, "long_prompt_tokens": len(long),
-                      "long_ttft_ms": round(1000 * long_result["ttft"], 1), **latency_record(results)})
+                      "long_ttft_ms": round(1000 * long_result["ttft"], 1), **latency_record(results), **steady})
 
 
 def bench_shared_prefix(args, device, rows) -> None:
