@@ -260,6 +260,7 @@ def test_transformers_loads_the_export_and_computes_our_logits(position_encoding
     assert set(defaults.eos_token_id if isinstance(defaults.eos_token_id, list) else [defaults.eos_token_id]) == stops
 
 
+@pytest.mark.slow  # a fresh interpreter importing every script: seconds
 def test_the_scripts_import_without_the_transformers_extra():
     """transformers, peft and lm-eval are optional extras: with them (and tokenizers) unimportable, every
     script still imports, and hf_tokenizer's check names the install in one line."""
