@@ -379,15 +379,18 @@ class Engine:
         """(the joining request, how many of its prompt tokens) for the next decode step to run in its own
         forward, as vLLM schedules a chunked prefill: the chunk shares the step's call, its weights' reads and
         its Python, so the running answers' next token waits for the chunk's arithmetic only. None when no row
-        decodes (prompts are prefilled whole, nobody waits), when nothing is joining, for a chunk of one token,
-        or where steps are not mixed (compiled steps, position encodings)."""
+        decodes (prompts are prefilled whole, nobody waits), when nothing is joining, when the first joining
+        prompt's rest fits one chunk (short prompts join between the steps, several in one budget: a mixed step
+        carries one prompt's chunk, and a burst of short ones would join one a step), or where steps are not
+        mixed (compiled steps, position encodings)."""
         if not self.mixed_prefill or not self._prefilling:
             return None
         if not any(t is not None and t.decoding for t in self._rows):
             return None
-        ticket = self._prefilling[0]
-        n = min(self._mixed_size(), len(ticket.request.prompt) - ticket.prefilled)
-        return (ticket, n) if n >= 2 else None
+        ticket, size = self._prefilling[0], self._mixed_size()
+        if len(ticket.request.prompt) - ticket.prefilled <= size:
+            return None  # a short prompt's rest goes whole between the steps, with the other short ones joining
+        return (ticket, size) if size >= 2 else None  # (a chunk of one token is a decode step's shape)
 
     def _mixed_size(self) -> int:
         """A mixed step's chunk: prefill_chunk, or by default as many tokens as add about three quarters of a
