@@ -135,7 +135,6 @@ class Engine:
                               and loaded.model.config.position_encoding == "none")
         self._step_seconds = self._token_seconds = None  # running means, for the chunk's size
         self._mixed_next = 32  # the next mixed step's chunk (by default), sized from the last one's time
-        self.mixed_steps = 0  # decode steps that carried a prompt chunk
         self._prefilling: collections.deque[Ticket] = collections.deque()  # rows taken, prompts not yet whole
         # Prefix caching: the tokens whose keys and values each row holds at positions 0, 1, ... (None once its
         # ring has wrapped: the first ones are gone). A finished request's row keeps them; a new request whose
@@ -507,10 +506,8 @@ class Engine:
             index = torch.tensor([t.row for t in group], device=self.device)
             tickets += group
             next_tokens.append(self._sample(group, logits.index_select(0, index)))
-        if tickets:
-            self._advance(tickets, next_tokens, logits, [t.row for t in tickets])
+        self._advance(tickets, next_tokens, logits, [t.row for t in tickets])
         if chunk is not None:
-            self.mixed_steps += 1
             if ticket.request.score_prompt:
                 self._score(ticket, ticket.prefilled, chunk_logits)
             self._chunk_done(ticket, piece, chunk_logits[:, -1])

@@ -207,20 +207,18 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None and cache.mixed is not None:
             y = self._mixed(q, k, v, cache, mask)  # (1, n_head, D + T, head_dim)
-            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-        if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)  # decode: the cached keys and values, this one included
-            if T == 1 and cache.split is not None:
-                y = decode_attention(q, k, v, mask, cache.split)
-                return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-        dropout = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, n_head, T, head_dim)
+            if cache is not None:
+                k, v = cache.update(self.layer_index, k, v)  # decode: the cached keys and values, this one included
+            dropout = self.dropout if self.training else 0.0
+            if cache is not None and T == 1 and cache.split is not None:
+                y = decode_attention(q, k, v, mask, cache.split)  # (B, n_head, 1, head_dim)
+            elif mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
-
 
     def _mixed(self, q, k, v, cache: "KVCache", masks: tuple) -> torch.Tensor:
         """A mixed step's attention: the first D tokens are the decode rows' (one each, over their rows of the
