@@ -725,22 +725,29 @@ class KVCache(nn.Module):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys and values (B, n_head, T, head_dim) into their slots and return what
         the queries attend over: a prefill its own keys, a decode step the span of the ring."""
-        cache_k, cache_v = (self.row_view(t) for t in self._buffers_by_layer[layer])
-        if self.continuing and self.in_place:  # the ring, then this chunk, is the cache's first R + T slots
-            cache_k.index_copy_(2, self.slots, k.to(cache_k.dtype))
-            cache_v.index_copy_(2, self.slots, v.to(cache_v.dtype))
-            end = self.ring + k.size(2)
+        return self._write(layer, k, v, self.rows, self.slots, self.continuing, self.in_place, self.ring)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: slice | None, slots: torch.Tensor,
+               continuing: bool, in_place: bool, ring: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """update() for a call placed by begin() as given (a mixed step's two calls pass their own places
+        instead of setting them on the cache: a module's attribute assignment costs microseconds)."""
+        cache_k, cache_v = self._buffers_by_layer[layer]
+        if rows is not None:
+            cache_k, cache_v = cache_k[rows], cache_v[rows]
+        if continuing and in_place:  # the ring, then this chunk, is the cache's first R + T slots
+            cache_k.index_copy_(2, slots, k.to(cache_k.dtype))
+            cache_v.index_copy_(2, slots, v.to(cache_v.dtype))
+            end = ring + k.size(2)
             return cache_k[:, :, :end].to(k.dtype), cache_v[:, :, :end].to(v.dtype)
-        if self.continuing:  # read the ring before this chunk overwrites its oldest slots
-            R = self.ring
-            keys = torch.cat([cache_k[:, :, :R].to(k.dtype), k], dim=2)
-            values = torch.cat([cache_v[:, :, :R].to(v.dtype), v], dim=2)
+        if continuing:  # read the ring before this chunk overwrites its oldest slots
+            keys = torch.cat([cache_k[:, :, :ring].to(k.dtype), k], dim=2)
+            values = torch.cat([cache_v[:, :, :ring].to(v.dtype), v], dim=2)
         if k.size(2) > 1:  # a prefill: the same slots in every row
-            n = self.slots.numel()
-            cache_k.index_copy_(2, self.slots, k[:, :, -n:].to(cache_k.dtype))
-            cache_v.index_copy_(2, self.slots, v[:, :, -n:].to(cache_v.dtype))
-            return (keys, values) if self.continuing else (k, v)
-        index = self.slots.view(-1, 1, 1, 1).expand(k.shape)  # (B, n_head, 1, head_dim): each row's own slot
+            n = slots.numel()
+            cache_k.index_copy_(2, slots, k[:, :, -n:].to(cache_k.dtype))
+            cache_v.index_copy_(2, slots, v[:, :, -n:].to(cache_v.dtype))
+            return (keys, values) if continuing else (k, v)
+        index = slots.view(-1, 1, 1, 1).expand(k.shape)  # (B, n_head, 1, head_dim): each row's own slot
         cache_k.scatter_(2, index, k.to(cache_k.dtype))
         cache_v.scatter_(2, index, v.to(cache_v.dtype))
         S = self.span or self.length
@@ -758,27 +765,23 @@ class KVCache(nn.Module):
         try:
             self.rows = slice(0, D)
             decode_mask = self.begin(input_pos[:D].view(D, 1))
-            decode = (self.slots, self.positions)
+            decode = self.slots
             self.rows = slice(chunk, chunk + 1)
             chunk_mask = self.begin(input_pos[D:])
             self._mixed_calls = (decode, (self.slots, self.continuing, self.ring, self.in_place))
         finally:
-            self.rows = None
+            self.rows, self.continuing = None, False
         return decode_mask, chunk_mask
 
     def update_mixed(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """A mixed step's update: k, v (1, n_head, D + T, head_dim) -> the decode rows' keys and values (D, n_head,
         span, head_dim) and the chunk's (1, n_head, ring + T or T, head_dim), each written as update() writes it."""
         D, chunk = self.mixed
-        (slots, positions), (chunk_slots, continuing, ring, in_place) = self._mixed_calls
-        try:
-            self.rows, self.slots, self.positions, self.continuing = slice(0, D), slots, positions, False
-            decode = self.update(layer, k[:, :, :D].transpose(0, 2), v[:, :, :D].transpose(0, 2))  # (D, n_head, 1, hd)
-            self.rows, self.slots, self.continuing, self.ring = slice(chunk, chunk + 1), chunk_slots, continuing, ring
-            self.in_place = in_place
-            return decode, self.update(layer, k[:, :, D:], v[:, :, D:])
-        finally:
-            self.rows, self.continuing = None, False
+        slots, (chunk_slots, continuing, ring, in_place) = self._mixed_calls
+        decode = self._write(layer, k[:, :, :D].transpose(0, 2), v[:, :, :D].transpose(0, 2), slice(0, D), slots,
+                             False, False, ring)  # (D, n_head, 1, head_dim) each
+        return decode, self._write(layer, k[:, :, D:], v[:, :, D:], slice(chunk, chunk + 1), chunk_slots, continuing,
+                                   in_place, ring)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (e.g. the beams that survive a beam-search step), in place."""
