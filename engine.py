@@ -35,6 +35,9 @@ from common import synchronize
 from generate import Loaded, prefill, setup_kv_cache
 from sampling import History, Sampler, Sampling, sample
 
+MIXED_TARGET = 0.6  # a mixed step's chunk adds this much of a plain decode step's time (Engine._mixed_size)
+
+
 def mean_of(mean: float | None, value: float, weight: float = 0.1) -> float:
     """A running mean (exponential, the latest value weighing `weight`)."""
     return value if mean is None else (1 - weight) * mean + weight * value
@@ -113,6 +116,7 @@ class Ticket:
     noise: torch.Tensor | None = field(default=None, repr=False)
     prefilled: int = 0  # prompt tokens in its row so far (chunked prefill)
     decoding: bool = False  # prefilled whole: its row takes part in the decode steps
+    mixing: bool = False  # its prompt joins through mixed steps: once begun, to its end
     scores: list = field(default_factory=list, repr=False)  # score_prompt: the prompt's, chunk by chunk
     constraint: object | None = field(default=None, repr=False)  # its grammar matcher, if any
 
@@ -379,23 +383,30 @@ class Engine:
         forward, as vLLM schedules a chunked prefill: the chunk shares the step's call, its weights' reads and
         its Python, so the running answers' next token waits for the chunk's arithmetic only. None when no row
         decodes (prompts are prefilled whole, nobody waits), when nothing is joining, when the first joining
-        prompt's rest fits one chunk (short prompts join between the steps, several in one budget: a mixed step
-        carries one prompt's chunk, and a burst of short ones would join one a step), or where steps are not
-        mixed (compiled steps, position encodings)."""
+        prompt fits one chunk (short prompts join between the steps, several in one budget: a mixed step carries
+        one prompt's chunk, and a burst of short ones would join one a step), or where steps are not mixed
+        (compiled steps, position encodings). A prompt that began in the steps ends in them: its rest, once it
+        fits a chunk, prefilled whole between two steps would be the stall the chunks avoid."""
         if not self.mixed_prefill or not self._prefilling:
             return None
         if not any(t is not None and t.decoding for t in self._rows):
             return None
         ticket, size = self._prefilling[0], self._mixed_size()
-        if len(ticket.request.prompt) - ticket.prefilled <= size:
+        rest = len(ticket.request.prompt) - ticket.prefilled
+        if not ticket.mixing and rest <= size:
             return None  # a short prompt's rest goes whole between the steps, with the other short ones joining
-        return (ticket, size) if size >= 2 else None  # (a chunk of one token is a decode step's shape)
+        if min(size, rest) < 2:
+            return None  # (a chunk of one token is a decode step's shape: it goes between the steps)
+        ticket.mixing = True  # a long prompt's last chunks stay in the steps, however small its rest
+        return ticket, min(size, rest)
 
     def _mixed_size(self) -> int:
-        """A mixed step's chunk: prefill_chunk, or by default as many tokens as add about three quarters of a
-        plain step's time: 32 at first, then the last chunk scaled by how far its step's time was from that
-        (at most doubled, at least 16 tokens), so that the answers' gap between tokens grows by about 1.75x
-        while a long prompt joins, as the chunks' cost grows with their position."""
+        """A mixed step's chunk: prefill_chunk, or by default as many tokens as add MIXED_TARGET of a plain
+        step's time: 32 at first, then the last chunk scaled by how far its step's time was from that (at most
+        1.5x larger, at least 8 tokens), so that the answers' gap between tokens grows by about 1.6x while a
+        long prompt joins, as the chunks' cost grows with their position. (A mixed step costs about half a plain
+        step more whatever its chunk's size at long positions, on a 2-core CPU: the chunk reads its row's whole
+        cache; below 8 tokens a long prompt would take hundreds of steps to join.)"""
         if self.prefill_chunk is not None:
             return min(self.prefill_chunk, self.cache.length)
         return self._mixed_next
@@ -457,8 +468,8 @@ class Engine:
             self._step_seconds = mean_of(self._step_seconds, seconds)
         elif self._step_seconds is not None:  # scale the next chunk by what this one added against the target
             added = max(seconds - self._step_seconds, 0.01 * self._step_seconds)
-            scale = min(2.0, 0.75 * self._step_seconds / added)  # (a chunk's cost grows with its position)
-            self._mixed_next = max(16, min(self.cache.length, int(chunk[1] * scale)))
+            scale = min(1.5, MIXED_TARGET * self._step_seconds / added)  # (a chunk's cost grows with its position)
+            self._mixed_next = max(8, min(self.cache.length, int(chunk[1] * scale)))
 
     def _decode_step(self, chunk: tuple[Ticket, int] | None = None) -> None:
         top = max(row for row, t in enumerate(self._rows) if t is not None) + 1

@@ -295,9 +295,10 @@ def test_chunked_prefill_changes_no_token(encoding, mixed):
         while not (events and events[-1].finish_reason) and time.monotonic() < deadline:
             time.sleep(0.01)
     assert outputs == expected
-    if engine.mixed_prefill:  # every chunk of the 41- and 29-token prompts ran inside a decode step
+    if engine.mixed_prefill:  # every chunk of the 41- and 29-token prompts ran inside a decode step,
         mixed_chunks = [a[0][1] for name, a in order if name == "_step" and a and a[0] is not None]
         assert len(mixed_chunks) >= 8 and max(mixed_chunks) == 8
+        assert 5 in mixed_chunks  # the 29-token prompt's last 5 too: a prompt that began in the steps ends there
     else:
         chunks = "".join("c" if name == "_prefill_chunk" else "s" for name, _ in order)
         assert "cscsc" in chunks  # a long prompt's chunks alternate with the other rows' decode steps
