@@ -1215,7 +1215,7 @@ def parse_args(argv=None):
                         "system prompt, a chat's earlier turns)")
     g.add_argument("--prefill_chunk", type=chunk_size, default=None, metavar="N|auto",
                    help="prompt tokens prefilled in each decode step's forward, so that a long prompt does not stall "
-                        "the answers streaming meanwhile (default auto: sized to add about 3/4 of a step's time)")
+                        "the answers streaming meanwhile (default auto: sized to add about 0.6 of a step's time)")
     add_sampling_args(g)
     add_system_args(g, compile_help="compile the batched decode step (auto: on for CUDA)", seed_help=None)
     add_config_args(p)
