@@ -117,6 +117,7 @@ class Ticket:
     prefilled: int = 0  # prompt tokens in its row so far (chunked prefill)
     decoding: bool = False  # prefilled whole: its row takes part in the decode steps
     mixing: bool = False  # its prompt joins through mixed steps: once begun, to its end
+    followers: list = field(default_factory=list, repr=False)  # requests waiting to copy its prompt's keys
     scores: list = field(default_factory=list, repr=False)  # score_prompt: the prompt's, chunk by chunk
     constraint: object | None = field(default=None, repr=False)  # its grammar matcher, if any
 
@@ -353,9 +354,16 @@ class Engine:
 
     def _join(self, ticket: Ticket) -> None:
         """Admit a request to its row: its sampler, its noise and history, the prefix its row (or another)
-        holds, then the rest of its prompt chunk by chunk."""
-        self._reuse(ticket)
+        holds, then the rest of its prompt chunk by chunk; or, when a request still prefilling will hold more
+        of its prompt than any row does now (the n choices of one request, identical prompts arriving together),
+        wait for that prompt and copy its keys (prefix caching)."""
         request = ticket.request
+        leader = self._leader(ticket)
+        if leader is None:
+            self._reuse(ticket)
+        else:  # its row forgets what it kept (a step's dummy token goes to slot 1 of it meanwhile)
+            self._row_tokens[ticket.row] = []
+            self.cache.slot_pos[ticket.row] = -1
         ticket.constraint = request.constraint() if request.constraint is not None else None
         ticket.sampler = Sampler(self.device, request.seed)
         ticket.noise = torch.ones(1, ticket.sampling.top_k, device=self.device)
@@ -363,7 +371,34 @@ class Engine:
             if self.history is None:
                 self.history = History(self.max_batch, self.vocabulary_size, self.device)
             self.history.start(ticket.row, torch.tensor(request.prompt, device=self.device))
-        self._prefilling.append(ticket)
+        if leader is None:
+            self._prefilling.append(ticket)
+        else:
+            leader.followers.append(ticket)
+
+    def _leader(self, ticket: Ticket) -> Ticket | None:
+        """The request still prefilling whose prompt will give this one more of its prompt than any row holds
+        now (at most all but its last token, as _shared counts), or None."""
+        if not self.prefix_cache or ticket.request.score_prompt or not self._prefilling:
+            return None
+        prompt, best, leader = ticket.request.prompt, max(self._shared(ticket)), None
+        for other in self._prefilling:
+            common = 0
+            for a, b in zip(other.request.prompt, prompt[:-1]):
+                if a != b:
+                    break
+                common += 1
+            if common > best and len(other.request.prompt) <= self.cache.length:  # (a wrapped ring keeps nothing)
+                best, leader = common, other
+        return leader
+
+    def _release(self, leader: Ticket) -> None:
+        """The leader's prompt is in its row (or it ended early): its followers copy what it holds and join."""
+        followers, leader.followers = leader.followers, []
+        for ticket in followers:
+            if not ticket.done:  # (a follower cancelled while it waited has finished already)
+                self._reuse(ticket)
+                self._prefilling.append(ticket)
 
     def _chunk_size(self) -> int:
         """Prompt tokens to prefill before the next decode step (several short prompts, or a chunk of a long
@@ -447,6 +482,7 @@ class Engine:
         if ticket.prefilled < prompt_end:
             return
         self._prefilling.remove(ticket)
+        self._release(ticket)
         if request.score_prompt:
             self._emit(ticket, Event(None, prompt=tuple(ticket.scores)))
         if request.max_tokens == 0:
@@ -610,6 +646,7 @@ class Engine:
         ticket.done = True
         if ticket in self._prefilling:
             self._prefilling.remove(ticket)
+        self._release(ticket)  # followers of a request that ended before its prompt was in prefill the rest
         with self._lock:
             if ticket.row is not None and self._rows[ticket.row] is ticket:
                 self._rows[ticket.row] = None

@@ -390,6 +390,50 @@ def test_prefix_caching_reuses_rows_and_changes_no_token():
         assert [engine.generate(r)[0] for r in requests[:2]] == expected[:2] and engine.cached_tokens == 0
 
 
+def submitted_together(engine, requests, timeout=60):
+    """Submit every request before the engine's thread looks (each Engine.submit from one callback, or before
+    start()): they are admitted in one go. Returns a function that waits and gives their tokens."""
+    outputs, done = [[] for _ in requests], [threading.Event() for _ in requests]
+    for i, request in enumerate(requests):
+        engine.submit(request, lambda e, i=i: outputs[i].append(e.token) if e.token is not None else done[i].set())
+
+    def wait():
+        assert all(d.wait(timeout) for d in done)
+        return outputs
+    return wait
+
+
+def test_requests_arriving_together_share_one_prefill():
+    """The n choices of one request (one prompt, seeds s, s + 1, ...) and a request whose prompt extends it,
+    arriving together: the first prefills the prompt, the others wait for it and copy its keys (all but the
+    last token, whose logits start each answer), also when the prompt joins in mixed steps beside a decoding
+    row. Every answer is one-at-a-time decoding's."""
+    model, L = tiny(), 96
+    prompt = prompts([45], seed=3)[0]
+    requests = [Request(prompt, 10, Sampling(1.0, 50, 0.9), seed=i) for i in range(4)]
+    requests.append(Request(prompt + [5, 6], 8, Sampling(temperature=0.0)))
+    expected = [one_at_a_time(model, r, L) for r in requests]
+    engine = Engine(loaded(model), context_length=L, max_batch=5)
+    wait = submitted_together(engine, requests)
+    with engine:
+        assert wait() == expected
+    assert engine.prompt_tokens == 4 * 45 + 47 and engine.cached_tokens == 3 * 44 + 45  # 45 + 1 + 1 + 1 + 2 computed
+    busy = Request(prompts([5], seed=8)[0], 30, Sampling(temperature=0.0))
+    choices = requests[:3]
+    with Engine(loaded(model), context_length=L, max_batch=4, prefill_chunk=8) as engine:
+        waits = []
+        arrived = threading.Event()
+
+        def emit(event):
+            if not arrived.is_set():  # the busy row's first token: the three choices arrive, from its callback
+                arrived.set()
+                waits.append(submitted_together(engine, choices))
+        engine.submit(busy, emit)
+        assert arrived.wait(30)
+        assert waits[0]() == expected[:3]
+        assert engine.cached_tokens == 2 * 44 and engine.mixed_prefill
+
+
 def test_a_prefix_is_copied_from_a_busy_row():
     """A fresh engine: the second request's free row holds nothing, the first's busy row holds the shared
     prefix, whose keys are copied over; both answers are one-at-a-time decoding's."""
