@@ -16,8 +16,8 @@ import export
 import generate
 import serve
 from chat import render_prompt
-from engine import Engine
 from checkpoint import LORA_ENTRIES, load_checkpoint, model_from_checkpoint
+from engine import Engine
 from generate import load_for_inference
 from lora import adapted_model
 
@@ -121,14 +121,16 @@ def test_lm_eval_routes_agree_on_the_quick_start_model(exports, tasks, monkeypat
 
 
 def test_the_quick_start_chat_model_answers_in_json_and_tool_calls(exports):
-    """serve.py with the quick start's base and LoRA: json_schema answers parse and validate for 20 seeds, and a
-    required tool call comes back in OpenAI's tool_calls shape with arguments matching its parameters."""
+    """serve.py with the quick start's base and LoRA: json_schema answers parse and validate for 20 seeds, a
+    required tool call comes back in OpenAI's tool_calls shape with arguments matching its parameters, and
+    langchain-openai's with_structured_output (both methods) and bind_tools work against it."""
     import json
 
     import httpx
     import jsonschema
+    from langchain_openai import ChatOpenAI
     from test_serve import started
-    from test_structured import HI, SCHEMA, TIME, WEATHER
+    from test_structured import HI, SCHEMA, TIME, WEATHER, Reply
 
     loaded = load_for_inference(BASE, torch.device("cpu"), LORA)
     engine, server = started(loaded, serve.Settings("quickstart-chat", max_tokens=200))
@@ -141,7 +143,16 @@ def test_the_quick_start_chat_model_answers_in_json_and_tool_calls(exports):
             jsonschema.validate(json.loads(r["message"]["content"]), SCHEMA)
         r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
             "messages": HI, "tools": [WEATHER, TIME], "tool_choice": "required", "seed": 0}).json()["choices"][0]
+        llm = ChatOpenAI(base_url=server.url + "/v1", api_key="none", model="quickstart-chat", max_retries=0,
+                         timeout=120, temperature=1.0, seed=0)
+        replies = [llm.with_structured_output(Reply, method=method).invoke("Hi")
+                   for method in ("json_schema", "function_calling")]
+        message = llm.bind_tools([WEATHER, TIME], tool_choice="required").invoke("What is the weather in Oslo?")
     assert r["finish_reason"] == "tool_calls"
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
     call = r["message"]["tool_calls"][0]["function"]
-    schema = {"get_weather": WEATHER, "get_time": TIME}[call["name"]]["function"]["parameters"]
-    jsonschema.validate(json.loads(call["arguments"]), schema)
+    jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])
+    assert all(isinstance(reply, Reply) for reply in replies)  # pydantic validated what the model wrote
+    assert message.tool_calls, message
+    for call in message.tool_calls:
+        jsonschema.validate(call["args"], schemas[call["name"]])

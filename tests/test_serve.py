@@ -539,8 +539,8 @@ CHAT_FIELDS = {
     "logprobs": (True, "honoured"), "top_logprobs": (2, "honoured"),
     "response_format": ({"type": "json_object"}, "honoured"),
     "tools": ([{"type": "function", "function": {"name": "f", "parameters": {}}}], "honoured"),
-    "tool_choice": ("required", "refused"),  # without tools: an error "functions": ([{"name": "f", "parameters": {}}], "refused"),
-    "function_call": ({"name": "f"}, "refused"), "modalities": (["text", "audio"], "refused"),
+    "tool_choice": ("required", "refused"),  # without tools: an error
+    "functions": ([{"name": "f", "parameters": {}}], "refused"), "function_call": ({"name": "f"}, "refused"), "modalities": (["text", "audio"], "refused"),
     "audio": ({"voice": "alloy", "format": "wav"}, "refused"), "prediction": ({"type": "content", "content": "x"}, "refused"),
     "reasoning_effort": ("low", "refused"), "verbosity": ("low", "refused"), "web_search_options": ({}, "refused"),
 }
@@ -639,15 +639,39 @@ def test_slow_clients_are_dropped_while_others_are_served(base_server, monkeypat
     assert healthy(base_server)
 
 
+def test_connections_past_the_limit_are_answered_503_at_once(certain, monkeypatch):
+    """With MAX_CONNECTIONS open (here 4: three clients holding half-sent requests and a fourth), a request is
+    answered 503 at once, not queued behind them; once they go, requests are served again."""
+    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 4)
+    engine, server = started(load_for_inference(certain.base, torch.device("cpu")), serve.Settings("tiny-base"))
+    with engine, server:
+        host, port = server.url.removeprefix("http://").split(":")
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+        for sock in held:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # headers unfinished
+        time.sleep(0.2)  # the server has accepted them
+        body = {"prompt": "The ", "max_tokens": 2}
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=10).status_code == 503
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(server.url + "/v1/completions", json=body, timeout=10)).status_code == 503:
+            assert time.monotonic() < deadline  # (the server notices the closes as it reads them)
+            time.sleep(0.05)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+
 def test_penalties_and_logit_bias_reach_the_engine(base_server):
     """logit_bias pushes a token to certainty; the penalties and min-p are taken and checked."""
     c = client(base_server)
     forced = c.completions.create(model="x", prompt="The ", max_tokens=5, temperature=0, logit_bias={"120": 100})
     assert forced.choices[0].text == "xxxxx"
     free = c.completions.create(model="x", prompt="The ", max_tokens=12, temperature=0).choices[0].text
-    fresh = c.completions.create(model="x", prompt="The ", max_tokens=12, temperature=0,
-                                 presence_penalty=2.0).choices[0].text
-    assert len(set(fresh)) >= len(set(free)) and (fresh != free or len(set(free)) == len(free))
+    assert len(set(free)) < len(free)  # the plain greedy answer repeats letters
+    for penalty in ("presence_penalty", "frequency_penalty"):  # each pushes the answer to letters it has not used
+        fresh = c.completions.create(model="x", prompt="The ", max_tokens=12, temperature=0,
+                                     **{penalty: 2.0}).choices[0].text
+        assert len(set(fresh)) > len(set(free)), (penalty, free, fresh)
     for body, param in (({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"65": 101}}, "logit_bias"),
                         ({"logit_bias": {"300": 1}}, "logit_bias"), ({"presence_penalty": 2.5}, "presence_penalty"),
                         ({"min_p": 1}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty")):
@@ -739,6 +763,11 @@ def test_metrics_count_what_was_served_and_the_access_log_has_a_line_each(certai
     assert samples[("lightgpt_time_to_first_token_seconds_count", ())] == 2
     assert samples[("lightgpt_inter_token_latency_seconds_count", ())] == generated - 2
     assert samples[("lightgpt_active_rows", ())] == 0 and samples[("lightgpt_decode_steps", ())] > 0
+    assert samples[("lightgpt_waiting_requests", ())] == 0
+    # the second answer's prompt was read from the first's row, all but its last token
+    prompt = answers[1].usage.prompt_tokens
+    assert samples[("lightgpt_prefix_cache_hit_tokens", ())] == engine.cached_tokens == prompt - 1 > 0
+    assert samples[("lightgpt_prefix_cache_hit_ratio", ())] == pytest.approx((prompt - 1) / (2 * prompt))
     lines = [line for line in capfd.readouterr().err.splitlines() if "/v1/completions" in line]
     assert len(lines) == 3 and [line.split()[4] for line in lines] == ["200", "200", "400"], lines
 

@@ -5,14 +5,14 @@ tool calls in OpenAI's shape, langchain-openai's structured output and tools, an
 import json
 
 import httpx
+import jsonschema  # test dependencies (requirements-dev.txt), never skipped: a skip would hide the feature
 import pytest
 import torch
+from pydantic import BaseModel, Field
 from test_serve import client, healthy, started
 
 import serve
 from generate import load_for_inference
-
-jsonschema = pytest.importorskip("jsonschema")
 
 SCHEMA = {"type": "object", "properties": {
     "answer": {"type": "string", "enum": ["yes", "no", "maybe"]},
@@ -103,14 +103,15 @@ def test_with_tool_choice_auto_the_model_chooses_text_or_a_call(server):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "yes."
 
 
-def test_langchain_structured_output_and_tools_work_against_the_server(server):
-    pytest.importorskip("langchain_openai")
-    from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel, Field
+class Reply(BaseModel):
+    answer: str = Field(json_schema_extra={"enum": ["yes", "no"]})
+    count: int = Field(ge=0, le=9)
 
-    class Reply(BaseModel):
-        answer: str = Field(json_schema_extra={"enum": ["yes", "no"]})
-        count: int = Field(ge=0, le=9)
+
+def test_langchain_structured_output_and_tools_work_against_the_server(server):
+    from langchain_openai import (
+        ChatOpenAI,  # a test dependency (requirements-dev.txt): never skipped
+    )
 
     llm = ChatOpenAI(base_url=server.url + "/v1", api_key="none", model="tiny-chat", max_retries=0, timeout=60,
                      temperature=0.0)
