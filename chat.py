@@ -38,6 +38,7 @@ from model import IGNORE_INDEX
 
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|pad|>")
 ROLES = ("system", "user", "assistant")
+TOOL_ROLE = "tool"  # a tool's result sent back after the assistant's tool call (serve.py); never in training data
 SMOLTALK = "HuggingFaceTB/smoltalk"
 CHAT_FORMAT = 1  # the renderer and the cache layout; part of the cache files' names
 TEST_EVERY = 20  # without a hub test split, every 20th conversation (0, 20, 40, ...) is held out
@@ -67,7 +68,7 @@ class ChatTokenizer:
             special_tokens={**base._special_tokens, **{t: n + i for i, t in enumerate(SPECIAL_TOKENS)}},
         )
         self.newline = self.encode_text("\n")
-        self.headers = {role: [self.im_start, *self.encode_text(f"{role}\n")] for role in ROLES}
+        self.headers = {role: [self.im_start, *self.encode_text(f"{role}\n")] for role in (*ROLES, TOOL_ROLE)}
 
     def encode_text(self, text: str) -> list[int]:
         """Ordinary text only: special-token text in it is encoded as the characters it is."""
@@ -86,6 +87,12 @@ def render_conversation(tok: ChatTokenizer, messages: list[dict]) -> tuple[list[
         ids += header + content + [tok.im_end] + tok.newline
         mask += [False] * len(header) + [said] * (len(content) + 1) + [False] * len(tok.newline)
     return ids, mask
+
+
+def tool_call_text(name: str, arguments: str) -> str:
+    """An assistant's tool call as the content it renders as: the JSON a tool call is decoded as
+    (structured.tool_call_schema), arguments being OpenAI's JSON text of an object, kept as written."""
+    return '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ' + arguments + "}"
 
 
 def render_prompt(tok: ChatTokenizer, messages: list[dict]) -> list[int]:

@@ -20,7 +20,7 @@ import os
 import tiktoken
 
 import data
-from chat import ROLES, ChatTokenizer
+from chat import ROLES, TOOL_ROLE, ChatTokenizer
 from common import UserError
 
 HF_INSTALL = "pip install -r requirements-hf.txt"
@@ -43,15 +43,23 @@ def require_transformers(what: str) -> None:
 
 def chat_template(eot: str) -> str:
     """Jinja for chat.render_conversation / render_prompt: end-of-text, then per message
-    <|im_start|>role\\ncontent<|im_end|>\\n; with add_generation_prompt, <|im_start|>assistant\\n."""
-    roles = ", ".join(repr(role) for role in ROLES)
+    <|im_start|>role\\ncontent<|im_end|>\\n; with add_generation_prompt, <|im_start|>assistant\\n. An assistant's
+    tool_calls follow its content, one line each, as serve.py renders them (chat.tool_call_text; arguments as
+    OpenAI's JSON text or as a dict, transformers' convention); a tool's result is a turn of role tool."""
+    roles = ", ".join(repr(role) for role in (*ROLES, TOOL_ROLE))
     return (
         f"{{{{ {eot!r} }}}}"
         "{% for message in messages %}"
         f"{{% if message['role'] not in [{roles}] %}}"
-        "{{ raise_exception('LightGPT chats know the roles system, user and assistant, not ' + message['role']) }}"
+        "{{ raise_exception('LightGPT chats know the roles system, user, assistant and tool, not ' + message['role']) }}"
         "{% endif %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% set turn = namespace(parts=[message['content']] if message['content'] else []) %}"
+        "{% for call in message.get('tool_calls') or [] %}"
+        "{% set arguments = call['function']['arguments'] %}"
+        "{% set turn.parts = turn.parts + ['{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": '"
+        " + (arguments if arguments is string else (arguments | tojson)) + '}'] %}"
+        "{% endfor %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + (turn.parts | join('\\n')) + '<|im_end|>\\n' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from chat import ROLES, render_prompt
+from chat import ROLES, TOOL_ROLE, render_prompt, tool_call_text
 from common import (
     ArgumentParser,
     UserError,
@@ -172,7 +172,7 @@ class ChatBody(Common):
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
-    parallel_tool_calls: bool | None = None  # only means something with tools, which are refused
+    parallel_tool_calls: bool | None = None  # an answer makes at most one tool call either way
     functions: Any = None
     function_call: Any = None
     modalities: Any = None
@@ -203,9 +203,8 @@ REFUSED_UNLESS = {  # field: (values that ask for nothing, what the 400 says is 
     "suffix": (("",), "insertion (a suffix after the completion) is not supported"),
 }
 REFUSED_MESSAGE = {"name": "participant names are not supported by the ChatML renderer",
-                   "tool_calls": "tool calls are not implemented", "tool_call_id": "tool messages are not supported",
                    "refusal": "not supported", "audio": "audio is not supported",
-                   "function_call": "function calls are not implemented"}
+                   "function_call": "function calls are not implemented (tool_calls are)"}
 
 
 def refuse_unhonoured(body: _Body) -> None:
@@ -349,24 +348,62 @@ def completion_prompts(body: CompletionBody, s: Served) -> list[tuple[list[int],
 
 
 def chat_messages(body: ChatBody) -> list[dict]:
-    """The messages as chat.render_prompt takes them: roles system (or OpenAI's developer), user or
-    assistant; content a string or a list of text parts."""
+    """The messages as chat.render_prompt takes them: roles system (or OpenAI's developer), user, assistant
+    or tool; content a string or a list of text parts. An assistant's tool_calls render as the JSON the model
+    writes a call as (chat.tool_call_text), after its content if any; a tool message, the result of one of
+    those calls (tool_call_id), as a turn of its own (<|im_start|>tool)."""
     if not body.messages:
         raise APIError(400, "messages: at least one message is needed", "messages")
-    out = []
+    out, call_ids = [], []
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
-        if role not in ROLES:
-            raise APIError(400, f"messages[{i}].role: {m.role!r} is not supported; use {', '.join(ROLES[:-1])} or "
-                                f"{ROLES[-1]}", f"messages[{i}].role")
+        if role not in (*ROLES, TOOL_ROLE):
+            raise APIError(400, f"messages[{i}].role: {m.role!r} is not supported; use {', '.join(ROLES)} or "
+                                f"{TOOL_ROLE}", f"messages[{i}].role")
         content = m.content
         if isinstance(content, list):
             if any(p.type != "text" or p.text is None for p in content):
                 raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
             content = "".join(p.text for p in content)
+        if m.tool_calls is not None:
+            calls = message_tool_calls(m.tool_calls, role, f"messages[{i}].tool_calls")
+            call_ids += [ident for ident, _ in calls]
+            content = "\n".join(([content] if content else []) + [text for _, text in calls])
+        if role == TOOL_ROLE and m.tool_call_id not in call_ids:
+            raise APIError(400, f"messages[{i}].tool_call_id: a tool message answers a tool call of an earlier "
+                                f"assistant message ({', '.join(map(repr, call_ids)) or 'none made'}), not "
+                                f"{m.tool_call_id!r}", f"messages[{i}].tool_call_id")
+        if role != TOOL_ROLE and m.tool_call_id is not None:
+            raise APIError(400, f"messages[{i}].tool_call_id: only a tool message answers a tool call",
+                           f"messages[{i}].tool_call_id")
         if content is None:
             raise APIError(400, f"messages[{i}].content: a {role} message needs content", f"messages[{i}].content")
         out.append({"role": role, "content": content})
+    return out
+
+
+def message_tool_calls(calls, role: str, param: str) -> list[tuple[str, str]]:
+    """An assistant message's tool_calls, OpenAI's shape checked: (id, the text the call renders as) each."""
+    if role != "assistant":
+        raise APIError(400, f"{param}: only an assistant message makes tool calls", param)
+    shape = f'{param}: a list of {{"id": ..., "type": "function", "function": {{"name": ..., "arguments": "<JSON>"}}}}'
+    if not isinstance(calls, list) or not calls:
+        raise APIError(400, shape, param)
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(call, dict) and isinstance(call.get("id"), str) and call.get("type", "function") == "function"
+                and isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str)):
+            raise APIError(400, shape, param)
+        try:
+            arguments = json.loads(function["arguments"])
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise APIError(400, f"{param}: the arguments of {function['name']!r} are not the JSON text of an "
+                                f"object", param)
+        out.append((call["id"], tool_call_text(function["name"], function["arguments"])))
     return out
 
 

@@ -155,8 +155,20 @@ def test_the_exports_tokenizer_files_give_our_ids(exported, base_and_lora, tmp_p
     prompt = chat.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     assert list(prompt) == render_prompt(ours, messages)
-    with pytest.raises(Exception, match="system, user and assistant"):
-        chat.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    # a tool conversation renders as serve.py renders it (arguments as OpenAI's JSON text, or as a dict)
+    import serve
+
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    tools = [*messages, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    expected = render_prompt(ours, serve.chat_messages(serve.ChatBody(messages=tools)))
+    as_dict = {**call, "function": {**call["function"], "arguments": {"city": "Oslo"}}}
+    for calls in ([call], [as_dict]):
+        tools[-2]["tool_calls"] = calls
+        prompt = chat.apply_chat_template(tools, add_generation_prompt=True, tokenize=True)
+        assert list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt) == expected
+    with pytest.raises(Exception, match="system, user, assistant and tool"):
+        chat.apply_chat_template([{"role": "function", "content": "x"}], tokenize=False)
 
 
 def bpe_file(path, text: str, merges: int) -> str:

@@ -125,6 +125,34 @@ def test_langchain_structured_output_and_tools_work_against_the_server(server):
     assert chose.content == "yes." and chose.tool_calls == []
 
 
+def test_a_tool_result_goes_back_to_the_model(server):
+    """The agent loop: the model's tool call and the tool's result sent back (an assistant message with
+    tool_calls, a tool message answering its id) are rendered into the prompt as chat.py renders them, and the
+    model answers; through langchain's messages too."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    from chat import render_prompt, tool_call_text
+
+    llm = ChatOpenAI(base_url=server.url + "/v1", api_key="none", model="tiny-chat", max_retries=0, timeout=60,
+                     temperature=0.0)
+    question = HumanMessage("What is the weather?")
+    called = llm.bind_tools([WEATHER], tool_choice="required").invoke([question])
+    (call,) = called.tool_calls
+    answer = llm.bind_tools([WEATHER]).invoke([question, called, ToolMessage("sunny", tool_call_id=call["id"])])
+    assert answer.content == "yes." and answer.tool_calls == []
+    arguments = json.dumps({"city": "Oslo", "days": 2})
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, timeout=30)
+    assert r.status_code == 200, r.text
+    seen = [messages[0], {"role": "assistant", "content": tool_call_text("get_weather", arguments)},
+            {"role": "tool", "content": "sunny"}]
+    assert r.json()["usage"]["prompt_tokens"] == len(render_prompt(server.loaded.chat, seen))
+
+
 @pytest.mark.parametrize("body, param, message", [
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "one of"),
