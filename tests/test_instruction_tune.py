@@ -117,6 +117,7 @@ def test_multi_turn_chat_with_the_cached_conversation_equals_a_fresh_prefill(cer
     assert fresh[-1] == tok.im_end and fresh[:-1] == second and second
 
 
+@pytest.mark.slow  # two tuning runs: the slow tier (CI runs it)
 def test_resume_continues_exactly(base, chats, tmp_path):
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     common = ("--lr_schedule", "constant", "--dropout", "0.2")

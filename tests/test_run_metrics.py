@@ -76,6 +76,7 @@ def load_model_flops(path, context: int) -> float:
     return model.flops_per_token(context)
 
 
+@pytest.mark.slow  # two training runs: the slow tier (CI runs it)
 def test_the_written_config_repeats_the_run_bit_for_bit(builtin_data, tmp_path, monkeypatch):
     first, second, flat = tmp_path / "first", tmp_path / "second", tmp_path / "flat"
     pretrain.main(pretrain.parse_args(tiny_pretrain_args(builtin_data, str(first), "--num_epochs", "2")))

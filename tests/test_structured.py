@@ -39,6 +39,7 @@ def server(certain):
         yield server
 
 
+@pytest.mark.slow  # 20 seeded requests: the slow tier (CI runs it)
 def test_json_schema_answers_parse_and_validate_for_every_seed(server):
     """20 seeded requests at temperature 1: each answer is JSON matching the schema (the model alone would
     say "yes."); json_object gives an object; the grammar ends the answer (finish_reason stop)."""
