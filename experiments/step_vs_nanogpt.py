@@ -12,7 +12,9 @@ model.py is imported from there, for this measurement only).
 --also NAME=FILE steps the GPT of another copy of model.py (an older commit's, an edited one) beside the two,
 so that a change to the model is timed against the same moments of the machine; with several runners the
 order of each round is shuffled. Run to run the ratio moves by about 2% on a shared machine: compare
-changes inside one run.
+changes inside one run. --compile compiles every model's forward and backward (torch.compile, inductor's CPU
+backend: it needs a C++ compiler) and times the compiled steps after a warm-up that pays the compilation;
+nanoGPT's CPU recipe itself runs eager (--compile=False).
 
 A step is what each trainer does per optimizer step: forward with the loss, backward, clip the gradient
 norm at 1, the optimizer's step (LightGPT: its Adafactor; nanoGPT: AdamW as its train.py configures it),
@@ -95,6 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table of LightGPT's step")
     p.add_argument("--also", action="append", default=[], metavar="NAME=FILE",
                    help="also step the GPT of another copy of model.py (repeatable)")
+    p.add_argument("--compile", action="store_true", help="compile every model (torch.compile) and time compiled steps")
     args = p.parse_args(argv)
     extra = [model_file(spec) for spec in args.also]
     torch.set_num_threads(args.threads)
@@ -103,6 +106,11 @@ def main(argv=None) -> None:
     for name, module in extra:
         torch.manual_seed(0)
         runners[name] = lightgpt(args.momentum, module)
+    if args.compile:  # the same modules' weights and optimizers, called through their compiled forward
+        for name, (model, optimizer, loss_of) in runners.items():
+            compiled = torch.compile(model)
+            runners[name] = (model, optimizer, (lambda x, y, c=compiled: c(x, y)[1]) if name == "nanoGPT"
+                             else (lambda x, y, c=compiled: c(x, y)))
     times = {name: [] for name in runners}
     generator, shuffle = torch.Generator().manual_seed(0), random.Random(0)
     for i in range(20 + args.steps):
