@@ -53,6 +53,8 @@ def import_file(path: str, name: str):
 
 
 def nanogpt(path: str):
+    if not os.path.isfile(os.path.join(path, "model.py")):
+        raise SystemExit(f"--nanogpt_path: {path!r} holds no model.py (a checkout of karpathy/nanoGPT)")
     module = import_file(os.path.join(path, "model.py"), "nanogpt_model")
     config = module.GPTConfig(block_size=WINDOW, vocab_size=VOCABULARY, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH,
                               dropout=0.0, bias=False)
