@@ -595,14 +595,17 @@ def test_every_openai_field_is_honoured_or_refused(chat_server, endpoint):
     assert healthy(chat_server)
 
 
-def test_a_deeply_nested_body_is_the_clients_error(base_server):
-    """JSON nested deeper than Python recurses (100,000 levels) is a 400, not a 500 with a traceback."""
+def test_a_deeply_nested_body_is_the_clients_error(base_server, capfd):
+    """JSON nested deeper than Python recurses (100,000 levels) is a 400, not a 500 with a traceback in the log."""
+    capfd.readouterr()
     deep = "[" * 100_000 + "]" * 100_000
     for content in (deep, '{"prompt": "x", "metadata": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "}"):
         r = httpx.post(base_server.url + "/v1/completions", content=content.encode(), timeout=30,
                        headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
     assert healthy(base_server)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "RecursionError" not in err, err
 
 
 def test_a_client_that_leaves_while_sending_is_one_log_line(base_server, capfd):
@@ -617,7 +620,7 @@ def test_a_client_that_leaves_while_sending_is_one_log_line(base_server, capfd):
     while "left while sending" not in err and time.monotonic() < deadline:
         time.sleep(0.05)
         err += capfd.readouterr().err
-    assert "the client left while sending its body" in err and "Traceback" not in err, err
+    assert err.count("the client left while sending its body") == 1 and "Traceback" not in err, err
     assert client(base_server).completions.create(model="x", prompt="The ", max_tokens=2).choices[0].text
 
 
