@@ -349,7 +349,6 @@ class Engine:
         self.cache.slot_pos[row, :n] = torch.arange(n, device=self.device)
         self._row_tokens[row] = list(prompt[:n])
         ticket.prefilled = n
-        self.prompt_tokens += len(prompt)
         self.cached_tokens += n
 
     def _join(self, ticket: Ticket) -> None:
@@ -358,6 +357,7 @@ class Engine:
         of its prompt than any row does now (the n choices of one request, identical prompts arriving together),
         wait for that prompt and copy its keys (prefix caching)."""
         request = ticket.request
+        self.prompt_tokens += len(request.prompt)
         leader = self._leader(ticket)
         if leader is None:
             self._reuse(ticket)
@@ -397,8 +397,11 @@ class Engine:
         followers, leader.followers = leader.followers, []
         for ticket in followers:
             if not ticket.done:  # (a follower cancelled while it waited has finished already)
-                self._reuse(ticket)
-                self._prefilling.append(ticket)
+                self._guarded(self._admit, ticket)  # (a failed copy ends that follower, not the others)
+
+    def _admit(self, ticket: Ticket) -> None:
+        self._reuse(ticket)
+        self._prefilling.append(ticket)
 
     def _chunk_size(self) -> int:
         """Prompt tokens to prefill before the next decode step (several short prompts, or a chunk of a long
@@ -502,7 +505,8 @@ class Engine:
         seconds = time.perf_counter() - began  # (its tokens synced)
         if chunk is None:
             self._step_seconds = mean_of(self._step_seconds, seconds)
-        elif self._step_seconds is not None:  # scale the next chunk by what this one added against the target
+        elif self._step_seconds is not None and chunk[1] >= self._mixed_next:  # (a prompt's short last piece: no)
+            # scale the next chunk by what this one added against the target
             added = max(seconds - self._step_seconds, 0.01 * self._step_seconds)
             scale = min(1.5, MIXED_TARGET * self._step_seconds / added)  # (a chunk's cost grows with its position)
             self._mixed_next = max(8, min(self.cache.length, int(chunk[1] * scale)))

@@ -53,7 +53,9 @@ def chat_template(eot: str) -> str:
         f"{{% if message['role'] not in [{roles}] %}}"
         "{{ raise_exception('LightGPT chats know the roles system, user, assistant and tool, not ' + message['role']) }}"
         "{% endif %}"
-        "{% set turn = namespace(parts=[message['content']] if message['content'] else []) %}"
+        "{% set content = message['content'] if message['content'] is string or not message['content'] "
+        "else (message['content'] | map(attribute='text') | join('')) %}"  # a list of text parts, as serve.py joins it
+        "{% set turn = namespace(parts=[content] if content else []) %}"
         "{% for call in message.get('tool_calls') or [] %}"
         "{% set arguments = call['function']['arguments'] %}"
         "{% set turn.parts = turn.parts + ['{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": '"

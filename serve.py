@@ -398,7 +398,7 @@ def message_tool_calls(calls, role: str, param: str) -> list[tuple[str, str]]:
             raise APIError(400, shape, param)
         try:
             arguments = json.loads(function["arguments"])
-        except ValueError:
+        except (ValueError, RecursionError):  # (JSON nested past Python's recursion limit)
             arguments = None
         if not isinstance(arguments, dict):
             raise APIError(400, f"{param}: the arguments of {function['name']!r} are not the JSON text of an "

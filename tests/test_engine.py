@@ -390,6 +390,18 @@ def test_prefix_caching_reuses_rows_and_changes_no_token():
         assert [engine.generate(r)[0] for r in requests[:2]] == expected[:2] and engine.cached_tokens == 0
 
 
+def test_a_prompts_short_last_chunk_leaves_the_chunk_size_alone():
+    """The controller sizes the next mixed chunk from a step that ran the size it chose; a long prompt's last
+    piece, cut short by the prompt's end, measures nothing (it would send the next long prompt back to 8)."""
+    engine = Engine(loaded(tiny()), context_length=256, max_batch=2)
+    engine._decode_step = lambda chunk: None  # a step that takes no time: the chunk could grow (at most 1.5x)
+    engine._step_seconds, engine._mixed_next = 0.02, 96
+    engine._step((None, 5))
+    assert engine._mixed_next == 96
+    engine._step((None, 96))
+    assert engine._mixed_next == 144
+
+
 def submitted_together(engine, requests, timeout=60):
     """Submit every request before the engine's thread looks (each Engine.submit from one callback, or before
     start()): they are admitted in one go. Returns a function that waits and gives their tokens."""

@@ -167,6 +167,10 @@ def test_the_exports_tokenizer_files_give_our_ids(exported, base_and_lora, tmp_p
         tools[-2]["tool_calls"] = calls
         prompt = chat.apply_chat_template(tools, add_generation_prompt=True, tokenize=True)
         assert list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt) == expected
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]}
+             for m in messages]  # content as a list of text parts, as OpenAI's clients may send it
+    prompt = chat.apply_chat_template(parts, add_generation_prompt=True, tokenize=True)
+    assert list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt) == render_prompt(ours, messages)
     with pytest.raises(Exception, match="system, user, assistant and tool"):
         chat.apply_chat_template([{"role": "function", "content": "x"}], tokenize=False)
 

@@ -233,6 +233,9 @@ BAD_REQUESTS = [
      "not the JSON text of an object"),
     ({**GOOD, "messages": [{"role": "user", "content": "x", "tool_call_id": "c1"}]}, "messages[0].tool_call_id",
      "only a tool message"),
+    ({**GOOD, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000 + "]" * 100_000}}]}]},
+     "messages[1].tool_calls", "not the JSON text of an object"),  # nested past Python's recursion: a 400, not a 500
     ({**GOOD, "messages": [{"role": "user"}]}, "messages[0].content", "needs content"),
     ({**GOOD, "messages": [{"role": "user", "content": "x" * 400}]}, "messages", "no room for an answer"),
     ({**GOOD, "max_tokens": 0}, "max_tokens", "at least 1"),
