@@ -505,9 +505,10 @@ def latency_record(results: list[dict]) -> dict:
 
 def bench_long_prompt(args, device, rows) -> None:
     """8 answers streaming when a --long_prompt_tokens prompt arrives (once each has 16 tokens): their gaps
-    between tokens, all of them and while all 8 decode (steady_: the streams' own joins left out), with the long
-    prompt prefilled whole (one call), in the engine's chunks inside its decode steps (mixed steps, the
-    default) and between them, and in --prefill_chunk chunks if given."""
+    between tokens, all of them and while all 8 decode (steady_: the streams' own joins left out), with no long
+    prompt (the control: the machine's own spread of gaps), with the long prompt prefilled whole (one call), in
+    the engine's chunks inside its decode steps (mixed steps, the default) and between them, and in
+    --prefill_chunk chunks if given."""
     from concurrent.futures import ThreadPoolExecutor
 
     from engine import Engine, Request
@@ -520,10 +521,11 @@ def bench_long_prompt(args, device, rows) -> None:
     long = long[: args.long_prompt_tokens]
     context = args.long_prompt_tokens + args.max_tokens + args.prompt_tokens + 2
     greedy = Sampling(temperature=0.0)
-    chunks = [("whole prefill", context, False), ("auto chunks in the steps", None, True),
-              ("auto chunks between the steps", None, False)]
+    chunks = [("no long prompt (the control)", None, True), ("whole prefill", context, False),
+              ("auto chunks in the steps", None, True), ("auto chunks between the steps", None, False)]
     chunks += [(f"chunks of {args.prefill_chunk}", args.prefill_chunk, True)] if args.prefill_chunk else []
     for label, chunk, mixed in chunks:
+        control = label.startswith("no long prompt")  # the same 8 streams alone: the machine's own spread
         with Engine(loaded, context, 9, 16, prefill_chunk=chunk, prefix_cache=False, mixed_prefill=mixed) as engine:
             timed_request(engine, Request(prompts[0], 4, greedy))  # warm-up
             started = ThreadPoolExecutor(1)
@@ -531,13 +533,13 @@ def bench_long_prompt(args, device, rows) -> None:
 
             def arrive(i: int, n: int) -> None:  # every stream has 16 tokens: the long prompt arrives
                 counts[i] = n  # (called on the engine's thread only)
-                if min(counts) >= 16 and not arrived:
+                if min(counts) >= 16 and not arrived and not control:
                     arrived.append(started.submit(timed_request, engine, Request(long, 4, greedy)))
 
             with ThreadPoolExecutor(8) as pool:
                 results = list(pool.map(lambda i: timed_request(engine, Request(prompts[i], args.max_tokens, greedy),
                                                         lambda n, i=i: arrive(i, n)), range(8)))
-            long_result = arrived[0].result()
+            long_result = arrived[0].result() if arrived else {"ttft": None}
             started.shutdown()
         # while all 8 decode: the gaps after the last stream's first token (the streams' own joins excluded)
         decoding = max(r["times"][0] for r in results)
@@ -546,7 +548,8 @@ def bench_long_prompt(args, device, rows) -> None:
         steady = {f"steady_{k}": v for k, v in latency_record(steady).items() if k.startswith("itl")}
         report(rows, {"mode": "serve", "scenario": "long-prompt", "system": label, "device": device_name(device),
                       "streams": 8, "max_tokens": args.max_tokens, "long_prompt_tokens": len(long),
-                      "long_ttft_ms": round(1000 * long_result["ttft"], 1), **latency_record(results), **steady})
+                      "long_ttft_ms": None if control else round(1000 * long_result["ttft"], 1),
+                      **latency_record(results), **steady})
 
 
 def bench_shared_prefix(args, device, rows) -> None:

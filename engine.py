@@ -24,6 +24,7 @@ call_soon_threadsafe).
 from __future__ import annotations
 
 import collections
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -138,7 +139,8 @@ class Engine:
         # Mixed steps: a chunk of a joining prompt runs in the decode step's own forward (eager, NoPE model only)
         self.mixed_prefill = (mixed_prefill and not use_compile
                               and loaded.model.config.position_encoding == "none")
-        self._step_seconds = self._token_seconds = None  # running means, for the chunk's size
+        self._step_seconds = self._token_seconds = None  # a plain step's time and a prompt token's, for chunk sizes
+        self._recent_steps: collections.deque[float] = collections.deque(maxlen=32)  # plain steps' times
         self._mixed_next = 32  # the next mixed step's chunk (by default), sized from the last one's time
         self._prefilling: collections.deque[Ticket] = collections.deque()  # rows taken, prompts not yet whole
         # Prefix caching: the tokens whose keys and values each row holds at positions 0, 1, ... (None once its
@@ -504,7 +506,8 @@ class Engine:
         self._decode_step(chunk)
         seconds = time.perf_counter() - began  # (its tokens synced)
         if chunk is None:
-            self._step_seconds = mean_of(self._step_seconds, seconds)
+            self._recent_steps.append(seconds)  # their median: one hiccup of the machine (a 30 ms step) moves
+            self._step_seconds = statistics.median(self._recent_steps)  # a mean, and the chunks sized from it
         elif self._step_seconds is not None and chunk[1] >= self._mixed_next:  # (a prompt's short last piece: no)
             # scale the next chunk by what this one added against the target
             added = max(seconds - self._step_seconds, 0.01 * self._step_seconds)

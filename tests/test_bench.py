@@ -170,7 +170,10 @@ def test_the_latency_scenarios_report_their_percentiles(capsys, scenario):
                "--prompt_tokens", "4", "--long_prompt_tokens", "100", "--system_tokens", "40", "--prefill_chunk", "16")
     systems = [r["system"] for r in rows]
     if scenario == "long-prompt":
-        assert systems == ["whole prefill", "auto chunks in the steps", "auto chunks between the steps", "chunks of 16"] and all(r["long_prompt_tokens"] == 100 for r in rows)
+        assert systems == ["no long prompt (the control)", "whole prefill", "auto chunks in the steps",
+                           "auto chunks between the steps", "chunks of 16"]
+        assert all(r["long_prompt_tokens"] == 100 for r in rows) and rows[0]["long_ttft_ms"] is None
+        assert all(r["long_ttft_ms"] > 0 for r in rows[1:])
     else:
         assert systems == ["prefix cache off", "prefix cache on"] and rows[0]["cached_tokens"] == 0 < rows[1]["cached_tokens"]
     assert all(0 < r["itl_p50_ms"] <= r["itl_p99_ms"] <= r["itl_max_ms"] and r["ttft_p50_ms"] > 0 for r in rows)
