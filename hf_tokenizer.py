@@ -53,6 +53,9 @@ def chat_template(eot: str) -> str:
         f"{{% if message['role'] not in [{roles}] %}}"
         "{{ raise_exception('LightGPT chats know the roles system, user, assistant and tool, not ' + message['role']) }}"
         "{% endif %}"
+        "{% if message.get('tool_calls') and message['role'] != 'assistant' %}"
+        "{{ raise_exception('only an assistant message makes tool calls, not a ' + message['role'] + ' message') }}"
+        "{% endif %}"
         "{% set content = message['content'] if message['content'] is string or not message['content'] "
         "else (message['content'] | map(attribute='text') | join('')) %}"  # a list of text parts, as serve.py joins it
         "{% set turn = namespace(parts=[content] if content else []) %}"

@@ -99,6 +99,7 @@ def test_export_then_from_pretrained_gives_identical_logits(checkpoint, exported
     assert f"AutoModelForCausalLM.from_pretrained({exported!r}, trust_remote_code=True)" in card
 
 
+@pytest.mark.slow  # an export and three models' forwards: the slow tier (CI runs it)
 def test_lora_merged_export_computes_what_base_plus_adapters_do(base_and_lora, tmp_path):
     base, lora = base_and_lora
     out = run_export("--checkpoint_path", base, "--lora_path", lora, "--output_path", str(tmp_path / "chat"),
@@ -173,6 +174,8 @@ def test_the_exports_tokenizer_files_give_our_ids(exported, base_and_lora, tmp_p
     assert list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt) == render_prompt(ours, messages)
     with pytest.raises(Exception, match="system, user, assistant and tool"):
         chat.apply_chat_template([{"role": "function", "content": "x"}], tokenize=False)
+    with pytest.raises(Exception, match="only an assistant message makes tool calls"):  # as serve.py answers 400
+        chat.apply_chat_template([{"role": "user", "content": "x", "tool_calls": [call]}], tokenize=False)
 
 
 def bpe_file(path, text: str, merges: int) -> str:

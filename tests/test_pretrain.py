@@ -59,6 +59,7 @@ def test_loss_falls_and_run_leaves_checkpoint_and_events(builtin_data, tmp_path)
     assert glob.glob(str(tmp_path / "runs" / "events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # two training runs (the interrupt test resumes exactly in the quick tier)
 def test_resume_continues_exactly(builtin_data, tmp_path):
     common = ("--dropout", "0.1", "--lr_schedule", "constant")
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -73,7 +74,8 @@ def test_resume_continues_exactly(builtin_data, tmp_path):
         torch.testing.assert_close(resumed["optimizer"]["state"][0][key], value)
 
 
-@pytest.mark.parametrize("curriculum", [(), ("--short_tokens_per_sample", "16", "--short_fraction", "0.6")])
+@pytest.mark.parametrize("curriculum", [(), pytest.param(("--short_tokens_per_sample", "16", "--short_fraction", "0.6"),
+                                                         marks=pytest.mark.slow)])  # the curriculum's: slow tier
 def test_interrupt_saves_a_checkpoint_that_resumes_exactly(builtin_data, tmp_path, monkeypatch, curriculum):
     """Also through a length curriculum whose switch (at step 5 of 8) comes after the stop (at step 4)."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"

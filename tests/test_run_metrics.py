@@ -238,6 +238,7 @@ class FakeWandbRun:
         self.finished = True
 
 
+@pytest.mark.slow  # a training run reporting to (a stand-in for) wandb: the slow tier (CI runs it)
 def test_wandb_gets_the_metrics_settings_and_samples(builtin_data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")  # an optional extra (requirements-dev.txt installs it for the tests)
     import wandb

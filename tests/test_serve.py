@@ -627,6 +627,7 @@ def test_a_client_that_leaves_while_sending_is_one_log_line(base_server, capfd):
     assert client(base_server).completions.create(model="x", prompt="The ", max_tokens=2).choices[0].text
 
 
+@pytest.mark.slow  # waits out a 1-second read deadline: the slow tier (CI runs it)
 def test_slow_clients_are_dropped_while_others_are_served(base_server, monkeypatch, capfd):
     """Connections that trickle a header line now and then, or declare a body they never send, are closed at
     the read deadline (uvicorn alone waits forever); requests sent whole are answered meanwhile."""
