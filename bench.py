@@ -521,11 +521,10 @@ def bench_long_prompt(args, device, rows) -> None:
     long = long[: args.long_prompt_tokens]
     context = args.long_prompt_tokens + args.max_tokens + args.prompt_tokens + 2
     greedy = Sampling(temperature=0.0)
-    chunks = [("no long prompt (the control)", None, True), ("whole prefill", context, False),
-              ("auto chunks in the steps", None, True), ("auto chunks between the steps", None, False)]
-    chunks += [(f"chunks of {args.prefill_chunk}", args.prefill_chunk, True)] if args.prefill_chunk else []
-    for label, chunk, mixed in chunks:
-        control = label.startswith("no long prompt")  # the same 8 streams alone: the machine's own spread
+    chunks = [("no long prompt (the control)", None, True, True), ("whole prefill", context, False, False),
+              ("auto chunks in the steps", None, True, False), ("auto chunks between the steps", None, False, False)]
+    chunks += [(f"chunks of {args.prefill_chunk}", args.prefill_chunk, True, False)] if args.prefill_chunk else []
+    for label, chunk, mixed, control in chunks:  # control: the same 8 streams alone, the machine's own spread
         with Engine(loaded, context, 9, 16, prefill_chunk=chunk, prefix_cache=False, mixed_prefill=mixed) as engine:
             timed_request(engine, Request(prompts[0], 4, greedy))  # warm-up
             started = ThreadPoolExecutor(1)

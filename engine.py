@@ -39,6 +39,16 @@ from sampling import History, Sampler, Sampling, sample
 MIXED_TARGET = 0.6  # a mixed step's chunk adds this much of a plain decode step's time (Engine._mixed_size)
 
 
+def common_prefix(a, b) -> int:
+    """How many first tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def mean_of(mean: float | None, value: float, weight: float = 0.1) -> float:
     """A running mean (exponential, the latest value weighing `weight`)."""
     return value if mean is None else (1 - weight) * mean + weight * value
@@ -325,15 +335,9 @@ class Engine:
         """Per row, how many of the request's first prompt tokens it holds (at most all but the last: its logits
         start the answer); none without the prefix cache, or for a request scoring its prompt (every position's
         logits are needed)."""
-        prompt, out = ticket.request.prompt, [0] * self.max_batch
         if not self.prefix_cache or ticket.request.score_prompt:
-            return out
-        for row, kept in enumerate(self._row_tokens):
-            for a, b in zip(kept or (), prompt[:-1]):
-                if a != b:
-                    break
-                out[row] += 1
-        return out
+            return [0] * self.max_batch
+        return [common_prefix(kept or (), ticket.request.prompt[:-1]) for kept in self._row_tokens]
 
     def _reuse(self, ticket: Ticket) -> None:
         """Start the request's row: keep the prompt's prefix the row already holds (the best any row holds, copied
@@ -385,11 +389,7 @@ class Engine:
             return None
         prompt, best, leader = ticket.request.prompt, max(self._shared(ticket)), None
         for other in self._prefilling:
-            common = 0
-            for a, b in zip(other.request.prompt, prompt[:-1]):
-                if a != b:
-                    break
-                common += 1
+            common = common_prefix(other.request.prompt, prompt[:-1])
             if common > best and len(other.request.prompt) <= self.cache.length:  # (a wrapped ring keeps nothing)
                 best, leader = common, other
         return leader
