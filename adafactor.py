@@ -19,6 +19,8 @@ torch.optim.Adafactor loads.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -191,6 +193,29 @@ def _apply_updates(params, grads, row_vars, col_vars, variances, row_var_means, 
         p.add_(_update(grad, row_var, col_var, variance, mean, eps1).mul_(scale.to(p.dtype)))
 
 
+# ----------------------------------------------------------------------------- the compiled CPU step
+
+_cpu_step = None  # lightgpt::adafactor_step_ inside cpu_step_kernel(), else None (the Python step)
+
+
+@contextlib.contextmanager
+def cpu_step_kernel(op):
+    """Inside the block, a step over whole fp32 CPU parameters (not sharded, not compile=True) goes through `op`,
+    the compiled lightgpt::adafactor_step_ (cpu_kernels.py builds and loads it); None keeps the Python step.
+    The previous choice comes back when the block ends."""
+    global _cpu_step
+    previous, _cpu_step = _cpu_step, op
+    try:
+        yield
+    finally:
+        _cpu_step = previous
+
+
+def _whole_cpu_fp32(params, grads) -> bool:
+    return all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() and g.dtype == torch.float32
+               and p.dim() <= 2 and not g.is_sparse for p, g in zip(params, grads))
+
+
 class Adafactor(torch.optim.Optimizer):
     """torch.optim.Adafactor's algorithm and defaults, for whole parameters or parameters sharded on
     dim 0. foreach=False (--low_memory_optimizer) works one parameter at a time and recomputes each
@@ -306,6 +331,9 @@ class Adafactor(torch.optim.Optimizer):
         sharded = any(isinstance(p, DTensor) for p in params)
         local_params = [_local(p) for p in params]
         grads = [_local(p.grad) for p in params]
+        if _cpu_step is not None and not sharded and not self.compiled and _whole_cpu_fp32(local_params, grads):
+            self._compiled_cpu_step(group, params, grads)
+            return
         if group["maximize"]:
             grads = [-g for g in grads]
         device = local_params[0].device
@@ -348,6 +376,16 @@ class Adafactor(torch.optim.Optimizer):
             self._apply_updates(local_params, *moments, list(scales.unbind()))
         else:
             torch._foreach_addcmul_(local_params, updates, list(scales.to(updates[0].dtype).unbind()))
+
+    def _compiled_cpu_step(self, group, params, grads) -> None:
+        """The whole group's step in lightgpt::adafactor_step_ (csrc/cpu_kernels.cpp): the same algorithm in
+        three row loops per parameter, with no full-size temporary."""
+        states, betas, rhos, eps1s = self._host_scalars(group, params, grads)
+        beta1 = group.get("beta1", 0.0)
+        _cpu_step(params, grads, [state.get("row_var") for state in states], [state.get("col_var") for state in states],
+                  [state.get("variance") for state in states],
+                  [state["exp_avg"] if beta1 else None for state in states], betas, rhos, eps1s, group["eps"][1],
+                  group["d"], group["lr"], group["weight_decay"], beta1, group["maximize"])
 
     def _step_with_momentum(self, beta1, states, params, moments, updates, clips, alphas) -> None:
         """Adafactor with momentum (Shazeer & Stern 2018, Algorithm 4 with beta1): exp_avg averages the

@@ -41,6 +41,7 @@ import time
 import numpy as np
 import torch
 
+import cpu_kernels
 from adafactor import Adafactor
 from common import (
     ArgumentParser,
@@ -153,7 +154,7 @@ def parse_args(argv=None):
                    help="the scaled_dot_product_attention kernel (auto: PyTorch's choice)")
     g.add_argument("--profile_path", default=None,
                    help="also profile LightGPT's timed work: print the top ops, write a Chrome trace here")
-    add_system_args(g, compile_help="torch.compile (auto: on for CUDA)", seed_default=0)
+    add_system_args(g, compile_help="torch.compile (auto: on for CUDA)", seed_default=0, cpu_kernels=True)
     args = parse_with_config(p, argv)  # --config, then --model, fill the flags not given
     if args.vocabulary_size is None:
         args.vocabulary_size = VOCABULARY_SIZES.get(args.token_encoding, VOCABULARY_SIZES["r50k_base"])
@@ -286,12 +287,14 @@ def train_one(args, device, system: str, x, y) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = statistics.median(timed(step, args.iterations, args.warmup_iterations, device))
-    if args.profile_path and system == "lightgpt":
-        profile(step, args.profile_path, 2, device, "training steps")
+    kernels = args.cpu_kernels if system == "lightgpt" and args.optimizer == "lightgpt" else "off"
+    with cpu_kernels.for_training(kernels, device, compile_enabled(args.compile, device)) as path:
+        seconds = statistics.median(timed(step, args.iterations, args.warmup_iterations, device))
+        if args.profile_path and system == "lightgpt":
+            profile(step, args.profile_path, 2, device, "training steps")
     tokens_per_s = B * T * A / seconds
     record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
-              "compiled": compile_enabled(args.compile, device),
+              "compiled": compile_enabled(args.compile, device), "cpu_kernels": path or None,
               "activation_checkpointing": args.activation_checkpointing, "attention_backend": args.attention_backend,
               "optimizer": args.optimizer, "batch_size": B, "tokens_per_sample": T, "gradient_accumulation_steps": A,
               "parameters": sum(p.numel() for p in model.parameters()),

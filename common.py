@@ -162,13 +162,18 @@ def add_model_args(g) -> None:
 
 
 def add_system_args(g, compile_help: str | None = "torch.compile the model (auto: on for CUDA)",
-                    seed_default: int | None = None, seed_help: str | None = "random seed") -> None:
+                    seed_default: int | None = None, seed_help: str | None = "random seed",
+                    cpu_kernels: bool = False) -> None:
     """--device, --compile and --seed, which the scripts share. compile_help=None leaves --compile out
     (a script that never compiles), seed_help=None leaves --seed out (a deterministic one); each
-    script says what its seed and compilation cover."""
+    script says what its seed and compilation cover. cpu_kernels adds --cpu_kernels (the trainers)."""
     g.add_argument("--device", default="cuda", help="cpu, cuda, cuda:N or mps")
     if compile_help is not None:
         g.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=compile_help)
+    if cpu_kernels:
+        g.add_argument("--cpu_kernels", choices=("auto", "on", "off"), default="auto",
+                       help="eager fp32 training on the CPU through the compiled kernels of cpu_kernels.py (RMSNorm, "
+                            "Adafactor): auto uses them once built (python cpu_kernels.py), on builds them if needed")
     if seed_help is not None:
         g.add_argument("--seed", type=seed_int, default=seed_default, help=seed_help)
 

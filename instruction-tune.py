@@ -164,7 +164,7 @@ def parse_args(argv=None):
     g.add_argument("--peft_path", default=None, help="after training, the LoRA as a peft adapter folder for the "
                    "base's export (default: --checkpoint_path without .pt, plus -peft)")
     g.add_argument("--run_dir_path", default="./runs/instruction-tune", help="TensorBoard run folder")
-    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
+    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)", cpu_kernels=True)
     add_config_args(g)
     args = parse_with_config(p, argv)
     if args.full and args.peft_path is not None:

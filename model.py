@@ -25,6 +25,8 @@ Design, bottom-up in this file:
   max_position_embeddings positions and no further. Positions restart at every packed document, so
   packed rows still equal separate runs.
 - Accounting: parameters, training FLOPs per token, MFU, KV-cache bytes per token.
+- On the CPU, eager fp32 training takes RMSNorm's own backward (_RMSNormFunction), or the compiled
+  lightgpt::rms_norm inside cpu_norm_kernel(op) (cpu_kernels.py builds it from csrc/cpu_kernels.cpp).
 - This module imports nothing of LightGPT's: sharing (hub.py: from_pretrained, save_pretrained,
   push_to_hub) and adapters (lora.py) build on it from their own modules.
 - Packed sequences (instruction tuning): several conversations share a row, each attending only to
@@ -34,6 +36,7 @@ Design, bottom-up in this file:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -285,14 +288,33 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x.add_(mean_g), grad_weight, None
 
 
+_cpu_norm = None  # the compiled lightgpt::rms_norm inside cpu_norm_kernel(), else None (_RMSNormFunction)
+
+
+@contextlib.contextmanager
+def cpu_norm_kernel(op):
+    """Inside the block, RMSNorm's eager fp32 CPU training calls go through `op`, the compiled
+    lightgpt::rms_norm (cpu_kernels.py builds and loads it): one C++ op whose backward never crosses into
+    Python. None keeps _RMSNormFunction. The previous choice comes back when the block ends."""
+    global _cpu_norm
+    previous, _cpu_norm = _cpu_norm, op
+    try:
+        yield
+    finally:
+        _cpu_norm = previous
+
+
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (the same weight and eps), with _RMSNormFunction's backward when training eagerly
-    on the CPU in fp32; elsewhere torch's own (compiled, CUDA and autocast paths unchanged)."""
+    """nn.RMSNorm (the same weight and eps), with a backward of its own when training eagerly on the CPU in
+    fp32 (the compiled kernel inside cpu_norm_kernel(), else _RMSNormFunction); elsewhere torch's own
+    (compiled, CUDA and autocast paths unchanged)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
             eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+            if _cpu_norm is not None and self.weight is not None:
+                return _cpu_norm(x, self.weight, eps)
             return _RMSNormFunction.apply(x, self.weight, eps)
         return super().forward(x)
 

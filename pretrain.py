@@ -169,7 +169,7 @@ def parse_args(argv=None):
                    "--ddp_sharding_level 2 and 3 under torchrun, single otherwise")
     g.add_argument("--resume", action="store_true", help="continue from --checkpoint_path")
     g.add_argument("--run_dir_path", default="./runs/pretrain", help="TensorBoard run folder")
-    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)")
+    add_system_args(g, seed_help="random seed (default: drawn and recorded in the checkpoint)", cpu_kernels=True)
     return parse_with_config(p, argv)  # --config, then --model, fill the flags not given
 
 

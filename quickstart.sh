@@ -7,7 +7,7 @@
 #   QUICKSTART_DRY_RUN=1 bash quickstart.sh    # print the commands it would run and run none
 #
 # The steps: 1. create .venv with $PYTHON, or reuse it; 2. install PyTorch, unless it imports there
-# already; 3. install requirements.txt; 4. pretrain on the builtin corpus with byte tokens
+# already; 3. install requirements.txt (on the CPU, also build the compiled CPU kernels: cpu_kernels.py); 4. pretrain on the builtin corpus with byte tokens
 # (pretrain.py --model quickstart: nothing is downloaded); 5. sample from the checkpoint with generate.py;
 # 6. instruction-tune it with LoRA on the builtin conversations (instruction-tune.py --dataset builtin);
 # 7. ask the base model and the tuned one the same question, then chat with the tuned one for two turns;
@@ -124,6 +124,9 @@ if ! torch_version=$("$py" -c 'import importlib.metadata as m; print(m.version("
     torch_version="<the installed version>"
 fi
 run "$py" -m pip install -q -r requirements.txt "torch==$torch_version"
+if [ "$device" = cpu ]; then  # RMSNorm and Adafactor compiled for this CPU: once (about 15 s), then cached by torch
+    run "$py" cpu_kernels.py || echo "quickstart.sh: no compiled CPU kernels (see above); training takes the Python path, a little slower"
+fi
 
 # ----------------------------------------------------------------------------- the run
 

@@ -39,12 +39,14 @@ from checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+import cpu_kernels
 from common import (
     NOTHING_SAVED,
     Interrupted,
     Stopped,
     UserError,
     autocast,
+    compile_enabled,
     out_of_memory_is_one_line,
     positive_float,
     positive_int,
@@ -356,7 +358,10 @@ def run_trainer(args, set_up: Callable, finish: Callable | None = None) -> list[
         ctx, device = setup_distributed(args.device, timedelta(minutes=args.collective_timeout))
         try:
             # a rank that hangs or goes away, in set-up or training: one line on the others
-            with lost_rank_is_one_line(ctx), claim_outputs(ctx, args.checkpoint_path, args.run_dir_path):
+            with (lost_rank_is_one_line(ctx), claim_outputs(ctx, args.checkpoint_path, args.run_dir_path),
+                  cpu_kernels.for_training(args.cpu_kernels, device, compile_enabled(args.compile, device)) as kernels):
+                if kernels:
+                    print0(f"CPU kernels: {kernels}")
                 run = set_up(ctx, device)
                 ctx.phase = "training"
                 with _closing(run):

@@ -136,6 +136,14 @@ def test_on_the_cpu_it_runs_the_readme_quick_start(tmp_path):
     assert args == expected
 
 
+def test_on_the_cpu_it_builds_the_compiled_cpu_kernels_before_training(tmp_path):
+    commands = dry_run(tmp_path, gpu=False)
+    builds = [i for i, c in enumerate(commands) if c.endswith(" cpu_kernels.py")]
+    trains = [i for i, c in enumerate(commands) if " pretrain.py " in c]
+    assert len(builds) == 1 and builds[0] < trains[0]
+    assert not any("cpu_kernels.py" in c for c in dry_run(tmp_path, gpu=True))  # a GPU never uses them
+
+
 def test_tiny_is_a_tiny_shape_and_a_few_steps(tmp_path):
     commands = dry_run(tmp_path, gpu=False, TINY="1")
     args = pretrain.parse_args(script_args(commands, "pretrain.py"))
