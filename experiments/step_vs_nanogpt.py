@@ -19,7 +19,9 @@ nanoGPT's CPU recipe itself runs eager (--compile=False).
 A step is what each trainer does per optimizer step: forward with the loss, backward, clip the gradient
 norm at 1, the optimizer's step (LightGPT: its Adafactor; nanoGPT: AdamW as its train.py configures it),
 zero the gradients. Both models run fp32, eager, without dropout, one thread per --threads. LightGPT's is
-pretrain.py's default: Adafactor with momentum 0.9 (--momentum 0 for torch's Adafactor).
+pretrain.py's default: Adafactor with momentum 0.9 (--momentum 0 for torch's Adafactor), with the compiled CPU
+kernels (cpu_kernels.py: built here first if needed, as pretrain.py --cpu_kernels on does); a second LightGPT row,
+"LightGPT, Python", steps the same model and optimizer through the Python path (--cpu_kernels off: that row only).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import cpu_kernels  # noqa: E402
 from adafactor import Adafactor  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -80,14 +83,16 @@ def model_file(spec: str):
     return name, import_file(path, f"lightgpt_model_{name}")
 
 
-def step(model, optimizer, loss_of, x, y) -> float:
-    started = time.perf_counter()
-    loss = loss_of(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
+def step(model, optimizer, loss_of, x, y, kernels: str = "off") -> float:
+    """One training step, timed; LightGPT's inside cpu_kernels.for_training(kernels) (entered before the clock)."""
+    with cpu_kernels.for_training(kernels, x.device, compiled=False):
+        started = time.perf_counter()
+        loss = loss_of(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
 
 
 def main(argv=None) -> None:
@@ -100,14 +105,23 @@ def main(argv=None) -> None:
     p.add_argument("--also", action="append", default=[], metavar="NAME=FILE",
                    help="also step the GPT of another copy of model.py (repeatable)")
     p.add_argument("--compile", action="store_true", help="compile every model (torch.compile) and time compiled steps")
+    p.add_argument("--cpu_kernels", choices=("on", "off"), default="on",
+                   help="LightGPT's compiled CPU kernels (cpu_kernels.py), built if needed; off: the Python path only")
     args = p.parse_args(argv)
     extra = [model_file(spec) for spec in args.also]
     torch.set_num_threads(args.threads)
+    if args.cpu_kernels == "on" and not args.compile and (problem := cpu_kernels.load()) is not None:
+        raise SystemExit(f"--cpu_kernels on: {problem}")
     torch.manual_seed(0)
     runners = {"nanoGPT": nanogpt(args.nanogpt_path), "LightGPT": lightgpt(args.momentum)}
+    kernels = {name: "off" for name in runners}
+    if args.cpu_kernels == "on" and not args.compile:  # the same model and optimizer, the Python path beside
+        runners["LightGPT, Python"] = runners["LightGPT"]
+        kernels["LightGPT"], kernels["LightGPT, Python"] = "on", "off"
     for name, module in extra:
         torch.manual_seed(0)
         runners[name] = lightgpt(args.momentum, module)
+        kernels[name] = kernels["LightGPT"]
     if args.compile:  # the same modules' weights and optimizers, called through their compiled forward
         for name, (model, optimizer, loss_of) in runners.items():
             compiled = torch.compile(model)
@@ -122,7 +136,7 @@ def main(argv=None) -> None:
         if len(order) > 2:
             shuffle.shuffle(order)
         for name, runner in order:
-            seconds = step(*runner, x, y)
+            seconds = step(*runner, x, y, kernels[name])
             if i >= 20:
                 times[name].append(seconds)
     medians = {name: statistics.median(t) for name, t in times.items()}
@@ -137,7 +151,7 @@ def main(argv=None) -> None:
         model, optimizer, loss_of = runners["LightGPT"]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(20):
-                step(model, optimizer, loss_of, x, y)
+                step(model, optimizer, loss_of, x, y, kernels["LightGPT"])
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
