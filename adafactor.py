@@ -213,7 +213,7 @@ def cpu_step_kernel(op):
 
 def _whole_cpu_fp32(params, grads) -> bool:
     return all(p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() and g.dtype == torch.float32
-               and p.dim() <= 2 and not g.is_sparse for p, g in zip(params, grads))
+               and 1 <= p.dim() <= 2 and not g.is_sparse for p, g in zip(params, grads))
 
 
 class Adafactor(torch.optim.Optimizer):

@@ -287,14 +287,14 @@ def train_one(args, device, system: str, x, y) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    kernels = args.cpu_kernels if system == "lightgpt" and args.optimizer == "lightgpt" else "off"
-    with cpu_kernels.for_training(kernels, device, compile_enabled(args.compile, device)) as path:
+    ours = system == "lightgpt"  # the compiled CPU kernels are LightGPT's (with torch's optimizer: the norm's only)
+    with cpu_kernels.for_training(args.cpu_kernels if ours else "off", device, compile_enabled(args.compile, device)) as path:
         seconds = statistics.median(timed(step, args.iterations, args.warmup_iterations, device))
         if args.profile_path and system == "lightgpt":
             profile(step, args.profile_path, 2, device, "training steps")
     tokens_per_s = B * T * A / seconds
     record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),
-              "compiled": compile_enabled(args.compile, device), "cpu_kernels": path or None,
+              "compiled": compile_enabled(args.compile, device), "cpu_kernels": (path or None) if ours else None,
               "activation_checkpointing": args.activation_checkpointing, "attention_backend": args.attention_backend,
               "optimizer": args.optimizer, "batch_size": B, "tokens_per_sample": T, "gradient_accumulation_steps": A,
               "parameters": sum(p.numel() for p in model.parameters()),

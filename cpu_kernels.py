@@ -21,8 +21,10 @@ import argparse
 import contextlib
 import glob
 import os
+import re
 import shutil
 import sys
+import sysconfig
 import time
 
 import torch
@@ -39,24 +41,43 @@ _loaded: str | None = None  # "" once loaded in this process, else why the last 
 
 
 def _build_dir() -> str:
-    from torch.utils.cpp_extension import _get_build_directory  # the root, then a folder per Python and CUDA version
+    """Where torch.utils.cpp_extension builds them: its root, then a folder per Python and CUDA version (the
+    path only: torch's own helper would create it)."""
+    from torch.utils.cpp_extension import get_default_build_root
 
-    return _get_build_directory(NAME, verbose=False)
+    cuda = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
+    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{cuda}", NAME)
 
 
 def built() -> bool:
     """Whether a build of the kernels is in torch's extension folder (it may predate the source: load()
-    then rebuilds it)."""
-    return bool(glob.glob(os.path.join(_build_dir(), f"{NAME}*.so")) or glob.glob(os.path.join(_build_dir(), f"{NAME}*.pyd")))
+    then rebuilds it). A folder that cannot be read counts as no build."""
+    try:
+        return any(glob.glob(os.path.join(_build_dir(), f"{NAME}*{suffix}")) for suffix in (".so", ".pyd", ".dylib"))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _build_tools_on_path():
+    """pip's ninja sits in the environment's scripts folder, which is on PATH only once the environment is
+    activated: put it there for the build only."""
+    scripts, path = sysconfig.get_path("scripts"), os.environ.get("PATH", "")
+    if scripts and shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
+        os.environ["PATH"] = scripts + os.pathsep + path
+        try:
+            yield
+        finally:
+            os.environ["PATH"] = path
+    else:
+        yield
 
 
 def missing_tools() -> str | None:
-    """What the build needs and this machine lacks, in a few words; None when nothing is missing."""
+    """What the build needs and this machine lacks, in a few words; None when nothing is missing (call it
+    inside _build_tools_on_path)."""
     from torch.utils.cpp_extension import is_ninja_available
 
-    scripts = os.path.dirname(sys.executable)  # pip's ninja sits beside the interpreter, on PATH or not
-    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
-        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     compiler = os.environ.get("CXX", "cl" if os.name == "nt" else "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler} is not on PATH)"
@@ -65,23 +86,36 @@ def missing_tools() -> str | None:
     return None
 
 
+def build_failure(e: Exception) -> str:
+    """A failed build's reason in one line: the compiler's first error where it printed one (torch's message
+    starts with the whole compile command), else the message's last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"(^|: )(fatal )?error( [A-Z]+\d+)?:", line)]
+    reason = (errors or lines[-1:] or [type(e).__name__])[0]
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
 def load() -> str | None:
     """Build the kernels if needed and load them into this process (once; later calls are free). Returns
     None when torch.ops.lightgpt holds them, else why not in one line."""
     global _loaded
     if _loaded is None:
-        _loaded = missing_tools() or ""
-        if not _loaded:
-            from torch.utils.cpp_extension import load as load_extension
+        with _build_tools_on_path():
+            _loaded = missing_tools() or ""
+            if not _loaded:
+                from torch.utils.cpp_extension import load as load_extension
 
-            flags = ["/O2"] if os.name == "nt" else ["-O3", "-fopenmp-simd"]
-            try:
-                load_extension(NAME, [SOURCE], extra_cflags=flags, is_python_module=False, verbose=False)
-            except Exception as e:  # a compiler error, a missing header, a library that fails to load
-                lines = [line for line in str(e).strip().splitlines() if line.strip()]
-                errors = [line for line in lines if "error" in line.lower()]  # the compiler's first, else the last
-                _loaded = f"building {SOURCE} failed: {(errors or lines or [type(e).__name__])[0].strip()}"
+                flags = ["/O2"] if os.name == "nt" else ["-O3", "-fopenmp-simd"]
+                try:
+                    load_extension(NAME, [SOURCE], extra_cflags=flags, is_python_module=False, verbose=False)
+                except Exception as e:  # a compiler error, a missing header, a library that fails to load
+                    _loaded = f"building {SOURCE} failed: {build_failure(e)}"
     return _loaded or None
+
+
+def forget_build() -> None:
+    """Remove the cached build (a build that failed its check must not be taken by --cpu_kernels auto)."""
+    shutil.rmtree(_build_dir(), ignore_errors=True)
 
 
 def eligible(device: torch.device, compiled: bool) -> bool:
@@ -192,7 +226,12 @@ def main(args) -> None:
         raise UserError(problem)
     how = "loaded (rebuilt if csrc/cpu_kernels.cpp changed)" if was_built else "built and loaded"
     print(f"{NAME}: {how} from {_build_dir()} in {time.perf_counter() - started:.1f} s")
-    for line in check(args.threads):
+    try:
+        lines = check(args.threads)
+    except UserError as e:  # a wrong kernel is never taken: without its build, auto trains on the Python path
+        forget_build()
+        raise UserError(f"{e}; removed the build, so training takes the Python path") from None
+    for line in lines:
         print(line)
 
 

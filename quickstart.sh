@@ -125,7 +125,7 @@ if ! torch_version=$("$py" -c 'import importlib.metadata as m; print(m.version("
 fi
 run "$py" -m pip install -q -r requirements.txt "torch==$torch_version"
 if [ "$device" = cpu ]; then  # RMSNorm and Adafactor compiled for this CPU: once (about 15 s), then cached by torch
-    run "$py" cpu_kernels.py || echo "quickstart.sh: no compiled CPU kernels (see above); training takes the Python path, a little slower"
+    run "$py" cpu_kernels.py || echo "quickstart.sh: no compiled CPU kernels (the line above says why); training takes the Python path, a little slower"
 fi
 
 # ----------------------------------------------------------------------------- the run

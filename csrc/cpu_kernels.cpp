@@ -226,10 +226,13 @@ LIGHTGPT_CLONES void apply_rows(float* P, const float* G, float* M, const float*
   }
 }
 
-void check_parameter(const at::Tensor& t, const at::Tensor& like, const char* what) {
+// A tensor the step reads or writes in place: contiguous fp32 on the CPU, with `numel` elements (a state loaded
+// from a checkpoint of another shape must fail here, not write past its end).
+void check_parameter(const at::Tensor& t, int64_t numel, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
               "lightgpt::adafactor_step_: ", what, " must be contiguous float32 CPU tensors");
-  TORCH_CHECK(like.numel() == 0 || t.numel() > 0, "lightgpt::adafactor_step_: ", what, " is empty");
+  TORCH_CHECK(t.numel() == numel, "lightgpt::adafactor_step_: ", what, " has ", t.numel(), " elements where ",
+              numel, " are expected");
 }
 
 // One parameter's step. rho is min(lr, 1 / sqrt(step)) and beta is step^beta2_decay (1 - beta2), as adafactor.py's
@@ -238,20 +241,20 @@ void adafactor_parameter(at::Tensor& param, const at::Tensor& grad_in, const std
                          const std::optional<at::Tensor>& col_var_opt, const std::optional<at::Tensor>& variance_opt,
                          const std::optional<at::Tensor>& exp_avg_opt, double beta, double rho, double eps1,
                          double eps2, double d, double lr, double weight_decay, double beta1, bool maximize) {
-  check_parameter(param, param, "the parameters");
-  TORCH_CHECK(param.dim() <= 2, "lightgpt::adafactor_step_ handles parameters of at most 2 dimensions");
+  TORCH_CHECK(param.dim() == 1 || param.dim() == 2, "lightgpt::adafactor_step_ handles vectors and matrices");
+  const int64_t numel = param.numel();
+  check_parameter(param, numel, "the parameters");
   at::Tensor grad = grad_in.contiguous();
   if (maximize) grad = grad.neg();
-  check_parameter(grad, param, "the gradients");
+  check_parameter(grad, numel, "the gradients");
   const bool matrix = param.dim() == 2;
-  const int64_t numel = param.numel();
   if (numel == 0) return;
   const int64_t R = matrix ? param.size(0) : 1, C = matrix ? param.size(1) : numel;
   float* P = param.mutable_data_ptr<float>();
   const float* G = grad.const_data_ptr<float>();
   float* M = nullptr;
   if (exp_avg_opt.has_value() && exp_avg_opt->defined()) {
-    check_parameter(*exp_avg_opt, param, "the exp_avg states");
+    check_parameter(*exp_avg_opt, numel, "the exp_avg states");
     M = exp_avg_opt->mutable_data_ptr<float>();
   }
   const float b = static_cast<float>(beta);
@@ -263,9 +266,8 @@ void adafactor_parameter(at::Tensor& param, const at::Tensor& grad_in, const std
   if (matrix) {
     TORCH_CHECK(row_var_opt.has_value() && col_var_opt.has_value(), "lightgpt::adafactor_step_: a matrix needs row_var and col_var");
     at::Tensor row_var = *row_var_opt, col_var = *col_var_opt;
-    check_parameter(row_var, param, "the row_var states");
-    check_parameter(col_var, param, "the col_var states");
-    TORCH_CHECK(row_var.numel() == R && col_var.numel() == C, "lightgpt::adafactor_step_: state shapes do not match");
+    check_parameter(row_var, R, "the row_var states");
+    check_parameter(col_var, C, "the col_var states");
     float* RV = row_var.mutable_data_ptr<float>();
     at::Tensor col_partial = at::zeros({chunks, C}, param.options());
     std::vector<double> p_part(chunks), row_part(chunks);
@@ -293,7 +295,7 @@ void adafactor_parameter(at::Tensor& param, const at::Tensor& grad_in, const std
   } else {
     TORCH_CHECK(variance_opt.has_value(), "lightgpt::adafactor_step_: a vector needs its variance");
     at::Tensor variance = *variance_opt;
-    check_parameter(variance, param, "the variance states");
+    check_parameter(variance, numel, "the variance states");
     at::Tensor g = grad.view({numel});
     variance.lerp_(g * g, b);
     p_squares = param.to(at::kDouble).square().sum().item<double>();

@@ -9,7 +9,9 @@ model.py is imported from there, for this measurement only).
     python experiments/step_vs_nanogpt.py --nanogpt_path ../nanoGPT --profile   # where LightGPT's step goes
     python experiments/step_vs_nanogpt.py --nanogpt_path ../nanoGPT --also before=old_model.py
 
---also NAME=FILE steps the GPT of another copy of model.py (an older commit's, an edited one) beside the two,
+--also NAME=FILE steps the GPT of another copy of model.py (an older commit's, an edited one) beside the two
+(its own code throughout: the compiled norm is switched on in this repository's model.py only, so an edited
+norm is what it times; the optimizer's kernel applies as to the LightGPT row),
 so that a change to the model is timed against the same moments of the machine; with several runners the
 order of each round is shuffled. Run to run the ratio moves by about 2% on a shared machine: compare
 changes inside one run. --compile compiles every model's forward and backward (torch.compile, inductor's CPU

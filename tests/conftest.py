@@ -57,6 +57,17 @@ def offline_tiktoken(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
 
 
+@pytest.fixture(autouse=True)
+def python_path_unless_asked(monkeypatch):
+    """--cpu_kernels auto takes the compiled CPU kernels once this machine has built them: in tests the trainers
+    take the Python path unless a test asks for the kernels (--cpu_kernels on, tests/test_cpu_kernels.py), so what
+    a test exercises does not depend on this machine's build cache."""
+    import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "built", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+
+
 @pytest.fixture
 def tiny_config():
     return GPTConfig(**TINY, dropout=0.0)

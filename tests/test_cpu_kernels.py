@@ -89,10 +89,13 @@ def test_adafactor_takes_the_kernel_for_whole_fp32_cpu_parameters_only():
                      (2, [False, True], [False, False], [2 ** -0.8] * 2, [0.01, 0.01], 0.01, 0.9)]
     assert torch.equal(weight.detach(), before)  # the stand-in moved nothing; the steps were counted
     assert optimizer.state[weight]["step"].item() == 2
-    compiled_like = Adafactor([torch.nn.Parameter(torch.randn(2, 2, dtype=torch.float64))])
-    compiled_like.param_groups[0]["params"][0].grad = torch.ones(2, 2, dtype=torch.float64)
-    with adafactor.cpu_step_kernel(stand_in):
-        compiled_like.step()  # float64: the Python step
+    others = [torch.nn.Parameter(torch.randn(2, 2, dtype=torch.float64)),  # float64
+              torch.nn.Parameter(torch.randn(3, 2).t()),  # not contiguous
+              torch.nn.Parameter(torch.tensor(1.0))]  # a scalar
+    for p in others:
+        p.grad = torch.ones_like(p)
+        with adafactor.cpu_step_kernel(stand_in):
+            Adafactor([p]).step()  # the Python step
     assert len(calls) == 2
 
 
@@ -192,3 +195,72 @@ def test_pretraining_on_the_kernels_follows_the_python_path_and_resumes_on_eithe
         torch.testing.assert_close(compiled["model"][name], weight, rtol=1e-3, atol=1e-4, msg=name)
     train(tmp_path / "compiled", "--cpu_kernels", "off", "--num_epochs", "5", "--resume")  # resumes on either path
     assert load_checkpoint(str(tmp_path / "compiled" / "checkpoint.pt"), "pretrain")["step"] == 10
+
+
+@pytest.mark.slow
+def test_the_kernels_give_the_same_bits_on_one_thread_and_on_two(kernels):
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(4, 300, 96), torch.randn(96), torch.randn(4, 300, 96)
+    eps = torch.finfo(torch.float32).eps
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+            y = kernels.rms_norm(xs, ws, eps)
+            y.backward(grad)
+            params = [torch.nn.Parameter(t.clone()) for t in (torch.ones(5000, 40), torch.ones(40))]
+            optimizer = Adafactor(params, lr=1e-2, beta1=0.9)
+            with adafactor.cpu_step_kernel(kernels.adafactor_step_):
+                for step in range(3):
+                    for p in params:
+                        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+                    optimizer.step()
+            results.append([y, xs.grad, ws.grad, *params, optimizer.state[params[0]]["col_var"]])
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_the_norm_kernel_under_activation_checkpointing_and_lora(kernels, tiny_config):
+    from lora import LoRAConfig, add_lora
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, tiny_config.vocabulary_size, (2, 24))
+
+    def gradients(checkpointing: bool, op, lora: bool):
+        torch.manual_seed(0)
+        gpt = model.GPT(tiny_config)
+        if lora:
+            gpt = add_lora(gpt, LoRAConfig(rank=4, alpha=8.0, dropout=0.0))
+        gpt.set_activation_checkpointing(checkpointing)
+        gpt.train()
+        with model.cpu_norm_kernel(op):
+            gpt(idx, idx).backward()
+        return {name: p.grad for name, p in gpt.named_parameters() if p.grad is not None}
+
+    for lora in (False, True):
+        python = gradients(False, None, lora)
+        plain, recomputed = gradients(False, kernels.rms_norm, lora), gradients(True, kernels.rms_norm, lora)
+        assert python.keys() == plain.keys() == recomputed.keys() and python
+        assert lora == all("norm" not in name for name in python)  # LoRA: the norms' weights frozen
+        for name in python:
+            assert torch.equal(recomputed[name], plain[name]), name  # the recomputation is the same computation
+            torch.testing.assert_close(plain[name], python[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_build_that_fails_says_the_compilers_error_in_one_line(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#include <torch/library.h>\nint main() { return undeclared_name; }\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(cpu_kernels, "SOURCE", str(broken))
+    monkeypatch.setattr(cpu_kernels, "NAME", "lightgpt_broken_for_a_test")
+    problem = cpu_kernels.load()
+    assert problem.startswith(f"building {broken} failed: ") and "error" in problem and "undeclared_name" in problem
+    assert "\n" not in problem and "-MMD" not in problem  # the compiler's line, not the compile command
+    with cpu_kernels.for_training("auto", CPU, False) as note:  # auto trains on
+        assert note == f"the Python path ({problem})" and model._cpu_norm is None
