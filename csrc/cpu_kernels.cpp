@@ -35,6 +35,16 @@ namespace {
 constexpr int64_t kRows = 64;  // rows per chunk: the weight's gradient is summed in float within a chunk,
                                // in double across chunks, in chunk order (the same on any thread count)
 
+// fn(chunk, begin, end) for each chunk of `grain` rows out of `rows`, the chunks spread over torch's threads. A
+// chunk's partial sums land in its own slot and are added in chunk order: the same bits on any thread count.
+template <typename F>
+void for_each_chunk(int64_t rows, int64_t grain, const F& fn) {
+  const int64_t chunks = (rows + grain - 1) / grain;
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) fn(k, k * grain, std::min(rows, (k + 1) * grain));
+  });
+}
+
 // ----------------------------------------------------------------------------- RMSNorm, row loops
 
 LIGHTGPT_CLONES void norm_forward_rows(const float* X, const float* W, float* Y, float* R, int64_t C, float eps,
@@ -112,12 +122,9 @@ std::tuple<at::Tensor, at::Tensor> norm_backward(const at::Tensor& grad_in, cons
   const float* R = rstd.const_data_ptr<float>();
   float* DX = input_grad ? grad_x.mutable_data_ptr<float>() : nullptr;
   float* P = weight_grad ? partial.mutable_data_ptr<float>() : nullptr;
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      if (P != nullptr) std::fill(P + chunk * C, P + (chunk + 1) * C, 0.f);
-      norm_backward_rows(G, X, W, R, DX, P ? P + chunk * C : nullptr, C, chunk * kRows,
-                         std::min(N, (chunk + 1) * kRows));
-    }
+  for_each_chunk(N, kRows, [&](int64_t chunk, int64_t begin, int64_t end) {
+    if (P != nullptr) std::fill(P + chunk * C, P + (chunk + 1) * C, 0.f);
+    norm_backward_rows(G, X, W, R, DX, P ? P + chunk * C : nullptr, C, begin, end);
   });
   at::Tensor grad_w;
   if (weight_grad) {  // the chunks' sums in chunk order, in double
@@ -272,9 +279,8 @@ void adafactor_parameter(at::Tensor& param, const at::Tensor& grad_in, const std
     at::Tensor col_partial = at::zeros({chunks, C}, param.options());
     std::vector<double> p_part(chunks), row_part(chunks);
     float* CP = col_partial.mutable_data_ptr<float>();
-    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t k = first; k < last; ++k)
-        matrix_statistics(P, G, RV, CP + k * C, C, b, k * grain, std::min(R, (k + 1) * grain), &p_part[k], &row_part[k]);
+    for_each_chunk(R, grain, [&](int64_t k, int64_t begin, int64_t end) {
+      matrix_statistics(P, G, RV, CP + k * C, C, b, begin, end, &p_part[k], &row_part[k]);
     });
     double row_total = 0;
     for (int64_t k = 0; k < chunks; ++k) { p_squares += p_part[k]; row_total += row_part[k]; }
@@ -287,9 +293,8 @@ void adafactor_parameter(at::Tensor& param, const at::Tensor& grad_in, const std
     const float* rows = rows_t.const_data_ptr<float>();
     const float* cols = cols_t.const_data_ptr<float>();
     std::vector<double> u_part(chunks);
-    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t k = first; k < last; ++k)
-        u_part[k] = matrix_update_squares(G, rows, cols, C, k * grain, std::min(R, (k + 1) * grain));
+    for_each_chunk(R, grain, [&](int64_t k, int64_t begin, int64_t end) {
+      u_part[k] = matrix_update_squares(G, rows, cols, C, begin, end);
     });
     for (int64_t k = 0; k < chunks; ++k) update_squares += u_part[k];
   } else {
@@ -307,10 +312,9 @@ void adafactor_parameter(at::Tensor& param, const at::Tensor& grad_in, const std
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const float* rows = matrix ? rows_t.const_data_ptr<float>() : nullptr;
   const float* cols = cols_t.const_data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k)
-      apply_rows(P, G, M, rows, cols, C, decay, static_cast<float>(alpha), static_cast<float>(1.0 / clip),
-                 static_cast<float>(beta1), k * grain, std::min(R, (k + 1) * grain));
+  for_each_chunk(R, grain, [&](int64_t, int64_t begin, int64_t end) {
+    apply_rows(P, G, M, rows, cols, C, decay, static_cast<float>(alpha), static_cast<float>(1.0 / clip),
+               static_cast<float>(beta1), begin, end);
   });
 }
 
