@@ -290,7 +290,7 @@ def train_one(args, device, system: str, x, y) -> dict:
     ours = system == "lightgpt"  # the compiled CPU kernels are LightGPT's (with torch's optimizer: the norm's only)
     with cpu_kernels.for_training(args.cpu_kernels if ours else "off", device, compile_enabled(args.compile, device)) as path:
         seconds = statistics.median(timed(step, args.iterations, args.warmup_iterations, device))
-        if args.profile_path and system == "lightgpt":
+        if args.profile_path and ours:
             profile(step, args.profile_path, 2, device, "training steps")
     tokens_per_s = B * T * A / seconds
     record = {"mode": "train", "system": system, "device": device_name(device), "precision": precision_name(device),

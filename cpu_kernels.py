@@ -1,18 +1,19 @@
 """LightGPT's compiled CPU kernels: csrc/cpu_kernels.cpp, built on this machine by torch.utils.cpp_extension
 and cached in torch's extension folder ($TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions).
 
-    python cpu_kernels.py     # build them (once: about 20 s on 2 cores), check them against torch, time them
+    python cpu_kernels.py     # build them (once: about 15 s on 2 cores), check them against torch, time them
 
-What they hold: lightgpt::rms_norm, RMSNorm's forward and backward as one op with a C++ autograd node. Eager
+What they hold: lightgpt::rms_norm, RMSNorm's forward and backward as one op with a C++ autograd node, and
+lightgpt::adafactor_step_, adafactor.Adafactor's step over whole fp32 parameters in three row loops each. Eager
 training on the CPU otherwise pays a crossing into Python in the forward and in the backward of each of the
-model's norms (model._RMSNormFunction, torch 2.13 having no fused CPU RMSNorm): a few percent of a small
-model's step, the gap between LightGPT's step and nanoGPT's (docs/nope-at-small-scale.md).
+model's norms (model._RMSNormFunction, torch 2.13 having no fused CPU RMSNorm) and about fifteen passes per
+matrix in the optimizer: the gap between LightGPT's step and nanoGPT's (docs/nope-at-small-scale.md).
 
-Who uses them: pretrain.py and instruction-tune.py when they train on the CPU, eagerly, in fp32, as
---cpu_kernels says: auto (the default) takes them when they are built (quickstart.sh builds them; a changed
-source is rebuilt), on builds them when needed and stops with one line if it cannot, off never. They need a
-C++ compiler and ninja (`pip install ninja`); without them training takes the Python path, a little slower
-and otherwise the same. CUDA, compiled and bf16 runs never use them.
+Who uses them: pretrain.py, instruction-tune.py and bench.py train when they train on the CPU, eagerly, in
+fp32, as --cpu_kernels says: auto (the default) takes them when they are built (quickstart.sh builds them; a
+changed source is rebuilt), on builds them when needed and stops with one line if it cannot, off never. They
+need a C++ compiler and ninja (`pip install ninja`); without them training takes the Python path, a little
+slower and otherwise the same. CUDA, compiled and bf16 runs never use them.
 """
 
 from __future__ import annotations
